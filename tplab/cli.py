@@ -1,0 +1,22 @@
+"""``python -m tplab <command>``: the command-line entry point."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tplab.commands import demo
+
+COMMANDS = [demo]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tplab", description="tensor parallelism for LLM inference")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.register(subparsers)
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

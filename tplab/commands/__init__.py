@@ -1,0 +1,1 @@
+"""Subcommands of ``python -m tplab``: one module each, with ``register(subparsers)``."""

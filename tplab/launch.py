@@ -1,0 +1,242 @@
+"""launch: run one rank program on N ranks and collect the results.
+
+``launch(fn, tp, backend)`` calls ``fn(dist, *args, **kwargs)`` once per rank
+and returns ``[result_0, ..., result_{tp-1}]``. Three ways to get ranks:
+
+* ``backend="threads"``: tp threads in this process (notebooks; every rank's
+  tensors can be inspected; reductions are deterministic).
+* ``backend="gloo"``: tp spawned processes with torch.distributed over gloo on
+  the CPU. ``fn`` must be importable (defined in a module, not a notebook).
+* under ``torchrun`` (RANK and WORLD_SIZE in the environment): this process is
+  one rank of the existing group (NCCL on GPUs, gloo on CPUs), whatever
+  ``backend`` says. ``torchrun --nproc-per-node 8 -m tplab generate --tp 8 ...``
+
+Failure is never a hang: when a rank raises, the others are stopped and the
+original exception is re-raised here, with the rank's traceback in its notes.
+When a gloo process dies, the rest are killed and :class:`RankDiedError` is
+raised. ``timeout`` bounds how long any rank waits for its peers.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from datetime import timedelta
+from typing import Any, Callable
+
+import torch
+
+from tplab.dist import CollectiveTimeout, Dist, PeerFailure, ThreadGroup, ThreadTransport, TorchTransport
+
+BACKENDS = ("threads", "gloo")
+
+
+class RankDiedError(RuntimeError):
+    """A rank's process ended without returning a result or an error."""
+
+
+def under_torchrun() -> bool:
+    """True when this process was started by torchrun (or any env:// launcher)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def launch(fn: Callable[..., Any], tp: int, backend: str = "threads", timeout: float = 300.0,
+           args: tuple = (), kwargs: dict | None = None) -> list[Any]:
+    """Run ``fn(dist, *args, **kwargs)`` on ``tp`` ranks; return the results in rank order."""
+    kwargs = kwargs or {}
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"tp must be a positive integer, got {tp!r}")
+    if not timeout > 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+    if under_torchrun():
+        return _launch_torchrun(fn, tp, timeout, args, kwargs)
+    if backend == "threads":
+        return _launch_threads(fn, tp, timeout, args, kwargs)
+    if backend == "gloo":
+        return _launch_gloo(fn, tp, timeout, args, kwargs)
+    raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} "
+                     "(for NCCL on GPUs, start the program with torchrun)")
+
+
+def _first_error(errors: dict[int, BaseException]) -> tuple[int, BaseException]:
+    """The error that caused the failure: the first (in arrival order) that is not a peer's reaction."""
+    for rank, err in errors.items():
+        if not isinstance(err, PeerFailure):
+            return rank, err
+    return next(iter(errors.items()))
+
+
+# --- threads ------------------------------------------------------------------
+def _launch_threads(fn, tp, timeout, args, kwargs):
+    group = ThreadGroup(tp, timeout)
+    results: list[Any] = [None] * tp
+    errors: dict[int, BaseException] = {}
+
+    def run_rank(rank: int) -> None:
+        dist = Dist(rank, tp, torch.device("cpu"), ThreadTransport(group, rank))
+        try:
+            results[rank] = fn(dist, *args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - every failure must reach the caller
+            errors[rank] = e
+            group.abort()
+
+    threads = [threading.Thread(target=run_rank, args=(r,), name=f"tplab-rank{r}", daemon=True) for r in range(tp)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        rank, err = _first_error(errors)
+        err.add_note(f"raised on rank {rank} of {tp} (threads backend)")
+        raise err
+    return results
+
+
+# --- gloo processes -----------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _check_picklable(fn) -> None:
+    main = sys.modules.get("__main__")
+    interactive = getattr(fn, "__module__", None) == "__main__" and not hasattr(main, "__file__")
+    try:
+        pickle.dumps(fn)
+    except Exception as e:  # noqa: BLE001
+        raise TypeError(f"backend='gloo' needs an importable function, and {fn!r} cannot be pickled ({e}). "
+                        "Define it at the top level of a .py module, or use backend='threads'.") from None
+    if interactive:
+        raise TypeError(f"{fn.__qualname__} is defined in a notebook or REPL, which spawned gloo processes "
+                        "cannot import. Move it into a .py module (tplab keeps every rank program in the "
+                        "package), or use backend='threads'.")
+
+
+def _gloo_rank_main(rank, world_size, port, fn, args, kwargs, timeout, threads_per_rank, results):
+    torch.set_num_threads(threads_per_rank)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo0" if sys.platform == "darwin" else "lo")
+    import torch.distributed as td
+    try:
+        td.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                              world_size=world_size, timeout=timedelta(seconds=timeout))
+        dist = Dist(rank, world_size, torch.device("cpu"), TorchTransport())
+        results.put(("ok", rank, pickle.dumps(fn(dist, *args, **kwargs))))
+    except BaseException as e:  # noqa: BLE001
+        tb = traceback.format_exc()
+        try:
+            payload = pickle.dumps(e)
+        except Exception:  # noqa: BLE001 - an unpicklable exception still reports its text
+            payload = pickle.dumps(RuntimeError(f"{type(e).__name__}: {e}"))
+        results.put(("error", rank, (payload, tb)))
+    finally:
+        if td.is_initialized():
+            td.destroy_process_group()
+
+
+def _stop(procs) -> None:
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + 2.0
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        return f"killed by signal {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def _launch_gloo(fn, tp, timeout, args, kwargs):
+    import multiprocessing as mp
+    _check_picklable(fn)
+    ctx = mp.get_context("spawn")
+    results_q = ctx.Queue()
+    port = _free_port()
+    threads_per_rank = max(1, (os.cpu_count() or 1) // tp)
+    procs = [ctx.Process(target=_gloo_rank_main, name=f"tplab-rank{r}", daemon=True,
+                         args=(r, tp, port, fn, args, kwargs, timeout, threads_per_rank, results_q))
+             for r in range(tp)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors: dict[int, BaseException] = {}  # in arrival order
+    first_done_at = first_error_at = None
+    try:
+        while len(results) + len(errors) < tp:
+            try:
+                kind, rank, payload = results_q.get(timeout=0.05)
+            except queue.Empty:
+                kind = None
+            if kind == "ok":
+                results[rank] = pickle.loads(payload)
+                first_done_at = first_done_at or time.monotonic()
+            elif kind == "error":
+                exc_bytes, tb = payload
+                err = pickle.loads(exc_bytes)
+                err.add_note(f"raised on rank {rank} of {tp} (gloo backend); its traceback:\n{tb}")
+                errors[rank] = err
+            for rank, p in enumerate(procs):
+                if rank not in results and rank not in errors and p.exitcode not in (None, 0):
+                    errors[rank] = RankDiedError(
+                        f"rank {rank} of {tp} (pid {p.pid}) died: {_exit_reason(p.exitcode)}; the other ranks were stopped")
+            now = time.monotonic()
+            if errors:
+                first_error_at = first_error_at or now
+                # A peer's connection error often arrives before the cause: wait briefly for it.
+                if any(not isinstance(e, PeerFailure) for e in errors.values()) or now - first_error_at > 2.0:
+                    break
+            elif first_done_at and now - first_done_at > timeout:
+                missing = sorted(set(range(tp)) - set(results))
+                raise CollectiveTimeout(f"ranks {missing} did not finish within {timeout:g} s of the first rank")
+    finally:
+        if errors or len(results) < tp:
+            _stop(procs)
+        else:
+            for p in procs:
+                p.join()
+    if errors:
+        raise _first_error(errors)[1]
+    return [results[r] for r in range(tp)]
+
+
+# --- torchrun -----------------------------------------------------------------
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(x) for x in obj)
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    return obj
+
+
+def _launch_torchrun(fn, tp, timeout, args, kwargs):
+    import torch.distributed as td
+    world_size = int(os.environ["WORLD_SIZE"])
+    if tp != world_size:
+        raise ValueError(f"tp={tp} but torchrun started WORLD_SIZE={world_size} processes; "
+                         f"run torchrun --nproc-per-node {tp}, or pass tp={world_size}")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if not td.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        td.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                              timeout=timedelta(seconds=timeout))
+    dist = Dist(td.get_rank(), world_size, device, TorchTransport())
+    out = _to_cpu(fn(dist, *args, **kwargs))
+    gathered: list[Any] = [None] * world_size
+    td.all_gather_object(gathered, out)
+    return gathered
