@@ -1,0 +1,1 @@
+"""matplotlib figures, one module per topic. Each function returns its Figure."""
