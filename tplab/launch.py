@@ -158,10 +158,22 @@ def _exit_reason(code: int) -> str:
     return f"exit code {code}"
 
 
-def _launch_gloo(fn, tp, timeout, args, kwargs):
+def _process_context(fn):
+    """A forkserver that has imported torch once, so each rank starts in ~0.1 s, not seconds.
+
+    Where there is no forkserver (Windows), plain spawn: each rank imports torch itself.
+    """
     import multiprocessing as mp
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["tplab", fn.__module__])
+    return ctx
+
+
+def _launch_gloo(fn, tp, timeout, args, kwargs):
     _check_picklable(fn)
-    ctx = mp.get_context("spawn")
+    ctx = _process_context(fn)
     results_q = ctx.Queue()
     port = _free_port()
     threads_per_rank = max(1, (os.cpu_count() or 1) // tp)
