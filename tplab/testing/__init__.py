@@ -1,0 +1,13 @@
+"""Helpers for tests and notebooks: small random Hugging Face checkpoints to check tplab against."""
+from tplab.testing.hf_checkpoints import (
+    SPECS,
+    build_hf_model,
+    distinct_prompts,
+    hf_config,
+    hf_greedy,
+    make_checkpoint,
+    save_char_tokenizer,
+)
+
+__all__ = ["SPECS", "hf_config", "build_hf_model", "make_checkpoint", "save_char_tokenizer",
+           "distinct_prompts", "hf_greedy"]
