@@ -1,0 +1,178 @@
+"""The generation loop: prefill the prompts, then decode one token per step, on every rank in lockstep.
+
+Batching: prompts of different lengths are left-padded to the longest, T.
+Row b's padding takes cache slots [0, pad_b); its tokens sit at positions
+0, 1, ... from slot pad_b on, and ``key_valid`` hides the padding from
+attention. So every row computes exactly what it would alone, and all rows'
+last prompt token is at slot T-1.
+
+* Prefill: one forward pass over (batch, T) fills the KV cache and gives the
+  first token (its time is the TTFT, time to first token).
+* Decode: each step feeds the batch's last tokens (batch, 1) at the next slot.
+  A row that produced an EOS token or completed a stop sequence is finished:
+  it keeps its place in the batch, but its outputs are discarded. The loop
+  ends when every row is finished or after ``max_new_tokens``.
+
+Every rank runs this same loop. The next token comes from the LM head's
+vocab-parallel argmax (greedy) or from the all-gathered logits (sampling, see
+:mod:`tplab.sampling`); either way every rank gets the same ids, so every
+rank takes the same branches and issues the same collectives.
+
+Communication is labelled: ``dist.stats.tag`` is "prefill" then "decode",
+and the result keeps a per-step digest.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from tplab.comm_stats import CommStats
+from tplab.dist import Dist
+from tplab.loading import LoadStats, from_pretrained
+from tplab.model import TPCausalLM
+from tplab.sampling import SamplingParams, sample
+
+
+@dataclass
+class GenerationResult:
+    """What one rank saw. ``tokens[b]``: the new token ids of row b (EOS or stop sequence included)."""
+
+    tokens: list[list[int]]
+    finish_reasons: list[str]  # per row: "eos", "stop" or "length"
+    ttft_s: float
+    decode_s: float
+    step_seconds: list[float]
+    comm: dict[str, dict[str, dict[str, float]]]  # {"prefill"/"decode": CommStats.summary()}
+    step_comm: list[dict] = field(default_factory=list)  # per step: phase, seconds, {op: count}, bytes
+    tp: int = 1
+    load: LoadStats | None = None
+
+    @property
+    def decode_steps(self) -> int:
+        return len(self.step_seconds) - 1
+
+    @property
+    def ms_per_token(self) -> float | None:
+        """Mean decode step time in ms (one new token per row per step); None when no decode step ran."""
+        return 1000 * self.decode_s / self.decode_steps if self.decode_steps else None
+
+    def to_dict(self) -> dict:
+        """A JSON-ready dict (with ``ttft_ms`` and ``ms_per_token``)."""
+        return {**asdict(self), "ttft_ms": 1000 * self.ttft_s, "ms_per_token": self.ms_per_token}
+
+
+def _check_prompts(prompts: list[list[int]], vocab_size: int, max_new_tokens: int, context: int) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("give at least one prompt, each with at least one token")
+    for b, prompt in enumerate(prompts):
+        bad = [t for t in prompt if not 0 <= int(t) < vocab_size]
+        if bad:
+            raise ValueError(f"prompt {b} has token ids outside [0, {vocab_size}): {bad[:5]}")
+        if len(prompt) + max_new_tokens > context:
+            raise ValueError(f"prompt {b} has {len(prompt)} tokens; with max_new_tokens={max_new_tokens} that is "
+                             f"{len(prompt) + max_new_tokens} positions, more than the model's context "
+                             f"(max_position_embeddings={context})")
+
+
+def _stopped(row: list[int], eos: set[int], stop_sequences: list[list[int]]) -> str | None:
+    if row[-1] in eos:
+        return "eos"
+    if any(s and row[-len(s):] == s for s in stop_sequences):
+        return "stop"
+    return None
+
+
+@torch.no_grad()
+def generate(model: TPCausalLM, prompts: list[list[int]], max_new_tokens: int,
+             sampling: SamplingParams | None = None, eos_token_ids: tuple[int, ...] | None = None,
+             stop_sequences: list[list[int]] = ()) -> GenerationResult:
+    """Continue every prompt (a list of token ids) by up to ``max_new_tokens`` tokens; run on every rank.
+
+    ``sampling``: None or temperature 0 is greedy. ``eos_token_ids``: default
+    the checkpoint's. ``stop_sequences``: token-id sequences that end a row.
+    """
+    sampling = sampling or SamplingParams()
+    eos = set(model.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
+    stop_sequences = [list(s) for s in stop_sequences]
+    _check_prompts(prompts, model.config.vocab_size, max_new_tokens, model.config.max_position_embeddings)
+    dist, device = model.dist, model.device
+    batch, prompt_len = len(prompts), max(len(p) for p in prompts)
+    pad = torch.tensor([prompt_len - len(p) for p in prompts], device=device)
+    ids = torch.tensor([[0] * (prompt_len - len(p)) + list(p) for p in prompts], device=device)
+    slots = torch.arange(prompt_len + max_new_tokens - 1, device=device)
+    key_valid = slots[None, :] >= pad[:, None]
+    positions = (slots[None, :] - pad[:, None]).clamp_min(0)
+    cache = model.new_cache(batch, prompt_len + max_new_tokens - 1)
+    generator = sampling.generator()
+
+    def next_tokens(hidden: torch.Tensor) -> list[int]:
+        if sampling.greedy:
+            return model.greedy(hidden).tolist()
+        return sample(model.logits(hidden), sampling, generator).tolist()
+
+    stats, old_tag = dist.stats, dist.stats.tag
+    first_record = len(stats.records)
+    tokens: list[list[int]] = [[] for _ in prompts]
+    reasons: list[str | None] = [None] * batch
+    step_seconds, step_comm = [], []
+    start, fed = 0, ids
+    try:
+        for step in range(max_new_tokens):
+            stats.tag = "prefill" if step == 0 else "decode"
+            step_first_record, t0 = len(stats.records), time.perf_counter()
+            width = fed.shape[1]
+            hidden = model(fed, cache, start, positions[:, start:start + width], key_valid)
+            chosen = next_tokens(hidden[:, -1])  # .tolist() waits for the device: the timing is complete
+            step_seconds.append(time.perf_counter() - t0)
+            records = stats.records[step_first_record:]
+            step_comm.append({"phase": stats.tag, "seconds": step_seconds[-1],
+                              "counts": CommStats(records=records).counts(),
+                              "bytes": sum(r.bytes for r in records)})
+            for b, token in enumerate(chosen):
+                if reasons[b] is None:
+                    tokens[b].append(token)
+                    reasons[b] = _stopped(tokens[b], eos, stop_sequences)
+            if all(r is not None for r in reasons):
+                break
+            start += width
+            fed = torch.tensor(chosen, device=device)[:, None]
+    finally:
+        stats.tag = old_tag
+    records = CommStats(records=stats.records[first_record:])
+    return GenerationResult(
+        tokens=tokens, finish_reasons=[r or "length" for r in reasons],
+        ttft_s=step_seconds[0], decode_s=sum(step_seconds[1:]), step_seconds=step_seconds,
+        comm={phase: records.summary(phase) for phase in ("prefill", "decode")},
+        step_comm=step_comm, tp=dist.world_size)
+
+
+def checkpoint_eos_ids(path: str | Path, model: TPCausalLM) -> tuple[int, ...]:
+    """EOS ids of config.json, plus those of generation_config.json when the checkpoint has one."""
+    ids = set(model.config.eos_token_ids)
+    gen_file = Path(path) / "generation_config.json"
+    if gen_file.is_file():
+        value = json.loads(gen_file.read_text()).get("eos_token_id")
+        ids |= set([value] if isinstance(value, int) else value or [])
+    return tuple(sorted(ids))
+
+
+def generate_rank_program(dist: Dist, model_path: str, prompts: list[list[int]], max_new_tokens: int,
+                          temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0, seed: int = 0,
+                          dtype: str | None = None, eos_token_ids: tuple[int, ...] | None = None,
+                          stop_sequences: list[list[int]] = ()) -> GenerationResult:
+    """Load this rank's shard of ``model_path`` and generate: ``launch(generate_rank_program, tp, backend, kwargs=...)``.
+
+    Works on threads, gloo, and under torchrun (NCCL on GPUs).
+    """
+    sampling = SamplingParams(temperature, top_k, top_p, seed)
+    model = from_pretrained(model_path, dist, dtype=dtype)
+    eos = checkpoint_eos_ids(model_path, model) if eos_token_ids is None else eos_token_ids
+    result = generate(model, prompts, max_new_tokens, sampling, eos, stop_sequences)
+    result.load = model.load_stats
+    return result
