@@ -41,7 +41,8 @@ class PeerFailure(RuntimeError):
 
 
 class CollectiveTimeout(TimeoutError):
-    """Raised on a rank that waited longer than the group's timeout for its peers."""
+    """Raised on a rank whose collective cannot complete: a peer did not join it within
+    the group's timeout (still busy elsewhere), or had already returned without joining it."""
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -117,31 +118,66 @@ class Dist:
 
 # --- threads: ranks inside one process ---------------------------------------
 class ThreadGroup:
-    """Shared state of a group of thread ranks: a barrier, one slot per rank, mailboxes."""
+    """Shared state of a group of thread ranks: a barrier, one slot per rank, mailboxes.
+
+    The barrier counts generations: a rank is through as soon as every rank has
+    arrived in its generation, whatever happens afterwards. A rank that fails
+    (:meth:`abort`) or returns (:meth:`rank_returned`) wakes the ranks waiting
+    for it, so they raise at once instead of waiting out the timeout.
+    """
 
     def __init__(self, world_size: int, timeout: float) -> None:
         self.world_size = world_size
         self.timeout = timeout
-        self._barrier = threading.Barrier(world_size, timeout=timeout)
+        self._cond = threading.Condition()
+        self._arrived = 0
+        self._generation = 0
         self._slots: list[object] = [None] * world_size
         self._mailboxes = {(s, d): queue.Queue() for s in range(world_size) for d in range(world_size)}
-        self._aborted = threading.Event()
+        self._aborted = False
+        self._returned: list[int] = []
 
     def abort(self) -> None:
         """Wake every rank blocked in a collective; they raise :class:`PeerFailure`."""
-        self._aborted.set()
-        self._barrier.abort()
+        with self._cond:
+            self._aborted = True
+            self._cond.notify_all()
 
-    def _raise_broken(self):
-        if self._aborted.is_set():
-            raise PeerFailure("collective aborted: another rank failed (its error is re-raised by launch)")
-        raise CollectiveTimeout(f"waited more than {self.timeout:g} s for the other ranks")
+    def rank_returned(self, rank: int) -> None:
+        """Rank's program has returned, so no later collective can complete: wake whoever waits for one."""
+        with self._cond:
+            self._returned.append(rank)
+            self._cond.notify_all()
+
+    def _broken(self) -> Exception | None:
+        """Why no collective can complete any more, or None."""
+        if self._aborted:
+            return PeerFailure("collective aborted: another rank failed (its error is re-raised by launch)")
+        if self._returned:
+            return CollectiveTimeout(f"rank(s) {sorted(self._returned)} returned without joining this collective: "
+                                     "every rank must call the same collectives in the same order")
+        return None
 
     def _wait(self) -> None:
-        try:
-            self._barrier.wait()
-        except threading.BrokenBarrierError:
-            self._raise_broken()
+        with self._cond:
+            if error := self._broken():
+                raise error
+            generation = self._generation
+            self._arrived += 1
+            if self._arrived == self.world_size:
+                self._arrived, self._generation = 0, generation + 1
+                self._cond.notify_all()
+                return
+            deadline = time.monotonic() + self.timeout
+            while self._generation == generation:
+                if error := self._broken():
+                    raise error
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._aborted = True  # the group is now inconsistent: stop the others too
+                    self._cond.notify_all()
+                    raise CollectiveTimeout(f"waited more than {self.timeout:g} s for the other ranks")
+                self._cond.wait(remaining)
 
     def exchange(self, rank: int, value: object) -> list[object]:
         """Every rank contributes ``value``; every rank gets all of them in rank order."""
@@ -158,8 +194,8 @@ class ThreadGroup:
         deadline = time.monotonic() + self.timeout
         box = self._mailboxes[(src, dst)]
         while True:
-            if self._aborted.is_set():
-                self._raise_broken()
+            if self._aborted or (src in self._returned and box.empty()):
+                raise self._broken()
             try:
                 return box.get(timeout=0.02)
             except queue.Empty:
@@ -214,7 +250,7 @@ class ThreadTransport:
 
 # --- torch.distributed: gloo processes, or NCCL under torchrun ----------------
 class _PeerFailureOnError:
-    """Wraps torch.distributed so that errors in its calls become PeerFailure."""
+    """Wraps torch.distributed so that errors in its calls become PeerFailure (or CollectiveTimeout)."""
 
     def __init__(self, td) -> None:
         self._td = td
@@ -226,6 +262,8 @@ class _PeerFailureOnError:
             try:
                 return call(*args, **kwargs)
             except RuntimeError as e:
+                if "timed out" in str(e).lower():
+                    raise CollectiveTimeout(f"torch.distributed.{name} timed out waiting for a peer: {e}") from e
                 raise PeerFailure(f"torch.distributed.{name} failed, most likely because a peer rank "
                                   f"failed or left: {e}") from e
         return guarded
@@ -236,10 +274,10 @@ class TorchTransport:
 
     A RuntimeError inside a torch.distributed call (a peer that died or hung
     up) is re-raised as :class:`PeerFailure`, so ``launch`` reports the cause,
-    not the peers' reaction to it.
+    not the peers' reaction to it; a gloo timeout becomes :class:`CollectiveTimeout`.
 
-    gloo has no reduce-scatter: there it runs as an all-reduce followed by a
-    local chunk (same result, twice the traffic); NCCL runs the real one.
+    On gloo, reduce-scatter runs as an all-reduce of a copy followed by a local
+    chunk (same result, twice the traffic); NCCL runs the real one.
     """
 
     def __init__(self) -> None:
@@ -261,6 +299,7 @@ class TorchTransport:
 
     def reduce_scatter(self, t, dim):
         if not self.native_reduce_scatter:
+            t = t.clone()  # all_reduce works in place; the caller's tensor stays as it was
             self.td.all_reduce(t)
             return t.chunk(self.world_size, dim=dim)[self.rank].contiguous()
         chunks = [c.contiguous() for c in t.chunk(self.world_size, dim=dim)]

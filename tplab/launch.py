@@ -14,7 +14,10 @@ and returns ``[result_0, ..., result_{tp-1}]``. Three ways to get ranks:
 Failure is never a hang: when a rank raises, the others are stopped and the
 original exception is re-raised here, with the rank's traceback in its notes.
 When a gloo process dies, the rest are killed and :class:`RankDiedError` is
-raised. ``timeout`` bounds how long any rank waits for its peers.
+raised. ``timeout`` bounds how long any rank waits for its peers: a rank that
+does not join a collective in time, or returns while the others wait in one,
+gives :class:`~tplab.dist.CollectiveTimeout` (a thread rank stuck in its own
+computation cannot be stopped: launch returns once it does).
 """
 from __future__ import annotations
 
@@ -82,6 +85,7 @@ def _launch_threads(fn, tp, timeout, args, kwargs):
         dist = Dist(rank, tp, torch.device("cpu"), ThreadTransport(group, rank))
         try:
             results[rank] = fn(dist, *args, **kwargs)
+            group.rank_returned(rank)
         except BaseException as e:  # noqa: BLE001 - every failure must reach the caller
             errors[rank] = e
             group.abort()
@@ -218,6 +222,9 @@ def _launch_gloo(fn, tp, timeout, args, kwargs):
         else:
             for p in procs:
                 p.join()
+    if errors and results and all(isinstance(e, PeerFailure) for e in errors.values()):
+        raise CollectiveTimeout(f"ranks {sorted(errors)} were in a collective that ranks {sorted(results)} "
+                                "returned without joining: every rank must call the same collectives in the same order")
     if errors:
         raise _first_error(errors)[1]
     return [results[r] for r in range(tp)]

@@ -1,0 +1,205 @@
+"""launch: results in rank order on every backend, clear errors for bad arguments,
+and failure that is never a hang (a rank that raises, dies, or skips a collective).
+
+The rank programs are top-level functions of this module so that gloo processes
+can import them.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import types
+
+import psutil
+import pytest
+import torch
+
+from tplab import CollectiveTimeout, RankDiedError, launch
+
+BACKENDS = ("threads", "gloo")
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# --- rank programs -------------------------------------------------------------
+def identify(dist, offset, scale=1):
+    """Who am I: checks that args and kwargs arrive and results come back in rank order."""
+    return {"rank": dist.rank, "world_size": dist.world_size, "device": str(dist.device),
+            "value": offset + scale * dist.rank, "pid": os.getpid()}
+
+
+def _record_pid(pid_dir: str | None, rank: int) -> None:
+    if pid_dir:
+        with open(os.path.join(pid_dir, f"rank{rank}.pid"), "w") as f:
+            f.write(str(os.getpid()))
+
+
+def raise_on_rank_1(dist, pid_dir=None):
+    """Rank 1 raises between two all-reduces; the others are left waiting in the second one."""
+    _record_pid(pid_dir, dist.rank)
+    dist.all_reduce(torch.ones(4))
+    if dist.rank == 1:
+        raise KeyError("rank 1 gave up")
+    dist.all_reduce(torch.ones(4))
+    return dist.rank
+
+
+def killed_mid_collective(dist, pid_dir):
+    """Rank 1 is SIGKILLed while blocked in an all-reduce that rank 0 (asleep) has not joined."""
+    _record_pid(pid_dir, dist.rank)
+    if dist.rank == 0:
+        time.sleep(120)
+    if dist.rank == 1:
+        threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGKILL)).start()
+    return dist.all_reduce(torch.ones(4))
+
+
+def rank_1_returns_early(dist):
+    """Rank 1 returns without joining the all-reduce that the others wait in."""
+    if dist.rank == 1:
+        return "left early"
+    return dist.all_reduce(torch.ones(4))
+
+
+def rank_1_busy(dist, seconds):
+    """Rank 1 is busy for ``seconds`` (longer than the timeout) before joining."""
+    if dist.rank == 1:
+        time.sleep(seconds)
+    return dist.all_reduce(torch.ones(4))
+
+
+# --- helpers ---------------------------------------------------------------------
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _assert_ranks_stopped(pid_dir) -> None:
+    pids = [int(p.read_text()) for p in pid_dir.iterdir()]
+    assert pids, "the rank programs did not start"
+    deadline = time.monotonic() + 5
+    while not all(_gone(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(_gone(p) for p in pids), f"rank processes still running: {[p for p in pids if not _gone(p)]}"
+
+
+# --- results and arguments -----------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_results_come_back_in_rank_order_with_args_and_kwargs(backend):
+    out = launch(identify, 4, backend, args=(10,), kwargs={"scale": 100})
+    assert [o["rank"] for o in out] == [0, 1, 2, 3]
+    assert [o["value"] for o in out] == [10, 110, 210, 310]
+    assert {o["world_size"] for o in out} == {4}
+    assert {o["device"] for o in out} == {"cpu"}
+    pids = {o["pid"] for o in out}
+    if backend == "threads":
+        assert pids == {os.getpid()}
+    else:
+        assert len(pids) == 4 and os.getpid() not in pids
+
+
+@pytest.mark.parametrize("tp", [0, -1, 1.5, True, "2", None])
+def test_tp_must_be_a_positive_integer(tp):
+    with pytest.raises(ValueError, match="tp must be a positive integer"):
+        launch(identify, tp, args=(0,))
+
+
+def test_unknown_backend_lists_the_choices():
+    with pytest.raises(ValueError, match=r"unknown backend 'nccl'; choose one of \('threads', 'gloo'\).*torchrun"):
+        launch(identify, 2, "nccl", args=(0,))
+
+
+@pytest.mark.parametrize("timeout", [0, -5])
+def test_timeout_must_be_positive(timeout):
+    with pytest.raises(ValueError, match="timeout must be > 0"):
+        launch(identify, 2, timeout=timeout, args=(0,))
+
+
+def test_gloo_rejects_an_unpicklable_function():
+    with pytest.raises(TypeError, match="cannot be pickled.*backend='threads'"):
+        launch(lambda dist: dist.rank, 2, "gloo")
+
+
+def test_gloo_rejects_a_function_defined_in_a_notebook(monkeypatch):
+    notebook_main = types.ModuleType("__main__")  # a kernel's __main__ has no __file__
+
+    def rank_program(dist):
+        return dist.rank
+    rank_program.__module__, rank_program.__qualname__ = "__main__", "rank_program"
+    notebook_main.rank_program = rank_program
+    monkeypatch.setitem(sys.modules, "__main__", notebook_main)
+    with pytest.raises(TypeError, match="rank_program is defined in a notebook or REPL.*backend='threads'"):
+        launch(rank_program, 2, "gloo")
+
+
+def test_tp_must_match_the_torchrun_world_size(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="tp=4 but torchrun started WORLD_SIZE=2.*--nproc-per-node 4"):
+        launch(identify, 4, args=(0,))
+
+
+# --- failures: never a hang ---------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_rank_that_raises_is_re_raised_and_the_others_stop(backend, tmp_path):
+    start = time.monotonic()
+    with pytest.raises(KeyError, match="rank 1 gave up") as info:
+        launch(raise_on_rank_1, 3, backend, timeout=60, kwargs={"pid_dir": str(tmp_path)})
+    assert time.monotonic() - start < 30
+    assert any(f"raised on rank 1 of 3 ({backend} backend)" in note for note in info.value.__notes__)
+    if backend == "gloo":
+        assert "in raise_on_rank_1" in "".join(info.value.__notes__)  # the rank's own traceback
+        _assert_ranks_stopped(tmp_path)
+
+
+def test_a_gloo_rank_killed_mid_collective_raises_rank_died_and_the_others_stop(tmp_path):
+    start = time.monotonic()
+    with pytest.raises(RankDiedError, match="rank 1 of 3 .* died: killed by signal SIGKILL"):
+        launch(killed_mid_collective, 3, "gloo", timeout=60, args=(str(tmp_path),))
+    assert time.monotonic() - start < 30  # rank 0 would sleep 120 s: it was stopped
+    _assert_ranks_stopped(tmp_path)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_rank_that_returns_without_joining_a_collective_is_detected_at_once(backend):
+    start = time.monotonic()
+    with pytest.raises(CollectiveTimeout, match=r"\[1\].*returned without joining"):
+        launch(rank_1_returns_early, 3, backend, timeout=60)
+    assert time.monotonic() - start < 30
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_rank_that_joins_too_late_times_out(backend):
+    start = time.monotonic()
+    with pytest.raises(CollectiveTimeout):
+        launch(rank_1_busy, 2, backend, timeout=1.0, args=(2.5,))
+    # Threads cannot be killed: launch returns once the busy rank wakes (2.5 s).
+    assert time.monotonic() - start < 15
+
+
+# --- command line and torchrun -----------------------------------------------------
+def _run(cmd: list[str]) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run(cmd, check=True, timeout=240, capture_output=True, text=True, env=env,
+                          cwd=os.path.dirname(HERE))
+    return done.stdout
+
+
+def test_demo_runs_and_matches_the_dense_mlp():
+    out = _run([sys.executable, "-m", "tplab", "demo"])
+    rows = [line.split() for line in out.splitlines() if line.startswith(("threads", "gloo"))]
+    assert [(r[0], r[1]) for r in rows] == [(b, t) for b in BACKENDS for t in ("1", "2", "4")]
+    assert all(r[-3] == "1" for r in rows), "one all-reduce per MLP"
+
+
+def test_demo_under_torchrun_uses_the_torchrun_processes():
+    out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "-m", "tplab", "demo", "--tp", "2", "--backend", "threads"])
+    rows = [line.split() for line in out.splitlines() if line.startswith("threads")]
+    assert len(rows) == 2, out  # both torchrun processes print their row
+    assert all(r[1] == "2" and r[-3] == "1" for r in rows)
