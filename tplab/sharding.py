@@ -49,6 +49,8 @@ def ownership_map(rows: int, cols: int, tp: int, split_dim: int) -> torch.Tensor
     ``split_dim=0`` splits the rows (a column-parallel nn.Linear weight, whose
     rows are output features); ``split_dim=1`` splits the columns (row-parallel).
     """
+    if split_dim not in (0, 1):
+        raise ValueError(f"split_dim must be 0 (split rows) or 1 (split columns), got {split_dim!r}")
     size = (rows, cols)[split_dim]
     check_divisible(("rows", "cols")[split_dim], size, tp)
     owner = torch.arange(size) // (size // tp)
