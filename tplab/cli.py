@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tplab.commands import demo
+from tplab.commands import demo, generate, plan
 
-COMMANDS = [demo]
+COMMANDS = [demo, generate, plan]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,95 @@
+"""``python -m tplab plan``: a table of modelled memory, latency, throughput and cost for each TP degree and batch."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tplab.perf import MODELLED, Estimate, estimate, max_batch, min_tp
+from tplab.perf_shapes import KV_BYTES, WEIGHT_BYTES
+from tplab.specs import load_efficiency, load_gpu, load_model
+
+COLUMNS = [("tp", 3), ("batch", 6), ("link", 10), ("weights GB", 11), ("KV GB", 8), ("total/usable GB", 16),
+           ("fits", 5), ("decode ms/tok", 14), ("TTFT ms", 9), ("tok/s", 8), ("tok/s/GPU", 10), ("USD/1M tok", 11),
+           ("bound", 7)]
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("plan", help="modelled memory, latency, throughput and cost per TP degree (no GPU needed)",
+                              description="Every figure printed is modelled from datasheet numbers and the efficiencies "
+                                          "in data/efficiency.json, not measured.")
+    p.add_argument("--model", required=True, help="shipped model name (e.g. llama-3-70b) or path to a config.json")
+    p.add_argument("--gpu", required=True, help="shipped GPU name (e.g. h100-sxm)")
+    p.add_argument("--tp", default="1,2,4,8", help="comma-separated TP degrees (default 1,2,4,8)")
+    p.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
+    p.add_argument("--context", type=int, default=4096, help="tokens per sequence, prompt plus output (default 4096)")
+    p.add_argument("--output", type=int, default=256, help="output tokens, part of --context (default 256)")
+    p.add_argument("--dtype", default="bf16", choices=list(WEIGHT_BYTES), help="weight precision (default bf16)")
+    p.add_argument("--kv-dtype", default="bf16", choices=list(KV_BYTES), help="KV-cache precision (default bf16)")
+    p.add_argument("--interconnect", default=None, help="nvlink, pcie or a network (default: the fastest that reaches tp GPUs)")
+    p.add_argument("--price", type=float, default=None, help="your price in USD per GPU-hour (no default: enables the cost column)")
+    p.add_argument("--efficiency", default=None, help="JSON file overriding data/efficiency.json")
+    p.set_defaults(run=run)
+
+
+def _ints(flag: str, text: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
+    if not values:
+        raise ValueError(f"{flag} is empty")
+    return values
+
+
+def _row(e: Estimate) -> list[str]:
+    m = e.breakdown["memory_gb"]
+    cost = "-" if e.cost_per_million_tokens is None else f"{e.cost_per_million_tokens:.2f}"
+    return [str(e.tp), str(e.batch), e.interconnect, f"{m['weights']:.1f}", f"{m['kv_cache']:.1f}",
+            f"{e.memory_per_gpu_gb:.1f}/{e.usable_memory_gb:.1f}", "yes" if e.fits else "NO",
+            f"{e.decode_ms_per_token:.2f}", f"{e.ttft_ms:.0f}", f"{e.throughput_tok_s:.0f}",
+            f"{e.throughput_per_gpu_tok_s:.0f}", cost, e.bound]
+
+
+def _print_table(rows: list[list[str]]) -> None:
+    print("  ".join(f"{name:>{width}}" for name, width in COLUMNS))
+    for row in rows:
+        print("  ".join(f"{cell:>{width}}" for cell, (_, width) in zip(row, COLUMNS)))
+
+
+def plan(args: argparse.Namespace) -> None:
+    """Check every input, then print the table, the minimum tp per batch and the largest batch per tp."""
+    spec, hw, eff = load_model(args.model), load_gpu(args.gpu), load_efficiency(args.efficiency)
+    tps, batches = _ints("--tp", args.tp), _ints("--batch", args.batch)
+    if not 0 < args.output < args.context:
+        raise ValueError(f"--output={args.output} must be at least 1 and less than --context={args.context}")
+    kw = dict(model=spec, gpu=hw, dtype=args.dtype, prompt_len=args.context - args.output, output_len=args.output,
+              kv_dtype=args.kv_dtype, efficiency=eff)
+    estimates = [estimate(tp=tp, batch=b, interconnect=args.interconnect, price_per_gpu_hour=args.price, **kw)
+                 for tp in tps for b in batches]
+    print(f"MODELLED estimates, not measurements: {spec.name} on {hw.label}, {args.dtype} weights, {args.kv_dtype} KV "
+          f"cache, {args.context - args.output} prompt + {args.output} output tokens per sequence")
+    print(f"efficiencies (data/efficiency.json or --efficiency): memory bandwidth {eff.memory_bandwidth:g}, "
+          f"compute {eff.compute:g}, link {eff.link:g}; {eff.memory_headroom_fraction:.0%} of memory kept free")
+    _print_table([_row(e) for e in estimates])
+    for note in dict.fromkeys(n for e in estimates for n in e.notes):
+        print(f"note: {note}")
+    for b in batches:
+        try:
+            needed = f"tp={min_tp(batch=b, interconnect=args.interconnect, **kw)}"
+        except ValueError as e:
+            needed = f"none ({e})"
+        print(f"minimum tp that fits batch {b}: {needed}")
+    for tp in tps:
+        print(f"largest batch that fits at tp={tp}: {max_batch(tp=tp, **kw)}")
+    if args.price is not None:
+        print(f"cost uses your price of {args.price:g} USD per GPU-hour, per million output tokens")
+    print(f"all figures above are {MODELLED}")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        plan(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
