@@ -12,7 +12,8 @@ Two algorithms, both computing y = x_0 + x_1 + ... + x_{n-1} on every rank:
   around the ring. Every link carries 2(n-1)/n of the buffer, whatever n is.
 
 :func:`ring_schedule` is the pure plan of who sends which chunk at each step;
-the ring implementation follows it and notebooks draw it. Costs: see
+the ring implementation follows it, and :func:`ring_contributions` replays it
+on sets of rank ids so that notebooks can draw (and tests check) the progress. Costs: see
 :mod:`tplab.comm_model`.
 """
 from __future__ import annotations
@@ -42,6 +43,25 @@ def ring_schedule(n: int) -> list[list[RingTransfer]]:
         for s in range(n - 1):
             steps.append([RingTransfer(phase, s, r, (r + 1) % n, (r + offset - s) % n) for r in range(n)])
     return steps
+
+
+def ring_contributions(n: int) -> list[list[list[frozenset[int]]]]:
+    """Whose data each chunk holds, before and after every step of the ring.
+
+    ``history[t][r][c]`` is the set of ranks whose chunk c is summed into rank
+    r's chunk c after t steps (t = 0 .. 2(n-1)). It starts as {r}; a
+    reduce-scatter transfer adds the sender's set to the receiver's, an
+    all-gather transfer replaces the receiver's set with the sender's.
+    """
+    state = [[frozenset({r})] * n for r in range(n)]
+    history = [state]
+    for step in ring_schedule(n):
+        state = [row.copy() for row in state]
+        for t in step:  # transfers of one step are simultaneous: read the previous state
+            sent = history[-1][t.src][t.chunk]
+            state[t.dst][t.chunk] = state[t.dst][t.chunk] | sent if t.phase == "reduce_scatter" else sent
+        history.append(state)
+    return history
 
 
 def _exchange(dist: Dist, out: torch.Tensor, dst: int, into: torch.Tensor, src: int) -> torch.Tensor:
