@@ -59,6 +59,9 @@ class ColumnParallelLinear(nn.Module):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"ColumnParallelLinear expects the full input X with {self.in_features} features "
+                             f"on every rank, got last dimension {x.shape[-1]}")
         y = F.linear(x, self.weight, self.bias)
         return self.dist.all_gather(y, dim=-1) if self.gather_output else y
 
@@ -95,6 +98,11 @@ class RowParallelLinear(nn.Module):
         return layer
 
     def forward(self, x_local: torch.Tensor) -> torch.Tensor:
+        local = self.weight.shape[1]
+        if x_local.shape[-1] != local:
+            raise ValueError(f"RowParallelLinear expects this rank's slice X_r of the input: {local} = "
+                             f"{self.in_features}/{self.dist.world_size} features, got {x_local.shape[-1]}. "
+                             "Feed it a ColumnParallelLinear's output (gather_output=False) or slice X.")
         y = self.dist.all_reduce(F.linear(x_local, self.weight))
         return y + self.bias if self.bias is not None else y
 
