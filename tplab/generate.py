@@ -50,6 +50,7 @@ class GenerationResult:
     step_comm: list[dict] = field(default_factory=list)  # per step: phase, seconds, {op: count}, bytes
     tp: int = 1
     load: LoadStats | None = None
+    logits: list[torch.Tensor] | None = None  # per step, (batch, V) on the CPU, when keep_logits=True
 
     @property
     def decode_steps(self) -> int:
@@ -62,10 +63,12 @@ class GenerationResult:
 
     def to_dict(self) -> dict:
         """A JSON-ready dict (with ``ttft_ms`` and ``ms_per_token``)."""
-        return {**asdict(self), "ttft_ms": 1000 * self.ttft_s, "ms_per_token": self.ms_per_token}
+        out = {k: v for k, v in asdict(self).items() if k != "logits"}
+        return {**out, "ttft_ms": 1000 * self.ttft_s, "ms_per_token": self.ms_per_token}
 
 
-def _check_prompts(prompts: list[list[int]], vocab_size: int, max_new_tokens: int, context: int) -> None:
+def check_prompts(prompts: list[list[int]], vocab_size: int, max_new_tokens: int, context: int) -> None:
+    """ValueError unless every prompt is non-empty, its ids are < vocab_size, and it fits the context with the new tokens."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if not prompts or any(len(p) == 0 for p in prompts):
@@ -88,39 +91,55 @@ def _stopped(row: list[int], eos: set[int], stop_sequences: list[list[int]]) -> 
     return None
 
 
+def left_pad(prompts: list[list[int]], extra_slots: int, device: torch.device | str = "cpu"
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, positions, key_valid) for prompts left-padded to the longest, T, plus ``extra_slots`` to decode into.
+
+    ids (batch, T), padding id 0; positions (batch, T + extra_slots): slot s of
+    row b holds position s - pad_b (0 on padding); key_valid (batch, T +
+    extra_slots): True from slot pad_b on.
+    """
+    prompt_len = max(len(p) for p in prompts)
+    pad = torch.tensor([prompt_len - len(p) for p in prompts], device=device)
+    ids = torch.tensor([[0] * (prompt_len - len(p)) + list(p) for p in prompts], device=device)
+    slots = torch.arange(prompt_len + extra_slots, device=device)
+    return ids, (slots[None, :] - pad[:, None]).clamp_min(0), slots[None, :] >= pad[:, None]
+
+
 @torch.no_grad()
 def generate(model: TPCausalLM, prompts: list[list[int]], max_new_tokens: int,
              sampling: SamplingParams | None = None, eos_token_ids: tuple[int, ...] | None = None,
-             stop_sequences: list[list[int]] = ()) -> GenerationResult:
+             stop_sequences: list[list[int]] = (), keep_logits: bool = False) -> GenerationResult:
     """Continue every prompt (a list of token ids) by up to ``max_new_tokens`` tokens; run on every rank.
 
     ``sampling``: None or temperature 0 is greedy. ``eos_token_ids``: default
     the checkpoint's. ``stop_sequences``: token-id sequences that end a row.
+    ``keep_logits``: keep each step's full logits in the result; greedy
+    decoding then all-gathers them for inspection only, recorded under the
+    tag "inspect" so the "prefill" and "decode" counts stay those of plain
+    generation.
     """
     sampling = sampling or SamplingParams()
     eos = set(model.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
     stop_sequences = [list(s) for s in stop_sequences]
-    _check_prompts(prompts, model.config.vocab_size, max_new_tokens, model.config.max_position_embeddings)
-    dist, device = model.dist, model.device
-    batch, prompt_len = len(prompts), max(len(p) for p in prompts)
-    pad = torch.tensor([prompt_len - len(p) for p in prompts], device=device)
-    ids = torch.tensor([[0] * (prompt_len - len(p)) + list(p) for p in prompts], device=device)
-    slots = torch.arange(prompt_len + max_new_tokens - 1, device=device)
-    key_valid = slots[None, :] >= pad[:, None]
-    positions = (slots[None, :] - pad[:, None]).clamp_min(0)
-    cache = model.new_cache(batch, prompt_len + max_new_tokens - 1)
+    check_prompts(prompts, model.config.vocab_size, max_new_tokens, model.config.max_position_embeddings)
+    dist, device, batch = model.dist, model.device, len(prompts)
+    ids, positions, key_valid = left_pad(prompts, max_new_tokens - 1, device)
+    cache = model.new_cache(batch, key_valid.shape[1])
     generator = sampling.generator()
 
-    def next_tokens(hidden: torch.Tensor) -> list[int]:
+    def next_tokens(hidden: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
+        """(token ids, the full logits when they were gathered)."""
         if sampling.greedy:
-            return model.greedy(hidden).tolist()
-        return sample(model.logits(hidden), sampling, generator).tolist()
+            return model.greedy(hidden).tolist(), None
+        logits = model.logits(hidden)
+        return sample(logits, sampling, generator).tolist(), logits
 
     stats, old_tag = dist.stats, dist.stats.tag
     first_record = len(stats.records)
     tokens: list[list[int]] = [[] for _ in prompts]
     reasons: list[str | None] = [None] * batch
-    step_seconds, step_comm = [], []
+    step_seconds, step_comm, kept_logits = [], [], []
     start, fed = 0, ids
     try:
         for step in range(max_new_tokens):
@@ -128,12 +147,15 @@ def generate(model: TPCausalLM, prompts: list[list[int]], max_new_tokens: int,
             step_first_record, t0 = len(stats.records), time.perf_counter()
             width = fed.shape[1]
             hidden = model(fed, cache, start, positions[:, start:start + width], key_valid)
-            chosen = next_tokens(hidden[:, -1])  # .tolist() waits for the device: the timing is complete
+            chosen, logits = next_tokens(hidden[:, -1])  # .tolist() waits for the device: the timing is complete
             step_seconds.append(time.perf_counter() - t0)
             records = stats.records[step_first_record:]
             step_comm.append({"phase": stats.tag, "seconds": step_seconds[-1],
                               "counts": CommStats(records=records).counts(),
                               "bytes": sum(r.bytes for r in records)})
+            if keep_logits:
+                stats.tag = "inspect"
+                kept_logits.append((model.logits(hidden[:, -1]) if logits is None else logits).cpu())
             for b, token in enumerate(chosen):
                 if reasons[b] is None:
                     tokens[b].append(token)
@@ -149,7 +171,7 @@ def generate(model: TPCausalLM, prompts: list[list[int]], max_new_tokens: int,
         tokens=tokens, finish_reasons=[r or "length" for r in reasons],
         ttft_s=step_seconds[0], decode_s=sum(step_seconds[1:]), step_seconds=step_seconds,
         comm={phase: records.summary(phase) for phase in ("prefill", "decode")},
-        step_comm=step_comm, tp=dist.world_size)
+        step_comm=step_comm, tp=dist.world_size, logits=kept_logits if keep_logits else None)
 
 
 def checkpoint_eos_ids(path: str | Path, model: TPCausalLM) -> tuple[int, ...]:
@@ -165,7 +187,7 @@ def checkpoint_eos_ids(path: str | Path, model: TPCausalLM) -> tuple[int, ...]:
 def generate_rank_program(dist: Dist, model_path: str, prompts: list[list[int]], max_new_tokens: int,
                           temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0, seed: int = 0,
                           dtype: str | None = None, eos_token_ids: tuple[int, ...] | None = None,
-                          stop_sequences: list[list[int]] = ()) -> GenerationResult:
+                          stop_sequences: list[list[int]] = (), keep_logits: bool = False) -> GenerationResult:
     """Load this rank's shard of ``model_path`` and generate: ``launch(generate_rank_program, tp, backend, kwargs=...)``.
 
     Works on threads, gloo, and under torchrun (NCCL on GPUs).
@@ -173,6 +195,6 @@ def generate_rank_program(dist: Dist, model_path: str, prompts: list[list[int]],
     sampling = SamplingParams(temperature, top_k, top_p, seed)
     model = from_pretrained(model_path, dist, dtype=dtype)
     eos = checkpoint_eos_ids(model_path, model) if eos_token_ids is None else eos_token_ids
-    result = generate(model, prompts, max_new_tokens, sampling, eos, stop_sequences)
+    result = generate(model, prompts, max_new_tokens, sampling, eos, stop_sequences, keep_logits)
     result.load = model.load_stats
     return result

@@ -53,7 +53,7 @@ class SamplingParams:
 
 
 def filtered_probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Probabilities (batch, V) in float64 after temperature, top-k and top-p; filtered tokens get 0."""
+    """Probabilities (batch, V) in float64 after temperature, top-k and top-p: filtered tokens get 0, the rest sum to 1."""
     if params.greedy:
         raise ValueError("temperature 0 is greedy: take the argmax instead of sampling")
     scores = logits.double() / params.temperature
@@ -67,6 +67,7 @@ def filtered_probabilities(logits: torch.Tensor, params: SamplingParams) -> torc
         drop_sorted = mass_before >= params.top_p  # the first token always stays (mass_before = 0)
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         probs = probs.masked_fill(drop, 0.0)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
     return probs
 
 

@@ -53,7 +53,8 @@ class _VocabShard(nn.Module):
 
     def load(self, source: TensorSource, name: str):
         """Fill the real rows [start, real_stop) of ``name`` (a (V, hidden) tensor); padding stays zero."""
-        source.copy_into(self.weight.data[:self.num_real], name, 0, self.start, self.real_stop)
+        if self.num_real:  # a rank of a tiny vocabulary may own padding only
+            source.copy_into(self.weight.data[:self.num_real], name, 0, self.start, self.real_stop)
         return self
 
     @classmethod

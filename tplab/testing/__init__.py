@@ -7,7 +7,9 @@ from tplab.testing.hf_checkpoints import (
     hf_greedy,
     make_checkpoint,
     save_char_tokenizer,
+    write_random_checkpoint,
 )
 
 __all__ = ["SPECS", "hf_config", "build_hf_model", "make_checkpoint", "save_char_tokenizer",
-           "distinct_prompts", "hf_greedy"]
+           "distinct_prompts", "hf_greedy",
+           "write_random_checkpoint"]

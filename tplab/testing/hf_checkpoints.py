@@ -86,6 +86,28 @@ def make_checkpoint(name: str, directory: str | Path, seed: int = 0, max_shard_s
     return directory, model
 
 
+def write_random_checkpoint(name: str, directory: str | Path, seed: int = 0, **overrides) -> Path:
+    """config.json + model.safetensors of spec ``name`` with N(0, 0.15^2) weights, without building the HF model.
+
+    The tensor names and shapes come from the HF model built on the meta
+    device (no memory, no init), so this is fast for large test checkpoints
+    (hundreds of MB) where only loading matters, not the HF reference.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    config = hf_config(name, **overrides)
+    with torch.device("meta"):
+        meta = getattr(transformers, _CLASSES[type(config).__name__])(config)
+    generator = torch.Generator().manual_seed(seed)
+    tensors = {pname: 0.15 * torch.randn(p.shape, generator=generator)
+               for pname, p in meta.named_parameters(remove_duplicate=True)}
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(directory)
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
 CHARS = " abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'-\n"
 
 

@@ -1,0 +1,125 @@
+"""``python -m tplab generate``: JSON and text output equal to HF, threads / gloo / torchrun, and clean usage errors."""
+import json
+import shutil
+import subprocess
+import sys
+import types
+
+import pytest
+from transformers import AutoTokenizer
+
+from tplab.cli import main
+from tplab.testing import hf_greedy, make_checkpoint
+
+PROMPT_IDS = ["1,5,9,12,40", "1,7"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    with_tok, hf = make_checkpoint("llama31", root / "with_tokenizer", seed=6, tokenizer=True)
+    bare, bare_hf = make_checkpoint("qwen2", root / "bare", seed=6)
+    return {"tok": with_tok, "hf": hf, "bare": bare, "bare_hf": bare_hf}
+
+
+def reference(hf, prompts: list[list[int]], new: int) -> list[list[int]]:
+    return [hf_greedy(hf, p, new, eos_token_ids=(hf.config.eos_token_id,))[0] for p in prompts]
+
+
+def cli(capsys, *args: str) -> tuple[int, str, str]:
+    code = main(["generate", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def ids_args(*ids: str) -> list[str]:
+    return [a for i in ids for a in ("--prompt-ids", i)]
+
+
+def test_json_report_matches_hf_on_threads_and_gloo(checkpoints, capsys):
+    prompts = [[int(t) for t in p.split(",")] for p in PROMPT_IDS]
+    expected = reference(checkpoints["bare_hf"], prompts, 6)
+    for backend, tp in (("threads", 4), ("gloo", 2)):
+        code, out, _ = cli(capsys, "--model", str(checkpoints["bare"]), "--tp", str(tp), "--backend", backend,
+                           *ids_args(*PROMPT_IDS), "--max-new-tokens", "6", "--json")
+        report = json.loads(out)
+        assert code == 0 and report["tokens"] == expected
+        assert "text" not in report  # no tokenizer in this checkpoint
+        assert report["ttft_ms"] > 0 and report["ms_per_token"] > 0 and report["tp"] == tp
+        assert report["comm"]["prefill"]["all_reduce"]["count"] == 5
+        assert report["comm"]["prefill"]["all_reduce"]["bytes"] == 5 * 2 * 5 * 64 * 4  # 5 x (batch, T, hidden) fp32
+
+
+def test_text_prompts_are_tokenized_and_decoded(checkpoints, capsys):
+    tokenizer = AutoTokenizer.from_pretrained(str(checkpoints["tok"]))
+    prompts = [tokenizer("hello world")["input_ids"], tokenizer("TP!")["input_ids"]]
+    expected = reference(checkpoints["hf"], prompts, 5)
+    code, out, _ = cli(capsys, "--model", str(checkpoints["tok"]), "--tp", "2", "--prompt", "hello world",
+                       "--prompt", "TP!", "--max-new-tokens", "5", "--json")
+    report = json.loads(out)
+    assert code == 0 and report["tokens"] == expected and report["prompt_tokens"] == [12, 4]
+    assert report["text"] == [tokenizer.decode(t, skip_special_tokens=True) for t in expected]
+    code, out, _ = cli(capsys, "--model", str(checkpoints["tok"]), "--tp", "2", "--prompt", "hello world",
+                       "--max-new-tokens", "5")
+    assert code == 0 and out.startswith("--- row 0: 12 prompt tokens, 5 new")
+    assert "hello world" in out and "prefill: all_reduce x5" in out
+
+
+def test_sampling_flags_give_the_same_tokens_at_every_tp(checkpoints, capsys):
+    args = ["--model", str(checkpoints["bare"]), *ids_args(*PROMPT_IDS), "--max-new-tokens", "6", "--json",
+            "--temperature", "0.8", "--top-k", "40", "--top-p", "0.9", "--seed", "11"]
+    tokens = [json.loads(cli(capsys, *args, "--tp", str(tp))[1])["tokens"] for tp in (1, 2, 8)]
+    assert tokens[0] == tokens[1] == tokens[2]
+
+
+def test_usage_errors_exit_2_with_one_line(checkpoints, capsys, tmp_path, monkeypatch):
+    gpt2 = tmp_path / "gpt2"
+    shutil.copytree(checkpoints["bare"], gpt2)
+    config = json.loads((gpt2 / "config.json").read_text())
+    (gpt2 / "config.json").write_text(json.dumps({**config, "model_type": "gpt2"}))
+    bare, ids = str(checkpoints["bare"]), ids_args("1,2,3")
+    cases = [
+        (["--model", str(tmp_path / "missing"), *ids], "is not a directory"),
+        (["--model", str(gpt2), *ids], "unsupported architecture"),
+        (["--model", bare, "--tp", "3", *ids], "num_attention_heads=8 is not divisible by tp=3; valid tp: 1, 2, 4, 8"),
+        (["--model", bare, "--prompt-ids", ",".join(["5"] * 126), "--max-new-tokens", "3"], "more than the model's context"),
+        (["--model", bare, "--prompt", "hello"], "has no tokenizer"),
+        (["--model", bare, "--prompt-ids", "1,x"], "comma-separated integers"),
+        (["--model", bare, *ids, "--top-p", "0"], "top_p must be in (0, 1]"),
+        (["--model", bare], "at least one --prompt"),
+    ]
+    monkeypatch.setitem(sys.modules, "tplab.tiny", None)  # as if tplab/tiny.py were absent
+    cases.append((ids, "the tiny model is not installed; pass --model PATH"))
+    for args, message in cases:
+        code, out, err = cli(capsys, *args)
+        assert (code, out) == (2, ""), args
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_tiny_resolves_through_tplab_tiny(checkpoints, capsys, monkeypatch):
+    def verify_tiny():
+        raise RuntimeError("checksum mismatch")
+
+    monkeypatch.setitem(sys.modules, "tplab.tiny", types.SimpleNamespace(TINY_DIR=checkpoints["bare"]))
+    code, out, _ = cli(capsys, *ids_args("1,2,3"), "--max-new-tokens", "2", "--json")
+    assert code == 0 and len(json.loads(out)["tokens"][0]) == 2
+    monkeypatch.setitem(sys.modules, "tplab.tiny", types.SimpleNamespace(TINY_DIR=checkpoints["bare"],
+                                                                         verify_tiny=verify_tiny))
+    code, _, err = cli(capsys, *ids_args("1,2,3"))
+    assert code == 2 and "checksum mismatch" in err
+
+
+def test_module_entry_point_and_torchrun(checkpoints):
+    """The real processes: a usage error prints no traceback; under torchrun only rank 0 prints."""
+    done = subprocess.run([sys.executable, "-m", "tplab", "generate", "--model", "/no/such/dir", "--prompt-ids", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and done.stdout == ""
+    prompts = [[int(t) for t in p.split(",")] for p in PROMPT_IDS]
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "tplab", "generate",
+         "--model", str(checkpoints["bare"]), "--tp", "2", *ids_args(*PROMPT_IDS), "--max-new-tokens", "4", "--json"],
+        capture_output=True, text=True, timeout=300, check=True)
+    lines = done.stdout.strip().splitlines()
+    assert len(lines) == 1, done.stdout
+    report = json.loads(lines[0])
+    assert report["backend"] == "torchrun" and report["tokens"] == reference(checkpoints["bare_hf"], prompts, 4)

@@ -1,0 +1,149 @@
+"""``python -m tplab generate``: text (or token ids) in, tokens out, from a checkpoint split over tp ranks.
+
+    python -m tplab generate --model PATH --tp 4 --prompt "Once upon a time" --max-new-tokens 32
+    python -m tplab generate --tp 2 --backend gloo --prompt-ids 1,5,9 --prompt-ids 1,7 --json
+    torchrun --nproc-per-node 4 -m tplab generate --tp 4 --prompt "..."   # NCCL on GPUs; rank 0 prints
+
+Repeat --prompt or --prompt-ids to make a batch. Everything that can be
+checked is checked here, before any rank starts or any weight is read; a bad
+argument prints one line and exits with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from tplab.generate import check_prompts, generate_rank_program
+from tplab.launch import BACKENDS, launch, under_torchrun
+from tplab.loading import DTYPES, read_config
+from tplab.model_config import ModelConfig
+from tplab.sampling import SamplingParams
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+class UsageError(Exception):
+    """A bad argument: printed as one line, exit status 2."""
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="generate from a Hugging Face checkpoint on N tensor-parallel ranks")
+    p.add_argument("--model", default="tiny", help="checkpoint directory, or 'tiny' for the bundled model (default)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
+    p.add_argument("--backend", choices=BACKENDS, default="threads",
+                   help="threads or gloo processes (ignored under torchrun)")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text; repeat for a batch")
+    p.add_argument("--prompt-ids", action="append", default=[], help="prompt token ids, e.g. 1,5,9; repeat for a batch")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+    p.add_argument("--top-p", type=float, default=1.0, help="keep the smallest set with this much probability")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed: the same tokens on every rank and tp")
+    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="weights dtype (auto: the checkpoint's)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=run)
+
+
+def resolve_model(name: str) -> Path:
+    """'tiny' -> the bundled model's directory (tplab.tiny.TINY_DIR, verified); anything else is a path."""
+    if name != "tiny":
+        return Path(name)
+    try:
+        from tplab import tiny
+    except ImportError:
+        raise UsageError("the tiny model is not installed; pass --model PATH") from None
+    verify = getattr(tiny, "verify_tiny", None)
+    if verify is not None:
+        try:
+            verify()
+        except Exception as e:  # noqa: BLE001 - any failed check is a usage error with its own message
+            raise UsageError(f"the tiny model failed its check: {e}; pass --model PATH") from None
+    return Path(tiny.TINY_DIR)
+
+
+def load_tokenizer(path: Path):
+    """The checkpoint's HF tokenizer, or None when it ships none."""
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise UsageError(f"--prompt-ids takes comma-separated integers, got {text!r}") from None
+
+
+def prepare(args: argparse.Namespace) -> tuple[Path, ModelConfig, object, list[list[int]], SamplingParams]:
+    """Every check that needs no rank: path, architecture, tp, tokenizer, prompts, sampling."""
+    path = resolve_model(args.model)
+    config = read_config(path)
+    config.check_tp(args.tp)
+    if under_torchrun() and int(os.environ["WORLD_SIZE"]) != args.tp:
+        raise UsageError(f"--tp {args.tp} but torchrun started {os.environ['WORLD_SIZE']} processes")
+    if not args.prompt and not args.prompt_ids:
+        raise UsageError("give at least one --prompt TEXT or --prompt-ids 1,2,3")
+    tokenizer = load_tokenizer(path)
+    if args.prompt and tokenizer is None:
+        raise UsageError(f"{path} has no tokenizer, so --prompt TEXT cannot be encoded; use --prompt-ids 1,2,3")
+    prompts = [tokenizer(text)["input_ids"] for text in args.prompt] + [parse_ids(t) for t in args.prompt_ids]
+    check_prompts(prompts, config.vocab_size, args.max_new_tokens, config.max_position_embeddings)
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    return path, config, tokenizer, prompts, sampling
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        path, config, tokenizer, prompts, sampling = prepare(args)
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    results = launch(generate_rank_program, args.tp, args.backend, kwargs=dict(
+        model_path=str(path), prompts=prompts, max_new_tokens=args.max_new_tokens,
+        temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed,
+        dtype=args.dtype))
+    if under_torchrun() and int(os.environ["RANK"]) != 0:
+        return 0
+    result = results[0]
+    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens] if tokenizer else None
+    backend = "torchrun" if under_torchrun() else args.backend
+    if args.json:
+        print(json.dumps(_json_report(result, texts, prompts, backend)))
+    else:
+        _print_report(result, texts, prompts, tokenizer, backend)
+    return 0
+
+
+def _json_report(result, texts, prompts, backend) -> dict:
+    report = {
+        "tokens": result.tokens,
+        "finish_reasons": result.finish_reasons,
+        "prompt_tokens": [len(p) for p in prompts],
+        "tp": result.tp,
+        "backend": backend,
+        "ttft_ms": 1000 * result.ttft_s,
+        "ms_per_token": result.ms_per_token,
+        "comm": result.comm,
+    }
+    if texts is not None:
+        report["text"] = texts
+    return report
+
+
+def _print_report(result, texts, prompts, tokenizer, backend) -> None:
+    for b, tokens in enumerate(result.tokens):
+        print(f"--- row {b}: {len(prompts[b])} prompt tokens, {len(tokens)} new ({result.finish_reasons[b]}) ---")
+        if tokenizer is not None:
+            print(tokenizer.decode(prompts[b], skip_special_tokens=True) + texts[b])
+        else:
+            print(f"{prompts[b]} -> {tokens}")
+    per_token = "n/a" if result.ms_per_token is None else f"{result.ms_per_token:.2f} ms/token"
+    print(f"tp={result.tp} ({backend}): TTFT {1000 * result.ttft_s:.1f} ms, decode {per_token}")
+    for phase, ops in result.comm.items():
+        line = ", ".join(f"{op} x{int(s['count'])} ({int(s['bytes'])} B)" for op, s in ops.items())
+        print(f"  {phase}: {line or 'no collectives'}")
