@@ -133,5 +133,7 @@ def test_peak_memory_per_rank_is_about_one_tp_th(tmp_path):
         assert abs(rank["bytes_read"] - one["bytes_read"] / 4) < 0.01 * one["bytes_read"]
         assert rank["anon_growth"] < rank["bytes_read"] + 8 * MB  # private memory: the shards, nothing more
         assert rank["anon_growth"] < 0.3 * one["anon_growth"]
-        assert rank["peak_growth"] < rank["bytes_read"] + 24 * MB  # plus one tensor's mapped pages and small buffers
+        # RSS also grows by file-backed pages: library code run for the first time (~11 MiB here, the same at any tp)
+        # and, briefly, the checkpoint pages of the one tensor being sliced (~3 MiB)
+        assert rank["peak_growth"] < rank["bytes_read"] + 24 * MB
         assert rank["peak_growth"] < 0.4 * one["peak_growth"]

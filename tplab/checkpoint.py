@@ -19,6 +19,8 @@ Each source counts ``bytes_read``: the bytes it materialised for this rank.
 from __future__ import annotations
 
 import json
+from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 import torch
@@ -28,20 +30,23 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 
-class TensorSource:
-    """Reads blocks of named tensors into preallocated destinations."""
+class TensorSource(ABC):
+    """Reads blocks of named tensors into preallocated destinations, counting the bytes."""
 
-    bytes_read: int = 0
+    def __init__(self) -> None:
+        self.bytes_read = 0
 
+    @abstractmethod
     def has(self, name: str) -> bool:
-        raise NotImplementedError
+        """Whether the source holds a tensor called ``name``."""
 
+    @abstractmethod
     def shape(self, name: str) -> tuple[int, ...]:
-        raise NotImplementedError
+        """The full shape of tensor ``name``."""
 
-    def _block(self, name: str, dim: int, start: int, stop: int, fn) -> None:
-        """Call ``fn(view)`` with the block [start, stop) of ``name`` along ``dim``."""
-        raise NotImplementedError
+    @abstractmethod
+    def _view(self, name: str, dim: int, start: int, stop: int) -> AbstractContextManager[torch.Tensor]:
+        """A context that yields a view of the block [start, stop) of ``name`` along ``dim``."""
 
     def copy_into(self, dst: torch.Tensor, name: str, dim: int = 0, start: int = 0, stop: int | None = None) -> None:
         """dst <- name[..., start:stop, ...] (block along ``dim``; the whole tensor when stop is None).
@@ -57,20 +62,17 @@ class TensorSource:
         if not 0 <= start <= stop <= full[dim] or expected != tuple(dst.shape):
             raise ValueError(f"{name}: block [{start}, {stop}) of dim {dim} of a tensor of shape {full} "
                              f"does not fit a shard of shape {tuple(dst.shape)}")
-
-        def copy(view: torch.Tensor) -> None:
+        with self._view(name, dim, start, stop) as view:
             dst.copy_(view)
             self.bytes_read += view.numel() * view.element_size()
-
-        self._block(name, dim, start, stop, copy)
 
 
 class StateDictSource(TensorSource):
     """Blocks of the tensors of an in-memory state dict (e.g. ``hf_model.state_dict()``)."""
 
     def __init__(self, state_dict: dict[str, torch.Tensor]) -> None:
+        super().__init__()
         self.state_dict = state_dict
-        self.bytes_read = 0
 
     def has(self, name: str) -> bool:
         return name in self.state_dict
@@ -78,16 +80,17 @@ class StateDictSource(TensorSource):
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.state_dict[name].shape)
 
-    def _block(self, name, dim, start, stop, fn):
-        fn(self.state_dict[name].detach().narrow(dim, start, stop - start))
+    @contextmanager
+    def _view(self, name, dim, start, stop):
+        yield self.state_dict[name].detach().narrow(dim, start, stop - start)
 
 
 class SafetensorsSource(TensorSource):
     """Blocks of the tensors of a safetensors checkpoint directory (one file, or sharded with an index)."""
 
     def __init__(self, directory: str | Path) -> None:
+        super().__init__()
         self.directory = Path(directory)
-        self.bytes_read = 0
         self.files = self._tensor_files(self.directory)
         self._shapes: dict[str, tuple[int, ...]] = {}
         for file in sorted(set(self.files.values())):
@@ -114,7 +117,9 @@ class SafetensorsSource(TensorSource):
     def shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
 
-    def _block(self, name, dim, start, stop, fn):
+    @contextmanager
+    def _view(self, name, dim, start, stop):
+        """The block as a view of the memory-mapped file, unmapped when the file closes after the copy."""
         index = tuple(slice(start, stop) if d == dim else slice(None) for d in range(len(self._shapes[name])))
         with safe_open(self.files[name], framework="pt") as f:
-            fn(f.get_slice(name)[index])
+            yield f.get_slice(name)[index]

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tplab.generate import check_prompts, generate_rank_program
 from tplab.launch import BACKENDS, launch, under_torchrun
-from tplab.loading import DTYPES, read_config
+from tplab.loading import DTYPES, read_config, resolve_dtype
 from tplab.model_config import ModelConfig
 from tplab.sampling import SamplingParams
 
@@ -80,10 +80,11 @@ def parse_ids(text: str) -> list[int]:
 
 
 def prepare(args: argparse.Namespace) -> tuple[Path, ModelConfig, object, list[list[int]], SamplingParams]:
-    """Every check that needs no rank: path, architecture, tp, tokenizer, prompts, sampling."""
+    """Every check that needs no rank: path, architecture, tp, dtype, tokenizer, prompts, sampling."""
     path = resolve_model(args.model)
     config = read_config(path)
     config.check_tp(args.tp)
+    resolve_dtype(args.dtype, config)
     if under_torchrun() and int(os.environ["WORLD_SIZE"]) != args.tp:
         raise UsageError(f"--tp {args.tp} but torchrun started {os.environ['WORLD_SIZE']} processes")
     if not args.prompt and not args.prompt_ids:
@@ -97,17 +98,23 @@ def prepare(args: argparse.Namespace) -> tuple[Path, ModelConfig, object, list[l
     return path, config, tokenizer, prompts, sampling
 
 
+def prints() -> bool:
+    """Whether this process reports: always, except on ranks other than 0 under torchrun."""
+    return not under_torchrun() or os.environ["RANK"] == "0"
+
+
 def run(args: argparse.Namespace) -> int:
     try:
         path, config, tokenizer, prompts, sampling = prepare(args)
     except (UsageError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if prints():
+            print(f"error: {e}", file=sys.stderr)
         return 2
     results = launch(generate_rank_program, args.tp, args.backend, kwargs=dict(
         model_path=str(path), prompts=prompts, max_new_tokens=args.max_new_tokens,
         temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed,
         dtype=args.dtype))
-    if under_torchrun() and int(os.environ["RANK"]) != 0:
+    if not prints():
         return 0
     result = results[0]
     texts = [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens] if tokenizer else None
