@@ -1,6 +1,10 @@
 """Config parsing, TP validation at config time, and the pure GQA / vocabulary maps."""
-import pytest
+from pathlib import Path
 
+import pytest
+import torch
+
+from tplab.kv_cache import kv_bytes_per_token
 from tplab.model_config import ModelConfig
 from tplab.sharding import gqa_heads, kv_replicas, padded_size, valid_gqa_tp, vocab_shard
 from tplab.testing import SPECS, hf_config
@@ -87,3 +91,19 @@ def test_vocab_shards_cover_the_vocabulary_once_with_padding_at_the_end():
         assert all(a[1] == b[0] for a, b in zip(shards, shards[1:]))
         assert sum(real - start for start, _, real in shards) == vocab
     assert vocab_shard(5, 4, 3) == (6, 8, 6)  # a rank can own padding only
+
+
+REAL_CONFIGS = sorted((Path(__file__).resolve().parent.parent / "data" / "model_configs").glob("*.json"))
+
+
+@pytest.mark.skipif(not REAL_CONFIGS, reason="data/model_configs is absent")
+def test_real_published_configs_parse_and_shard():
+    for file in REAL_CONFIGS:
+        config = ModelConfig.from_file(file)
+        assert 8 in config.valid_tp() and config.num_kv_heads == 8, file.name
+        with pytest.raises(ValueError, match="tp=3; valid tp: 1, 2, 4, 8"):
+            config.check_tp(3)
+    llama3_70b = ModelConfig.from_file(REAL_CONFIGS[0].parent / "llama-3-70b.json")
+    # 2 (k, v) * 80 layers * 8 KV heads * 128 * 2 bytes = 320 KiB per token unsharded; tp=8 holds one KV head
+    assert kv_bytes_per_token(llama3_70b, 1, torch.bfloat16) == 320 * 1024
+    assert kv_bytes_per_token(llama3_70b, 8, torch.bfloat16) == kv_bytes_per_token(llama3_70b, 16, torch.bfloat16) == 40 * 1024

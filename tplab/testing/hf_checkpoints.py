@@ -10,7 +10,7 @@ cover the cases TP must get right:
 ``llama31``    Llama 3.1: GQA 8 heads / 2 KV heads, llama3 RoPE scaling, vocab 300
 ``mistral``    GQA 8 / 4, sliding window of 6 tokens, vocab 256
 ``qwen2``      GQA 8 / 2, q/k/v biases, tied embeddings, vocab 250
-``tied``       TinyLlama-like MQA (1 KV head), tied embeddings, attention and MLP biases, vocab 250
+``tied``       Llama with MQA (1 KV head), tied embeddings, attention and MLP biases, vocab 250
 =============  =======================================================================
 
 So tp in {1, 2, 4, 8} meets tp > KV heads (llama31, qwen2, tied; mistral at 8)
