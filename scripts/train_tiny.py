@@ -52,7 +52,7 @@ SAMPLE_PROMPTS = ["The for statement", "A list is", "The with statement is used 
 
 HYPERPARAMETERS = {  # argparse flags: --vocab-size 3072 ...
     "vocab_size": 3072, "hidden_size": 256, "intermediate_size": 768, "layers": 4, "heads": 8, "kv_heads": 4,
-    "seq_len": 256, "batch_size": 16, "steps": 360, "warmup_steps": 30, "lr": 2e-3, "weight_decay": 0.1,
+    "seq_len": 256, "batch_size": 8, "steps": 700, "warmup_steps": 40, "lr": 3e-3, "weight_decay": 0.1,
     "val_fraction": 0.1, "eval_every": 20, "threads": 2, "seed": 0,
 }
 
