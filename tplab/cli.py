@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tplab.commands import demo, generate, plan
+from tplab.commands import bench, demo, generate, plan
 
-COMMANDS = [demo, generate, plan]
+COMMANDS = [demo, generate, plan, bench]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,173 @@
+"""The benchmark harness: decoders, records, sweeps on real and emulated ranks, the CLI, and early errors.
+
+* The timing loops decode exactly the tokens of tplab.generate (eager and
+  fixed-shape, with a sliding window, tp 1 and 2).
+* An emulated sweep: one record per point, labelled emulated, with exact
+  collective counts, total = measured compute + modelled collectives, the
+  extrapolation to all layers, the HF baseline ratio, and a JSON-lines file.
+* A measured sweep on threads and on gloo: real collectives, timed.
+* Bad sweeps fail before any weight is allocated, with what to do.
+"""
+import json
+import math
+
+import pytest
+import torch
+
+from tplab import launch
+from tplab.bench import BenchSpec, plan, run_bench
+from tplab.bench_decode import make_decoder
+from tplab.bench_results import load_records, scale_to_full, spread, throughput
+from tplab.bench_roofline import decode_bytes, measure_copy_bandwidth
+from tplab.cli import main
+from tplab.emulation import emulated_dist, modelled_seconds
+from tplab.generate import generate
+from tplab.loading import from_hf_model
+from tplab.specs import load_efficiency, load_gpu
+from tplab.testing import build_hf_model, distinct_prompts, hf_config
+
+FAST = dict(batches=[1, 3], prompt_lens=[6], decode_steps=3, repeats=2, warmup=1, copy_bytes=1 << 22)
+
+
+@pytest.fixture(scope="module")
+def config_path(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("cfg")
+    hf_config("llama31", num_hidden_layers=2).save_pretrained(directory)
+    return str(directory / "config.json")
+
+
+@pytest.fixture(scope="module")
+def emulated(config_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("measurements")
+    records = run_bench(BenchSpec(model=config_path, tps=[1, 4], emulate=True, layers=1, **FAST), out=out)
+    return records, out
+
+
+@pytest.mark.parametrize("spec", ["llama31", "mistral"])
+def test_timing_loops_decode_the_tokens_of_generate(spec):
+    hf = build_hf_model(spec)
+    prompts = distinct_prompts(hf.config.vocab_size, [9, 9, 9])
+
+    def program(dist):
+        model = from_hf_model(hf, dist)
+        reference = generate(model, prompts, 8, eos_token_ids=()).tokens
+        out = {}
+        for mode in ("eager", "static"):
+            decoder = make_decoder(model, 3, 9 + 7, mode)
+            steps = [decoder.prefill(torch.tensor(prompts))] + [decoder.step().clone() for _ in range(7)]
+            out[mode] = torch.cat(steps, dim=1).tolist()
+        return reference, out
+
+    for tp in (1, 2):
+        reference, out = launch(program, tp)[0]
+        assert out["eager"] == reference and out["static"] == reference  # mistral's window of 6 < 16 slots
+
+
+def test_emulated_sweep_records(emulated, config_path):
+    records, out = emulated
+    assert [(r["setting"]["tp"], r["setting"]["batch"]) for r in records] == [(1, 1), (1, 3), (4, 1), (4, 3)]
+    link, eff = load_gpu("h100-sxm").link("nvlink"), load_efficiency()
+    for r in records:
+        assert r["kind"] == "emulated" and r["label"].startswith("EMULATED: rank 0 of tp=")
+        assert "modelled" in r["comm"]["source"] and r["setting"]["link"]["interconnect"] == "nvlink"
+        tp, batch = r["setting"]["tp"], r["setting"]["batch"]
+        step = r["comm"]["decode_step"]
+        assert step["all_reduce"]["count"] == 2 * 1 + 1 and step["all_gather"]["count"] == 1  # 1 layer built
+        assert step["all_reduce"]["bytes"] == 3 * batch * 64 * 2  # (batch, 1, hidden) bf16, 3 calls
+        modelled = sum(modelled_seconds(op, s["bytes"] / s["count"], tp, link, eff) * s["count"] for op, s in step.items())
+        assert math.isclose(r["decode_comm_ms"], 1e3 * modelled)
+        for key in ("median", "p10", "p90", "min", "max"):  # total = measured compute + modelled collectives
+            assert math.isclose(r["decode_ms_per_token"][key], r["decode_compute_ms"][key] + r["decode_comm_ms"])
+        assert r["decode_ms_per_token"]["n"] == 2
+        assert (r["decode_comm_ms"] == 0) == (tp == 1)
+        scaled = r["scaled"]
+        assert scaled["layers"] == 2 and scaled["from_layers"] == 1 and "not a measurement" in scaled["note"]
+        assert scaled["decode_comm_ms"] == pytest.approx(_scaled_comm(step, tp, link, eff))
+        base = r["baseline"]
+        assert base["decode_speed_vs_hf"] == pytest.approx(base["decode_ms_per_token"]["median"]
+                                                           / r["decode_compute_ms"]["median"])
+        assert r["memory"]["weights_bytes"] > 0 and r["roofline"]["copy_gb_s"] > 0
+        assert r["env"]["device"]["type"] == "cpu" and r["env"]["torch"] == torch.__version__
+        assert {"commit", "dirty"} <= set(r["env"]["git"]) and r["model"]["config"]["num_attention_heads"] == 8
+    files = list(out.glob("*_emulated_*.jsonl"))
+    assert len(files) == 1 and len(files[0].read_text().splitlines()) == 4
+    loaded = load_records(out)
+    assert [r["source_file"] for r in loaded] == [files[0].name] * 4
+    assert loaded[2]["decode_ms_per_token"] == records[2]["decode_ms_per_token"]
+
+
+def _scaled_comm(step, tp, link, eff):
+    """All-reduces scale from 2·1+1 to 2·2+1 calls; the all-gather stays one call."""
+    reduce = modelled_seconds("all_reduce", step["all_reduce"]["bytes"] / 3, tp, link, eff)
+    gather = modelled_seconds("all_gather", step["all_gather"]["bytes"], tp, link, eff)
+    return 1e3 * (5 * reduce + gather)
+
+
+@pytest.mark.parametrize("backend", ["threads", "gloo"])
+def test_measured_sweep_times_real_collectives(config_path, backend):
+    records = run_bench(BenchSpec(model=config_path, tps=[2], backend=backend, baseline=False,
+                                  **{**FAST, "batches": [2]}))
+    r = records[0]
+    assert r["kind"] == "measured" and r["setting"]["backend"] == backend and r["baseline"] is None
+    assert r["label"].startswith(f"MEASURED: tp=2 real ranks ({backend})")
+    assert r["comm"]["source"].startswith("measured") and r["comm"]["decode_step"]["all_reduce"]["count"] == 5
+    assert 0 < r["decode_comm_ms"] < r["decode_ms_per_token"]["max"]
+    assert r["decode_compute_ms"]["median"] > 0 and r["scaled"] is None
+    assert r["roofline"]["ranks_sharing_memory"] == 2
+
+
+def test_arithmetic_of_records():
+    s = spread([4.0, 1.0, 3.0, 2.0])
+    assert s == {"median": 2.5, "p10": 1.3, "p90": 3.7, "min": 1.0, "max": 4.0, "n": 4}
+    assert throughput(batch=8, decode_steps=3, ttft_ms=100.0, step_ms=10.0) == pytest.approx(8 * 4 / 0.13)
+    comm = {"all_reduce": {"count": 3, "bytes": 0, "seconds": 0.003}, "all_gather": {"count": 1, "bytes": 0, "seconds": 0.001}}
+    scaled = scale_to_full(compute_ms=12.0, edges_ms=2.0, comm=comm, layers_built=1, layers_full=80)
+    assert scaled["compute_ms"] == pytest.approx(2 + 80 * 10)
+    assert scaled["comm_ms"] == pytest.approx(3 * 161 / 3 + 1)
+    assert scaled["total_ms"] == pytest.approx(scaled["compute_ms"] + scaled["comm_ms"])
+
+
+def test_roofline_inputs(config_path):
+    from tplab.bench_models import build_shard, resolve_model
+
+    model = build_shard(resolve_model(config_path), emulated_dist(2), torch.bfloat16)
+    got = decode_bytes(model, batch=3, context=10)
+    assert got["weights"] == model.parameter_bytes() - model.embed.weight.numel() * 2
+    assert got["kv_cache"] == 2 * 2 * 1 * 8 * 2 * 3 * 10  # K and V, 2 layers, 1 KV head at tp=2, head_dim 8, bf16
+    copy = measure_copy_bandwidth("cpu", 1 << 20, repeats=2)
+    assert copy["gb_s"] > 0 and "read plus the bytes written" in copy["method"]
+
+
+def test_bad_sweeps_fail_before_allocating(config_path):
+    with pytest.raises(ValueError, match="valid tp: 1, 2, 4, 8"):
+        plan(BenchSpec(model=config_path, tps=[3]))
+    with pytest.raises(ValueError, match=r"needs 141.1 GB of weights \+ 943.7 GB of KV cache .*--layers N"):
+        plan(BenchSpec(model="llama-3-70b", tps=[1], batches=[20000], device="cpu"))
+    with pytest.raises(ValueError, match="'graph' .* needs a GPU"):
+        plan(BenchSpec(model=config_path, prompt_lens=[8], decode_mode="graph", device="cpu"))
+    with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings=128"):
+        plan(BenchSpec(model=config_path, prompt_lens=[120], decode_steps=16))
+    with pytest.raises(ValueError, match="repeats must be an integer >= 1"):
+        plan(BenchSpec(model=config_path, prompt_lens=[8], repeats=0))
+    with pytest.raises(ValueError, match="real ranks on GPUs run under torchrun|no CUDA device is visible"):
+        plan(BenchSpec(model=config_path, prompt_lens=[8], device="cuda"))
+    with pytest.raises(ValueError, match="joins at most 2 GPUs"):
+        plan(BenchSpec(model=config_path, prompt_lens=[8], tps=[4], emulate=True, gpu="a100-pcie-80gb",
+                       interconnect="nvlink"))
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        plan(BenchSpec(model="nope"))
+    assert plan(BenchSpec(model="llama-3-70b", tps=[8], emulate=True, layers=1, device="cpu")).points == [(1, 128)]
+
+
+def test_cli_prints_a_labelled_table_or_json(config_path, capsys, tmp_path):
+    args = ["bench", "--model", config_path, "--tp", "2", "--batch", "2", "--prompt-len", "4", "--decode-steps", "2",
+            "--repeats", "1", "--emulate-rank", "--layers", "1", "--quiet", "--no-baseline"]
+    assert main(args + ["--out", str(tmp_path / "run.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("EMULATED: rank 0 of tp=2") and "EXTRAPOLATED to all 2 layers" in out
+    assert len((tmp_path / "run.jsonl").read_text().splitlines()) == 1
+    assert main(args + ["--json", "--no-save"]) == 0
+    record = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert record["kind"] == "emulated" and record["setting"]["tp"] == 2
+    assert main(["bench", "--model", config_path, "--tp", "3", "--prompt-len", "8"]) == 2
+    assert "valid tp: 1, 2, 4, 8" in capsys.readouterr().err
