@@ -26,7 +26,7 @@ from tplab.loading import from_hf_model
 from tplab.specs import load_efficiency, load_gpu
 from tplab.testing import build_hf_model, distinct_prompts, hf_config
 
-FAST = dict(batches=[1, 3], prompt_lens=[6], decode_steps=3, repeats=2, warmup=1, copy_bytes=1 << 22)
+FAST = dict(batches=[1, 3], prompt_lens=[6], decode_steps=3, repeats=2, warmup=1, quick_roofline=True)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +161,7 @@ def test_bad_sweeps_fail_before_allocating(config_path):
 
 def test_cli_prints_a_labelled_table_or_json(config_path, capsys, tmp_path):
     args = ["bench", "--model", config_path, "--tp", "2", "--batch", "2", "--prompt-len", "4", "--decode-steps", "2",
-            "--repeats", "1", "--emulate-rank", "--layers", "1", "--quiet", "--no-baseline"]
+            "--repeats", "1", "--emulate-rank", "--layers", "1", "--quiet", "--no-baseline", "--quick-roofline"]
     assert main(args + ["--out", str(tmp_path / "run.jsonl")]) == 0
     out = capsys.readouterr().out
     assert out.startswith("EMULATED: rank 0 of tp=2") and "EXTRAPOLATED to all 2 layers" in out

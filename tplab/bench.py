@@ -56,12 +56,22 @@ from tplab.loading import DTYPES
 from tplab.perf import check_link
 from tplab.specs import load_efficiency, load_gpu
 
+QUICK_COPY_BYTES, QUICK_MATMUL_SIZE = 1 << 22, 512
 MEMORY_USE_LIMIT = 0.9  # refuse a sweep that needs more than this share of the free memory
 
 
 @dataclass
 class BenchSpec:
-    """A sweep. ``device``/``decode_mode`` None: CUDA and "graph" when a GPU is visible, else CPU and "eager"."""
+    """A sweep. ``device``/``decode_mode`` None: CUDA and "graph" when a GPU is visible, else CPU and "eager".
+
+    ``quick_roofline``: measure the device's roofs on small buffers (4 MiB copy,
+    512² matmul): fast for tests and demos, but a low roof; the record's
+    roofline methods say which sizes were used.
+    ``threads``: torch's intra-op threads in every rank process and in the
+    baseline (None: torch's default). On a CPU shared with other work, 1
+    thread per rank gives far steadier timings: an op split over several
+    threads waits for the slowest, and a preempted thread stalls it.
+    """
 
     model: str = "tiny"
     tps: list[int] = field(default_factory=lambda: [1])
@@ -81,7 +91,8 @@ class BenchSpec:
     efficiency: str | None = None
     baseline: bool = True
     seed: int = 0
-    copy_bytes: int | None = None
+    quick_roofline: bool = False
+    threads: int | None = None
 
 
 @dataclass
@@ -119,6 +130,9 @@ def plan(spec: BenchSpec) -> Plan:
     _positive_ints("batches", spec.batches)
     _positive_ints("prompt_lens", spec.prompt_lens)
     check_counts(spec.decode_steps, spec.repeats, spec.warmup)
+    if spec.threads is not None and (isinstance(spec.threads, bool) or not isinstance(spec.threads, int)
+                                     or spec.threads < 1):
+        raise ValueError(f"threads must be a positive integer or None, got {spec.threads!r}")
     if spec.dtype not in DTYPES:
         raise ValueError(f"unknown dtype {spec.dtype!r}; choose one of {sorted(DTYPES)}")
     config = with_layers(model.config, spec.layers)
@@ -178,6 +192,8 @@ def _check_memory(spec: BenchSpec, config, device: torch.device, dtype: torch.dt
 def bench_rank_program(dist: Dist, model_name: str, layers: int | None, dtype: str, points: list[tuple[int, int]],
                        inputs: dict, on_point: Callable[[], None] | None = None) -> list[dict]:
     """One rank: build its shard, time every point (launch-able on threads, gloo and torchrun)."""
+    if inputs["threads"] is not None:
+        torch.set_num_threads(inputs["threads"])
     model = build_shard(resolve_model(model_name), dist, DTYPES[dtype], layers, inputs["seed"])
     if dist.device.type == "cuda" and inputs["mode"] == "graph":
         dist.time_collectives = False  # no synchronize inside a captured graph
@@ -211,10 +227,22 @@ def _release(device: torch.device) -> None:
 def run_bench(spec: BenchSpec, out: str | Path | None = None, progress: bool | None = None) -> list[dict]:
     """Run the sweep; append each record to ``out`` (a .jsonl file, or a folder for a new run file); return them."""
     p = plan(spec)
+    threads = torch.get_num_threads()
+    if spec.threads is not None:
+        torch.set_num_threads(spec.threads)
+    try:
+        return _run(p, out, progress)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(p: Plan, out: str | Path | None, progress: bool | None) -> list[dict]:
+    spec = p.spec
     env = environment(p.device)
     run_id = uuid.uuid4().hex[:8]
-    roofline = {"copy": measure_copy_bandwidth(p.device, spec.copy_bytes),
-                "matmul": measure_matmul_tflops(p.device, p.dtype)}
+    quick = dict(nbytes=QUICK_COPY_BYTES, size=QUICK_MATMUL_SIZE) if spec.quick_roofline else {}
+    roofline = {"copy": measure_copy_bandwidth(p.device, quick.get("nbytes")),
+                "matmul": measure_matmul_tflops(p.device, p.dtype, quick.get("size"))}
     kind = "emulated" if spec.emulate else "measured"
     rank0 = not under_torchrun() or int(os.environ["RANK"]) == 0
     log = None
@@ -224,7 +252,7 @@ def run_bench(spec: BenchSpec, out: str | Path | None = None, progress: bool | N
     units = len(spec.tps) * len(p.points) * (2 if spec.baseline else 1)
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=units, desc=f"bench {spec.model}", disable=not (show and rank0))
-    inputs = asdict(PointInputs(spec.decode_steps, spec.repeats, spec.warmup, p.mode, spec.seed))
+    inputs = asdict(PointInputs(spec.decode_steps, spec.repeats, spec.warmup, p.mode, spec.seed, spec.threads))
     records = []
     for tp in spec.tps:
         bar.set_postfix_str(f"tp={tp}")
@@ -264,8 +292,8 @@ def _setting(p: Plan, tp: int, batch: int, prompt_len: int) -> dict:
     spec = p.spec
     setting = {"tp": tp, "rank": 0, "backend": p.backend, "batch": batch, "prompt_len": prompt_len,
                "decode_steps": spec.decode_steps, "repeats": spec.repeats, "warmup": spec.warmup, "dtype": spec.dtype,
-               "decode_mode": p.mode, "device": str(p.device), "seed": spec.seed, "ranks_sharing_memory":
-               tp if p.backend in BACKENDS else 1}
+               "decode_mode": p.mode, "device": str(p.device), "seed": spec.seed,
+               "ranks_sharing_memory": tp if p.backend in BACKENDS else 1}
     if tp in p.comm_models:
         setting["link"] = {"gpu": spec.gpu, "interconnect": p.comm_models[tp].link.name,
                            "efficiency": spec.efficiency or "data/efficiency.json"}

@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from tplab.bench_results import SCHEMA, label, scale_to_full, spread, throughput
+from tplab.bench_results import SCHEMA, label, record_shapes, scale_to_full, spread, throughput
 from tplab.bench_roofline import decode_bytes
 from tplab.bench_timing import Timing, time_edges, time_tplab
 from tplab.comm_stats import CommStats
@@ -41,6 +41,7 @@ class PointInputs:
     warmup: int
     mode: str
     seed: int
+    threads: int | None = None  # torch intra-op threads per rank process (None: torch's default)
 
 
 def prompts(batch: int, prompt_len: int, vocab_size: int, seed: int, device: torch.device) -> torch.Tensor:
@@ -69,6 +70,7 @@ def run_points(model: TPCausalLM, points: list[tuple[int, int]], inputs: PointIn
                   "process_peak_rss_bytes": _peak_rss_bytes()}
         context = prompt_len + (inputs.decode_steps if inputs.mode != "eager" else (inputs.decode_steps + 1) / 2)
         out.append({"batch": batch, "prompt_len": prompt_len, "timing": timing, "memory": memory,
+                    "torch_threads": torch.get_num_threads(),
                     "edges": time_edges(model, batch, prompt_len), "decode_bytes": decode_bytes(model, batch, context)})
         if on_point is not None:
             on_point()
@@ -102,6 +104,7 @@ def point_record(*, kind: str, run_id: str, env: dict, model: dict, setting: dic
                  comm_model: CommModel | None, baseline: Timing | None, roofline: dict) -> dict:
     """The JSON record of one point (see :mod:`tplab.bench_results` for the fields)."""
     t, tp, batch, steps = raw["timing"], setting["tp"], setting["batch"], setting["decode_steps"]
+    setting = {**setting, "torch_threads_per_rank": raw["torch_threads"]}
     source, prefill_comm, decode_comm, pre_s, dec_s = _phase_comm(t, comm_model, tp)
     ttft, ttft_compute, ttft_comm = _times(t.ttft_s, pre_s, kind == "emulated")
     decode, decode_compute, decode_comm_ms = _times(t.decode_step_s, dec_s, kind == "emulated")
@@ -159,12 +162,10 @@ def _scaled(record: dict, raw: dict) -> dict | None:
 
 def _roofline(record: dict, raw: dict, roofline: dict) -> dict:
     """Achieved memory bandwidth of a decode step and FLOP/s of the prefill, against the device's measured roofs."""
-    s, m = record["setting"], record["model"]
-    ranks = s["ranks_sharing_memory"]
+    ranks, x = record["setting"]["ranks_sharing_memory"], record_shapes(record)
     step_bytes = raw["decode_bytes"]["weights"] + raw["decode_bytes"]["kv_cache"]
     decode_s = _compute_or_total(record, "decode") / 1e3
-    spec = model_from_config(m["config"], m["name"])
-    work = step_work(spec, s["tp"], "bf16", "bf16", s["batch"], s["prompt_len"], 0, layers=m["layers_built"])
+    work = step_work(x.spec, x.tp, "bf16", "bf16", x.batch, x.prompt_len, 0, layers=x.layers)
     flops = work.linear_flops + work.attention_flops
     achieved_gb_s = ranks * step_bytes / decode_s / 1e9
     achieved_tflops = ranks * flops / (_compute_or_total(record, "ttft") / 1e3) / 1e12

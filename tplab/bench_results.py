@@ -23,9 +23,12 @@ sweep keeps what it finished. Every line is self-contained:
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from tplab.specs import ModelSpec, model_from_config
 
 SCHEMA = 1
 KINDS = ("measured", "emulated")
@@ -62,6 +65,36 @@ def scale_to_full(compute_ms: float, edges_ms: float, comm: dict[str, dict[str, 
     scale = all_reduce_scale(layers_built, layers_full)
     comm = sum(1e3 * s["seconds"] * (scale if op == "all_reduce" else 1.0) for op, s in comm.items())
     return {"compute_ms": compute, "comm_ms": comm, "total_ms": compute + comm}
+
+
+PERF_DTYPES = {"bfloat16": "bf16", "float16": "fp16"}  # torch dtype name -> the cost model's precision
+
+
+@dataclass(frozen=True)
+class RecordShapes:
+    """What the cost model needs to evaluate a record's point: model shapes, tp, precision, sizes, layers built."""
+
+    spec: ModelSpec
+    tp: int
+    dtype: str | None  # the cost model's name ("bf16"), None for a precision it does not model (float32)
+    batch: int
+    prompt_len: int
+    decode_context: float  # cached positions a decode step attends to, on average over the steps
+    layers: int
+
+
+def record_shapes(record: dict) -> RecordShapes:
+    """The point of a record as the cost model sees it.
+
+    A decode step attends to the positions before it: with eager decode, step s
+    (0-based) of a prompt of P tokens sees P + s, so P + (steps-1)/2 on average;
+    a fixed-shape (static or graph) step reads the whole cache, P + steps - 1.
+    """
+    s, m = record["setting"], record["model"]
+    steps = s["decode_steps"]
+    context = s["prompt_len"] + ((steps - 1) / 2 if s["decode_mode"] == "eager" else steps - 1)
+    return RecordShapes(model_from_config(m["config"], m["name"]), s["tp"], PERF_DTYPES.get(s["dtype"]), s["batch"],
+                        s["prompt_len"], context, m["layers_built"])
 
 
 def label(record: dict) -> str:

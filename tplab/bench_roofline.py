@@ -15,7 +15,8 @@ wall clock on a CPU (a large memcpy, 256 MiB). The decode step then reports
 where the bytes are the rank's weights except the embedding (a decode step
 reads only ``batch`` of its rows) plus the KV cache it attends to.
 :func:`measure_matmul_tflops` does the same for compute (a square matmul),
-the roof of a prefill.
+the roof of a prefill. :func:`roofline_ms` turns both roofs into the cost
+model's prediction for a record's point, to set against what was measured.
 """
 from __future__ import annotations
 
@@ -23,7 +24,11 @@ import time
 
 import torch
 
+from tplab.bench_results import record_shapes
 from tplab.model import TPCausalLM
+from tplab.perf import step_seconds
+from tplab.perf_shapes import step_work
+from tplab.specs import GpuSpec, Link, load_efficiency
 
 GIB = 2 ** 30
 
@@ -64,7 +69,7 @@ def measure_matmul_tflops(device: torch.device | str, dtype: torch.dtype, size: 
                           repeats: int = 3) -> dict:
     """{"tflops", "size", "method"}: the best throughput of a (size x size) @ (size x size) matmul, 2·size³ FLOPs."""
     device = torch.device(device)
-    size = size or (8192 if device.type == "cuda" else 2048)
+    size = size or (8192 if device.type == "cuda" else 4096)
     a = torch.ones(size, size, dtype=dtype, device=device)
     b = torch.ones(size, size, dtype=dtype, device=device)
     seconds = _time_best(lambda: a @ b, device, repeats)
@@ -85,3 +90,38 @@ def decode_bytes(model: TPCausalLM, batch: int, context: float) -> dict[str, flo
     layers, heads, dim = model.config.num_layers, len(model.layers[0].attn.qkv.kv_heads), model.config.head_dim
     element = torch.empty((), dtype=model.dtype).element_size()
     return {"weights": float(weights), "kv_cache": 2.0 * layers * heads * dim * element * batch * context}
+
+
+def device_spec(record: dict) -> GpuSpec:
+    """The record's device as the cost model sees it: peaks = the roofs measured in its run, shared by its ranks.
+
+    Memory bandwidth = measured copy bandwidth / ranks sharing the device, FLOP/s
+    = measured matmul throughput / ranks. The cost model then runs at
+    efficiency 1 (:data:`ROOFLINE_EFFICIENCY`): a roofline of this machine, not of a datasheet.
+    """
+    roof, device = record["roofline"], record["env"]["device"]
+    ranks = roof["ranks_sharing_memory"]
+    return GpuSpec(name=device["type"], label=f"{device['name']} (measured roofs)",
+                   memory_gb=(device["memory_bytes"] or 0) / 1e9, memory_bandwidth_gb_s=roof["copy_gb_s"] / ranks,
+                   dense_tflops={"bf16": roof["matmul_tflops"] / ranks}, interconnects={},
+                   datasheet="measured in the run", sources={"memory_bandwidth_gb_s": roof["copy_method"],
+                                                             "tflops_bf16": roof["matmul_method"]})
+
+
+ROOFLINE_EFFICIENCY = {"memory_bandwidth": 1.0, "compute": 1.0}
+_NO_LINK = Link("none", "none", 1.0, 0.0, None, "collectives are not part of the roofline")
+
+
+def roofline_ms(record: dict) -> dict[str, float]:
+    """{"decode_ms", "ttft_ms"}: the cost model's compute time (weights, KV cache, FLOPs beyond memory) of the
+    record's point, for the layers built, on :func:`device_spec`; collectives excluded. Modelled, not measured."""
+    x = record_shapes(record)
+    if x.dtype is None:
+        raise ValueError(f"the cost model has no precision for {record['setting']['dtype']}: use bfloat16/float16 records")
+    gpu, eff = device_spec(record), load_efficiency(ROOFLINE_EFFICIENCY)
+    out = {}
+    for key, (tokens, context) in {"decode_ms": (1, x.decode_context), "ttft_ms": (x.prompt_len, 0)}.items():
+        work = step_work(x.spec, x.tp, x.dtype, "bf16", x.batch, tokens, context, layers=x.layers)
+        parts = step_seconds(work, gpu, _NO_LINK, 1, "bf16", eff)
+        out[key] = 1e3 * (parts["weights"] + parts["kv_cache"] + parts["compute"])
+    return out

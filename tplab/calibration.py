@@ -31,11 +31,10 @@ import re
 import statistics
 from pathlib import Path
 
+from tplab.bench_results import record_shapes
 from tplab.perf import bound, compute_dtype_for
 from tplab.perf_shapes import step_work
-from tplab.specs import GpuSpec, load_efficiency, load_gpu, model_from_config
-
-PERF_DTYPES = {"bfloat16": "bf16", "float16": "fp16"}
+from tplab.specs import GpuSpec, load_efficiency, load_gpu
 RING_FACTOR = {"all_reduce": 2, "all_gather": 1, "reduce_scatter": 1}
 
 
@@ -56,32 +55,23 @@ def _check_hardware(records: list[dict], gpu: GpuSpec) -> str:
     return name
 
 
-def _setting(record: dict) -> tuple:
-    """(ModelSpec, tp, perf dtype, batch, prompt_len, decode context, layers built) of a record."""
-    s, m = record["setting"], record["model"]
-    spec = model_from_config(m["config"], m["name"])
-    steps = s["decode_steps"]
-    context = s["prompt_len"] + (steps - 1 if s["decode_mode"] != "eager" else (steps - 1) / 2)
-    return spec, s["tp"], PERF_DTYPES.get(s["dtype"]), s["batch"], s["prompt_len"], context, m["layers_built"]
-
-
 def _memory_fraction(record: dict, gpu: GpuSpec, eff) -> float | None:
-    spec, tp, dtype, batch, _, context, layers = _setting(record)
-    if dtype is None or record["decode_compute_ms"] is None:
+    x = record_shapes(record)
+    if x.dtype is None or record["decode_compute_ms"] is None:
         return None
-    work = step_work(spec, tp, dtype, "bf16", batch, 1, context, layers=layers)
-    if bound(work, gpu, compute_dtype_for(gpu, dtype)[0], eff) != "memory":
+    work = step_work(x.spec, x.tp, x.dtype, "bf16", x.batch, 1, x.decode_context, layers=x.layers)
+    if bound(work, gpu, compute_dtype_for(gpu, x.dtype)[0], eff) != "memory":
         return None
     seconds = record["decode_compute_ms"]["median"] / 1e3
     return (work.weight_bytes + work.kv_bytes) / (seconds * gpu.memory_bandwidth_gb_s * 1e9)
 
 
 def _compute_fraction(record: dict, gpu: GpuSpec, eff) -> float | None:
-    spec, tp, dtype, batch, prompt_len, _, layers = _setting(record)
-    if dtype is None or record["ttft_compute_ms"] is None:
+    x = record_shapes(record)
+    if x.dtype is None or record["ttft_compute_ms"] is None:
         return None
-    work = step_work(spec, tp, dtype, "bf16", batch, prompt_len, 0, layers=layers)
-    compute_dtype = compute_dtype_for(gpu, dtype)[0]
+    work = step_work(x.spec, x.tp, x.dtype, "bf16", x.batch, x.prompt_len, 0, layers=x.layers)
+    compute_dtype = compute_dtype_for(gpu, x.dtype)[0]
     if bound(work, gpu, compute_dtype, eff) != "compute":
         return None
     seconds = record["ttft_compute_ms"]["median"] / 1e3

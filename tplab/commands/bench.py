@@ -60,6 +60,8 @@ def register(subparsers) -> None:
     p.add_argument("--layers", type=int, default=None,
                    help="build only the first N decoder layers; results are also extrapolated to all layers")
     p.add_argument("--backend", choices=BACKENDS, default="threads", help="real CPU ranks: threads or gloo processes")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads per rank (CPU); 1 gives steadier timings on a shared machine")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when a GPU is visible)")
     p.add_argument("--decode", choices=DECODE_MODES, default=None,
                    help="eager, static (fixed shapes) or graph (CUDA graph); default graph on GPU, eager on CPU")
@@ -68,6 +70,8 @@ def register(subparsers) -> None:
     p.add_argument("--interconnect", default=None, help="emulation: nvlink, pcie, or a network (default: the fastest)")
     p.add_argument("--efficiency", default=None, help="emulation: JSON file overriding data/efficiency.json")
     p.add_argument("--no-baseline", action="store_true", help="skip the Hugging Face eager baseline")
+    p.add_argument("--quick-roofline", action="store_true",
+                   help="measure the copy and matmul roofs on small buffers (fast, but lower roofs)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="folder for a new run file, or a .jsonl file to append to")
     p.add_argument("--no-save", action="store_true", help="print only; write no record")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -97,7 +101,7 @@ def spec_from_args(args: argparse.Namespace):
                      repeats=args.repeats, warmup=args.warmup, dtype=args.dtype, emulate=args.emulate_rank,
                      layers=args.layers, backend=args.backend, device=args.device, decode_mode=args.decode,
                      gpu=args.gpu, interconnect=args.interconnect, efficiency=args.efficiency,
-                     baseline=not args.no_baseline)
+                     baseline=not args.no_baseline, threads=args.threads, quick_roofline=args.quick_roofline)
 
 
 def _row(r: dict) -> list[str]:

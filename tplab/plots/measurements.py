@@ -1,0 +1,101 @@
+"""Figures of measurements against the cost model. Every line says what it is: measured, emulated or modelled.
+
+* measured: real ranks, real collectives (solid line, circles);
+* emulated: one rank timed alone, collectives modelled (dashed, squares);
+* modelled: the cost model, nothing run (dotted, no markers).
+
+Titles end with the kinds they show, so a figure copied out of its notebook
+still says how its numbers were obtained.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable
+
+import matplotlib.pyplot as plt
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+KINDS = ("measured", "emulated", "modelled")
+STYLES = {"measured": dict(marker="o", linestyle="-"), "emulated": dict(marker="s", linestyle="--"),
+          "modelled": dict(marker=None, linestyle=":", linewidth=2)}
+
+
+@dataclass(frozen=True)
+class Series:
+    """One line: y against x, of one kind, with its legend label and colour."""
+
+    label: str
+    kind: str
+    x: list[float]
+    y: list[float]
+    color: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"a series' kind must be one of {KINDS}, got {self.kind!r}")
+        if len(self.x) != len(self.y):
+            raise ValueError(f"series {self.label!r} has {len(self.x)} x values and {len(self.y)} y values")
+
+
+def kinds_note(kinds) -> str:
+    """"measured / modelled": the kinds present, in a fixed order."""
+    return " / ".join(k for k in KINDS if k in set(kinds))
+
+
+def plot_series(series: list[Series], xlabel: str, ylabel: str, title: str, ax: Axes | None = None,
+                logx: bool = False, logy: bool = False) -> Figure:
+    """Lines of several kinds on one axes; the title gets the kinds shown, in parentheses."""
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6, 4))
+    for s in series:
+        ax.plot(s.x, s.y, label=f"{s.label} ({s.kind})", color=s.color, **STYLES[s.kind])
+    if logx:
+        ax.set_xscale("log", base=2)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{title}\n({kinds_note(s.kind for s in series)})", fontsize=9)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return ax.figure
+
+
+def record_series(records: list[dict], x: str, y: Callable[[dict], float], group: str = "tp",
+                  label: str = "tp={}") -> list[Series]:
+    """One series per value of ``setting[group]``: y(record) against ``setting[x]``, sorted by x.
+
+    The kind of each series is its records' kind (records of both kinds in
+    one group raise, so a line never mixes measured and emulated points).
+    """
+    groups: dict = defaultdict(list)
+    for r in records:
+        groups[r["setting"][group]].append(r)
+    out = []
+    for i, (value, rs) in enumerate(sorted(groups.items())):
+        kinds = {r["kind"] for r in rs}
+        if len(kinds) > 1:
+            raise ValueError(f"{group}={value} mixes {sorted(kinds)} records: plot them as separate series")
+        rs = sorted(rs, key=lambda r: r["setting"][x])
+        out.append(Series(label.format(value), kinds.pop(), [r["setting"][x] for r in rs], [y(r) for r in rs], f"C{i}"))
+    return out
+
+
+def plot_time_split(labels: list[str], compute_ms: list[float], comm_ms: list[float], kind: str, title: str,
+                    ylabel: str = "time per decode step (ms)", ax: Axes | None = None) -> Figure:
+    """Stacked bars: compute and collectives per configuration, each bar annotated with the collectives' share."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(6, 4))
+    ax.bar(labels, compute_ms, color="tab:blue", label="compute")
+    ax.bar(labels, comm_ms, bottom=compute_ms, color="tab:red", label="collectives")
+    for i, (compute, comm) in enumerate(zip(compute_ms, comm_ms)):
+        ax.annotate(f"{100 * comm / (compute + comm):.0f}%", (i, compute + comm), ha="center", va="bottom", fontsize=7)
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{title}\n({kind}; % = share of collectives)", fontsize=9)
+    ax.tick_params(axis="x", labelsize=7)
+    ax.legend(fontsize=7)
+    return ax.figure
