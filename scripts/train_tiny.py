@@ -18,6 +18,9 @@ Model: ``LlamaForCausalLM``, 8 query heads and 4 KV heads (tp=8 forces KV-head
 replication), hidden/intermediate/vocab divisible by 8, untied embeddings, fp32.
 Loss: mean next-token cross-entropy  L = -1/N sum_t log p(x_{t+1} | x_{<=t}).
 AdamW with linear warmup then cosine decay to 10% of the peak learning rate.
+Also tried: batch 8 x 700 steps at lr 3e-3 (the same 1.4M tokens, twice the
+updates) reached the same validation loss (4.386 vs 4.381 nats), fit the
+training text more closely (2.52 vs 3.10) and took 28 min: the defaults stay.
 
 Writes config.json, model.safetensors, generation_config.json, tokenizer files,
 training.json (everything measured) and README.md into ``--out``. After a
@@ -52,7 +55,7 @@ SAMPLE_PROMPTS = ["The for statement", "A list is", "The with statement is used 
 
 HYPERPARAMETERS = {  # argparse flags: --vocab-size 3072 ...
     "vocab_size": 3072, "hidden_size": 256, "intermediate_size": 768, "layers": 4, "heads": 8, "kv_heads": 4,
-    "seq_len": 256, "batch_size": 8, "steps": 700, "warmup_steps": 40, "lr": 3e-3, "weight_decay": 0.1,
+    "seq_len": 256, "batch_size": 16, "steps": 360, "warmup_steps": 30, "lr": 2e-3, "weight_decay": 0.1,
     "val_fraction": 0.1, "eval_every": 20, "threads": 2, "seed": 0,
 }
 

@@ -1,0 +1,48 @@
+"""tiny: the default model that ships with tplab, in ``data/tiny``.
+
+A 4.7M-parameter Llama (``LlamaForCausalLM``: 8 query heads, 4 KV heads,
+hidden 256) trained by ``scripts/train_tiny.py`` on the Python documentation
+topics, so ``python -m tplab generate --tp 4 --prompt "The for statement"``
+prints readable text on a machine with no network. It is an ordinary Hugging
+Face checkpoint directory: ``AutoModelForCausalLM.from_pretrained(TINY_DIR)``
+and ``AutoTokenizer.from_pretrained(TINY_DIR)`` load it as-is.
+
+``verify_tiny()`` checks the weights against the SHA-256 recorded at training
+time, so a truncated or edited file fails loudly instead of printing noise.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+TINY_DIR = Path(__file__).resolve().parent.parent / "data" / "tiny"
+WEIGHTS_FILE = "model.safetensors"
+EXPECTED_SHA256 = "02a24a75fcb587b66a4ed80b4f8a8244fa576213eb103f6b756699d4325d410a"
+
+
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_tiny(directory: Path = TINY_DIR) -> Path:
+    """Return ``directory`` if its model.safetensors is the recorded one; otherwise raise.
+
+    FileNotFoundError when the file is absent (tplab installed without its
+    data directory), ValueError when its checksum differs (a Git LFS pointer,
+    a partial copy, a retrain whose hash was not recorded here).
+    """
+    weights = Path(directory) / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing: the tiny model lives in the tplab repository's "
+                                "data/tiny; use a git checkout (pip install -e .), or pass --model <dir>")
+    actual = sha256_file(weights)
+    if actual != EXPECTED_SHA256:
+        raise ValueError(f"{weights} has SHA-256 {actual}, expected {EXPECTED_SHA256}: the file is damaged "
+                         "or not the shipped one. Restore it with `git checkout -- data/tiny`, or, after "
+                         "retraining with scripts/train_tiny.py, record the new hash in tplab/tiny.py.")
+    return Path(directory)
