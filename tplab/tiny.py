@@ -2,7 +2,7 @@
 
 A 4.7M-parameter Llama (``LlamaForCausalLM``: 8 query heads, 4 KV heads,
 hidden 256) trained by ``scripts/train_tiny.py`` on the Python documentation
-topics, so ``python -m tplab generate --tp 4 --prompt "The for statement"``
+topics, so ``python -m tplab generate --tp 4 --prompt "The with statement"``
 prints readable text on a machine with no network. It is an ordinary Hugging
 Face checkpoint directory: ``AutoModelForCausalLM.from_pretrained(TINY_DIR)``
 and ``AutoTokenizer.from_pretrained(TINY_DIR)`` load it as-is.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 TINY_DIR = Path(__file__).resolve().parent.parent / "data" / "tiny"
 WEIGHTS_FILE = "model.safetensors"
-EXPECTED_SHA256 = "02a24a75fcb587b66a4ed80b4f8a8244fa576213eb103f6b756699d4325d410a"
+EXPECTED_SHA256 = "b7fbf7b2d015b286b3f3d8894947c3bdb23a03dab5d9c48737db141bf1f6f66f"
 
 
 def sha256_file(path: Path) -> str:
