@@ -16,6 +16,7 @@ from typing import Callable
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 KINDS = ("measured", "emulated", "modelled")
 STYLES = {"measured": dict(marker="o", linestyle="-"), "emulated": dict(marker="s", linestyle="--"),
@@ -41,7 +42,14 @@ class Series:
 
 def kinds_note(kinds) -> str:
     """"measured / modelled": the kinds present, in a fixed order."""
-    return " / ".join(k for k in KINDS if k in set(kinds))
+    present = set(kinds)
+    return " / ".join(k for k in KINDS if k in present)
+
+
+def _plain_ticks(axis) -> None:
+    """Label a log axis 1, 2, 4 ... or 100, 1000 instead of powers (no labels on minor ticks)."""
+    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
 def plot_series(series: list[Series], xlabel: str, ylabel: str, title: str, ax: Axes | None = None,
@@ -53,8 +61,10 @@ def plot_series(series: list[Series], xlabel: str, ylabel: str, title: str, ax: 
         ax.plot(s.x, s.y, label=f"{s.label} ({s.kind})", color=s.color, **STYLES[s.kind])
     if logx:
         ax.set_xscale("log", base=2)
+        _plain_ticks(ax.xaxis)
     if logy:
         ax.set_yscale("log")
+        _plain_ticks(ax.yaxis)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(f"{title}\n({kinds_note(s.kind for s in series)})", fontsize=9)
@@ -64,11 +74,13 @@ def plot_series(series: list[Series], xlabel: str, ylabel: str, title: str, ax: 
 
 
 def record_series(records: list[dict], x: str, y: Callable[[dict], float], group: str = "tp",
-                  label: str = "tp={}") -> list[Series]:
+                  label: str = "tp={}", kind: str | None = None) -> list[Series]:
     """One series per value of ``setting[group]``: y(record) against ``setting[x]``, sorted by x.
 
     The kind of each series is its records' kind (records of both kinds in
-    one group raise, so a line never mixes measured and emulated points).
+    one group raise, so a line never mixes measured and emulated points),
+    unless ``kind`` says otherwise: "modelled" when ``y`` evaluates the cost
+    model at the records' points.
     """
     groups: dict = defaultdict(list)
     for r in records:
@@ -79,7 +91,8 @@ def record_series(records: list[dict], x: str, y: Callable[[dict], float], group
         if len(kinds) > 1:
             raise ValueError(f"{group}={value} mixes {sorted(kinds)} records: plot them as separate series")
         rs = sorted(rs, key=lambda r: r["setting"][x])
-        out.append(Series(label.format(value), kinds.pop(), [r["setting"][x] for r in rs], [y(r) for r in rs], f"C{i}"))
+        out.append(Series(label.format(value), kind or kinds.pop(), [r["setting"][x] for r in rs], [y(r) for r in rs],
+                          f"C{i}"))
     return out
 
 
