@@ -44,7 +44,8 @@ from tqdm.auto import tqdm
 
 from tplab.bench_decode import DECODE_MODES
 from tplab.bench_env import environment, hardware_slug
-from tplab.bench_models import build_hf_shard, build_shard, describe, rank_bytes, resolve_model, with_layers
+from tplab.bench_models import (BenchModel, build_hf_shard, build_shard, describe, rank_bytes, resolve_model,
+                                with_layers)
 from tplab.bench_point import PointInputs, point_record, run_points
 from tplab.bench_results import RecordLog, run_file_name
 from tplab.bench_roofline import measure_copy_bandwidth, measure_matmul_tflops
@@ -53,6 +54,7 @@ from tplab.dist import Dist
 from tplab.emulation import CommModel, emulated_dist
 from tplab.launch import BACKENDS, launch, under_torchrun
 from tplab.loading import DTYPES
+from tplab.model_config import ModelConfig
 from tplab.perf import check_link
 from tplab.specs import load_efficiency, load_gpu
 
@@ -100,7 +102,7 @@ class Plan:
     """A checked spec: the resolved model, device, dtype, decode mode, points and (emulation) comm model per tp."""
 
     spec: BenchSpec
-    model: object
+    model: BenchModel
     device: torch.device
     dtype: torch.dtype
     mode: str
@@ -146,8 +148,12 @@ def plan(spec: BenchSpec) -> Plan:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("no CUDA device is visible: run on a GPU machine, or pass --device cpu")
     torchrun = under_torchrun()
-    if torchrun and not spec.emulate and spec.tps != [int(os.environ["WORLD_SIZE"])]:
+    if torchrun and spec.emulate:
+        raise ValueError("--emulate-rank runs one process on one device: start it with python, not torchrun")
+    if torchrun and spec.tps != [int(os.environ["WORLD_SIZE"])]:
         raise ValueError(f"under torchrun, tp is the number of processes: pass --tp {os.environ['WORLD_SIZE']}")
+    if torchrun and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))  # this process's GPU
     if not spec.emulate and not torchrun:
         if device.type != "cpu":
             raise ValueError("real ranks on GPUs run under torchrun (NCCL): torchrun --nproc-per-node N -m tplab bench "
@@ -166,18 +172,24 @@ def plan(spec: BenchSpec) -> Plan:
             link = hw.link(spec.interconnect, tp)
             check_link(link, hw, tp)
             comm_models[tp] = CommModel(link, efficiency)
-    _check_memory(spec, config, device, DTYPES[spec.dtype], torchrun)
+    _check_memory(spec, config, device, DTYPES[spec.dtype])
     points = [(b, p) for b in spec.batches for p in spec.prompt_lens]
     backend = "emulated" if spec.emulate else ("torchrun" if torchrun else spec.backend)
     return Plan(spec, model, device, DTYPES[spec.dtype], mode, points, comm_models, backend)
 
 
-def _check_memory(spec: BenchSpec, config, device: torch.device, dtype: torch.dtype, torchrun: bool) -> None:
+def ranks_per_device(spec: BenchSpec, device: torch.device, tp: int) -> int:
+    """How many ranks share this device's memory: all tp real ranks on a CPU, one otherwise (one GPU each, or
+    the one emulated rank)."""
+    return tp if device.type == "cpu" and not spec.emulate else 1
+
+
+def _check_memory(spec: BenchSpec, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
     """Refuse a sweep whose largest point needs more than MEMORY_USE_LIMIT of the free memory of ``device``."""
     free = _free_bytes(device)
     for tp in spec.tps:
         need = rank_bytes(config, tp, dtype, max(spec.batches), max(spec.prompt_lens) + spec.decode_steps)
-        ranks_here = tp if (not spec.emulate and not torchrun) else 1
+        ranks_here = ranks_per_device(spec, device, tp)
         total = ranks_here * sum(need.values())
         if total > MEMORY_USE_LIMIT * free:
             who = f"{ranks_here} ranks" if ranks_here > 1 else "rank 0"
@@ -238,6 +250,8 @@ def run_bench(spec: BenchSpec, out: str | Path | None = None, progress: bool | N
 
 def _run(p: Plan, out: str | Path | None, progress: bool | None) -> list[dict]:
     spec = p.spec
+    if p.device.type == "cuda":
+        torch.cuda.set_device(p.device)
     env = environment(p.device)
     run_id = uuid.uuid4().hex[:8]
     quick = dict(nbytes=QUICK_COPY_BYTES, size=QUICK_MATMUL_SIZE) if spec.quick_roofline else {}
@@ -293,7 +307,7 @@ def _setting(p: Plan, tp: int, batch: int, prompt_len: int) -> dict:
     setting = {"tp": tp, "rank": 0, "backend": p.backend, "batch": batch, "prompt_len": prompt_len,
                "decode_steps": spec.decode_steps, "repeats": spec.repeats, "warmup": spec.warmup, "dtype": spec.dtype,
                "decode_mode": p.mode, "device": str(p.device), "seed": spec.seed,
-               "ranks_sharing_memory": tp if p.backend in BACKENDS else 1}
+               "ranks_sharing_memory": ranks_per_device(spec, p.device, tp)}
     if tp in p.comm_models:
         setting["link"] = {"gpu": spec.gpu, "interconnect": p.comm_models[tp].link.name,
                            "efficiency": spec.efficiency or "data/efficiency.json"}

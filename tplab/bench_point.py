@@ -27,6 +27,7 @@ from tplab.bench_roofline import decode_bytes
 from tplab.bench_timing import Timing, time_edges, time_tplab
 from tplab.comm_stats import CommStats
 from tplab.emulation import CommModel
+from tplab.kv_cache import kv_bytes_per_token
 from tplab.model import TPCausalLM
 from tplab.perf_shapes import rank_params, step_work
 from tplab.specs import model_from_config
@@ -64,7 +65,8 @@ def run_points(model: TPCausalLM, points: list[tuple[int, int]], inputs: PointIn
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         timing = time_tplab(model, ids, inputs.decode_steps, inputs.repeats, inputs.warmup, inputs.mode)
-        cache_bytes = model.new_cache(batch, 1).bytes_per_token * batch * (prompt_len + inputs.decode_steps)
+        per_token = kv_bytes_per_token(model.config, model.dist.world_size, model.dtype)
+        cache_bytes = per_token * batch * (prompt_len + inputs.decode_steps)
         memory = {"weights_bytes": model.parameter_bytes(), "kv_cache_bytes": cache_bytes,
                   "cuda_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
                   "process_peak_rss_bytes": _peak_rss_bytes()}

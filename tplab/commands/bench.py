@@ -21,6 +21,10 @@ efficiency=FILE)`` load)::
 
 Records are appended to data/measurements/ (--out) as JSON lines; the table
 printed says for every row whether it was measured or emulated.
+
+The GPU paths (CUDA-graph decode, NCCL under torchrun, CUDA-event roofline)
+were written without a GPU to run them on: they are untested. CPU runs
+(threads, gloo, torchrun with gloo, emulation) are tested.
 """
 from __future__ import annotations
 
@@ -116,10 +120,16 @@ def _row(r: dict) -> list[str]:
             f"{100 * r['roofline']['decode_fraction_of_copy']:.0f}", vs_hf]
 
 
+GPU_NOTE = ("note: tplab's GPU paths (CUDA graphs, NCCL, CUDA-event timing) were written without a GPU to test "
+            "them on; sanity-check these numbers (e.g. against --decode eager) and report what looks wrong")
+
+
 def print_table(records: list[dict]) -> None:
     """The measured (or emulated) points, then the extrapolations to all layers where fewer were built."""
     first = records[0]
     print(first["label"])
+    if first["env"]["device"]["type"] == "cuda":
+        print(GPU_NOTE)
     print(f"model {first['model']['name']} ({first['model']['weights']} weights), {first['model']['layers_built']} of "
           f"{first['model']['layers_full']} layers built, {first['setting']['dtype']}, "
           f"{first['setting']['decode_steps']} decode steps, median of {first['setting']['repeats']} repeats")
