@@ -1,6 +1,6 @@
 # Two commands do everything (each sets up .venv first):
 #   make test   unit tests + every notebook under nbmake
-#   make demo   the main job: TP generation from the command line
+#   make demo   the main job: the bundled tiny model writes the same text on 1, 2, 4 and 8 ranks
 # and `make lab` opens JupyterLab on notebooks/.
 PY ?= python3
 VENV := .venv
@@ -20,8 +20,10 @@ $(STAMP): pyproject.toml constraints.txt
 test: setup
 	$(BIN)/python -m pytest tests notebooks --nbmake -q
 
+DEMO_PROMPTS := --prompt "The with statement" --prompt "An object is"
+
 demo: setup
-	$(BIN)/python -m tplab demo
+	for tp in 1 2 4 8; do $(BIN)/python -m tplab generate --tp $$tp --max-new-tokens 24 $(DEMO_PROMPTS) || exit 1; done
 
 lab: setup
 	$(BIN)/jupyter lab notebooks/
