@@ -8,16 +8,25 @@ The core vocabulary:
   collectives, and ``stats``, the record of every collective it ran.
 * :class:`ColumnParallelLinear` and :class:`RowParallelLinear` are the two
   ways to split a linear layer.
+* :func:`from_pretrained` builds this rank's :class:`TPCausalLM` from a
+  Hugging Face checkpoint, reading only its slices; :func:`generate` runs the
+  prefill and decode loop on it.
 """
 from tplab.comm_stats import CommRecord, CommStats
 from tplab.dist import CollectiveTimeout, Dist, PeerFailure
 from tplab.launch import RankDiedError, launch, under_torchrun
+from tplab.generate import GenerationResult, generate, generate_rank_program
 from tplab.layers import ColumnParallelLinear, RowParallelLinear
+from tplab.loading import from_hf_model, from_pretrained
+from tplab.model import TPCausalLM
+from tplab.sampling import SamplingParams
 
 __version__ = "0.1.0"
 
 __all__ = [
     "launch", "under_torchrun", "Dist", "CommStats", "CommRecord",
     "ColumnParallelLinear", "RowParallelLinear",
+    "TPCausalLM", "from_pretrained", "from_hf_model", "generate", "generate_rank_program",
+    "GenerationResult", "SamplingParams",
     "RankDiedError", "PeerFailure", "CollectiveTimeout", "__version__",
 ]
