@@ -3,11 +3,11 @@ import json
 import shutil
 import subprocess
 import sys
-import types
 
 import pytest
 from transformers import AutoTokenizer
 
+from tplab import tiny
 from tplab.cli import main
 from tplab.testing import hf_greedy, make_checkpoint
 
@@ -88,8 +88,8 @@ def test_usage_errors_exit_2_with_one_line(checkpoints, capsys, tmp_path, monkey
         (["--model", bare, *ids, "--top-p", "0"], "top_p must be in (0, 1]"),
         (["--model", bare], "at least one --prompt"),
     ]
-    monkeypatch.setitem(sys.modules, "tplab.tiny", None)  # as if tplab/tiny.py were absent
-    cases.append((ids, "the tiny model is not installed; pass --model PATH"))
+    monkeypatch.setattr(tiny, "TINY_DIR", tmp_path / "no-tiny")  # as if data/tiny were absent
+    cases.append((ids, "the tiny model failed its check"))
     for args, message in cases:
         code, out, err = cli(capsys, *args)
         assert (code, out) == (2, ""), args
@@ -97,14 +97,14 @@ def test_usage_errors_exit_2_with_one_line(checkpoints, capsys, tmp_path, monkey
 
 
 def test_tiny_resolves_through_tplab_tiny(checkpoints, capsys, monkeypatch):
-    def verify_tiny():
-        raise RuntimeError("checksum mismatch")
-
-    monkeypatch.setitem(sys.modules, "tplab.tiny", types.SimpleNamespace(TINY_DIR=checkpoints["bare"]))
+    monkeypatch.setattr(tiny, "TINY_DIR", checkpoints["bare"])
+    monkeypatch.setattr(tiny, "verify_tiny", lambda directory: directory)
     code, out, _ = cli(capsys, *ids_args("1,2,3"), "--max-new-tokens", "2", "--json")
     assert code == 0 and len(json.loads(out)["tokens"][0]) == 2
-    monkeypatch.setitem(sys.modules, "tplab.tiny", types.SimpleNamespace(TINY_DIR=checkpoints["bare"],
-                                                                         verify_tiny=verify_tiny))
+
+    def checksum_mismatch(directory):
+        raise ValueError("checksum mismatch")
+    monkeypatch.setattr(tiny, "verify_tiny", checksum_mismatch)
     code, _, err = cli(capsys, *ids_args("1,2,3"))
     assert code == 2 and "checksum mismatch" in err
 

@@ -16,6 +16,7 @@ import os
 import sys
 from pathlib import Path
 
+from tplab import tiny
 from tplab.generate import check_prompts, generate_rank_program
 from tplab.launch import BACKENDS, launch, under_torchrun
 from tplab.loading import DTYPES, read_config, resolve_dtype
@@ -48,20 +49,13 @@ def register(subparsers) -> None:
 
 
 def resolve_model(name: str) -> Path:
-    """'tiny' -> the bundled model's directory (tplab.tiny.TINY_DIR, verified); anything else is a path."""
+    """'tiny' -> the bundled model's directory (tplab.tiny, checksum verified); anything else is a path."""
     if name != "tiny":
         return Path(name)
     try:
-        from tplab import tiny
-    except ImportError:
-        raise UsageError("the tiny model is not installed; pass --model PATH") from None
-    verify = getattr(tiny, "verify_tiny", None)
-    if verify is not None:
-        try:
-            verify()
-        except Exception as e:  # noqa: BLE001 - any failed check is a usage error with its own message
-            raise UsageError(f"the tiny model failed its check: {e}; pass --model PATH") from None
-    return Path(tiny.TINY_DIR)
+        return tiny.verify_tiny(tiny.TINY_DIR)
+    except (FileNotFoundError, ValueError) as e:
+        raise UsageError(f"the tiny model failed its check: {e}; pass --model PATH") from None
 
 
 def load_tokenizer(path: Path):
