@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 import torch
 from torch import nn
 
 from tplab.examples import megatron_mlp_forward
-from tplab.launch import launch
+from tplab.launch import launch, under_torchrun
 
 
 def register(subparsers) -> None:
@@ -18,22 +20,24 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    say = print if not under_torchrun() or os.environ["RANK"] == "0" else (lambda *a, **k: None)
     torch.manual_seed(0)
     hidden, ffn = 64, 256
     up, down = nn.Linear(hidden, ffn), nn.Linear(ffn, hidden)
     x = torch.randn(3, 5, hidden)
     with torch.no_grad():
         dense = down(torch.nn.functional.gelu(up(x)))
-    print(f"Megatron MLP Y = GELU(X A) B, X {tuple(x.shape)}, A {hidden}x{ffn} column-parallel, B {ffn}x{hidden} row-parallel")
-    print(f"{'backend':8} {'tp':>3} {'A shard/rank':>13} {'all-reduces':>11} {'bytes':>7} {'max |Y_tp - Y_dense|':>21}")
+    say(f"Megatron MLP Y = GELU(X A) B, X {tuple(x.shape)}, A {hidden}x{ffn} column-parallel, B {ffn}x{hidden} row-parallel")
+    say(f"{'backend':8} {'tp':>3} {'A shard/rank':>13} {'all-reduces':>11} {'bytes':>7} {'max |Y_tp - Y_dense|':>21}")
     for backend in args.backend.split(","):
         for tp in (int(t) for t in args.tp.split(",")):
             with torch.no_grad():
                 out = launch(megatron_mlp_forward, tp, backend, args=(up, down, x))
             err = max((o["y"] - dense).abs().max().item() for o in out)
             ar = out[0]["comm"].get("all_reduce", {"count": 0, "bytes": 0})
-            print(f"{backend:8} {tp:>3} {str(out[0]['local_up_weight']):>13} {ar['count']:>11} {ar['bytes']:>7} {err:>21.2e}")
+            label = "torchrun" if under_torchrun() else backend
+            say(f"{label:8} {tp:>3} {str(out[0]['local_up_weight']):>13} {ar['count']:>11} {ar['bytes']:>7} {err:>21.2e}")
             if err > 1e-5:
-                print(f"error: tp={tp} on {backend} differs from the dense MLP by {err}")
+                print(f"error: tp={tp} on {backend} differs from the dense MLP by {err}", file=sys.stderr)
                 return 1
     return 0
