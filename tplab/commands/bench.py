@@ -37,6 +37,7 @@ from pathlib import Path
 from tplab.bench_decode import DECODE_MODES
 from tplab.bench_results import load_records
 from tplab.calibration import calibrate, write_efficiency
+from tplab.commands import int_list
 from tplab.launch import BACKENDS, under_torchrun
 from tplab.loading import DTYPES
 from tplab.specs import DATA_DIR
@@ -86,22 +87,12 @@ def register(subparsers) -> None:
     p.set_defaults(run=run)
 
 
-def _ints(flag: str, text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
-    if not values:
-        raise ValueError(f"{flag} is empty")
-    return values
-
-
 def spec_from_args(args: argparse.Namespace):
     """The :class:`tplab.bench.BenchSpec` the flags describe (checked later by tplab.bench.plan)."""
     from tplab.bench import BenchSpec  # imports transformers: only when benchmarking
 
-    return BenchSpec(model=args.model, tps=_ints("--tp", args.tp), batches=_ints("--batch", args.batch),
-                     prompt_lens=_ints("--prompt-len", args.prompt_len), decode_steps=args.decode_steps,
+    return BenchSpec(model=args.model, tps=int_list("--tp", args.tp), batches=int_list("--batch", args.batch),
+                     prompt_lens=int_list("--prompt-len", args.prompt_len), decode_steps=args.decode_steps,
                      repeats=args.repeats, warmup=args.warmup, dtype=args.dtype, emulate=args.emulate_rank,
                      layers=args.layers, backend=args.backend, device=args.device, decode_mode=args.decode,
                      gpu=args.gpu, interconnect=args.interconnect, efficiency=args.efficiency,

@@ -8,6 +8,7 @@ import sys
 import torch
 from torch import nn
 
+from tplab.commands import int_list
 from tplab.examples import megatron_mlp_forward
 from tplab.launch import launch, under_torchrun
 
@@ -30,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     say(f"Megatron MLP Y = GELU(X A) B, X {tuple(x.shape)}, A {hidden}x{ffn} column-parallel, B {ffn}x{hidden} row-parallel")
     say(f"{'backend':8} {'tp':>3} {'A shard/rank':>13} {'all-reduces':>11} {'bytes':>7} {'max |Y_tp - Y_dense|':>21}")
     for backend in args.backend.split(","):
-        for tp in (int(t) for t in args.tp.split(",")):
+        for tp in int_list("--tp", args.tp):
             with torch.no_grad():
                 out = launch(megatron_mlp_forward, tp, backend, args=(up, down, x))
             err = max((o["y"] - dense).abs().max().item() for o in out)

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from tplab import tiny
+from tplab.commands import int_list
 from tplab.generate import check_prompts, generate_rank_program
 from tplab.launch import BACKENDS, launch, under_torchrun
 from tplab.loading import DTYPES, read_config, resolve_dtype
@@ -68,9 +69,9 @@ def load_tokenizer(path: Path):
 
 def parse_ids(text: str) -> list[int]:
     try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise UsageError(f"--prompt-ids takes comma-separated integers, got {text!r}") from None
+        return int_list("--prompt-ids", text)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
 
 def prepare(args: argparse.Namespace) -> tuple[Path, ModelConfig, object, list[list[int]], SamplingParams]:

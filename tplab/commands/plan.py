@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from tplab.commands import int_list
 from tplab.perf import MODELLED, Estimate, estimate, max_batch, min_tp
 from tplab.perf_shapes import KV_BYTES, WEIGHT_BYTES
 from tplab.specs import load_efficiency, load_gpu, load_model
@@ -31,16 +32,6 @@ def register(subparsers) -> None:
     p.set_defaults(run=run)
 
 
-def _ints(flag: str, text: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise ValueError(f"{flag} takes comma-separated integers, got {text!r}") from None
-    if not values:
-        raise ValueError(f"{flag} is empty")
-    return values
-
-
 def _row(e: Estimate) -> list[str]:
     m = e.breakdown["memory_gb"]
     cost = "-" if e.cost_per_million_tokens is None else f"{e.cost_per_million_tokens:.2f}"
@@ -59,7 +50,7 @@ def _print_table(rows: list[list[str]]) -> None:
 def plan(args: argparse.Namespace) -> None:
     """Check every input, then print the table, the minimum tp per batch and the largest batch per tp."""
     spec, hw, eff = load_model(args.model), load_gpu(args.gpu), load_efficiency(args.efficiency)
-    tps, batches = _ints("--tp", args.tp), _ints("--batch", args.batch)
+    tps, batches = int_list("--tp", args.tp), int_list("--batch", args.batch)
     if not 0 < args.output < args.context:
         raise ValueError(f"--output={args.output} must be at least 1 and less than --context={args.context}")
     kw = dict(model=spec, gpu=hw, dtype=args.dtype, prompt_len=args.context - args.output, output_len=args.output,
