@@ -5,7 +5,7 @@ its shard's shapes: H/tp query heads, I/tp of the MLP, V/tp of the
 vocabulary. So one device can build rank 0's shard (random weights, real
 shapes) and time its prefill and decode exactly; only the collectives are
 missing. :class:`EmulatedTransport` stands in for them. It is duck-typed like
-:class:`~tplab.dist.ThreadTransport`, so the unchanged model code runs on a
+:class:`~tplab.transports.ThreadTransport`, so the unchanged model code runs on a
 plain :class:`~tplab.dist.Dist`:
 
 * every collective returns a tensor of the right shape and dtype, and moves

@@ -35,7 +35,8 @@ from typing import Any, Callable
 
 import torch
 
-from tplab.dist import CollectiveTimeout, Dist, PeerFailure, ThreadGroup, ThreadTransport, TorchTransport
+from tplab.dist import CollectiveTimeout, Dist, PeerFailure
+from tplab.transports import ThreadGroup, ThreadTransport, TorchTransport
 
 BACKENDS = ("threads", "gloo")
 
