@@ -5,11 +5,22 @@ processes, which can only run functions they can import.
 """
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 from torch import nn
 
+from tplab.collectives import naive_all_reduce, ring_all_reduce
 from tplab.dist import Dist
 from tplab.layers import ColumnParallelLinear, RowParallelLinear
+from tplab.sharding import shard_tensor
+
+
+def with_comm_record(dist: Dist, program: Callable[..., Any], *args: Any, **kwargs: Any) -> dict:
+    """Run another rank program; return {"out": its result, "comm": this rank's ``dist.stats.summary()``}."""
+    dist.stats.reset()
+    out = program(dist, *args, **kwargs)
+    return {"out": out, "comm": dist.stats.summary()}
 
 
 def column_parallel_forward(dist: Dist, linear: nn.Linear, x: torch.Tensor, gather_output: bool = True) -> torch.Tensor:
@@ -20,8 +31,7 @@ def column_parallel_forward(dist: Dist, linear: nn.Linear, x: torch.Tensor, gath
 def row_parallel_forward(dist: Dist, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """Y from this rank's row shard of ``linear``, given the full X (each rank takes its X_r)."""
     layer = RowParallelLinear.from_linear(linear, dist)
-    local = x.shape[-1] // dist.world_size
-    return layer(x[..., dist.rank * local:(dist.rank + 1) * local])
+    return layer(shard_tensor(x, -1, dist.world_size, dist.rank, "in_features"))
 
 
 def megatron_mlp_forward(dist: Dist, up: nn.Linear, down: nn.Linear, x: torch.Tensor) -> dict:
@@ -34,3 +44,40 @@ def megatron_mlp_forward(dist: Dist, up: nn.Linear, down: nn.Linear, x: torch.Te
     dist.stats.reset()
     y = row(torch.nn.functional.gelu(column(x)))
     return {"y": y, "comm": dist.stats.summary(), "local_up_weight": tuple(column.weight.shape)}
+
+
+def unpaired_mlp_forward(dist: Dist, up: nn.Linear, down: nn.Linear, x: torch.Tensor) -> dict:
+    """The same MLP without Megatron's pairing: A's output is gathered, then each rank slices its X_r for B.
+
+    Same Y as :func:`megatron_mlp_forward`, but an all-gather more per MLP.
+    """
+    column = ColumnParallelLinear.from_linear(up, dist, gather_output=True)
+    dist.stats.reset()
+    y = row_parallel_forward(dist, down, torch.nn.functional.gelu(column(x)))
+    return {"y": y, "comm": dist.stats.summary()}
+
+
+def every_collective(dist: Dist) -> dict:
+    """Each collective once on a small readable input: rank r holds x_r = [10r, 10r+1, ..., 10r+2n-1]."""
+    n = dist.world_size
+    x = torch.arange(2 * n, dtype=torch.float32) + 10 * dist.rank
+    return {
+        "x": x.clone(),
+        "all_reduce": dist.all_reduce(x.clone()),
+        "all_gather": dist.all_gather(x, dim=-1),
+        "reduce_scatter": dist.reduce_scatter(x.clone(), dim=-1),
+        "broadcast": dist.broadcast(x.clone(), src=0),
+        "counts": dist.stats.counts(),
+    }
+
+
+def compare_all_reduces(dist: Dist, numel: int, seed: int = 0) -> dict:
+    """Naive, ring and ``Dist.all_reduce`` of the same random input, with the bytes each one sent."""
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(seed + dist.rank))
+    out = {}
+    for name, algorithm in (("naive", naive_all_reduce), ("ring", ring_all_reduce),
+                            ("all_reduce", lambda d, t: d.all_reduce(t.clone()))):
+        record = with_comm_record(dist, algorithm, x)
+        out[name] = record["out"]
+        out[name + "_bytes_sent"] = record["comm"].get("send", {}).get("bytes", 0)
+    return out
