@@ -1,0 +1,50 @@
+"""Figures for the generation loop: a timeline of one step's collectives, and where each step's time goes."""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+
+
+def plot_collective_timeline(events: list[dict], step: int, title: str) -> Figure:
+    """One bar per collective of step ``step`` (x: ms since the step's first collective began, y: its label).
+
+    ``events``: :func:`tplab.block_programs.timed_generation_rank`'s ``events``.
+    """
+    chosen = [e for e in events if e["step"] == step]
+    if not chosen:
+        raise ValueError(f"no collectives recorded for step {step}")
+    t0 = chosen[0]["start"]
+    fig, ax = plt.subplots(figsize=(8, 0.3 * len(chosen) + 1.2))
+    for i, e in enumerate(chosen):
+        color = "tab:blue" if e["op"] == "all_reduce" else "tab:orange"
+        ax.barh(i, 1000 * (e["end"] - e["start"]), left=1000 * (e["start"] - t0), color=color, height=0.6)
+        ax.text(1000 * (e["end"] - t0), i, f" {e['op']}, {e['bytes']} B", va="center", fontsize=7)
+    ax.set_yticks(range(len(chosen)), [e["label"] for e in chosen])
+    ax.invert_yaxis()
+    ax.set_xlabel("time since the step's first collective began (ms)")
+    ax.set_ylabel("collective (issue order)")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_step_breakdown(rows: dict[str, list[tuple[float, float]]], title: str) -> Figure:
+    """Stacked bars per step: compute vs inside collectives (ms), one panel per run.
+
+    ``rows[name]``: per step (compute seconds, collective seconds); step 0 is the prefill.
+    """
+    fig, axes = plt.subplots(1, len(rows), figsize=(4 * len(rows), 3.2), sharey=True, squeeze=False)
+    for ax, (name, steps) in zip(axes[0], rows.items()):
+        x = range(len(steps))
+        compute = [1000 * c for c, _ in steps]
+        comm = [1000 * m for _, m in steps]
+        ax.bar(x, compute, color="tab:green", label="compute (step minus collectives)")
+        ax.bar(x, comm, bottom=compute, color="tab:blue", label="inside collectives")
+        ax.set_xticks(list(x), ["prefill" if i == 0 else str(i) for i in x])
+        ax.set_xlabel("step (decode steps numbered)")
+        ax.set_title(name, fontsize=10)
+    axes[0][0].set_ylabel("wall time (ms)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
