@@ -39,7 +39,7 @@ def memory_status() -> dict[str, int]:
     return fields
 
 
-def load_memory_probe(dist: Dist, path: str) -> dict[str, int]:
+def load_memory_probe(dist: Dist, path: str, warmup_path: str | None = None) -> dict[str, int]:
     """Load ``path`` and report how this rank's memory grew: peak RSS and private (anonymous) memory.
 
     Writing 5 to /proc/self/clear_refs resets the peak (VmHWM) to the current
@@ -47,7 +47,13 @@ def load_memory_probe(dist: Dist, path: str) -> dict[str, int]:
     started. ``anon_growth`` is the private memory the rank kept (its shards);
     RSS also counts file pages of the memory-mapped checkpoint while they are
     mapped: clean page cache, shared by the ranks, reclaimable.
+
+    ``warmup_path`` (a small checkpoint of the same architecture) is loaded
+    first, so the library code a first load runs is already resident and is not
+    counted as the big load's growth.
     """
+    if warmup_path is not None:
+        from_pretrained(warmup_path, dist)
     CLEAR_REFS.write_text("5")
     before = memory_status()
     model = from_pretrained(path, dist)
