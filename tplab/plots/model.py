@@ -11,6 +11,7 @@ from matplotlib.axes import Axes
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from matplotlib.ticker import FuncFormatter, NullLocator
 
 from tplab.sharding import gqa_heads, kv_replicas, ownership_map
 
@@ -26,6 +27,15 @@ def _axes(ax: Axes | None, size: tuple[float, float]) -> tuple[Figure, Axes]:
 def _box(ax: Axes, x: float, y: float, text: str, color, hatch: str | None = None) -> None:
     ax.add_patch(Rectangle((x - 0.4, y - 0.3), 0.8, 0.6, facecolor=color, edgecolor="black", hatch=hatch, alpha=0.85))
     ax.text(x, y, text, ha="center", va="center", fontsize=7)
+
+
+def _tp_axis(ax: Axes, tps: list[int]) -> None:
+    """A log2 x axis of tp degrees, ticked and labelled with the plain numbers."""
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(set(tps)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("tensor-parallel degree tp")
 
 
 def plot_head_split(num_heads: int, num_kv_heads: int, tp: int, ax: Axes | None = None) -> Figure:
@@ -98,9 +108,9 @@ def plot_kv_per_token(rows: list[dict], ax: Axes | None = None) -> Figure:
         ax.plot([r["tp"] for r in flat], [r["kv_bytes_per_token"] / 1024 for r in flat], "o", ms=11,
                 markerfacecolor="none", color=line.get_color())
     ax.plot([], [], "o", ms=11, markerfacecolor="none", color="gray", label="tp > KV heads: replicated, no longer shrinks")
-    ax.set_xscale("log", base=2)
+    _tp_axis(ax, [r["tp"] for r in rows])
     ax.set_yscale("log", base=2)
-    ax.set_xlabel("tensor-parallel degree tp")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_ylabel("KV cache per token per rank (KiB)")
     ax.set_title("KV-cache bytes per token on one rank (bf16): 2 · layers · max(1, KV/tp) · head_dim · 2 B", fontsize=9)
     ax.legend(fontsize=7)
@@ -125,9 +135,8 @@ def plot_token_capacity(rows: list[dict], gpu_memory_gb: float) -> Figure:
     titles = ("tokens the TP group can cache", "the same, divided by the tp GPUs it uses")
     for ax, title in zip(axes, titles):
         ax.plot([], [], "o", ms=11, markerfacecolor="none", color="gray", label="tp > KV heads (replicated)")
-        ax.set_xscale("log", base=2)
+        _tp_axis(ax, [r["tp"] for r in rows])
         ax.set_yscale("log")
-        ax.set_xlabel("tensor-parallel degree tp")
         ax.set_ylabel("tokens (millions)")
         ax.set_title(f"{title}\n{gpu_memory_gb:g} GB per GPU minus the weight shard (bf16), no other overhead",
                      fontsize=9)
