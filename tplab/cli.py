@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tplab.commands import bench, demo, generate, plan
+from tplab.commands import bench, comm_bench, demo, generate, plan
 
-COMMANDS = [demo, generate, plan, bench]
+COMMANDS = [demo, generate, plan, bench, comm_bench]
 
 
 def main(argv: list[str] | None = None) -> int:
