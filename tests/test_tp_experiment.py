@@ -10,6 +10,8 @@ def test_tp2_matches_tp1_with_half_the_memory_and_exact_collectives():
     one, two = run_experiment(1, "threads", 3, 12), run_experiment(2, "threads", 3, 12)
     assert [len(p) for p in one.prompts] == [12, 11, 10] and len({tuple(p) for p in one.prompts}) == 3
     assert one.tokens == two.tokens and two.matches_tp1 and one.matches_tp1
+    assert len(two.texts) == 3 and all(" | " in t and len(t) > 3 for t in two.texts)
+    assert two.baseline_ms_per_token > 0
     assert all(len(row) == 8 for row in two.tokens)
     assert two.weight_bytes[0] == two.weight_bytes[1] < one.weight_bytes[0]
     assert 2 * two.kv_cache_bytes[0] == one.kv_cache_bytes[0] == 2 * LAYERS * 4 * 32 * 4 * 3 * (12 + 7)
@@ -36,3 +38,8 @@ def test_widget_change_reruns_and_bad_input_is_refused():
         run_experiment(1, "threads", 1, 300)
     with pytest.raises(ValueError, match="batch"):
         corpus_prompts(0, 4)
+
+
+def test_widget_shows_a_refused_choice_instead_of_failing_silently():
+    panel = TPExperiment(tp=1, batch=1, prompt_len=100, max_new_tokens=200)  # 300 positions > the context of 256
+    assert panel.last_result is None and "prompt_len" in panel.error

@@ -11,9 +11,12 @@ corpus, greedy, and reports what every rank held and sent:
   size * batch * slots, slots = T + max_new_tokens - 1 (T: the longest prompt);
 * collectives per phase and op (count, bytes) and decode ms per token, measured.
 
-It also runs tp = 1 on threads once per prompt set and says whether the tokens
-match: TP must not change greedy output. :class:`TPExperiment` wires the
-choices to widgets and keeps each run in ``last_result``.
+Every call also runs tp = 1 on the same backend, on the same prompts, right
+after: its tokens are the reference (TP must not change greedy output) and its
+ms per token is the baseline the tp run is compared with, measured in the same
+call. :class:`TPExperiment` wires the choices to widgets, shows the decoded
+tokens and the numbers, and keeps each run in ``last_result`` (or the reason a
+choice was refused in ``error``).
 """
 from __future__ import annotations
 
@@ -45,12 +48,14 @@ class ExperimentResult:
     backend: str
     prompts: list[list[int]]
     tokens: list[list[int]]
+    texts: list[str]  # the prompts and their new tokens, decoded
     matches_tp1: bool
     weight_bytes: list[int]
     kv_cache_bytes: list[int]
     comm: dict[str, dict[str, dict[str, float]]]  # {"prefill"/"decode": {op: {"count", "bytes", "seconds"}}}
     ms_per_token: float | None
     ttft_ms: float
+    baseline_ms_per_token: float | None  # tp = 1, same backend and prompts, measured in the same call
 
 
 @functools.lru_cache(maxsize=1)
@@ -77,13 +82,6 @@ def corpus_prompts(batch: int, prompt_len: int, model_dir: str | Path = TINY_DIR
             for b in range(batch)]
 
 
-@functools.lru_cache(maxsize=16)
-def _tp1_tokens(model_dir: str, prompts: tuple[tuple[int, ...], ...], max_new_tokens: int) -> list[list[int]]:
-    kwargs = dict(model_path=model_dir, prompts=[list(p) for p in prompts], max_new_tokens=max_new_tokens,
-                  eos_token_ids=())
-    return launch(generate_rank_program, 1, "threads", kwargs=kwargs)[0].tokens
-
-
 def run_experiment(tp: int, backend: str, batch: int, prompt_len: int, max_new_tokens: int = 8,
                    model_dir: str | Path = TINY_DIR) -> ExperimentResult:
     """Greedy generation at ``tp`` on ``backend`` (no EOS stop, so every row makes ``max_new_tokens`` tokens)."""
@@ -97,7 +95,8 @@ def run_experiment(tp: int, backend: str, batch: int, prompt_len: int, max_new_t
     prompts = corpus_prompts(batch, prompt_len, model_dir)
     kwargs = dict(model_path=str(model_dir), prompts=prompts, max_new_tokens=max_new_tokens, eos_token_ids=())
     ranks = launch(generate_rank_program, tp, backend, kwargs=kwargs)
-    reference = _tp1_tokens(str(model_dir), tuple(map(tuple, prompts)), max_new_tokens)
+    baseline = launch(generate_rank_program, 1, backend, kwargs=kwargs)[0]
+    tokenizer = _tokenizer(str(model_dir))
     element = resolve_dtype(None, config).itemsize
     slots = max(map(len, prompts)) + max_new_tokens - 1
     kv = [2 * config.num_layers * local_kv_heads(config, tp, rank) * config.head_dim * element * batch * slots
@@ -105,9 +104,10 @@ def run_experiment(tp: int, backend: str, batch: int, prompt_len: int, max_new_t
     first = ranks[0]
     return ExperimentResult(
         tp=tp, backend=backend, prompts=prompts, tokens=first.tokens,
-        matches_tp1=all(r.tokens == reference for r in ranks),
+        texts=[tokenizer.decode(p) + " | " + tokenizer.decode(t) for p, t in zip(prompts, first.tokens)],
+        matches_tp1=all(r.tokens == baseline.tokens for r in ranks),
         weight_bytes=[r.load.bytes_read for r in ranks], kv_cache_bytes=kv, comm=first.comm,
-        ms_per_token=first.ms_per_token, ttft_ms=1000 * first.ttft_s)
+        ms_per_token=first.ms_per_token, ttft_ms=1000 * first.ttft_s, baseline_ms_per_token=baseline.ms_per_token)
 
 
 def result_html(result: ExperimentResult) -> str:
@@ -117,10 +117,15 @@ def result_html(result: ExperimentResult) -> str:
     comm = "".join(f"<tr><td>{phase}</td><td>{html.escape(op)}</td><td>{int(s['count'])}</td>"
                    f"<td>{s['bytes'] / 1e3:.1f}</td></tr>"
                    for phase, ops in result.comm.items() for op, s in ops.items())
-    ms = "n/a" if result.ms_per_token is None else f"{result.ms_per_token:.2f}"
+    def ms(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.2f}"
+
+    texts = "".join(f"<li><code>{html.escape(t)}</code></li>" for t in result.texts)
     return (f"<b>tp={result.tp} on {result.backend}, batch {len(result.prompts)}, prompt lengths "
             f"{[len(p) for p in result.prompts]}</b>: tokens equal tp=1's: <b>{result.matches_tp1}</b>; "
-            f"TTFT {result.ttft_ms:.1f} ms, decode {ms} ms/token (measured on this CPU)"
+            f"TTFT {result.ttft_ms:.1f} ms, decode {ms(result.ms_per_token)} ms/token against "
+            f"{ms(result.baseline_ms_per_token)} ms/token at tp=1 (both measured just now on this machine)"
+            f"<p>prompt | new tokens:</p><ul>{texts}</ul>"
             f"<table><tr><th>rank</th><th>weights MB</th><th>KV cache kB</th></tr>{rows}</table>"
             f"<table><tr><th>phase</th><th>op</th><th>count (rank 0)</th><th>kB</th></tr>{comm}</table>")
 
@@ -137,6 +142,7 @@ class TPExperiment:
         self.prompt_len = w.IntSlider(value=prompt_len, min=1, max=128, description="prompt tokens")
         self.output = w.Output()
         self.last_result: ExperimentResult | None = None
+        self.error: str | None = None
         self.widget = w.VBox([self.tp, self.backend, self.batch, self.prompt_len, self.output])
         for control in (self.tp, self.backend, self.batch, self.prompt_len):
             control.observe(lambda change: self.update(), names="value")
@@ -146,9 +152,16 @@ class TPExperiment:
         display(self.widget)
 
     def update(self) -> None:
-        """Run the experiment for the current choices and show it."""
-        self.last_result = run_experiment(self.tp.value, self.backend.value, self.batch.value,
-                                          self.prompt_len.value, self.max_new_tokens, self.model_dir)
+        """Run the experiment for the current choices and show it; a refused choice is shown and kept in ``error``."""
+        try:
+            self.last_result = run_experiment(self.tp.value, self.backend.value, self.batch.value,
+                                              self.prompt_len.value, self.max_new_tokens, self.model_dir)
+            self.error = None
+        except ValueError as e:
+            self.last_result, self.error = None, str(e)
         self.output.clear_output(wait=True)
         with self.output:
-            display(HTML(result_html(self.last_result)))
+            if self.error:
+                display(HTML(f"<b>Not run:</b> {html.escape(self.error)}"))
+            else:
+                display(HTML(result_html(self.last_result)))
