@@ -148,10 +148,10 @@ def test_measure_all_reduce_returns_a_positive_time_per_size(backend):
 
 def test_comm_bench_command_prints_measured_rows_and_the_fit(capsys):
     from tplab.cli import main
-    assert main(["comm-bench", "--tp", "2", "--backend", "threads", "--sizes", "4,65536", "--repeats", "2"]) == 0
+    assert main(["comm-bench", "--tp", "2", "--backend", "threads", "--sizes", "4,4194304", "--repeats", "3"]) == 0
     out = capsys.readouterr().out
     rows = [line.split() for line in out.splitlines() if line.strip().split(" ")[0].isdigit()]
-    assert [r[0] for r in rows] == ["4", "65536"] and all(float(r[1]) > 0 for r in rows)
+    assert [r[0] for r in rows] == ["4", "4194304"] and all(float(r[1]) > 0 for r in rows)
     assert "fitted to these measurements: α =" in out
     assert main(["comm-bench", "--sizes", "6"]) == 2
     assert "multiples of 4 bytes" in capsys.readouterr().err
