@@ -10,6 +10,7 @@ from transformers import AutoTokenizer
 from tplab import tiny
 from tplab.cli import main
 from tplab.testing import hf_greedy, make_checkpoint
+from tplab.testing.torchrun import run_under_torchrun, stdout_or_raise
 
 PROMPT_IDS = ["1,5,9,12,40", "1,7"]
 
@@ -115,11 +116,10 @@ def test_module_entry_point_and_torchrun(checkpoints):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr and done.stdout == ""
     prompts = [[int(t) for t in p.split(",")] for p in PROMPT_IDS]
-    done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "tplab", "generate",
-         "--model", str(checkpoints["bare"]), "--tp", "2", *ids_args(*PROMPT_IDS), "--max-new-tokens", "4", "--json"],
-        capture_output=True, text=True, timeout=300, check=True)
-    lines = done.stdout.strip().splitlines()
-    assert len(lines) == 1, done.stdout
+    out = stdout_or_raise(run_under_torchrun(2, [
+        "tplab", "generate", "--model", str(checkpoints["bare"]), "--tp", "2", *ids_args(*PROMPT_IDS),
+        "--max-new-tokens", "4", "--json"]))
+    lines = out.strip().splitlines()
+    assert len(lines) == 1, out
     report = json.loads(lines[0])
     assert report["backend"] == "torchrun" and report["tokens"] == reference(checkpoints["bare_hf"], prompts, 4)

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from tplab import CollectiveTimeout, RankDiedError, launch
+from tplab.testing.torchrun import run_under_torchrun, stdout_or_raise
 
 BACKENDS = ("threads", "gloo")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -183,23 +184,22 @@ def test_a_rank_that_joins_too_late_times_out(backend):
 
 
 # --- command line and torchrun -----------------------------------------------------
-def _run(cmd: list[str]) -> str:
+def _run(cmd: list[str]) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    done = subprocess.run(cmd, check=True, timeout=240, capture_output=True, text=True, env=env,
-                          cwd=os.path.dirname(HERE))
-    return done.stdout
+    return subprocess.run(cmd, timeout=240, capture_output=True, text=True, env=env, cwd=os.path.dirname(HERE))
 
 
 def test_demo_runs_and_matches_the_dense_mlp():
-    out = _run([sys.executable, "-m", "tplab", "demo"])
+    out = stdout_or_raise(_run([sys.executable, "-m", "tplab", "demo"]))
     rows = [line.split() for line in out.splitlines() if line.startswith(("threads", "gloo"))]
     assert [(r[0], r[1]) for r in rows] == [(b, t) for b in BACKENDS for t in ("1", "2", "4")]
     assert all(r[-3] == "1" for r in rows), "one all-reduce per MLP"
 
 
 def test_demo_under_torchrun_uses_the_torchrun_processes():
-    out = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                "-m", "tplab", "demo", "--tp", "2", "--backend", "threads"])
+    done = run_under_torchrun(2, ["tplab", "demo", "--tp", "2", "--backend", "threads"],
+                              cwd=os.path.dirname(HERE))
+    out = stdout_or_raise(done)
     rows = [line.split() for line in out.splitlines() if line.startswith("torchrun")]
     assert len(rows) == 1, out  # both processes computed it; only rank 0 prints
     assert all(r[1] == "2" and r[-3] == "1" for r in rows)

@@ -21,6 +21,7 @@ computation cannot be stopped: launch returns once it does).
 """
 from __future__ import annotations
 
+import atexit
 import os
 import pickle
 import queue
@@ -242,6 +243,12 @@ def _to_cpu(obj):
     return obj
 
 
+def _destroy_process_group() -> None:
+    import torch.distributed as td
+    if td.is_initialized():
+        td.destroy_process_group()
+
+
 def _launch_torchrun(fn, tp, timeout, args, kwargs):
     import torch.distributed as td
     world_size = int(os.environ["WORLD_SIZE"])
@@ -255,6 +262,9 @@ def _launch_torchrun(fn, tp, timeout, args, kwargs):
             torch.cuda.set_device(device)
         td.init_process_group("nccl" if device.type == "cuda" else "gloo",
                               timeout=timedelta(seconds=timeout))
+        # A process group left alive at interpreter exit can abort the process from its
+        # C++ destructor ("terminate called without an active exception"): tear it down first.
+        atexit.register(_destroy_process_group)
     dist = Dist(td.get_rank(), world_size, device, TorchTransport())
     out = _to_cpu(fn(dist, *args, **kwargs))
     gathered: list[Any] = [None] * world_size
