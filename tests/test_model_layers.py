@@ -1,10 +1,12 @@
 """Fused QKV / gate-up layers and the vocabulary-parallel embedding and LM head, against dense PyTorch (threads)."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from tplab import launch
 from tplab.fused_layers import MergedColumnParallelLinear, QKVParallelLinear
+from tplab.model import attention_mask, grouped_query_attention
 from tplab.sharding import gqa_heads
 from tplab.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
 
@@ -104,3 +106,21 @@ def test_tied_head_shares_the_embedding_shard():
         return head.weight is embed.weight
 
     assert all(launch(rank, 4, "threads"))
+
+
+@pytest.mark.parametrize("groups", [1, 2, 4])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_grouped_query_attention_equals_attention_over_copied_kv_heads(groups, tokens):
+    """Stacking a KV head's G query heads along the query axis == repeating K and V G times."""
+    batch, kv_heads, slots, head_dim = 3, 2, 9, 8
+    gen = torch.Generator().manual_seed(groups * 10 + tokens)
+    q = torch.randn(batch, kv_heads * groups, tokens, head_dim, generator=gen)
+    keys, values = (torch.randn(batch, kv_heads, slots, head_dim, generator=gen) for _ in range(2))
+    # every row its own left padding, so a mask mixed across rows or heads would show
+    pads = torch.tensor([0, 3, 6])
+    key_valid = torch.arange(slots)[None, :] >= pads[:, None]
+    mask = attention_mask(torch.arange(slots - tokens, slots), key_valid, window=None)
+    expected = F.scaled_dot_product_attention(q, keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1),
+                                              attn_mask=mask, scale=head_dim ** -0.5)
+    got = grouped_query_attention(q, keys, values, mask, head_dim ** -0.5)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

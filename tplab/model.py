@@ -71,6 +71,25 @@ def attention_mask(query_slots: torch.Tensor, key_valid: torch.Tensor, window: i
     return (allowed[None] & real)[:, None]
 
 
+def grouped_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                            scale: float) -> torch.Tensor:
+    """O_h = softmax(Q_h K_g^T * scale, masked) V_g for every query head h, with g = h // G.
+
+    q is (batch, KV*G, T, d); keys and values are (batch, KV, S, d), read where they lie.
+    The G query heads that share KV head g are stacked along the query axis,
+    Q'_g = [Q_{gG}; ...; Q_{gG+G-1}] of shape (G*T, d), so one attention call per KV head
+    serves all G of them and K, V are never copied G times (repeat_interleave would write
+    G copies of the whole cache every decode step). The mask (batch, 1, T, S) is tiled G
+    times along the query axis to match. Returns (batch, KV*G, T, d).
+    """
+    batch, heads, tokens, head_dim = q.shape
+    kv_heads = keys.shape[1]
+    groups = heads // kv_heads
+    stacked = q.reshape(batch, kv_heads, groups * tokens, head_dim)
+    out = F.scaled_dot_product_attention(stacked, keys, values, attn_mask=mask.repeat(1, 1, groups, 1), scale=scale)
+    return out.reshape(batch, heads, tokens, head_dim)
+
+
 class TPAttention(nn.Module):
     """softmax(Q_h K_g^T / sqrt(d)) V_g for this rank's heads h (KV head g = h // (H/KV)), then o_proj."""
 
@@ -90,10 +109,7 @@ class TPAttention(nn.Module):
         batch, tokens, _ = x.shape
         q, k, v = (t.view(batch, tokens, -1, self.head_dim).transpose(1, 2) for t in self.qkv(x))
         keys, values = cache.write(layer, apply_rope(k, cos, sin), v, start)
-        groups = q.shape[1] // keys.shape[1]  # query heads per KV head on this rank
-        keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(apply_rope(q, cos, sin), keys, values, attn_mask=mask,
-                                             scale=self.head_dim ** -0.5)
+        out = grouped_query_attention(apply_rope(q, cos, sin), keys, values, mask, self.head_dim ** -0.5)
         return self.o_proj(out.transpose(1, 2).reshape(batch, tokens, -1))
 
 
