@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tplab.bench_decode import synchronize
 from tplab.bench_env import environment, hardware_slug
 from tplab.commands import int_list
 from tplab.model import attention_mask, grouped_query_attention
@@ -43,12 +44,10 @@ def median_ms(fn, repeats: int, device: torch.device) -> tuple[float, list[float
     fn()  # warm-up
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         times.append(1e3 * (time.perf_counter() - start))
     return statistics.median(times), times
 
