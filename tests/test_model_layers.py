@@ -1,4 +1,8 @@
 """Fused QKV / gate-up layers and the vocabulary-parallel embedding and LM head, against dense PyTorch (threads)."""
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -124,3 +128,13 @@ def test_grouped_query_attention_equals_attention_over_copied_kv_heads(groups, t
                                               attn_mask=mask, scale=head_dim ** -0.5)
     got = grouped_query_attention(q, keys, values, mask, head_dim ** -0.5)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+def test_gqa_attention_benchmark_script_runs_and_checks_its_two_forms():
+    """scripts/bench_gqa_attention.py (small shapes, nothing saved): both forms agree and a ratio is printed."""
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench_gqa_attention.py"
+    done = subprocess.run([sys.executable, str(script), "--no-save", "--repeats", "1", "--tp", "8", "--batch", "1,3",
+                           "--context", "64", "--dtype", "float32"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines() if line.strip().startswith("8 ")]
+    assert [r[2] for r in rows] == ["1", "3"] and all(r[-1].endswith("x") for r in rows), done.stdout
