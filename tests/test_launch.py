@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tplab import CollectiveTimeout, RankDiedError, launch
-from tplab.testing.torchrun import run_under_torchrun, stdout_or_raise
+from tplab.testing.torchrun import env_outside_torchrun, run_under_torchrun, stdout_or_raise
 
 BACKENDS = ("threads", "gloo")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -185,8 +185,8 @@ def test_a_rank_that_joins_too_late_times_out(backend):
 
 # --- command line and torchrun -----------------------------------------------------
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return subprocess.run(cmd, timeout=240, capture_output=True, text=True, env=env, cwd=os.path.dirname(HERE))
+    return subprocess.run(cmd, timeout=240, capture_output=True, text=True, env=env_outside_torchrun(),
+                          cwd=os.path.dirname(HERE))
 
 
 def test_demo_runs_and_matches_the_dense_mlp():

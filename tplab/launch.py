@@ -105,7 +105,8 @@ def _launch_threads(fn, tp, timeout, args, kwargs):
 
 
 # --- gloo processes -----------------------------------------------------------
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that no one holds at the moment of the call."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -181,7 +182,7 @@ def _launch_gloo(fn, tp, timeout, args, kwargs):
     _check_picklable(fn)
     ctx = _process_context(fn)
     results_q = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     threads_per_rank = max(1, (os.cpu_count() or 1) // tp)
     procs = [ctx.Process(target=_gloo_rank_main, name=f"tplab-rank{r}", daemon=True,
                          args=(r, tp, port, fn, args, kwargs, timeout, threads_per_rank, results_q))

@@ -8,16 +8,16 @@ torchrun's default port 29500 and nothing depends on how the machine resolves it
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
+from tplab.launch import free_port
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that no one holds at the moment of the call."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+
+def env_outside_torchrun() -> dict[str, str]:
+    """This process's environment without RANK, WORLD_SIZE and LOCAL_RANK, so that a child
+    started from a test that itself runs under torchrun does not join that group."""
+    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
 
 
 def run_under_torchrun(nproc: int, module_args: list[str], timeout: float = 300,
@@ -25,9 +25,9 @@ def run_under_torchrun(nproc: int, module_args: list[str], timeout: float = 300,
     """``python -m torch.distributed.run --nproc-per-node nproc -m <module_args>``, output captured.
 
     A port taken between the probe and torchrun's bind is retried once, on a new port.
-    RANK, WORLD_SIZE and LOCAL_RANK of a caller that itself runs under torchrun are dropped.
+    The child's environment is ``env_outside_torchrun()``.
     """
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env = env_outside_torchrun()
 
     def attempt() -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
