@@ -138,6 +138,34 @@ def test_gloo_rejects_a_function_defined_in_a_notebook(monkeypatch):
         launch(rank_program, 2, "gloo")
 
 
+def test_thread_ranks_share_the_device_they_are_given():
+    assert {o["device"] for o in launch(identify, 2, device="cpu", args=(0,))} == {"cpu"}
+    if torch.cuda.is_available():  # the GPU case proper is in test_gpu.py
+        assert {o["device"] for o in launch(identify, 2, device="cuda", args=(0,))} == {"cuda:0"}
+    else:
+        with pytest.raises(ValueError, match="no CUDA device is visible: use device='cpu'"):
+            launch(identify, 2, device="cuda", args=(0,))
+
+
+@pytest.mark.parametrize("device, message", [("mps", "thread ranks run on 'cpu' or 'cuda', not 'mps'"),
+                                             ("cuda:99", "does not exist|no CUDA device is visible")])
+def test_thread_ranks_refuse_a_device_they_cannot_use(device, message):
+    with pytest.raises(ValueError, match=message):
+        launch(identify, 2, device=device, args=(0,))
+
+
+def test_gloo_ranks_compute_on_the_cpu_only():
+    with pytest.raises(ValueError, match="backend='gloo' runs its ranks on the CPU.*backend='threads'.*torchrun"):
+        launch(identify, 2, "gloo", device="cuda", args=(0,))
+
+
+def test_under_torchrun_the_device_is_torchrun_s(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="under torchrun each process takes its own device"):
+        launch(identify, 2, device="cuda", args=(0,))
+
+
 def test_tp_must_match_the_torchrun_world_size(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -18,7 +18,7 @@ import torch
 
 from tplab import launch
 from tplab.testing import SPECS, build_hf_model, distinct_prompts, hf_greedy, make_checkpoint
-from tplab.testing.probes import equivalence_probe
+from tplab.testing.probes import equivalence_probe, expected_greedy_comm, generation_comm
 
 TPS = (1, 2, 4, 8)
 LENGTHS = [5, 11, 8]  # a different length in every row
@@ -62,17 +62,8 @@ def check_rank(case: Case, got: dict, tp: int) -> None:
 
 def check_collectives(comm: dict, config, tp: int) -> None:
     """Exact counts and bytes (fp32) of one greedy generation of NEW_TOKENS tokens."""
-    per_forward = 2 * config.num_hidden_layers + 1
-    batch, prompt_len, hidden, steps = len(LENGTHS), max(LENGTHS), config.hidden_size, NEW_TOKENS - 1
-    pair_bytes = batch * 2 * 8 * tp  # (max value, token id) in float64 from every rank
-    expected = {
-        "prefill": {"all_reduce": (per_forward, per_forward * batch * prompt_len * hidden * 4),
-                    "all_gather": (1, pair_bytes)},
-        "decode": {"all_reduce": (per_forward * steps, per_forward * steps * batch * hidden * 4),
-                   "all_gather": (steps, steps * pair_bytes)},
-    }
-    got = {phase: {op: (s["count"], s["bytes"]) for op, s in ops.items()} for phase, ops in comm.items()}
-    assert got == expected
+    assert generation_comm(comm) == expected_greedy_comm(
+        config.num_hidden_layers, config.hidden_size, len(LENGTHS), max(LENGTHS), NEW_TOKENS, tp)
 
 
 @pytest.mark.parametrize("name", list(SPECS))

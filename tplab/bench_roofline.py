@@ -70,11 +70,13 @@ def measure_matmul_tflops(device: torch.device | str, dtype: torch.dtype, size: 
     """{"tflops", "size", "method"}: the best throughput of a (size x size) @ (size x size) matmul, 2·size³ FLOPs."""
     device = torch.device(device)
     size = size or (8192 if device.type == "cuda" else 4096)
-    a = torch.ones(size, size, dtype=dtype, device=device)
-    b = torch.ones(size, size, dtype=dtype, device=device)
+    generator = torch.Generator(device).manual_seed(0)  # random data: a GPU runs constant data faster
+    a = torch.randn(size, size, dtype=dtype, device=device, generator=generator)
+    b = torch.randn(size, size, dtype=dtype, device=device, generator=generator)
     seconds = _time_best(lambda: a @ b, device, repeats)
     return {"tflops": 2 * size ** 3 / seconds / 1e12, "size": size,
-            "method": f"best of {repeats} {size}x{size} {str(dtype).removeprefix('torch.')} matmuls on {device.type}"}
+            "method": f"best of {repeats} {size}x{size} {str(dtype).removeprefix('torch.')} matmuls of random "
+                      f"N(0, 1) data on {device.type}"}
 
 
 def decode_bytes(model: TPCausalLM, batch: int, context: float) -> dict[str, float]:

@@ -49,6 +49,7 @@ class GenerationResult:
     comm: dict[str, dict[str, dict[str, float]]]  # {"prefill"/"decode": CommStats.summary()}
     step_comm: list[dict] = field(default_factory=list)  # per step: phase, seconds, {op: count}, bytes
     tp: int = 1
+    device: str = "cpu"  # where the rank computed, e.g. "cuda:0"
     load: LoadStats | None = None
     logits: list[torch.Tensor] | None = None  # per step, (batch, V) on the CPU, when keep_logits=True
 
@@ -171,7 +172,8 @@ def generate(model: TPCausalLM, prompts: list[list[int]], max_new_tokens: int,
         tokens=tokens, finish_reasons=[r or "length" for r in reasons],
         ttft_s=step_seconds[0], decode_s=sum(step_seconds[1:]), step_seconds=step_seconds,
         comm={phase: records.summary(phase) for phase in ("prefill", "decode")},
-        step_comm=step_comm, tp=dist.world_size, logits=kept_logits if keep_logits else None)
+        step_comm=step_comm, tp=dist.world_size, device=str(dist.device),
+        logits=kept_logits if keep_logits else None)
 
 
 def checkpoint_eos_ids(path: str | Path, model: TPCausalLM) -> tuple[int, ...]:

@@ -4,7 +4,10 @@
 and returns ``[result_0, ..., result_{tp-1}]``. Three ways to get ranks:
 
 * ``backend="threads"``: tp threads in this process (notebooks; every rank's
-  tensors can be inspected; reductions are deterministic).
+  tensors can be inspected; reductions are deterministic). ``device`` puts
+  every rank on one device: ``device="cuda"`` runs a real TP group on a
+  single GPU (each collective adds the ranks' tensors there), which checks
+  the TP model on CUDA without a multi-GPU node; it is not a speed test.
 * ``backend="gloo"``: tp spawned processes with torch.distributed over gloo on
   the CPU. ``fn`` must be importable (defined in a module, not a notebook).
 * under ``torchrun`` (RANK and WORLD_SIZE in the environment): this process is
@@ -52,17 +55,28 @@ def under_torchrun() -> bool:
 
 
 def launch(fn: Callable[..., Any], tp: int, backend: str = "threads", timeout: float = 300.0,
-           args: tuple = (), kwargs: dict | None = None) -> list[Any]:
-    """Run ``fn(dist, *args, **kwargs)`` on ``tp`` ranks; return the results in rank order."""
+           args: tuple = (), kwargs: dict | None = None, device: torch.device | str | None = None) -> list[Any]:
+    """Run ``fn(dist, *args, **kwargs)`` on ``tp`` ranks; return the results in rank order.
+
+    ``device``: where thread ranks compute (default the CPU; "cuda": all on one
+    GPU). gloo ranks compute on the CPU; under torchrun each process takes its
+    own GPU (cuda:LOCAL_RANK), or the CPU where none is visible.
+    """
     kwargs = kwargs or {}
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise ValueError(f"tp must be a positive integer, got {tp!r}")
     if not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
     if under_torchrun():
+        if device is not None:
+            raise ValueError("under torchrun each process takes its own device (cuda:LOCAL_RANK, or the CPU): "
+                             "do not pass device")
         return _launch_torchrun(fn, tp, timeout, args, kwargs)
     if backend == "threads":
-        return _launch_threads(fn, tp, timeout, args, kwargs)
+        return _launch_threads(fn, tp, timeout, args, kwargs, thread_device(device))
+    if device is not None and torch.device(device).type != "cpu":
+        raise ValueError(f"backend={backend!r} runs its ranks on the CPU; for device={str(device)!r} use "
+                         "backend='threads' (every rank on one GPU) or torchrun (one GPU per rank)")
     if backend == "gloo":
         return _launch_gloo(fn, tp, timeout, args, kwargs)
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} "
@@ -78,13 +92,31 @@ def _first_error(errors: dict[int, BaseException]) -> tuple[int, BaseException]:
 
 
 # --- threads ------------------------------------------------------------------
-def _launch_threads(fn, tp, timeout, args, kwargs):
+def thread_device(device: torch.device | str | None) -> torch.device:
+    """The device thread ranks share: the CPU by default; a CUDA device only where one is visible."""
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r} but no CUDA device is visible: use device='cpu'")
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if not 0 <= index < torch.cuda.device_count():
+            raise ValueError(f"device={str(device)!r} does not exist: {torch.cuda.device_count()} CUDA device(s) "
+                             "are visible")
+        return torch.device("cuda", index)
+    if device.type != "cpu":
+        raise ValueError(f"thread ranks run on 'cpu' or 'cuda', not {str(device)!r}")
+    return device
+
+
+def _launch_threads(fn, tp, timeout, args, kwargs, device):
     group = ThreadGroup(tp, timeout)
     results: list[Any] = [None] * tp
     errors: dict[int, BaseException] = {}
 
     def run_rank(rank: int) -> None:
-        dist = Dist(rank, tp, torch.device("cpu"), ThreadTransport(group, rank))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # the current device is per thread
+        dist = Dist(rank, tp, device, ThreadTransport(group, rank))
         try:
             results[rank] = fn(dist, *args, **kwargs)
             group.rank_returned(rank)

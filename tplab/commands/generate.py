@@ -128,6 +128,7 @@ def _json_report(result, texts, prompts, backend) -> dict:
         "prompt_tokens": [len(p) for p in prompts],
         "tp": result.tp,
         "backend": backend,
+        "device": result.device,
         "ttft_ms": 1000 * result.ttft_s,
         "ms_per_token": result.ms_per_token,
         "comm": result.comm,
@@ -145,7 +146,7 @@ def _print_report(result, texts, prompts, tokenizer, backend) -> None:
         else:
             print(f"{prompts[b]} -> {tokens}")
     per_token = "n/a" if result.ms_per_token is None else f"{result.ms_per_token:.2f} ms/token"
-    print(f"tp={result.tp} ({backend}): TTFT {1000 * result.ttft_s:.1f} ms, decode {per_token}")
+    print(f"tp={result.tp} ({backend}, {result.device}): TTFT {1000 * result.ttft_s:.1f} ms, decode {per_token}")
     for phase, ops in result.comm.items():
         line = ", ".join(f"{op} x{int(s['count'])} ({int(s['bytes'])} B)" for op, s in ops.items())
         print(f"  {phase}: {line or 'no collectives'}")

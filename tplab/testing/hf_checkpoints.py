@@ -144,7 +144,7 @@ def hf_greedy(model: torch.nn.Module, prompt: list[int], max_new_tokens: int,
     ids = list(prompt)
     tokens, logits = [], []
     for _ in range(max_new_tokens):
-        last = model(torch.tensor([ids])).logits[0, -1]
+        last = model(torch.tensor([ids], device=model.device)).logits[0, -1]
         token = int(last.argmax())
         tokens.append(token)
         logits.append(last)

@@ -29,6 +29,31 @@ def equivalence_probe(dist: Dist, jobs: list[dict]) -> list[dict]:
     return out
 
 
+def generation_comm(comm: dict) -> dict[str, dict[str, tuple[int, int]]]:
+    """A generation's per-phase comm summary as {phase: {op: (count, bytes)}}."""
+    return {phase: {op: (s["count"], s["bytes"]) for op, s in ops.items()} for phase, ops in comm.items()}
+
+
+def expected_greedy_comm(num_layers: int, hidden: int, batch: int, prompt_len: int, new_tokens: int, tp: int,
+                         element_bytes: int = 4) -> dict[str, dict[str, tuple[int, int]]]:
+    """The collectives of one greedy generation, {phase: {op: (count, bytes)}}, bytes as nccl-tests count them.
+
+    Every forward: 2 all-reduces per layer (attention and MLP outputs) + 1 (the
+    vocab-parallel embedding), each of batch x tokens x hidden activations; then
+    one all-gather of every rank's (max logit, token id) pair per row, in
+    float64. The prefill is one forward of the prompts (padded to
+    ``prompt_len``); each of the ``new_tokens - 1`` decode steps one forward of
+    one token per row.
+    """
+    per_forward, steps, pair_bytes = 2 * num_layers + 1, new_tokens - 1, batch * 2 * 8 * tp
+    return {
+        "prefill": {"all_reduce": (per_forward, per_forward * batch * prompt_len * hidden * element_bytes),
+                    "all_gather": (1, pair_bytes)},
+        "decode": {"all_reduce": (per_forward * steps, per_forward * steps * batch * hidden * element_bytes),
+                   "all_gather": (steps, steps * pair_bytes)},
+    }
+
+
 def memory_status() -> dict[str, int]:
     """This process's VmRSS, VmHWM (peak RSS), RssAnon (private) and RssFile (file-backed) in bytes (Linux)."""
     fields = {}
