@@ -171,3 +171,14 @@ def test_cli_prints_a_labelled_table_or_json(config_path, capsys, tmp_path):
     assert record["kind"] == "emulated" and record["setting"]["tp"] == 2
     assert main(["bench", "--model", config_path, "--tp", "3", "--prompt-len", "8"]) == 2
     assert "valid tp: 1, 2, 4, 8" in capsys.readouterr().err
+
+
+def test_a_copy_without_git_takes_its_commit_from_the_environment(monkeypatch, tmp_path):
+    from tplab import bench_env
+    monkeypatch.setattr(bench_env, "REPO_DIR", tmp_path)  # not a git checkout
+    monkeypatch.delenv(bench_env.COMMIT_VARIABLE, raising=False)
+    assert bench_env.git_commit() == {"commit": None, "dirty": None}
+    monkeypatch.setenv(bench_env.COMMIT_VARIABLE, "c47ffae")
+    assert bench_env.git_commit()["commit"] == "c47ffae" and bench_env.git_commit()["dirty"] is None
+    monkeypatch.setattr(bench_env, "REPO_DIR", bench_env.Path(bench_env.__file__).resolve().parent.parent)
+    assert bench_env.git_commit()["commit"] != "c47ffae"  # a real checkout's own commit wins

@@ -39,9 +39,20 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+COMMIT_VARIABLE = "TPLAB_GIT_COMMIT"
+
+
 def git_commit() -> dict:
-    """{"commit", "dirty"} of the tplab checkout (None when it is not a git checkout)."""
+    """{"commit", "dirty"} of the tplab checkout (None when unknown).
+
+    A copy of a checkout without its .git (a remote GPU machine, say) reads
+    the commit from the environment variable TPLAB_GIT_COMMIT, set by whoever
+    made the copy; "dirty" is then unknown (None) and "source" says so.
+    """
     commit = _run(["git", "rev-parse", "HEAD"], REPO_DIR)
+    if commit is None and os.environ.get(COMMIT_VARIABLE):
+        return {"commit": os.environ[COMMIT_VARIABLE], "dirty": None,
+                "source": f"${COMMIT_VARIABLE}: a copy of the checkout, not a git checkout itself"}
     status = _run(["git", "status", "--porcelain", "--untracked-files=no"], REPO_DIR) if commit else None
     return {"commit": commit, "dirty": None if commit is None else bool(status)}
 

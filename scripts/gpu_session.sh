@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# One GPU, one call of about 5 minutes: check tplab's GPU paths, measure the 70B sweep, calibrate the cost model.
+#
+#   OUT=/tmp/gpu TPLAB_GIT_COMMIT=$(git rev-parse HEAD) bash scripts/gpu_session.sh
+#
+# Run from the repository root with torch (CUDA build), transformers, safetensors, tqdm, matplotlib and pytest
+# installed; tplab itself need not be (PYTHONPATH=.). Each step writes into $OUT:
+#
+#   machine.txt       nvidia-smi, Python, torch, CUDA, transformers
+#   test_gpu.log      tests/test_gpu.py: the TP model on CUDA against HF, CUDA-graph decode, CUDA-event roofline,
+#                     torchrun + NCCL with one process
+#   *_emulated_*.jsonl  rank 0 of Llama-3-70B (BF16, random weights) at each tp in TPS, timed alone on this GPU,
+#                     collectives modelled for GPU's NVLink; one bench per tp, so a failure loses that tp only
+#   bench.log         the benches' tables
+#   efficiency-GPU.json  the cost model's efficiencies fitted to those records (python -m tplab plan --efficiency)
+#
+# Sized for a 15-minute GPU lease (10 minutes per command): LAYERS=20 of the 80 layers are built, and every
+# record also extrapolates them to 80 ("scaled": arithmetic, labelled so). LAYERS=80 measures the whole rank
+# in about 4 times as long. Copy the .jsonl files into data/measurements/ to commit them.
+set -uo pipefail
+
+OUT=${OUT:?set OUT to the folder for the results}
+GPU=${GPU:-h200}
+MODEL=${MODEL:-llama-3-70b}
+LAYERS=${LAYERS:-20}
+TPS=${TPS:-8 4 2}
+BATCHES=${BATCHES:-1,8,32,64}
+PROMPTS=${PROMPTS:-128,2048}
+STEPS=${STEPS:-8}
+REPEATS=${REPEATS:-3}
+TEST_TIMEOUT=${TEST_TIMEOUT:-180}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-150}
+PYTHON=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+mkdir -p "$OUT"
+FAILED=$(mktemp)  # one line per failed step (steps run in pipelines, so a shell variable would not survive)
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep going on failure
+  local name=$1 seconds=$2 status; shift 2
+  echo "=== $name ($(date -u +%H:%M:%S), limit ${seconds}s): $*"
+  timeout "$seconds" "$@"; status=$?
+  if ((status)); then echo "=== $name FAILED (exit $status$( ((status == 124)) && echo ', timed out'))"; echo "$name" >>"$FAILED"; fi
+}
+
+{
+  nvidia-smi || echo "no nvidia-smi"
+  "$PYTHON" -c 'import sys, torch, transformers; print("python", sys.version.split()[0], "| torch", torch.__version__,
+"| CUDA", torch.version.cuda, "| transformers", transformers.__version__, "| GPU visible:", torch.cuda.is_available())'
+  echo "tplab commit: ${TPLAB_GIT_COMMIT:-unknown (set TPLAB_GIT_COMMIT)}"
+} 2>&1 | tee "$OUT/machine.txt"
+
+step test_gpu "$TEST_TIMEOUT" "$PYTHON" -m pytest tests/test_gpu.py -v -x -p no:cacheprovider 2>&1 | tee "$OUT/test_gpu.log"
+
+for tp in $TPS; do
+  step "bench tp=$tp" "$BENCH_TIMEOUT" "$PYTHON" -m tplab bench --emulate-rank --model "$MODEL" --gpu "$GPU" \
+    --layers "$LAYERS" --tp "$tp" --batch "$BATCHES" --prompt-len "$PROMPTS" --decode-steps "$STEPS" \
+    --repeats "$REPEATS" --quiet --out "$OUT"
+done 2>&1 | tee "$OUT/bench.log"
+
+shopt -s nullglob
+records=("$OUT"/*_emulated_*.jsonl)
+if ((${#records[@]})); then
+  step calibrate 60 "$PYTHON" -m tplab bench --calibrate "${records[@]}" --gpu "$GPU" \
+    --efficiency-out "$OUT/efficiency-$GPU.json"
+else
+  echo "=== calibrate skipped: no records"; echo calibrate >>"$FAILED"
+fi
+
+if [[ -s $FAILED ]]; then echo "=== done with failures: $(paste -sd, "$FAILED")"; exit 1; fi
+echo "=== done: every step passed"
