@@ -11,7 +11,7 @@
 #                     torchrun + NCCL with one process
 #   *_emulated_*.jsonl  rank 0 of Llama-3-70B (BF16, random weights) at each tp in TPS, timed alone on this GPU,
 #                     collectives modelled for GPU's NVLink; one bench per tp, so a failure loses that tp only
-#   bench.log         the benches' tables
+#   bench.log         the sweep's modelled duration (--dry-run), the benches' tables, the calibration
 #   efficiency-GPU.json  the cost model's efficiencies fitted to those records (python -m tplab plan --efficiency)
 #
 # Sized for a 15-minute GPU lease (10 minutes per command): LAYERS=20 of the 80 layers are built, and every
@@ -51,17 +51,20 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep going on f
 
 step test_gpu "$TEST_TIMEOUT" "$PYTHON" -m pytest tests/test_gpu.py -v -x -p no:cacheprovider 2>&1 | tee "$OUT/test_gpu.log"
 
-for tp in $TPS; do
-  step "bench tp=$tp" "$BENCH_TIMEOUT" "$PYTHON" -m tplab bench --emulate-rank --model "$MODEL" --gpu "$GPU" \
-    --layers "$LAYERS" --tp "$tp" --batch "$BATCHES" --prompt-len "$PROMPTS" --decode-steps "$STEPS" \
-    --repeats "$REPEATS" --quiet --out "$OUT"
-done 2>&1 | tee "$OUT/bench.log"
+sweep=(--emulate-rank --model "$MODEL" --gpu "$GPU" --layers "$LAYERS" --batch "$BATCHES" --prompt-len "$PROMPTS"
+       --decode-steps "$STEPS" --repeats "$REPEATS")
+{
+  step dry-run 60 "$PYTHON" -m tplab bench "${sweep[@]}" --tp "${TPS// /,}" --dry-run  # modelled duration, to compare
+  for tp in $TPS; do
+    step "bench tp=$tp" "$BENCH_TIMEOUT" "$PYTHON" -m tplab bench "${sweep[@]}" --tp "$tp" --quiet --out "$OUT"
+  done
+} 2>&1 | tee "$OUT/bench.log"
 
 shopt -s nullglob
 records=("$OUT"/*_emulated_*.jsonl)
 if ((${#records[@]})); then
   step calibrate 60 "$PYTHON" -m tplab bench --calibrate "${records[@]}" --gpu "$GPU" \
-    --efficiency-out "$OUT/efficiency-$GPU.json"
+    --efficiency-out "$OUT/efficiency-$GPU.json" 2>&1 | tee -a "$OUT/bench.log"
 else
   echo "=== calibrate skipped: no records"; echo calibrate >>"$FAILED"
 fi

@@ -7,23 +7,30 @@
   extrapolation to all layers, the HF baseline ratio, and a JSON-lines file.
 * A measured sweep on threads and on gloo: real collectives, timed.
 * Bad sweeps fail before any weight is allocated, with what to do.
+* A dry run sizes a sweep (exact memory, modelled time) and allocates nothing.
 """
+import dataclasses
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from tplab import launch
+from tplab import bench_env, launch
 from tplab.bench import BenchSpec, plan, run_bench
 from tplab.bench_decode import make_decoder
+from tplab.bench_preview import preview
 from tplab.bench_results import load_records, scale_to_full, spread, throughput
 from tplab.bench_roofline import decode_bytes, measure_copy_bandwidth
 from tplab.cli import main
 from tplab.emulation import emulated_dist, modelled_seconds
 from tplab.generate import generate
 from tplab.loading import from_hf_model
-from tplab.specs import load_efficiency, load_gpu
+from tplab.perf import estimate
+from tplab.specs import load_efficiency, load_gpu, load_model
 from tplab.testing import build_hf_model, distinct_prompts, hf_config
 
 FAST = dict(batches=[1, 3], prompt_lens=[6], decode_steps=3, repeats=2, warmup=1, quick_roofline=True)
@@ -174,7 +181,6 @@ def test_cli_prints_a_labelled_table_or_json(config_path, capsys, tmp_path):
 
 
 def test_a_copy_without_git_takes_its_commit_from_the_environment(monkeypatch, tmp_path):
-    from tplab import bench_env
     monkeypatch.setattr(bench_env, "REPO_DIR", tmp_path)  # not a git checkout
     monkeypatch.delenv(bench_env.COMMIT_VARIABLE, raising=False)
     assert bench_env.git_commit() == {"commit": None, "dirty": None}
@@ -182,3 +188,43 @@ def test_a_copy_without_git_takes_its_commit_from_the_environment(monkeypatch, t
     assert bench_env.git_commit()["commit"] == "c47ffae" and bench_env.git_commit()["dirty"] is None
     monkeypatch.setattr(bench_env, "REPO_DIR", bench_env.Path(bench_env.__file__).resolve().parent.parent)
     assert bench_env.git_commit()["commit"] != "c47ffae"  # a real checkout's own commit wins
+
+
+def test_a_dry_run_sizes_a_sweep_without_allocating(capsys, tmp_path):
+    spec = BenchSpec(model="llama-3-70b", tps=[8, 2], batches=[1, 64], prompt_lens=[2048], decode_steps=8, repeats=3,
+                     emulate=True, layers=20, gpu="h200")
+    points = preview(spec)
+    assert [(p.tp, p.batch) for p in points] == [(8, 1), (8, 64), (2, 1), (2, 64)]
+    by = {(p.tp, p.batch): p for p in points}
+    assert by[8, 1].weights_gb == pytest.approx(4.80, abs=0.01)  # 20 of 80 layers + embedding and LM head shards
+    assert by[2, 1].weights_gb == pytest.approx(19.21, abs=0.01) and all(p.fits for p in points)
+    assert by[2, 64].kv_cache_gb == pytest.approx(2 * 20 * 4 * 128 * 2 * 64 * 2056 / 1e9)  # K and V, 4 KV heads
+    assert by[2, 64].seconds > by[8, 64].seconds > by[8, 1].seconds > 0
+    built = dataclasses.replace(load_model("llama-3-70b"), num_hidden_layers=20)
+    e = estimate(model=built, gpu="h200", tp=2, batch=64, prompt_len=2048, output_len=8)
+    assert by[2, 64].seconds == pytest.approx(2 * 4 * (e.ttft_ms + 8 * e.decode_ms_per_token) / 1e3)
+
+    whole = preview(BenchSpec(model="llama-3-70b", tps=[2], batches=[64], prompt_lens=[2048], gpu="h100-sxm",
+                              dtype="float32"))
+    assert not whole[0].fits and whole[0].seconds is None  # 141 GB of fp32 weights; the cost model has no fp32
+
+    assert main(["bench", "--model", "llama-3-70b", "--emulate-rank", "--gpu", "h200", "--layers", "20", "--tp",
+                 "8,2", "--batch", "1,64", "--prompt-len", "2048", "--decode-steps", "8", "--repeats", "3",
+                 "--dry-run", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("DRY RUN: nothing allocated") and "modelled (not measured)" in out
+    assert f"modelled total: {sum(p.seconds for p in points):.0f} s" in out
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_gpu_session_script_runs_every_step_on_a_cpu(config_path, tmp_path):
+    """scripts/gpu_session.sh on a small model: every step runs; only the calibration refuses (CPU records)."""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "MODEL": config_path, "GPU": "h100-sxm",
+           "LAYERS": "1", "TPS": "2 1", "BATCHES": "1,2", "PROMPTS": "6", "STEPS": "2", "REPEATS": "1"}
+    done = subprocess.run(["bash", "scripts/gpu_session.sh"], cwd=bench_env.REPO_DIR, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 1 and done.stdout.strip().endswith("=== done with failures: calibrate"), done.stdout
+    assert "CPU measurements cannot calibrate" in done.stdout
+    assert len(list(tmp_path.glob("*_emulated_*.jsonl"))) == 2
+    assert {"machine.txt", "test_gpu.log", "bench.log"} <= {f.name for f in tmp_path.iterdir()}
+    assert "DRY RUN" in (tmp_path / "bench.log").read_text()

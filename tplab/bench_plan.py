@@ -91,8 +91,8 @@ def _free_bytes(device: torch.device) -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
 
 
-def plan(spec: BenchSpec) -> Plan:
-    """Every check that needs no weights: ValueError with what to do, before anything large is allocated."""
+def check_sweep(spec: BenchSpec) -> tuple[BenchModel, ModelConfig]:
+    """The checks that need neither weights nor a device: the model and the config with the layers to build."""
     model = resolve_model(spec.model)
     _positive_ints("tps", spec.tps)
     _positive_ints("batches", spec.batches)
@@ -110,6 +110,12 @@ def plan(spec: BenchSpec) -> Plan:
     if longest > config.max_position_embeddings:
         raise ValueError(f"prompt_len + decode_steps = {longest} exceeds the model's max_position_embeddings="
                          f"{config.max_position_embeddings}")
+    return model, config
+
+
+def plan(spec: BenchSpec) -> Plan:
+    """Every check that needs no weights: ValueError with what to do, before anything large is allocated."""
+    model, config = check_sweep(spec)
     device = torch.device(spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("no CUDA device is visible: run on a GPU machine, or pass --device cpu")

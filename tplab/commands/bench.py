@@ -19,6 +19,10 @@ efficiency=FILE)`` load)::
 
     python -m tplab bench --calibrate data/measurements/FILE.jsonl --gpu h100-sxm --efficiency-out eff-h100.json
 
+Size a sweep before running it (allocates nothing; times modelled for --gpu)::
+
+    python -m tplab bench --emulate-rank --model llama-3-70b --gpu h200 --layers 20 --tp 2,4,8 --dry-run
+
 Records are appended to data/measurements/ (--out) as JSON lines; the table
 printed says for every row whether it was measured or emulated.
 
@@ -79,6 +83,9 @@ def register(subparsers) -> None:
                    help="measure the copy and matmul roofs on small buffers (fast, but lower roofs)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="folder for a new run file, or a .jsonl file to append to")
     p.add_argument("--no-save", action="store_true", help="print only; write no record")
+    p.add_argument("--dry-run", action="store_true",
+                   help="allocate and measure nothing: print each point's memory on rank 0 and the sweep's modelled "
+                        "duration on --gpu, to size a sweep before running it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the records as JSON lines instead of a table")
     p.add_argument("--calibrate", nargs="+", default=None, metavar="FILE",
@@ -157,6 +164,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.calibrate:
             return _calibrate(args)
+        if args.dry_run:
+            from tplab.bench_preview import preview, print_preview
+
+            spec = spec_from_args(args)
+            print_preview(spec, preview(spec))
+            return 0
         from tplab.bench import run_bench
 
         records = run_bench(spec_from_args(args), out=None if args.no_save else Path(args.out),
