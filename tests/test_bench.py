@@ -19,12 +19,13 @@ import sys
 import pytest
 import torch
 
-from tplab import bench_env, launch
+from tplab import bench_env, bench_plan, bench_point, launch
 from tplab.bench import BenchSpec, plan, run_bench
 from tplab.bench_decode import make_decoder
 from tplab.bench_preview import preview
 from tplab.bench_results import load_records, scale_to_full, spread, throughput
 from tplab.bench_roofline import decode_bytes, measure_copy_bandwidth
+from tplab.bench_timing import time_tplab
 from tplab.cli import main
 from tplab.emulation import emulated_dist, modelled_seconds
 from tplab.generate import generate
@@ -123,6 +124,22 @@ def test_measured_sweep_times_real_collectives(config_path, backend):
     assert r["roofline"]["ranks_sharing_memory"] == 2
 
 
+def test_a_graph_decode_record_has_measured_prefill_collectives_only(config_path, monkeypatch):
+    """Under a CUDA graph the decode's collectives run inside the replay (not timed); the eager prefill's are."""
+    def as_under_a_graph(*args, **kwargs):
+        timing = time_tplab(*args, **kwargs)
+        timing.comm_timed = False  # what time_tplab reports for a graph decode
+        return timing
+    monkeypatch.setattr(bench_point, "time_tplab", as_under_a_graph)
+    records = run_bench(BenchSpec(model=config_path, tps=[2], layers=1, baseline=False, decode_mode="static", **FAST))
+    for r in records:
+        assert r["comm"]["source"].startswith("measured") and "decode: not timed" in r["comm"]["source"]
+        assert 0 < r["ttft_comm_ms"] < r["ttft_ms"]["median"] and r["ttft_compute_ms"]["median"] > 0
+        assert r["decode_comm_ms"] is None and r["decode_compute_ms"] is None and r["decode_comm_share"] is None
+        assert r["comm"]["decode_step"]["all_reduce"]["count"] == 3  # 1 layer built: 2 + the embedding's
+        assert r["scaled"]["ttft_comm_ms"] > 0 and r["scaled"]["decode_comm_share"] is None
+
+
 def test_arithmetic_of_records():
     s = spread([4.0, 1.0, 3.0, 2.0])
     assert s == {"median": 2.5, "p10": 1.3, "p90": 3.7, "min": 1.0, "max": 4.0, "n": 4}
@@ -143,6 +160,16 @@ def test_roofline_inputs(config_path):
     assert got["kv_cache"] == 2 * 2 * 1 * 8 * 2 * 3 * 10  # K and V, 2 layers, 1 KV head at tp=2, head_dim 8, bf16
     copy = measure_copy_bandwidth("cpu", 1 << 20, repeats=2)
     assert copy["gb_s"] > 0 and "read plus the bytes written" in copy["method"]
+
+
+def test_a_gpu_plan_names_the_device_index(config_path, monkeypatch):
+    """A bare "cuda" becomes cuda:<current>: torch.cuda.set_device, which the sweep calls, refuses a bare "cuda"."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(bench_plan, "_free_bytes", lambda device: 80 * 10**9)
+    for device in (None, "cuda"):
+        p = plan(BenchSpec(model=config_path, emulate=True, device=device, prompt_lens=[8]))
+        assert p.device == torch.device("cuda", 0) and p.mode == "graph"
 
 
 def test_bad_sweeps_fail_before_allocating(config_path):

@@ -131,6 +131,18 @@ def test_a_cuda_graph_records_one_step_of_collectives_at_capture():
 
 
 @needs_cuda
+def test_a_capture_pauses_collective_timing_and_restores_it():
+    """A Dist that times its collectives synchronizes the device, which a capture forbids: paused, then restored."""
+    hf = build_hf_model("llama31", seed=7)
+    dist = emulated_dist(1, DEVICE)
+    dist.time_collectives = True  # as a real rank's Dist
+    model = from_hf_model(hf, dist)
+    prompts = distinct_prompts(hf.config.vocab_size, [5, 5], seed=7)
+    assert decode_tokens(model, prompts, "graph", 4) == decode_tokens(model, prompts, "eager", 4)
+    assert dist.time_collectives and dist.stats.tag == ""
+
+
+@needs_cuda
 def test_the_roofline_is_timed_with_cuda_events_and_physically_possible():
     copy = measure_copy_bandwidth(DEVICE, 256 * 2**20)
     matmul = measure_matmul_tflops(DEVICE, torch.bfloat16, 4096)
@@ -168,3 +180,6 @@ def test_torchrun_with_one_process_generates_and_benchmarks(config_path, tmp_pat
     assert [r["setting"]["backend"] for r in records] == ["torchrun", "torchrun"]
     assert {r["kind"] for r in records} == {"measured"}
     assert {r["env"]["device"]["type"] for r in records} == {torch.device(DEVICE).type}
+    for r in records:  # the prefill's collectives are timed; a graph decode's run inside the replay
+        assert r["setting"]["decode_mode"] == ("graph" if ON_CUDA else "eager")
+        assert r["ttft_comm_ms"] is not None and (r["decode_comm_ms"] is None) == ON_CUDA

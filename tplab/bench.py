@@ -62,8 +62,6 @@ def bench_rank_program(dist: Dist, model_name: str, layers: int | None, dtype: s
     if inputs["threads"] is not None:
         torch.set_num_threads(inputs["threads"])
     model = build_shard(resolve_model(model_name), dist, DTYPES[dtype], layers, inputs["seed"])
-    if dist.device.type == "cuda" and inputs["mode"] == "graph":
-        dist.time_collectives = False  # no synchronize inside a captured graph
     return run_points(model, points, PointInputs(**inputs), on_point if dist.rank == 0 else None)
 
 

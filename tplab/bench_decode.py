@@ -21,7 +21,8 @@ reduced to what a timing needs (tests check that they produce its tokens).
 Under a CUDA graph the collectives are captured too (NCCL supports capture):
 ``dist.stats`` records them once, at capture, so per-step counts are read
 from the captured records, and their seconds cannot be timed: the step
-time includes them.
+time includes them. The prefill runs eagerly, so its collectives are timed
+as in eager mode.
 """
 from __future__ import annotations
 
@@ -105,20 +106,28 @@ class StaticDecoder(EagerDecoder):
         self.slot.add_(1)
 
     def _capture(self) -> None:
-        """Warm up on a side stream, capture one step, rewind the slot and tokens the warm-up advanced."""
+        """Warm up on a side stream, capture one step, rewind the slot and tokens the warm-up advanced.
+
+        ``dist.time_collectives`` is off meanwhile (timing synchronizes the
+        device, which a capture forbids) and restored after, so the eager
+        prefills around the graph still time their collectives.
+        """
+        dist, device = self.model.dist, self.model.device
         slot, tokens = self.slot.clone(), self.static_tokens.clone()
-        stream = torch.cuda.Stream(self.model.device)
-        stream.wait_stream(torch.cuda.current_stream(self.model.device))
-        with torch.cuda.stream(stream), torch.no_grad():
-            for _ in range(2):
+        timed, tag, dist.time_collectives = dist.time_collectives, dist.stats.tag, False
+        try:
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream), torch.no_grad():
+                for _ in range(2):
+                    self._forward_step()
+            torch.cuda.current_stream(device).wait_stream(stream)
+            dist.stats.tag, self.captured_from = "graph-capture", len(dist.stats.records)
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph), torch.no_grad():
                 self._forward_step()
-        torch.cuda.current_stream(self.model.device).wait_stream(stream)
-        stats, tag = self.model.dist.stats, self.model.dist.stats.tag
-        stats.tag, self.captured_from = "graph-capture", len(stats.records)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph), torch.no_grad():
-            self._forward_step()
-        stats.tag = tag
+        finally:
+            dist.time_collectives, dist.stats.tag = timed, tag
         self.slot.copy_(slot)
         self.static_tokens.copy_(tokens)
 

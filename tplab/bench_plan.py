@@ -119,6 +119,8 @@ def plan(spec: BenchSpec) -> Plan:
     device = torch.device(spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("no CUDA device is visible: run on a GPU machine, or pass --device cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # torch.cuda.set_device refuses a bare "cuda"
     torchrun = under_torchrun()
     if torchrun and spec.emulate:
         raise ValueError("--emulate-rank runs one process on one device: start it with python, not torchrun")

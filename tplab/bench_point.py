@@ -87,10 +87,11 @@ def _phase_comm(t: Timing, comm_model: CommModel | None, tp: int) -> tuple[str, 
         dec = sum(s["seconds"] for s in decode.values())
         return f"modelled: {comm_model.label}", prefill, decode, [pre] * len(t.ttft_s), [dec] * len(t.ttft_s)
     prefill, decode = CommStats(records=t.prefill_records).summary(), CommStats(records=t.decode_step_records).summary()
+    measured = "measured: wall time of each collective on rank 0 (dist.stats)"
     if not t.comm_timed:
-        return "not timed: captured in the CUDA graph, inside the step time", prefill, decode, None, None
-    return ("measured: wall time of each collective on rank 0 (dist.stats)", prefill, decode,
-            t.prefill_comm_s, t.decode_comm_step_s)
+        return (f"{measured}, in the prefill; decode: not timed, captured in the CUDA graph, inside the step time",
+                prefill, decode, t.prefill_comm_s, None)
+    return measured, prefill, decode, t.prefill_comm_s, t.decode_comm_step_s
 
 
 def _times(step_s: list[float], comm_s: list[float] | None, emulated: bool) -> tuple[list, list | None, float | None]:
