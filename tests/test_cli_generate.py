@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from tplab import tiny
@@ -88,7 +89,11 @@ def test_usage_errors_exit_2_with_one_line(checkpoints, capsys, tmp_path, monkey
         (["--model", bare, "--prompt-ids", "1,x"], "comma-separated integers"),
         (["--model", bare, *ids, "--top-p", "0"], "top_p must be in (0, 1]"),
         (["--model", bare], "at least one --prompt"),
+        (["--model", bare, *ids, "--backend", "gloo", "--device", "cuda"], "backend='gloo' runs its ranks on the CPU"),
+        (["--model", bare, *ids, "--device", "mps"], "thread ranks run on 'cpu' or 'cuda'"),
     ]
+    if not torch.cuda.is_available():
+        cases.append((["--model", bare, *ids, "--device", "cuda"], "no CUDA device is visible"))
     monkeypatch.setattr(tiny, "TINY_DIR", tmp_path / "no-tiny")  # as if data/tiny were absent
     cases.append((ids, "the tiny model failed its check"))
     for args, message in cases:

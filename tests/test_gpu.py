@@ -15,6 +15,7 @@ Run them first on any machine with a GPU (one is enough), before a sweep:
   range (a timer that missed a synchronize would not).
 * An emulated sweep on the GPU (CUDA-graph decode, HF baseline) writes
   records that name the GPU, its driver and CUDA, and its peak memory.
+* ``tplab generate --device cuda`` gives the CPU's tokens.
 * torchrun with one process initialises NCCL (a group of one still runs
   NCCL's kernels), and ``tplab generate`` and ``tplab bench`` run through it.
 
@@ -34,6 +35,7 @@ from tplab import launch
 from tplab.bench import BenchSpec, run_bench
 from tplab.bench_decode import DECODE_MODES, make_decoder
 from tplab.bench_roofline import measure_copy_bandwidth, measure_matmul_tflops
+from tplab.cli import main
 from tplab.emulation import emulated_dist
 from tplab.generate import generate
 from tplab.loading import from_hf_model
@@ -167,6 +169,16 @@ def test_an_emulated_sweep_on_the_device_names_it_and_its_memory(config_path, tm
         if ON_CUDA:
             assert device["name"] == torch.cuda.get_device_name() and device["driver"] and device["cuda"]
             assert r["memory"]["cuda_peak_bytes"] >= r["memory"]["weights_bytes"] > 0
+
+
+def test_the_cli_runs_thread_ranks_on_the_device(capsys):
+    outputs = {}
+    for device in ("cpu", DEVICE):
+        assert main(["generate", "--tp", "2", "--device", device, "--prompt", "The with statement",
+                     "--max-new-tokens", "8", "--json"]) == 0
+        outputs[device] = json.loads(capsys.readouterr().out)
+    assert outputs[DEVICE]["device"].startswith(torch.device(DEVICE).type)
+    assert outputs[DEVICE]["tokens"] == outputs["cpu"]["tokens"]
 
 
 def test_torchrun_with_one_process_generates_and_benchmarks(config_path, tmp_path):

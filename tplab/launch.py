@@ -67,16 +67,11 @@ def launch(fn: Callable[..., Any], tp: int, backend: str = "threads", timeout: f
         raise ValueError(f"tp must be a positive integer, got {tp!r}")
     if not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+    check_device(backend, device)
     if under_torchrun():
-        if device is not None:
-            raise ValueError("under torchrun each process takes its own device (cuda:LOCAL_RANK, or the CPU): "
-                             "do not pass device")
         return _launch_torchrun(fn, tp, timeout, args, kwargs)
     if backend == "threads":
         return _launch_threads(fn, tp, timeout, args, kwargs, thread_device(device))
-    if device is not None and torch.device(device).type != "cpu":
-        raise ValueError(f"backend={backend!r} runs its ranks on the CPU; for device={str(device)!r} use "
-                         "backend='threads' (every rank on one GPU) or torchrun (one GPU per rank)")
     if backend == "gloo":
         return _launch_gloo(fn, tp, timeout, args, kwargs)
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} "
@@ -89,6 +84,20 @@ def _first_error(errors: dict[int, BaseException]) -> tuple[int, BaseException]:
         if not isinstance(err, PeerFailure):
             return rank, err
     return next(iter(errors.items()))
+
+
+def check_device(backend: str, device: torch.device | str | None) -> None:
+    """ValueError, saying what to do, unless ranks of ``backend`` can compute on ``device`` (None: their default)."""
+    if device is None or backend not in BACKENDS:
+        return
+    if under_torchrun():
+        raise ValueError("under torchrun each process takes its own device (cuda:LOCAL_RANK, or the CPU): "
+                         "do not pass a device")
+    if backend == "threads":
+        thread_device(device)
+    elif torch.device(device).type != "cpu":
+        raise ValueError(f"backend={backend!r} runs its ranks on the CPU; for device={str(device)!r} use "
+                         "backend='threads' (every rank on one GPU) or torchrun (one GPU per rank)")
 
 
 # --- threads ------------------------------------------------------------------

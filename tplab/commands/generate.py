@@ -19,7 +19,7 @@ from pathlib import Path
 from tplab import tiny
 from tplab.commands import int_list
 from tplab.generate import check_prompts, generate_rank_program
-from tplab.launch import BACKENDS, launch, under_torchrun
+from tplab.launch import BACKENDS, check_device, launch, under_torchrun
 from tplab.loading import DTYPES, read_config, resolve_dtype
 from tplab.model_config import ModelConfig
 from tplab.sampling import SamplingParams
@@ -37,6 +37,9 @@ def register(subparsers) -> None:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
     p.add_argument("--backend", choices=BACKENDS, default="threads",
                    help="threads or gloo processes (ignored under torchrun)")
+    p.add_argument("--device", default=None,
+                   help="thread ranks: cpu (default) or cuda (every rank on one GPU: a check of the CUDA path, "
+                        "not a speed-up); under torchrun each process takes its own GPU")
     p.add_argument("--prompt", action="append", default=[], help="prompt text; repeat for a batch")
     p.add_argument("--prompt-ids", action="append", default=[], help="prompt token ids, e.g. 1,5,9; repeat for a batch")
     p.add_argument("--max-new-tokens", type=int, default=32)
@@ -82,6 +85,7 @@ def prepare(args: argparse.Namespace) -> tuple[Path, ModelConfig, object, list[l
     resolve_dtype(args.dtype, config)
     if under_torchrun() and int(os.environ["WORLD_SIZE"]) != args.tp:
         raise UsageError(f"--tp {args.tp} but torchrun started {os.environ['WORLD_SIZE']} processes")
+    check_device(args.backend, args.device)
     if not args.prompt and not args.prompt_ids:
         raise UsageError("give at least one --prompt TEXT or --prompt-ids 1,2,3")
     tokenizer = load_tokenizer(path)
@@ -105,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         if prints():
             print(f"error: {e}", file=sys.stderr)
         return 2
-    results = launch(generate_rank_program, args.tp, args.backend, kwargs=dict(
+    results = launch(generate_rank_program, args.tp, args.backend, device=args.device, kwargs=dict(
         model_path=str(path), prompts=prompts, max_new_tokens=args.max_new_tokens,
         temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed,
         dtype=args.dtype))
