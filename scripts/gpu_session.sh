@@ -16,7 +16,9 @@
 #
 # Sized for a 15-minute GPU lease (10 minutes per command): LAYERS=20 of the 80 layers are built, and every
 # record also extrapolates them to 80 ("scaled": arithmetic, labelled so). LAYERS=80 measures the whole rank
-# in about 4 times as long. Copy the .jsonl files into data/measurements/ to commit them.
+# in about 4 times as long. The steps' time limits add up to 9.5 minutes (150 s tests, 30 s dry run, 3 x 120 s
+# benches, 30 s calibration); the cost model expects the benches' timed requests to take under 2 minutes.
+# Copy the .jsonl files into data/measurements/ to commit them.
 set -uo pipefail
 
 OUT=${OUT:?set OUT to the folder for the results}
@@ -28,11 +30,12 @@ BATCHES=${BATCHES:-1,8,32,64}
 PROMPTS=${PROMPTS:-128,2048}
 STEPS=${STEPS:-8}
 REPEATS=${REPEATS:-3}
-TEST_TIMEOUT=${TEST_TIMEOUT:-180}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-150}
+TEST_TIMEOUT=${TEST_TIMEOUT:-150}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-120}  # per tp; the dry run prints the modelled time of each point
 PYTHON=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
+START=$SECONDS
 FAILED=$(mktemp)  # one line per failed step (steps run in pipelines, so a shell variable would not survive)
 
 step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep going on failure
@@ -54,7 +57,7 @@ step test_gpu "$TEST_TIMEOUT" "$PYTHON" -m pytest tests/test_gpu.py -v -x -p no:
 sweep=(--emulate-rank --model "$MODEL" --gpu "$GPU" --layers "$LAYERS" --batch "$BATCHES" --prompt-len "$PROMPTS"
        --decode-steps "$STEPS" --repeats "$REPEATS")
 {
-  step dry-run 60 "$PYTHON" -m tplab bench "${sweep[@]}" --tp "${TPS// /,}" --dry-run  # modelled duration, to compare
+  step dry-run 30 "$PYTHON" -m tplab bench "${sweep[@]}" --tp "${TPS// /,}" --dry-run  # modelled duration, to compare
   for tp in $TPS; do
     step "bench tp=$tp" "$BENCH_TIMEOUT" "$PYTHON" -m tplab bench "${sweep[@]}" --tp "$tp" --quiet --out "$OUT"
   done
@@ -63,11 +66,11 @@ sweep=(--emulate-rank --model "$MODEL" --gpu "$GPU" --layers "$LAYERS" --batch "
 shopt -s nullglob
 records=("$OUT"/*_emulated_*.jsonl)
 if ((${#records[@]})); then
-  step calibrate 60 "$PYTHON" -m tplab bench --calibrate "${records[@]}" --gpu "$GPU" \
+  step calibrate 30 "$PYTHON" -m tplab bench --calibrate "${records[@]}" --gpu "$GPU" \
     --efficiency-out "$OUT/efficiency-$GPU.json" 2>&1 | tee -a "$OUT/bench.log"
 else
   echo "=== calibrate skipped: no records"; echo calibrate >>"$FAILED"
 fi
 
-if [[ -s $FAILED ]]; then echo "=== done with failures: $(paste -sd, "$FAILED")"; exit 1; fi
-echo "=== done: every step passed"
+if [[ -s $FAILED ]]; then echo "=== done in $((SECONDS - START)) s with failures: $(paste -sd, "$FAILED")"; exit 1; fi
+echo "=== done in $((SECONDS - START)) s: every step passed"
