@@ -220,7 +220,9 @@ def test_a_copy_without_git_takes_its_commit_from_the_environment(monkeypatch, t
 def test_a_dry_run_sizes_a_sweep_without_allocating(capsys, tmp_path):
     spec = BenchSpec(model="llama-3-70b", tps=[8, 2], batches=[1, 64], prompt_lens=[2048], decode_steps=8, repeats=3,
                      emulate=True, layers=20, gpu="h200")
-    points = preview(spec)
+    sweep = preview(spec)
+    points = sweep.points
+    assert (sweep.layers_built, sweep.layers_full, sweep.gpu_memory_gb) == (20, 80, 141)
     assert [(p.tp, p.batch) for p in points] == [(8, 1), (8, 64), (2, 1), (2, 64)]
     by = {(p.tp, p.batch): p for p in points}
     assert by[8, 1].weights_gb == pytest.approx(4.80, abs=0.01)  # 20 of 80 layers + embedding and LM head shards
@@ -233,14 +235,14 @@ def test_a_dry_run_sizes_a_sweep_without_allocating(capsys, tmp_path):
 
     whole = preview(BenchSpec(model="llama-3-70b", tps=[2], batches=[64], prompt_lens=[2048], gpu="h100-sxm",
                               dtype="float32"))
-    assert not whole[0].fits and whole[0].seconds is None  # 141 GB of fp32 weights; the cost model has no fp32
+    assert not whole.points[0].fits and whole.points[0].seconds is None and whole.seconds is None  # 141 GB of fp32 weights; the cost model has no fp32
 
     assert main(["bench", "--model", "llama-3-70b", "--emulate-rank", "--gpu", "h200", "--layers", "20", "--tp",
                  "8,2", "--batch", "1,64", "--prompt-len", "2048", "--decode-steps", "8", "--repeats", "3",
                  "--dry-run", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("DRY RUN: nothing allocated") and "modelled (not measured)" in out
-    assert f"modelled total: {sum(p.seconds for p in points):.0f} s" in out
+    assert f"modelled total: {sweep.seconds:.0f} s" in out
     assert list(tmp_path.iterdir()) == []
 
 

@@ -45,7 +45,23 @@ class PointPreview:
     seconds: float | None  # the point's modelled duration, baseline included
 
 
-def preview(spec: BenchSpec) -> list[PointPreview]:
+@dataclass(frozen=True)
+class SweepPreview:
+    """The points of a sweep, and what they were modelled on."""
+
+    gpu_label: str
+    gpu_memory_gb: float
+    layers_built: int
+    layers_full: int
+    points: list[PointPreview]
+
+    @property
+    def seconds(self) -> float | None:
+        """The modelled duration of every point's timed requests (None without modelled times)."""
+        return None if any(p.seconds is None for p in self.points) else sum(p.seconds for p in self.points)
+
+
+def preview(spec: BenchSpec) -> SweepPreview:
     """Every point of ``spec`` (tp outermost, then batch, then prompt length), allocating nothing."""
     model, config = check_sweep(spec)
     gpu = load_gpu(spec.gpu)
@@ -67,29 +83,26 @@ def preview(spec: BenchSpec) -> list[PointPreview]:
                 fits = sum(need.values()) <= MEMORY_USE_LIMIT * gpu.memory_gb * 1e9
                 out.append(PointPreview(tp, batch, prompt_len, need["weights"] / 1e9, need["kv_cache"] / 1e9, fits,
                                         ttft, step, seconds))
-    return out
+    return SweepPreview(gpu.label, gpu.memory_gb, config.num_layers, model.config.num_layers, out)
 
 
-def print_preview(spec: BenchSpec, points: list[PointPreview]) -> None:
+def print_preview(spec: BenchSpec, sweep: SweepPreview) -> None:
     """The table of :func:`preview`, its total, and what the figures are."""
-    gpu = load_gpu(spec.gpu)
-    model, config = check_sweep(spec)
     print(f"DRY RUN: nothing allocated, nothing measured. Memory: rank 0's weights + KV cache, exact; times: "
-          f"{MODELLED} on one {gpu.label} per rank, {config.num_layers} of {model.config.num_layers} layers built, "
-          f"{spec.warmup}+{spec.repeats} requests per point{' and the HF baseline' if spec.baseline else ''}")
+          f"{MODELLED} on one {sweep.gpu_label} per rank, {sweep.layers_built} of {sweep.layers_full} layers "
+          f"built, {spec.warmup}+{spec.repeats} requests per point{' and the HF baseline' if spec.baseline else ''}")
     print(f"{'tp':>3} {'batch':>5} {'prompt':>6} {'weights GB':>10} {'KV GB':>7} {'fits':>5} {'TTFT ms':>9} "
           f"{'decode ms/tok':>13} {'point s':>8}")
-    for p in points:
+    for p in sweep.points:
         times = ("-", "-", "-") if p.seconds is None else (
             f"{p.ttft_ms:.1f}", f"{p.decode_ms_per_token:.2f}", f"{p.seconds:.1f}")
         print(f"{p.tp:>3} {p.batch:>5} {p.prompt_len:>6} {p.weights_gb:>10.2f} {p.kv_cache_gb:>7.2f} "
               f"{'yes' if p.fits else 'NO':>5} {times[0]:>9} {times[1]:>13} {times[2]:>8}")
-    if all(p.seconds is not None for p in points):
-        total = sum(p.seconds for p in points)
-        print(f"modelled total: {total:.0f} s ({total / 60:.1f} min) of timed requests, plus building the weights, "
-              "graph capture and the roofline")
+    if sweep.seconds is not None:
+        print(f"modelled total: {sweep.seconds:.0f} s ({sweep.seconds / 60:.1f} min) of timed requests, plus "
+              "building the weights, graph capture and the roofline")
     else:
         print(f"no modelled times: the cost model has no {spec.dtype} (use {' or '.join(COST_MODEL_DTYPES)})")
-    if not all(p.fits for p in points):
-        print(f"NO: more than {MEMORY_USE_LIMIT:.0%} of a {gpu.label}'s {gpu.memory_gb:.0f} GB; "
+    if not all(p.fits for p in sweep.points):
+        print(f"NO: more than {MEMORY_USE_LIMIT:.0%} of a {sweep.gpu_label}'s {sweep.gpu_memory_gb:.0f} GB; "
               "build fewer layers (--layers N), use a larger tp or a smaller batch")
