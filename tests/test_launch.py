@@ -19,6 +19,8 @@ import pytest
 import torch
 
 from tplab import CollectiveTimeout, RankDiedError, launch
+from tplab.launch import report_errors_to_torchrun
+from tplab.testing import failing_rank
 from tplab.testing.torchrun import env_outside_torchrun, run_under_torchrun, stdout_or_raise
 
 BACKENDS = ("threads", "gloo")
@@ -231,3 +233,17 @@ def test_demo_under_torchrun_uses_the_torchrun_processes():
     rows = [line.split() for line in out.splitlines() if line.startswith("torchrun")]
     assert len(rows) == 1, out  # both processes computed it; only rank 0 prints
     assert all(r[1] == "2" and r[-3] == "1" for r in rows)
+
+
+def test_under_torchrun_a_failing_rank_stops_the_group_and_torchrun_names_its_error():
+    """Rank 1 raises while rank 0 waits in an all-reduce: torchrun ends both, and its root cause is rank 1's error."""
+    start = time.monotonic()
+    done = run_under_torchrun(2, ["tplab.testing.failing_rank"], timeout=120, cwd=os.path.dirname(HERE))
+    assert done.returncode != 0 and time.monotonic() - start < 60, done.stderr[-2000:]
+    root_cause = done.stderr[done.stderr.index("Root Cause"):]
+    assert "rank      : 1" in root_cause and f"RuntimeError: {failing_rank.MESSAGE}" in root_cause, root_cause
+
+
+def test_report_errors_to_torchrun_changes_nothing_outside_torchrun(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    assert report_errors_to_torchrun(identify) is identify

@@ -25,6 +25,7 @@ computation cannot be stopped: launch returns once it does).
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import pickle
 import queue
@@ -275,6 +276,35 @@ def _launch_gloo(fn, tp, timeout, args, kwargs):
 
 
 # --- torchrun -----------------------------------------------------------------
+PEER_FAILURE_GRACE_S = 5.0
+
+
+def report_errors_to_torchrun(main: Callable[..., Any]) -> Callable[..., Any]:
+    """``main`` as a process's entry point: under torchrun, torchrun's failure summary names the original error.
+
+    An exception ``main`` raises is written where torchrun reads it (torch's
+    ``record``), so the summary's root cause shows the rank's traceback, not
+    only an exit code. The root cause is the failure torchrun observes first,
+    and a rank that only reacts to a failed peer (:class:`PeerFailure`) can
+    exit in the same instant as the peer: such a rank waits up to
+    ``PEER_FAILURE_GRACE_S`` before exiting, during which torchrun, having seen
+    the peer fail, stops it. (The same preference as ``launch``'s for the
+    error that is not a peer's reaction.) Unchanged outside torchrun.
+    """
+    if not under_torchrun():
+        return main
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    @functools.wraps(main)
+    def reacting_ranks_exit_last(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except PeerFailure:
+            time.sleep(PEER_FAILURE_GRACE_S)
+            raise
+    return record(reacting_ranks_exit_last)
+
+
 def _to_cpu(obj):
     if isinstance(obj, torch.Tensor):
         return obj.cpu()
