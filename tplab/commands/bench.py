@@ -27,8 +27,9 @@ Records are appended to data/measurements/ (--out) as JSON lines; the table
 printed says for every row whether it was measured or emulated.
 
 The GPU paths (CUDA-graph decode, NCCL under torchrun, CUDA-event roofline)
-were written without a GPU to run them on: they are untested. CPU runs
-(threads, gloo, torchrun with gloo, emulation) are tested.
+were written without a GPU to run them on: tests/test_gpu.py checks them on
+any GPU (run it first), but no GPU has run it yet. CPU runs (threads, gloo,
+torchrun with gloo, emulation) are tested.
 """
 from __future__ import annotations
 
@@ -119,7 +120,8 @@ def _row(r: dict) -> list[str]:
 
 
 GPU_NOTE = ("note: tplab's GPU paths (CUDA graphs, NCCL, CUDA-event timing) were written without a GPU to test "
-            "them on; sanity-check these numbers (e.g. against --decode eager) and report what looks wrong")
+            "them on: run `python -m pytest tests/test_gpu.py` on this machine, sanity-check these numbers (e.g. "
+            "against --decode eager) and report what looks wrong")
 
 
 def print_table(records: list[dict]) -> None:
