@@ -124,7 +124,9 @@ class StaticDecoder(EagerDecoder):
             torch.cuda.current_stream(device).wait_stream(stream)
             dist.stats.tag, self.captured_from = "graph-capture", len(dist.stats.records)
             self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph), torch.no_grad():
+            # thread_local: only this thread's unsafe calls break the capture, not those of other threads
+            # (NCCL's watchdog querying events of earlier collectives, in torch versions before 2.7)
+            with torch.cuda.graph(self._graph, capture_error_mode="thread_local"), torch.no_grad():
                 self._forward_step()
         finally:
             dist.time_collectives, dist.stats.tag = timed, tag
