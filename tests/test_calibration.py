@@ -97,8 +97,12 @@ def test_cpu_mixed_or_mismatched_records_are_refused():
     mixed = [synthetic("emulated", 8, 1, 128), synthetic("emulated", 8, 1, 128, device=("cuda", "NVIDIA A100-SXM4-80GB"))]
     with pytest.raises(ValueError, match="several devices"):
         calibrate(mixed, "h100-sxm")
-    with pytest.raises(ValueError, match="not on a NVIDIA H100 SXM5"):
+    with pytest.raises(ValueError, match="not on a NVIDIA H100 SXM5.*pass --gpu a100-sxm-80gb"):
         calibrate([synthetic("emulated", 8, 1, 128, device=("cuda", "NVIDIA A100-SXM4-80GB"))], "h100-sxm")
+    with pytest.raises(ValueError, match="pass --gpu h100-pcie"):  # the same chip, another part: other peaks
+        calibrate([synthetic("emulated", 8, 1, 128, device=("cuda", "NVIDIA H100 PCIe"))], "h100-sxm")
+    with pytest.raises(ValueError, match="'NVIDIA H100 NVL', a name no GPU of data/hardware/gpus lists"):
+        calibrate([synthetic("emulated", 8, 1, 128, device=("cuda", "NVIDIA H100 NVL"))], "h100-sxm")
     with pytest.raises(ValueError, match="no measurement records"):
         calibrate([], "h100-sxm")
     fp32 = synthetic("emulated", 8, 1, 128)

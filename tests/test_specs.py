@@ -6,8 +6,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from tplab.perf_shapes import rank_params
-from tplab.specs import (GPU_DIR, MODEL_DIR, efficiency_provenance, gpu_names, load_efficiency, load_gpu, load_model,
-                         model_from_config, model_names, network_names)
+from tplab.specs import (GPU_DIR, MODEL_DIR, efficiency_provenance, gpu_for_device, gpu_names, load_efficiency,
+                         load_gpu, load_model, model_from_config, model_names, network_names)
 
 GPUS = ["a100-pcie-80gb", "a100-sxm-80gb", "h100-pcie", "h100-sxm", "h200", "l40s", "rtx-4090"]
 
@@ -109,3 +109,11 @@ def test_efficiency_defaults_have_provenance_and_accept_overrides(tmp_path):
         load_efficiency({"hbm": 0.9})
     with pytest.raises(ValueError, match=r"efficiency link=1.5 must be a fraction in \(0, 1\]"):
         load_efficiency({"link": 1.5})
+
+
+def test_a_record_s_device_name_maps_to_one_gpu_spec():
+    names = [n.lower() for gpu in gpu_names() for n in load_gpu(gpu).device_names]
+    assert len(names) == len(set(names)) and all(load_gpu(gpu).device_names for gpu in gpu_names())
+    assert gpu_for_device("NVIDIA H200") == "h200" and gpu_for_device("nvidia h100 80gb hbm3") == "h100-sxm"
+    assert gpu_for_device("NVIDIA H100 PCIe") == "h100-pcie"
+    assert gpu_for_device("NVIDIA H100 NVL") is None and gpu_for_device("Intel(R) Xeon(R) Processor") is None

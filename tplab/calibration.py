@@ -27,14 +27,13 @@ so they keep their defaults.
 from __future__ import annotations
 
 import json
-import re
 import statistics
 from pathlib import Path
 
 from tplab.bench_results import record_shapes
 from tplab.perf import bound, compute_dtype_for
 from tplab.perf_shapes import step_work
-from tplab.specs import GpuSpec, load_efficiency, load_gpu
+from tplab.specs import GpuSpec, gpu_for_device, load_efficiency, load_gpu
 RING_FACTOR = {"all_reduce": 2, "all_gather": 1, "reduce_scatter": 1}
 
 
@@ -49,9 +48,12 @@ def _check_hardware(records: list[dict], gpu: GpuSpec) -> str:
     if len(devices) > 1:
         raise ValueError(f"records come from several devices {sorted(n for _, n in devices)}: calibrate one at a time")
     name = next(iter(devices))[1]
-    token = re.search(r"[a-z]?\d{3,4}[a-z]?", gpu.name)
-    if token and token.group(0) not in name.lower():
-        raise ValueError(f"the records were taken on {name!r}, not on a {gpu.label}: pass the matching --gpu")
+    spec = gpu_for_device(name)
+    if spec is None:
+        raise ValueError(f"the records were taken on {name!r}, a name no GPU of data/hardware/gpus lists in its "
+                         "device_names: add it to the spec of that part (or a new spec) to calibrate it")
+    if spec != gpu.name:
+        raise ValueError(f"the records were taken on {name!r}, not on a {gpu.label}: pass --gpu {spec}")
     return name
 
 

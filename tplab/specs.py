@@ -61,6 +61,7 @@ class GpuSpec:
     interconnects: dict[str, Link]
     datasheet: str
     sources: dict[str, str]
+    device_names: tuple[str, ...] = ()  # what torch.cuda.get_device_name() reports for this part
 
     def tflops(self, dtype: str) -> float | None:
         """Dense tensor-core TFLOP/s for ``dtype`` (bf16/fp16, fp8, int8), None where unsupported."""
@@ -124,8 +125,15 @@ def load_gpu(gpu: str | GpuSpec) -> GpuSpec:
         sources[f"link_{kind}"] = entry["source"]
         links[kind] = Link(kind, kind, float(entry["bandwidth_gb_s"]), alpha[kind], entry["max_gpus"], entry["source"])
     datasheet = f"{data['datasheet']['title']} ({data['datasheet']['url']})"
+    sources["device_names"] = data["device_names"]["source"]
     return GpuSpec(name, data["label"], float(data["memory_gb"]["value"]), float(data["memory_bandwidth_gb_s"]["value"]),
-                   tflops, links, datasheet, sources)
+                   tflops, links, datasheet, sources, tuple(data["device_names"]["value"]))
+
+
+def gpu_for_device(device_name: str) -> str | None:
+    """The shipped GPU spec whose ``device_names`` include ``device_name`` (as torch reports it), or None."""
+    wanted = device_name.strip().lower()
+    return next((name for name in gpu_names() if wanted in (n.lower() for n in load_gpu(name).device_names)), None)
 
 
 @dataclass(frozen=True)
