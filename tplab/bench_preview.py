@@ -24,10 +24,8 @@ from dataclasses import dataclass
 from tplab.bench_models import config_dict, rank_bytes
 from tplab.bench_plan import MEMORY_USE_LIMIT, BenchSpec, check_sweep
 from tplab.loading import DTYPES
-from tplab.perf import MODELLED, estimate
+from tplab.perf import FROM_TORCH_DTYPE, MODELLED, estimate
 from tplab.specs import load_gpu, model_from_config
-
-COST_MODEL_DTYPES = {"bfloat16": "bf16", "float16": "fp16"}  # the cost model has no fp32
 
 
 @dataclass(frozen=True)
@@ -66,7 +64,7 @@ def preview(spec: BenchSpec) -> SweepPreview:
     model, config = check_sweep(spec)
     gpu = load_gpu(spec.gpu)
     built = model_from_config(config_dict(config), model.name)
-    dtype = COST_MODEL_DTYPES.get(spec.dtype)
+    dtype = FROM_TORCH_DTYPE.get(spec.dtype)
     requests, copies = spec.warmup + spec.repeats, 2 if spec.baseline else 1
     out = []
     for tp in spec.tps:
@@ -102,7 +100,7 @@ def print_preview(spec: BenchSpec, sweep: SweepPreview) -> None:
         print(f"modelled total: {sweep.seconds:.0f} s ({sweep.seconds / 60:.1f} min) of timed requests, plus "
               "building the weights, graph capture and the roofline")
     else:
-        print(f"no modelled times: the cost model has no {spec.dtype} (use {' or '.join(COST_MODEL_DTYPES)})")
+        print(f"no modelled times: the cost model has no {spec.dtype} (use {' or '.join(FROM_TORCH_DTYPE)})")
     if not all(p.fits for p in sweep.points):
         print(f"NO: more than {MEMORY_USE_LIMIT:.0%} of a {sweep.gpu_label}'s {sweep.gpu_memory_gb:.0f} GB; "
               "build fewer layers (--layers N), use a larger tp or a smaller batch")
