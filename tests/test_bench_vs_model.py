@@ -8,8 +8,8 @@ import copy
 
 import pytest
 
-from tplab.bench_results import load_records
-from tplab.bench_vs_model import by_gpu, full_model_ms, modelled_for, plot_against_model
+from tplab.bench_results import full_model_ms, load_records
+from tplab.bench_vs_model import by_gpu, modelled_for, plot_against_model
 from tplab.specs import DATA_DIR
 
 

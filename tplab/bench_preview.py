@@ -23,8 +23,9 @@ from dataclasses import dataclass
 
 from tplab.bench_models import config_dict, rank_bytes
 from tplab.bench_plan import MEMORY_USE_LIMIT, BenchSpec, check_sweep
+from tplab.bench_results import PERF_DTYPES
 from tplab.loading import DTYPES
-from tplab.perf import FROM_TORCH_DTYPE, MODELLED, estimate
+from tplab.perf import MODELLED, estimate
 from tplab.specs import load_gpu, model_from_config
 
 
@@ -64,7 +65,7 @@ def preview(spec: BenchSpec) -> SweepPreview:
     model, config = check_sweep(spec)
     gpu = load_gpu(spec.gpu)
     built = model_from_config(config_dict(config), model.name)
-    dtype = FROM_TORCH_DTYPE.get(spec.dtype)
+    dtype = PERF_DTYPES.get(spec.dtype)
     requests, copies = spec.warmup + spec.repeats, 2 if spec.baseline else 1
     out = []
     for tp in spec.tps:
@@ -100,7 +101,7 @@ def print_preview(spec: BenchSpec, sweep: SweepPreview) -> None:
         print(f"modelled total: {sweep.seconds:.0f} s ({sweep.seconds / 60:.1f} min) of timed requests, plus "
               "building the weights, graph capture and the roofline")
     else:
-        print(f"no modelled times: the cost model has no {spec.dtype} (use {' or '.join(FROM_TORCH_DTYPE)})")
+        print(f"no modelled times: the cost model has no {spec.dtype} (use {' or '.join(PERF_DTYPES)})")
     if not all(p.fits for p in sweep.points):
         print(f"NO: more than {MEMORY_USE_LIMIT:.0%} of a {sweep.gpu_label}'s {sweep.gpu_memory_gb:.0f} GB; "
               "build fewer layers (--layers N), use a larger tp or a smaller batch")

@@ -70,6 +70,11 @@ def scale_to_full(compute_ms: float, edges_ms: float, comm: dict[str, dict[str, 
 PERF_DTYPES = {"bfloat16": "bf16", "float16": "fp16"}  # torch dtype name -> the cost model's precision
 
 
+def full_model_ms(record: dict, field: str) -> float:
+    """``decode_ms_per_token`` or ``ttft_ms`` of the whole model: extrapolated when fewer layers were built."""
+    return record["scaled"][field] if record["scaled"] else record[field]["median"]
+
+
 @dataclass(frozen=True)
 class RecordShapes:
     """What the cost model needs to evaluate a record's point: model shapes, tp, precision, sizes, layers built."""

@@ -4,16 +4,17 @@ A record taken on a GPU that a spec of ``data/hardware/gpus`` names
 (:func:`tplab.specs.gpu_for_device`) is set beside :func:`tplab.perf.estimate`
 at the record's point: the same model with all its layers, tp, batch and
 prompt length, ``decode_steps`` new tokens (so the model's mean context is
-that of the timed steps), the record's dtype and, for an emulated record, the
-link its collectives were modelled on.
+about that of the timed steps), the record's dtype and, for an emulated
+record, the link its collectives were modelled on.
 
-The record's side is the whole model too (:func:`full_model_ms`): its
-extrapolation to all layers (``scaled``, arithmetic on a measurement, labelled
-so) where fewer were built, its medians otherwise. Both sides include the
+The record's side is the whole model too
+(:func:`tplab.bench_results.full_model_ms`): its extrapolation to all layers
+(``scaled``, arithmetic on a measurement, labelled so) where fewer were
+built, its medians otherwise. Both sides include the
 collectives: measured on real ranks, modelled for an emulated one.
 
 The ratio measured / modelled is what calibration (:mod:`tplab.calibration`)
-turns into efficiencies; here it is shown, not fitted.
+turns into efficiencies; here it is shown (:func:`plot_against_model`), not fitted.
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from collections import defaultdict
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-from tplab.perf import FROM_TORCH_DTYPE, Estimate, estimate
+from tplab.bench_results import PERF_DTYPES, full_model_ms
+from tplab.perf import Estimate, estimate
 from tplab.plots.measurements import Series, plot_series
 from tplab.specs import gpu_for_device, model_from_config
 
@@ -30,16 +32,11 @@ from tplab.specs import gpu_for_device, model_from_config
 FIELDS = {"decode_ms_per_token": "decode time per token (ms)", "ttft_ms": "time to first token (ms)"}
 
 
-def full_model_ms(record: dict, field: str) -> float:
-    """``decode_ms_per_token`` or ``ttft_ms`` of the whole model: extrapolated when fewer layers were built."""
-    return record["scaled"][field] if record["scaled"] else record[field]["median"]
-
-
 def modelled_for(record: dict, efficiency=None) -> Estimate | None:
     """The cost model at the record's point on the record's GPU; None for a CPU, an unknown GPU or float32."""
     device, setting = record["env"]["device"], record["setting"]
     gpu = gpu_for_device(device["name"]) if device["type"] == "cuda" else None
-    dtype = FROM_TORCH_DTYPE.get(setting["dtype"])
+    dtype = PERF_DTYPES.get(setting["dtype"])
     if gpu is None or dtype is None:
         return None
     link = setting.get("link") or {}

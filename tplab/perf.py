@@ -35,7 +35,6 @@ from tplab.specs import Efficiency, GpuSpec, Link, ModelSpec, load_efficiency, l
 
 GB = 1e9
 MODELLED = "modelled (not measured)"
-FROM_TORCH_DTYPE = {"bfloat16": "bf16", "float16": "fp16"}  # torch dtype names -> the model's (it has no fp32)
 
 
 @dataclass(frozen=True)
