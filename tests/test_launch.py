@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tplab import CollectiveTimeout, RankDiedError, launch
-from tplab.launch import report_errors_to_torchrun
+from tplab.launch_torchrun import report_errors_to_torchrun
 from tplab.testing import failing_rank
 from tplab.testing.torchrun import env_outside_torchrun, run_under_torchrun, stdout_or_raise
 

@@ -1,6 +1,6 @@
 import sys
 
 from tplab.cli import main
-from tplab.launch import report_errors_to_torchrun
+from tplab.launch_torchrun import report_errors_to_torchrun
 
 sys.exit(report_errors_to_torchrun(main)())

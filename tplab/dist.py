@@ -40,6 +40,14 @@ class CollectiveTimeout(TimeoutError):
     the group's timeout (still busy elsewhere), or had already returned without joining it."""
 
 
+def first_error(errors: dict[int, BaseException]) -> tuple[int, BaseException]:
+    """The error that caused the failure: the first (in arrival order) that is not a peer's reaction."""
+    for rank, err in errors.items():
+        if not isinstance(err, PeerFailure):
+            return rank, err
+    return next(iter(errors.items()))
+
+
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
