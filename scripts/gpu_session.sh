@@ -14,6 +14,9 @@
 #   bench.log         the sweep's modelled duration (--dry-run), the benches' tables, the calibration
 #   efficiency-GPU.json  the cost model's efficiencies fitted to those records (python -m tplab plan --efficiency)
 #
+# If the first bench fails other than by time (most likely the CUDA-graph decode, which no GPU had run before this
+# script), it is rerun with --decode eager, and so are the others.
+#
 # Sized for a 15-minute GPU lease (10 minutes per command): LAYERS=20 of the 80 layers are built, and every
 # record also extrapolates them to 80 ("scaled": arithmetic, labelled so). LAYERS=80 measures the whole rank
 # in about 4 times as long. The steps' time limits add up to 9.5 minutes (150 s tests, 30 s dry run, 3 x 120 s
@@ -30,6 +33,7 @@ BATCHES=${BATCHES:-1,8,32,64}
 PROMPTS=${PROMPTS:-128,2048}
 STEPS=${STEPS:-8}
 REPEATS=${REPEATS:-3}
+DECODE=${DECODE:-}  # the first tp's decode mode; empty: the bench's default, a CUDA graph on a GPU
 TEST_TIMEOUT=${TEST_TIMEOUT:-150}
 BENCH_TIMEOUT=${BENCH_TIMEOUT:-120}  # per tp; the dry run prints the modelled time of each point
 PYTHON=${PYTHON:-python3}
@@ -43,6 +47,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep going on f
   echo "=== $name ($(date -u +%H:%M:%S), limit ${seconds}s): $*"
   timeout "$seconds" "$@"; status=$?
   if ((status)); then echo "=== $name FAILED (exit $status$( ((status == 124)) && echo ', timed out'))"; echo "$name" >>"$FAILED"; fi
+  return $status
 }
 
 {
@@ -58,8 +63,19 @@ sweep=(--emulate-rank --model "$MODEL" --gpu "$GPU" --layers "$LAYERS" --batch "
        --decode-steps "$STEPS" --repeats "$REPEATS")
 {
   step dry-run 30 "$PYTHON" -m tplab bench "${sweep[@]}" --tp "${TPS// /,}" --dry-run  # modelled duration, to compare
+  decode=$DECODE first=1
   for tp in $TPS; do
-    step "bench tp=$tp" "$BENCH_TIMEOUT" "$PYTHON" -m tplab bench "${sweep[@]}" --tp "$tp" --quiet --out "$OUT"
+    step "bench tp=$tp" "$BENCH_TIMEOUT" "$PYTHON" -m tplab bench "${sweep[@]}" ${decode:+--decode "$decode"} \
+      --tp "$tp" --quiet --out "$OUT"; status=$?
+    if ((first && status && status != 124)) && [[ $decode != eager ]]; then
+      # the first tp failed, not for time: most likely the CUDA-graph decode (never run on a GPU before). The eager
+      # decode still measures, so this tp and the next ones use it: a lease yields data either way.
+      decode=eager
+      echo "=== retrying with --decode eager"
+      step "bench tp=$tp, eager decode" "$BENCH_TIMEOUT" "$PYTHON" -m tplab bench "${sweep[@]}" --decode eager \
+        --tp "$tp" --quiet --out "$OUT"
+    fi
+    first=0
   done
 } 2>&1 | tee "$OUT/bench.log"
 

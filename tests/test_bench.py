@@ -257,3 +257,18 @@ def test_the_gpu_session_script_runs_every_step_on_a_cpu(config_path, tmp_path):
     assert len(list(tmp_path.glob("*_emulated_*.jsonl"))) == 2
     assert {"machine.txt", "test_gpu.log", "bench.log"} <= {f.name for f in tmp_path.iterdir()}
     assert "DRY RUN" in (tmp_path / "bench.log").read_text()
+
+
+def test_the_gpu_session_falls_back_to_eager_decode(config_path, tmp_path):
+    """The first bench fails (here: --decode graph on a CPU), so it and the next ones run with eager decoding."""
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "MODEL": config_path, "GPU": "h100-sxm",
+           "LAYERS": "1", "TPS": "2 1", "BATCHES": "1", "PROMPTS": "6", "STEPS": "2", "REPEATS": "1",
+           "DECODE": "graph", "TEST_TIMEOUT": "1"}
+    done = subprocess.run(["bash", "scripts/gpu_session.sh"], cwd=bench_env.REPO_DIR, env=env, capture_output=True,
+                          text=True, timeout=600)
+    log = (tmp_path / "bench.log").read_text()
+    assert "needs a GPU" in log and "=== retrying with --decode eager" in log
+    records = load_records(*tmp_path.glob("*_emulated_*.jsonl"))
+    assert sorted(r["setting"]["tp"] for r in records) == [1, 2]
+    assert {r["setting"]["decode_mode"] for r in records} == {"eager"}
+    assert done.stdout.strip().endswith("with failures: test_gpu,bench tp=2,calibrate"), done.stdout[-2000:]
