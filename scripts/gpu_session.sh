@@ -57,7 +57,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, keep going on f
   echo "tplab commit: ${TPLAB_GIT_COMMIT:-unknown (set TPLAB_GIT_COMMIT)}"
 } 2>&1 | tee "$OUT/machine.txt"
 
-step test_gpu "$TEST_TIMEOUT" "$PYTHON" -m pytest tests/test_gpu.py -v -x -p no:cacheprovider 2>&1 | tee "$OUT/test_gpu.log"
+step test_gpu "$TEST_TIMEOUT" "$PYTHON" -m pytest tests/test_gpu.py -v -p no:cacheprovider 2>&1 | tee "$OUT/test_gpu.log"
 
 sweep=(--emulate-rank --model "$MODEL" --gpu "$GPU" --layers "$LAYERS" --batch "$BATCHES" --prompt-len "$PROMPTS"
        --decode-steps "$STEPS" --repeats "$REPEATS")
