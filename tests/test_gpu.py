@@ -74,7 +74,7 @@ def test_tp_ranks_sharing_one_gpu_give_hf_greedy_tokens(name):
     for tp in (1, 2, 4):
         for tokens, logits, comm, device in launch(greedy_with_logits, tp, device=DEVICE, args=(hf, prompts)):
             assert torch.device(device).type == torch.device(DEVICE).type
-            assert tokens == [tokens for tokens, _ in references]
+            assert tokens == [hf_tokens for hf_tokens, _ in references]
             for step, step_logits in enumerate(logits):
                 for row, (_, hf_logits) in enumerate(references):
                     torch.testing.assert_close(step_logits[row], hf_logits[step].cpu(), rtol=0, atol=ATOL)
