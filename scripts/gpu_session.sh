@@ -19,9 +19,10 @@
 #
 # Sized for a 15-minute GPU lease (10 minutes per command): LAYERS=20 of the 80 layers are built, and every
 # record also extrapolates them to 80 ("scaled": arithmetic, labelled so). LAYERS=80 measures the whole rank
-# in about 4 times as long. The steps' time limits add up to 9.5 minutes (150 s tests, 30 s dry run, 3 x 120 s
-# benches, 30 s calibration); the cost model expects the benches' timed requests to take under 2 minutes.
-# Copy the .jsonl files into data/measurements/ to commit them.
+# in about 4 times as long. The steps' time limits add up to 10.5 minutes (120 s tests, 30 s dry run, 3 x 150 s
+# benches, 30 s calibration); the cost model expects the benches' timed requests to take under 2 minutes. Each
+# bench's records are written when it ends, so a call cut short keeps the tps done; the calibration needs no GPU
+# and can be rerun anywhere from the records. Copy the .jsonl files into data/measurements/ to commit them.
 set -uo pipefail
 
 OUT=${OUT:?set OUT to the folder for the results}
@@ -34,8 +35,8 @@ PROMPTS=${PROMPTS:-128,2048}
 STEPS=${STEPS:-8}
 REPEATS=${REPEATS:-3}
 DECODE=${DECODE:-}  # the first tp's decode mode; empty: the bench's default, a CUDA graph on a GPU
-TEST_TIMEOUT=${TEST_TIMEOUT:-150}
-BENCH_TIMEOUT=${BENCH_TIMEOUT:-120}  # per tp; the dry run prints the modelled time of each point
+TEST_TIMEOUT=${TEST_TIMEOUT:-120}
+BENCH_TIMEOUT=${BENCH_TIMEOUT:-150}  # per tp; the dry run prints the modelled time of each point
 PYTHON=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
