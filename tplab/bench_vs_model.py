@@ -52,7 +52,7 @@ def by_gpu(records: list[dict], efficiency=None) -> dict[str, list[tuple[dict, E
     for r in records:
         e = modelled_for(r, efficiency)
         if e is not None:
-            out[gpu_for_device(r["env"]["device"]["name"])].append((r, e))
+            out[e.gpu].append((r, e))
     return dict(out)
 
 

@@ -18,7 +18,7 @@ import sys
 import time
 import traceback
 from datetime import timedelta
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -103,7 +103,8 @@ def _process_context(fn):
     return ctx
 
 
-def launch_gloo(fn, tp, timeout, args, kwargs):
+def launch_gloo(fn: Callable[..., Any], tp: int, timeout: float, args: tuple, kwargs: dict) -> list[Any]:
+    """``fn(dist, *args, **kwargs)`` on ``tp`` gloo processes; their results in rank order (see the module docstring)."""
     _check_picklable(fn)
     ctx = _process_context(fn)
     results_q = ctx.Queue()

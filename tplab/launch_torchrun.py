@@ -70,7 +70,8 @@ def _destroy_process_group() -> None:
         td.destroy_process_group()
 
 
-def launch_torchrun(fn, tp, timeout, args, kwargs):
+def launch_torchrun(fn: Callable[..., Any], tp: int, timeout: float, args: tuple, kwargs: dict) -> list[Any]:
+    """``fn(dist, *args, **kwargs)`` on this process's rank; every rank's result (on the CPU), in rank order."""
     import torch.distributed as td
     world_size = int(os.environ["WORLD_SIZE"])
     if tp != world_size:
