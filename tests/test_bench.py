@@ -246,12 +246,17 @@ def test_a_dry_run_sizes_a_sweep_without_allocating(capsys, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def run_gpu_session(config_path: str, out, **settings: str) -> subprocess.CompletedProcess:
+    """scripts/gpu_session.sh on the small model of ``config_path``, tp 2 and 1, with ``settings`` on top."""
+    env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "MODEL": config_path, "GPU": "h100-sxm",
+           "LAYERS": "1", "TPS": "2 1", "PROMPTS": "6", "STEPS": "2", "REPEATS": "1", **settings}
+    return subprocess.run(["bash", "scripts/gpu_session.sh"], cwd=bench_env.REPO_DIR, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
 def test_the_gpu_session_script_runs_every_step_on_a_cpu(config_path, tmp_path):
     """scripts/gpu_session.sh on a small model: every step runs; only the calibration refuses (CPU records)."""
-    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "MODEL": config_path, "GPU": "h100-sxm",
-           "LAYERS": "1", "TPS": "2 1", "BATCHES": "1,2", "PROMPTS": "6", "STEPS": "2", "REPEATS": "1"}
-    done = subprocess.run(["bash", "scripts/gpu_session.sh"], cwd=bench_env.REPO_DIR, env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = run_gpu_session(config_path, tmp_path, BATCHES="1,2")
     assert done.returncode == 1 and done.stdout.strip().endswith("with failures: calibrate"), done.stdout
     assert "CPU measurements cannot calibrate" in done.stdout
     assert len(list(tmp_path.glob("*_emulated_*.jsonl"))) == 2
@@ -261,11 +266,7 @@ def test_the_gpu_session_script_runs_every_step_on_a_cpu(config_path, tmp_path):
 
 def test_the_gpu_session_falls_back_to_eager_decode(config_path, tmp_path):
     """The first bench fails (here: --decode graph on a CPU), so it and the next ones run with eager decoding."""
-    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "MODEL": config_path, "GPU": "h100-sxm",
-           "LAYERS": "1", "TPS": "2 1", "BATCHES": "1", "PROMPTS": "6", "STEPS": "2", "REPEATS": "1",
-           "DECODE": "graph", "TEST_TIMEOUT": "1"}
-    done = subprocess.run(["bash", "scripts/gpu_session.sh"], cwd=bench_env.REPO_DIR, env=env, capture_output=True,
-                          text=True, timeout=600)
+    done = run_gpu_session(config_path, tmp_path, BATCHES="1", DECODE="graph", TEST_TIMEOUT="1")
     log = (tmp_path / "bench.log").read_text()
     assert "needs a GPU" in log and "=== retrying with --decode eager" in log
     records = load_records(*tmp_path.glob("*_emulated_*.jsonl"))
