@@ -235,7 +235,8 @@ def test_a_dry_run_sizes_a_sweep_without_allocating(capsys, tmp_path):
 
     whole = preview(BenchSpec(model="llama-3-70b", tps=[2], batches=[64], prompt_lens=[2048], gpu="h100-sxm",
                               dtype="float32"))
-    assert not whole.points[0].fits and whole.points[0].seconds is None and whole.seconds is None  # 141 GB of fp32 weights; the cost model has no fp32
+    # 141 GB of fp32 weights; the cost model has no fp32
+    assert not whole.points[0].fits and whole.points[0].seconds is None and whole.seconds is None
 
     assert main(["bench", "--model", "llama-3-70b", "--emulate-rank", "--gpu", "h200", "--layers", "20", "--tp",
                  "8,2", "--batch", "1,64", "--prompt-len", "2048", "--decode-steps", "8", "--repeats", "3",
