@@ -2,7 +2,15 @@
 #   make test   unit tests + every notebook under nbmake
 #   make demo   the main job: the bundled tiny model writes the same text on 1, 2, 4 and 8 ranks
 # and `make lab` opens JupyterLab on notebooks/.
+#
+# CPU-only machines: PyPI's torch wheel for Linux is the CUDA build (several GB). Give PyTorch's CPU wheel index
+# and torch is installed from it first, at the pinned version:
+#   make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
 PY ?= python3
+TORCH_INDEX ?=
+# Another GEMM code path than this CPU's default (MKL's portable kernels): results that depend on which kernel
+# BLAS picks change under it, so tests that assert such bits fail here as they would on another CPU.
+OTHER_GEMM_PATH := MKL_CBWR=COMPATIBLE
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -14,11 +22,13 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	if [ -n "$(TORCH_INDEX)" ]; then $(BIN)/pip install --quiet --index-url "$(TORCH_INDEX)" "$$(grep '^torch==' constraints.txt)"; fi
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 test: setup
 	$(BIN)/python -m pytest tests notebooks --nbmake -q
+	$(OTHER_GEMM_PATH) $(BIN)/python -m pytest tests/test_layers.py tests/test_rounding.py tests/test_model_layers.py notebooks --nbmake -q
 
 DEMO_PROMPTS := --prompt "The with statement" --prompt "An object is"
 

@@ -19,7 +19,7 @@ import sys
 import pytest
 import torch
 
-from tplab import bench_env, bench_plan, bench_point, launch
+from tplab import bench, bench_env, bench_plan, bench_point, launch
 from tplab.bench import BenchSpec, plan, run_bench
 from tplab.bench_decode import make_decoder
 from tplab.bench_preview import preview
@@ -205,6 +205,17 @@ def test_cli_prints_a_labelled_table_or_json(config_path, capsys, tmp_path):
     assert record["kind"] == "emulated" and record["setting"]["tp"] == 2
     assert main(["bench", "--model", config_path, "--tp", "3", "--prompt-len", "8"]) == 2
     assert "valid tp: 1, 2, 4, 8" in capsys.readouterr().err
+
+
+def test_an_unwritable_out_fails_before_anything_is_measured(config_path, capsys, tmp_path, monkeypatch):
+    blocked = tmp_path / "file"
+    blocked.write_text("")  # a file where a folder would have to be made
+    measured = []
+    monkeypatch.setattr(bench, "_run", lambda *a: measured.append(a))
+    args = ["bench", "--model", config_path, "--tp", "2", "--prompt-len", "4", "--emulate-rank", "--quiet"]
+    assert main(args + ["--out", str(blocked / "sub")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: cannot write {blocked / 'sub'}")
+    assert measured == []
 
 
 def test_a_copy_without_git_takes_its_commit_from_the_environment(monkeypatch, tmp_path):

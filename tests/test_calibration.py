@@ -16,7 +16,7 @@ from tplab.cli import main
 from tplab.emulation import modelled_seconds
 from tplab.perf import estimate, step_seconds
 from tplab.perf_shapes import step_work
-from tplab.specs import load_efficiency, load_gpu, load_model
+from tplab.specs import EFFICIENCY_FILE, load_efficiency, load_gpu, load_model
 
 TRUE = {"memory_bandwidth": 0.55, "compute": 0.45, "link": 0.7}
 H100 = load_gpu("h100-sxm")
@@ -120,3 +120,27 @@ def test_cli_writes_the_calibrated_file(tmp_path, capsys):
     assert load_efficiency(out).link == pytest.approx(0.7)
     assert main(["bench", "--calibrate", str(source)]) == 2
     assert "--efficiency-out" in capsys.readouterr().err
+
+
+def test_the_cli_never_replaces_a_file_silently_nor_the_shipped_defaults(tmp_path, capsys):
+    source = tmp_path / "run.jsonl"
+    source.write_text("".join(json.dumps({**r, "schema": 1}) + "\n" for r in records()))
+    defaults = EFFICIENCY_FILE.read_bytes()
+    for force in ([], ["--force"]):  # the defaults file is refused even with --force
+        assert main(["bench", "--calibrate", str(source), "--efficiency-out", str(EFFICIENCY_FILE), *force]) == 2
+        assert "holds the defaults every estimate starts from" in capsys.readouterr().err
+    assert EFFICIENCY_FILE.read_bytes() == defaults
+    mine = tmp_path / "mine.json"
+    mine.write_text("{}")
+    assert main(["bench", "--calibrate", str(source), "--efficiency-out", str(mine)]) == 2
+    assert "exists; pass --force to replace it" in capsys.readouterr().err and mine.read_text() == "{}"
+    assert main(["bench", "--calibrate", str(source), "--efficiency-out", str(mine), "--force"]) == 0
+    assert load_efficiency(mine).link == pytest.approx(0.7)
+
+
+def test_a_file_that_fails_its_check_replaces_nothing(tmp_path):
+    target = tmp_path / "eff.json"
+    target.write_text("old")
+    with pytest.raises(ValueError, match="efficiency link=7"):
+        write_efficiency({"about": "x", "link": {"value": 7}}, target, force=True)
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["eff.json"]  # no temporary left

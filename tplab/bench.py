@@ -51,6 +51,7 @@ from tplab.bench_roofline import measure_copy_bandwidth, measure_matmul_tflops
 from tplab.bench_timing import time_hf
 from tplab.dist import Dist
 from tplab.emulation import emulated_dist
+from tplab.files import check_writable
 from tplab.launch import launch, under_torchrun
 from tplab.loading import DTYPES
 
@@ -92,6 +93,9 @@ def _release(device: torch.device) -> None:
 def run_bench(spec: BenchSpec, out: str | Path | None = None, progress: bool | None = None) -> list[dict]:
     """Run the sweep; append each record to ``out`` (a .jsonl file, or a folder for a new run file); return them."""
     p = plan(spec)
+    if out is not None:  # before anything is measured: a record that cannot be written is a lost measurement
+        out = Path(out)
+        check_writable(out if out.suffix == ".jsonl" else out / ".tplab-write-check")
     threads = torch.get_num_threads()
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)

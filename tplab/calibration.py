@@ -31,9 +31,10 @@ import statistics
 from pathlib import Path
 
 from tplab.bench_results import record_shapes
+from tplab.files import write_new_file
 from tplab.perf import bound, compute_dtype_for
 from tplab.perf_shapes import step_work
-from tplab.specs import GpuSpec, gpu_for_device, load_efficiency, load_gpu
+from tplab.specs import EFFICIENCY_FILE as DEFAULTS_FILE, GpuSpec, gpu_for_device, load_efficiency, load_gpu
 RING_FACTOR = {"all_reduce": 2, "all_gather": 1, "reduce_scatter": 1}
 
 
@@ -135,10 +136,15 @@ def calibrate(records: list[dict], gpu: str | GpuSpec, interconnect: str | None 
     return out
 
 
-def write_efficiency(calibrated: dict, path: str | Path) -> Path:
-    """Write the calibrated entries as JSON, and check that the cost model loads the file."""
+def write_efficiency(calibrated: dict, path: str | Path, force: bool = False) -> Path:
+    """Write the calibrated entries as a JSON override file, atomically, once the cost model loads it.
+
+    An existing file is replaced only with ``force``; the shipped defaults
+    (data/efficiency.json), which every estimate starts from, never: a
+    calibration is an override, loaded with ``--efficiency FILE``.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(calibrated, indent=2) + "\n")
-    load_efficiency(path)
-    return path
+    if path.resolve() == DEFAULTS_FILE.resolve():
+        raise ValueError(f"{path} holds the defaults every estimate starts from; write the calibration to another "
+                         "file and load it with --efficiency FILE")
+    return write_new_file(path, json.dumps(calibrated, indent=2) + "\n", force=force, validate=load_efficiency)

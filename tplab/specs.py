@@ -22,14 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+from tplab.paths import DATA_DIR
+
 GPU_DIR = DATA_DIR / "hardware" / "gpus"
 MODEL_DIR = DATA_DIR / "model_configs"
+EFFICIENCY_FILE = DATA_DIR / "efficiency.json"
 
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
-        raise ValueError(f"{path} does not exist (tplab's data/ folder sits next to the tplab package in the repository)")
+        raise ValueError(f"{path} does not exist: tplab's data is incomplete; reinstall tplab "
+                         "(pip install tplab, or pip install -e . in its repository)")
     return json.loads(path.read_text())
 
 
@@ -224,7 +227,7 @@ _FRACTIONS = ("memory_bandwidth", "compute", "link")
 
 def efficiency_provenance() -> dict[str, str]:
     """Each default efficiency's provenance, as written in data/efficiency.json."""
-    data = _read_json(DATA_DIR / "efficiency.json")
+    data = _read_json(EFFICIENCY_FILE)
     return {f.name: data[f.name]["provenance"] for f in dataclasses.fields(Efficiency)}
 
 
@@ -232,7 +235,7 @@ def load_efficiency(override: Mapping[str, float] | str | Path | Efficiency | No
     """The default efficiencies, with ``override`` (a dict, or a JSON file of data/efficiency.json's shape) on top."""
     if isinstance(override, Efficiency):
         return override
-    values = {k: v["value"] for k, v in _read_json(DATA_DIR / "efficiency.json").items() if isinstance(v, dict)}
+    values = {k: v["value"] for k, v in _read_json(EFFICIENCY_FILE).items() if isinstance(v, dict)}
     if isinstance(override, (str, Path)):
         override = _read_json(Path(override))
     known = [f.name for f in dataclasses.fields(Efficiency)]

@@ -15,7 +15,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-TINY_DIR = Path(__file__).resolve().parent.parent / "data" / "tiny"
+from tplab.paths import DATA_DIR
+
+TINY_DIR = DATA_DIR / "tiny"
 WEIGHTS_FILE = "model.safetensors"
 EXPECTED_SHA256 = "b7fbf7b2d015b286b3f3d8894947c3bdb23a03dab5d9c48737db141bf1f6f66f"
 
@@ -38,8 +40,8 @@ def verify_tiny(directory: Path = TINY_DIR) -> Path:
     """
     weights = Path(directory) / WEIGHTS_FILE
     if not weights.is_file():
-        raise FileNotFoundError(f"{weights} is missing: the tiny model lives in the tplab repository's "
-                                "data/tiny; use a git checkout (pip install -e .), or pass --model <dir>")
+        raise FileNotFoundError(f"{weights} is missing: tplab's data is incomplete; reinstall tplab "
+                                "(pip install tplab, or pip install -e . in its repository)")
     actual = sha256_file(weights)
     if actual != EXPECTED_SHA256:
         raise ValueError(f"{weights} has SHA-256 {actual}, expected {EXPECTED_SHA256}: the file is damaged "

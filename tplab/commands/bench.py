@@ -23,7 +23,7 @@ Size a sweep before running it (allocates nothing; times modelled for --gpu)::
 
     python -m tplab bench --emulate-rank --model llama-3-70b --gpu h200 --layers 20 --tp 2,4,8 --dry-run
 
-Records are appended to data/measurements/ (--out) as JSON lines; the table
+Records are appended to --out (data/measurements/ in a checkout, else the current directory) as JSON lines; the table
 printed says for every row whether it was measured or emulated.
 
 The GPU paths (CUDA-graph decode, NCCL under torchrun, CUDA-event roofline)
@@ -45,9 +45,7 @@ from tplab.calibration import calibrate, write_efficiency
 from tplab.commands import int_list
 from tplab.launch import BACKENDS, under_torchrun
 from tplab.loading import DTYPES
-from tplab.specs import DATA_DIR
-
-DEFAULT_OUT = DATA_DIR / "measurements"
+from tplab.paths import default_measurements_dir
 COLUMNS = [("kind", 8), ("tp", 3), ("batch", 5), ("prompt", 6), ("TTFT ms", 10), ("decode ms/tok", 13),
            ("p10-p90", 15), ("comm %", 6), ("tok/s", 8), ("mem GB", 7), ("BW % copy", 9), ("vs HF", 6)]
 
@@ -82,7 +80,9 @@ def register(subparsers) -> None:
     p.add_argument("--no-baseline", action="store_true", help="skip the Hugging Face eager baseline")
     p.add_argument("--quick-roofline", action="store_true",
                    help="measure the copy and matmul roofs on small buffers (fast, but lower roofs)")
-    p.add_argument("--out", default=str(DEFAULT_OUT), help="folder for a new run file, or a .jsonl file to append to")
+    p.add_argument("--out", default=None,
+                   help="folder for a new run file, or a .jsonl file to append to (default: data/measurements in a "
+                        "checkout of tplab, else the current directory)")
     p.add_argument("--no-save", action="store_true", help="print only; write no record")
     p.add_argument("--dry-run", action="store_true",
                    help="allocate and measure nothing: print each point's memory on rank 0 and the sweep's modelled "
@@ -91,7 +91,8 @@ def register(subparsers) -> None:
     p.add_argument("--json", action="store_true", help="print the records as JSON lines instead of a table")
     p.add_argument("--calibrate", nargs="+", default=None, metavar="FILE",
                    help="instead of measuring: fit the cost model's efficiencies to these measurement files")
-    p.add_argument("--efficiency-out", default=None, help="with --calibrate: the JSON file to write")
+    p.add_argument("--efficiency-out", default=None, help="with --calibrate: the JSON file to write (required)")
+    p.add_argument("--force", action="store_true", help="with --calibrate: replace an existing --efficiency-out file")
     p.set_defaults(run=run)
 
 
@@ -154,7 +155,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         raise ValueError("--calibrate needs --efficiency-out FILE, the efficiency JSON to write")
     records = load_records(*args.calibrate)
     result = calibrate(records, args.gpu)
-    write_efficiency(result, args.efficiency_out)
+    write_efficiency(result, args.efficiency_out, force=args.force)
     for key, entry in result.items():
         if isinstance(entry, dict):
             print(f"{key} = {entry['value']:.3g}  ({entry['provenance']})")
@@ -174,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
             return 0
         from tplab.bench import run_bench
 
-        records = run_bench(spec_from_args(args), out=None if args.no_save else Path(args.out),
+        out = None if args.no_save else Path(args.out) if args.out else default_measurements_dir()
+        records = run_bench(spec_from_args(args), out=out,
                             progress=False if args.quiet else None)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

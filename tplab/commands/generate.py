@@ -59,7 +59,7 @@ def resolve_model(name: str) -> Path:
     try:
         return tiny.verify_tiny(tiny.TINY_DIR)
     except (FileNotFoundError, ValueError) as e:
-        raise UsageError(f"the tiny model failed its check: {e}; pass --model PATH") from None
+        raise UsageError(f"the tiny model failed its check: {e}; or pass --model PATH") from None
 
 
 def load_tokenizer(path: Path):

@@ -57,15 +57,15 @@ def plot_linear_splits(in_features: int, out_features: int, tp: int) -> Figure:
     """A = W^T (in x out) split by columns (column parallel) and by rows (row parallel)."""
     k, n = "input feature", "output feature"
     return plot_ownership([
-        WeightPanel("column parallel: A = [A_1 ... A_p]", in_features, out_features, 1, k, n),
-        WeightPanel("row parallel: A = [A_1; ...; A_p]", in_features, out_features, 0, k, n),
-    ], tp, suptitle=f"Who holds which block of A (Y = XA), tp={tp}")
+        WeightPanel(r"column parallel: $A = [A_1 \,\cdots\, A_p]$", in_features, out_features, 1, k, n),
+        WeightPanel(r"row parallel: $A = [A_1; \,\cdots\,; A_p]$", in_features, out_features, 0, k, n),
+    ], tp, suptitle=f"Who holds which block of $A$ ($Y = XA$), tp={tp}")
 
 
 def plot_mlp_split(hidden: int, ffn: int, tp: int) -> Figure:
     """Megatron MLP: A (hidden x ffn) split by columns, B (ffn x hidden) by rows; rank r's blocks match."""
     h, f = "hidden feature", "ffn feature"
     return plot_ownership([
-        WeightPanel("A, column parallel (up)", hidden, ffn, 1, h, f),
-        WeightPanel("B, row parallel (down)", ffn, hidden, 0, f, h),
-    ], tp, suptitle=f"Y = GELU(XA)B on tp={tp}: rank r's columns of A feed its rows of B")
+        WeightPanel("$A$, column parallel (up)", hidden, ffn, 1, h, f),
+        WeightPanel("$B$, row parallel (down)", ffn, hidden, 0, f, h),
+    ], tp, suptitle=f"$Y = \\mathrm{{GELU}}(XA)B$ on tp={tp}: rank $r$'s columns of $A$ feed its rows of $B$")
