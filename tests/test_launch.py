@@ -74,6 +74,20 @@ def rank_1_busy(dist, seconds):
     return dist.all_reduce(torch.ones(4))
 
 
+def rank_1_exits(dist):
+    """Rank 1's process ends with exit code 0 and no result; rank 0 waits for it in an all-reduce."""
+    if dist.rank == 1:
+        os._exit(0)
+    return dist.all_reduce(torch.ones(4))
+
+
+def rank_1_busy_after_the_others_returned(dist, seconds):
+    """Rank 1 computes for ``seconds`` and calls no collective; the others return at once."""
+    if dist.rank == 1:
+        time.sleep(seconds)
+    return dist.rank
+
+
 # --- helpers ---------------------------------------------------------------------
 def _gone(pid: int) -> bool:
     try:
@@ -205,12 +219,45 @@ def test_a_rank_that_returns_without_joining_a_collective_is_detected_at_once(ba
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_a_rank_that_joins_too_late_times_out(backend):
+def test_a_rank_stuck_outside_a_collective_is_named_within_the_timeout(backend):
     start = time.monotonic()
-    with pytest.raises(CollectiveTimeout):
-        launch(rank_1_busy, 2, backend, timeout=1.0, args=(2.5,))
-    # Threads cannot be killed: launch returns once the busy rank wakes (2.5 s).
-    assert time.monotonic() - start < 15
+    with pytest.raises(CollectiveTimeout, match=r"\[1\]") as info:
+        launch(rank_1_busy, 2, backend, timeout=2.0, args=(1000,))
+    assert time.monotonic() - start < 8  # the timeout bounds the launch, though rank 1 would sleep 1000 s
+    if backend == "threads":
+        assert "rank 0 waited more than 2 s in a collective for rank(s) [1], which never joined it" in str(info.value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_rank_busy_after_the_others_returned_is_named_within_the_timeout(backend):
+    start = time.monotonic()
+    with pytest.raises(CollectiveTimeout, match=r"\[1\]"):
+        launch(rank_1_busy_after_the_others_returned, 3, backend, timeout=2.0, args=(1000,))
+    assert time.monotonic() - start < 8
+
+
+def test_a_gloo_rank_that_exits_without_a_result_is_reported_at_once():
+    start = time.monotonic()
+    with pytest.raises(RankDiedError, match="rank 1 of 2 .* exited with code 0 without returning a result"):
+        launch(rank_1_exits, 2, "gloo", timeout=60)
+    assert time.monotonic() - start < 5
+
+
+def test_launch_refuses_what_is_not_a_rank_program():
+    with pytest.raises(TypeError, match="got 5, which is not callable"):
+        launch(5, 2, "gloo")
+
+
+def test_a_gloo_script_without_a_main_guard_is_told_what_to_add(tmp_path):
+    script = tmp_path / "unguarded.py"
+    script.write_text("import tplab\n\ndef fn(dist):\n    return dist.rank\n\nprint(tplab.launch(fn, 2, 'gloo'))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "without an `if __name__ == \"__main__\":` block" in done.stderr
+    assert done.stderr.count("Traceback") == 1  # the parent's own, not one per rank process
+    guarded = tmp_path / "guarded.py"
+    guarded.write_text(script.read_text().replace("print(", "if __name__ == '__main__':\n    print("))
+    done = subprocess.run([sys.executable, str(guarded)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[0, 1]", done.stderr
 
 
 # --- command line and torchrun -----------------------------------------------------

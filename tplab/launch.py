@@ -21,17 +21,21 @@ original exception is re-raised here, with the rank's traceback in its notes.
 When a gloo process dies, the rest are killed and :class:`RankDiedError` is
 raised. ``timeout`` bounds how long any rank waits for its peers: a rank that
 does not join a collective in time, or returns while the others wait in one,
-gives :class:`~tplab.dist.CollectiveTimeout` (a thread rank stuck in its own
-computation cannot be stopped: launch returns once it does).
+gives :class:`~tplab.dist.CollectiveTimeout` naming the rank that never
+joined. On threads, launch returns within the timeout even then: a thread
+cannot be killed, so a rank stuck in its own computation is abandoned (its
+daemon thread ends with the process) and named in the error.
 """
 from __future__ import annotations
 
+import queue
 import threading
+import time
 from typing import Any, Callable
 
 import torch
 
-from tplab.dist import Dist, first_error
+from tplab.dist import CollectiveTimeout, Dist, first_error
 from tplab.launch_gloo import RankDiedError, launch_gloo
 from tplab.launch_torchrun import launch_torchrun, under_torchrun
 from tplab.transports import ThreadGroup, ThreadTransport
@@ -39,6 +43,7 @@ from tplab.transports import ThreadGroup, ThreadTransport
 __all__ = ["BACKENDS", "RankDiedError", "check_device", "launch", "thread_device", "under_torchrun"]
 
 BACKENDS = ("threads", "gloo")
+PEER_GRACE_S = 1.0  # after a rank fails, how long the others get to notice before they are abandoned
 
 
 def launch(fn: Callable[..., Any], tp: int, backend: str = "threads", timeout: float = 300.0,
@@ -50,6 +55,8 @@ def launch(fn: Callable[..., Any], tp: int, backend: str = "threads", timeout: f
     own GPU (cuda:LOCAL_RANK), or the CPU where none is visible.
     """
     kwargs = kwargs or {}
+    if not callable(fn):
+        raise TypeError(f"launch runs a rank program fn(dist, *args, **kwargs); got {fn!r}, which is not callable")
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise ValueError(f"tp must be a positive integer, got {tp!r}")
     if not timeout > 0:
@@ -99,26 +106,49 @@ def thread_device(device: torch.device | str | None) -> torch.device:
 def _launch_threads(fn, tp, timeout, args, kwargs, device):
     group = ThreadGroup(tp, timeout)
     results: list[Any] = [None] * tp
-    errors: dict[int, BaseException] = {}
+    errors: dict[int, BaseException] = {}  # in arrival order
+    finished: queue.Queue[int] = queue.Queue()
 
     def run_rank(rank: int) -> None:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)  # the current device is per thread
-        dist = Dist(rank, tp, device, ThreadTransport(group, rank))
         try:
-            results[rank] = fn(dist, *args, **kwargs)
+            if device.type == "cuda":
+                torch.cuda.set_device(device)  # the current device is per thread
+            results[rank] = fn(Dist(rank, tp, device, ThreadTransport(group, rank)), *args, **kwargs)
             group.rank_returned(rank)
         except BaseException as e:  # noqa: BLE001 - every failure must reach the caller
             errors[rank] = e
             group.abort()
+        finally:
+            finished.put(rank)
 
-    threads = [threading.Thread(target=run_rank, args=(r,), name=f"tplab-rank{r}", daemon=True) for r in range(tp)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    for r in range(tp):
+        threading.Thread(target=run_rank, args=(r,), name=f"tplab-rank{r}", daemon=True).start()
+    done: set[int] = set()
+    deadline = None  # set once some rank is done: the others get `timeout` (or a grace after a failure)
+    while len(done) < tp:
+        wait = None if deadline is None else deadline - time.monotonic()
+        if wait is not None and wait <= 0:
+            break
+        try:
+            done.add(finished.get(timeout=wait))
+        except queue.Empty:
+            break
+        now = time.monotonic()
+        if errors:  # a timed-out rank already waited for the stuck ones: no grace then
+            grace = 0.0 if isinstance(first_error(errors)[1], CollectiveTimeout) else PEER_GRACE_S
+            deadline = min(deadline or now + grace, now + grace)
+        elif deadline is None:
+            deadline = now + timeout
+    stuck = sorted(set(range(tp)) - done)
     if errors:
         rank, err = first_error(errors)
         err.add_note(f"raised on rank {rank} of {tp} (threads backend)")
+        if stuck:
+            err.add_note(f"rank(s) {stuck} were still running outside a collective and were abandoned")
         raise err
+    if stuck:
+        raise CollectiveTimeout(f"rank(s) {stuck} of {tp} did not finish within {timeout:g} s of rank(s) "
+                                f"{sorted(done)}, and called no collective in that time (stuck outside a "
+                                "collective); they were abandoned")
     return results
+

@@ -9,6 +9,7 @@ in every case the other processes are stopped. Never a hang.
 """
 from __future__ import annotations
 
+import ast
 import os
 import pickle
 import queue
@@ -18,6 +19,7 @@ import sys
 import time
 import traceback
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -30,6 +32,9 @@ class RankDiedError(RuntimeError):
     """A rank's process ended without returning a result or an error."""
 
 
+EXIT_GRACE_S = 0.5  # a rank that exited with code 0 may still have its result in the pipe: read it first
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that no one holds at the moment of the call."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -37,9 +42,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _has_main_guard(script: str) -> bool:
+    """Whether a script has a top-level ``if __name__ == "__main__":`` (its processes must not re-run it)."""
+    try:
+        tree = ast.parse(Path(script).read_text())
+    except (OSError, SyntaxError, ValueError):
+        return True  # cannot tell: let it run
+    return any(isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) for node in tree.body)
+
+
 def _check_picklable(fn) -> None:
     main = sys.modules.get("__main__")
-    interactive = getattr(fn, "__module__", None) == "__main__" and not hasattr(main, "__file__")
+    in_main = getattr(fn, "__module__", None) == "__main__"
+    interactive = in_main and not hasattr(main, "__file__")
     try:
         pickle.dumps(fn)
     except Exception as e:  # noqa: BLE001
@@ -49,6 +64,10 @@ def _check_picklable(fn) -> None:
         raise TypeError(f"{fn.__qualname__} is defined in a notebook or REPL, which spawned gloo processes "
                         "cannot import. Move it into a .py module (tplab keeps every rank program in the "
                         "package), or use backend='threads'.")
+    if in_main and not _has_main_guard(main.__file__):
+        raise TypeError(f"{main.__file__} calls launch(..., backend='gloo') without an `if __name__ == "
+                        "\"__main__\":` block: every rank process imports the script and would run it again. Put "
+                        "the launch call under `if __name__ == \"__main__\":`.")
 
 
 def _gloo_rank_main(rank, world_size, port, fn, args, kwargs, timeout, threads_per_rank, results):
@@ -118,6 +137,7 @@ def launch_gloo(fn: Callable[..., Any], tp: int, timeout: float, args: tuple, kw
     results: dict[int, Any] = {}
     errors: dict[int, BaseException] = {}  # in arrival order
     first_done_at = first_error_at = None
+    exited_at: dict[int, float] = {}  # ranks seen exited with code 0 before their result arrived
     try:
         while len(results) + len(errors) < tp:
             try:
@@ -132,11 +152,15 @@ def launch_gloo(fn: Callable[..., Any], tp: int, timeout: float, args: tuple, kw
                 err = pickle.loads(exc_bytes)
                 err.add_note(f"raised on rank {rank} of {tp} (gloo backend); its traceback:\n{tb}")
                 errors[rank] = err
-            for rank, p in enumerate(procs):
-                if rank not in results and rank not in errors and p.exitcode not in (None, 0):
-                    errors[rank] = RankDiedError(
-                        f"rank {rank} of {tp} (pid {p.pid}) died: {_exit_reason(p.exitcode)}; the other ranks were stopped")
             now = time.monotonic()
+            for rank, p in enumerate(procs):
+                if rank in results or rank in errors or p.exitcode is None:
+                    continue
+                if p.exitcode == 0 and now - exited_at.setdefault(rank, now) < EXIT_GRACE_S:
+                    continue  # exited normally: its result may still be in the queue
+                how = ("exited with code 0 without returning a result or an error (os._exit or sys.exit in the "
+                       "rank program?)" if p.exitcode == 0 else f"died: {_exit_reason(p.exitcode)}")
+                errors[rank] = RankDiedError(f"rank {rank} of {tp} (pid {p.pid}) {how}; the other ranks were stopped")
             if errors:
                 first_error_at = first_error_at or now
                 # A peer's connection error often arrives before the cause: wait briefly for it.
@@ -155,7 +179,12 @@ def launch_gloo(fn: Callable[..., Any], tp: int, timeout: float, args: tuple, kw
         raise CollectiveTimeout(f"ranks {sorted(errors)} were in a collective that ranks {sorted(results)} "
                                 "returned without joining: every rank must call the same collectives in the same order")
     if errors:
-        raise first_error(errors)[1]
+        rank, err = first_error(errors)
+        silent = sorted(set(range(tp)) - set(results) - set(errors))
+        if isinstance(err, CollectiveTimeout) and silent:
+            raise CollectiveTimeout(f"rank(s) {silent} of {tp} never joined the collective that rank {rank} waited "
+                                    f"{timeout:g} s in (stuck outside a collective); every rank was stopped") from err
+        raise err
     return [results[r] for r in range(tp)]
 
 

@@ -36,7 +36,7 @@ class ThreadGroup:
         self.world_size = world_size
         self.timeout = timeout
         self._cond = threading.Condition()
-        self._arrived = 0
+        self._arrived: set[int] = set()
         self._generation = 0
         self._slots: list[object] = [None] * world_size
         self._mailboxes = {(s, d): queue.Queue() for s in range(world_size) for d in range(world_size)}
@@ -64,14 +64,14 @@ class ThreadGroup:
                                      "every rank must call the same collectives in the same order")
         return None
 
-    def _wait(self) -> None:
+    def _wait(self, rank: int) -> None:
         with self._cond:
             if error := self._broken():
                 raise error
             generation = self._generation
-            self._arrived += 1
-            if self._arrived == self.world_size:
-                self._arrived, self._generation = 0, generation + 1
+            self._arrived.add(rank)
+            if len(self._arrived) == self.world_size:
+                self._arrived, self._generation = set(), generation + 1
                 self._cond.notify_all()
                 return
             deadline = time.monotonic() + self.timeout
@@ -82,15 +82,17 @@ class ThreadGroup:
                 if remaining <= 0:
                     self._aborted = True  # the group is now inconsistent: stop the others too
                     self._cond.notify_all()
-                    raise CollectiveTimeout(f"waited more than {self.timeout:g} s for the other ranks")
+                    missing = sorted(set(range(self.world_size)) - self._arrived)
+                    raise CollectiveTimeout(f"rank {rank} waited more than {self.timeout:g} s in a collective for "
+                                            f"rank(s) {missing}, which never joined it (stuck outside a collective)")
                 self._cond.wait(remaining)
 
     def exchange(self, rank: int, value: object) -> list[object]:
         """Every rank contributes ``value``; every rank gets all of them in rank order."""
         self._slots[rank] = value
-        self._wait()
+        self._wait(rank)
         values = list(self._slots)
-        self._wait()  # nobody overwrites a slot before everyone has read it
+        self._wait(rank)  # nobody overwrites a slot before everyone has read it
         return values
 
     def post(self, src: int, dst: int, t: torch.Tensor) -> None:
