@@ -3,6 +3,7 @@ import json
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -128,3 +129,79 @@ def test_module_entry_point_and_torchrun(checkpoints):
     assert len(lines) == 1, out
     report = json.loads(lines[0])
     assert report["backend"] == "torchrun" and report["tokens"] == reference(checkpoints["bare_hf"], prompts, 4)
+
+
+def _damaged_checkpoints(checkpoints, root) -> dict[str, tuple[Path, str]]:
+    """One broken copy of the bare checkpoint per way a download or an edit can break it, with the expected message."""
+    from safetensors.torch import load_file, save_file
+
+    def copy(name):
+        shutil.copytree(checkpoints["bare"], root / name)
+        return root / name
+
+    weights = load_file(checkpoints["bare"] / "model.safetensors")
+    out = {}
+    cut = copy("truncated")
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
+    out["truncated"] = (cut, "is truncated")
+    garbage = copy("corrupt")
+    (garbage / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
+    out["corrupt"] = (garbage, "is not a readable safetensors file")
+    for name, change, message in [
+        ("wrong_shape", lambda w: w | {"model.norm.weight": torch.ones(3)}, "model.norm.weight in"),
+        ("missing_tensor", lambda w: {k: v for k, v in w.items() if k != "model.layers.0.self_attn.o_proj.weight"},
+         "'model.layers.0.self_attn.o_proj.weight' is missing"),
+        ("nan", lambda w: w | {"model.layers.1.mlp.up_proj.weight": w["model.layers.1.mlp.up_proj.weight"] * float("nan")},
+         "model.layers.1.mlp.up_proj.weight in"),
+    ]:
+        broken = copy(name)
+        save_file(change(dict(weights)), broken / "model.safetensors")
+        out[name] = (broken, message)
+    more = copy("more_layers")
+    config = json.loads((more / "config.json").read_text())
+    (more / "config.json").write_text(json.dumps({**config, "num_hidden_layers": config["num_hidden_layers"] + 1}))
+    out["more_layers"] = (more, f"'model.layers.{config['num_hidden_layers']}.")
+    bad_json = copy("bad_json")
+    (bad_json / "config.json").write_text("{not json")
+    out["bad_json"] = (bad_json, f"{bad_json / 'config.json'} is not valid JSON")
+    for name, value, message in [("no_heads", None, "num_attention_heads must be a positive integer, got nothing"),
+                                 ("zero_heads", 0, "num_attention_heads must be a positive integer, got 0")]:
+        broken = copy(name)
+        fields = {k: v for k, v in config.items() if k != "num_attention_heads"}
+        (broken / "config.json").write_text(json.dumps(fields if value is None else {**fields, "num_attention_heads": value}))
+        out[name] = (broken, message)
+    as_list = copy("list_config")
+    (as_list / "config.json").write_text("[1, 2]")
+    out["list_config"] = (as_list, "must hold a JSON object, got a list")
+    return out
+
+
+def test_a_damaged_checkpoint_or_config_is_one_line_and_exit_2(checkpoints, capsys, tmp_path):
+    for name, (path, message) in _damaged_checkpoints(checkpoints, tmp_path).items():
+        code, out, err = cli(capsys, "--model", str(path), *ids_args("1,2,3"))
+        assert (code, out) == (2, ""), name
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, (name, err)
+    sharded, _ = make_checkpoint("llama", tmp_path / "sharded", max_shard_size="40KB")
+    next(iter(sorted(sharded.glob("model-*.safetensors")))).unlink()
+    capsys.readouterr()  # the progress bar of writing the shards
+    code, _, err = cli(capsys, "--model", str(sharded), *ids_args("1,2,3"))
+    assert code == 2 and "file(s) that are not in" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("backend", ["threads", "gloo"])
+def test_a_rank_that_finds_damaged_weights_reports_one_line(checkpoints, capsys, tmp_path, monkeypatch, backend):
+    """The check before launch is skipped: the rank itself finds the NaN while loading its shard."""
+    from tplab.commands import generate as generate_command
+    monkeypatch.setattr(generate_command, "check_checkpoint", lambda *a: None)
+    path, message = _damaged_checkpoints(checkpoints, tmp_path)["nan"]
+    code, out, err = cli(capsys, "--model", str(path), "--tp", "2", "--backend", backend, *ids_args("1,2,3"))
+    assert (code, out) == (2, "") and message in err and err.count("\n") == 1, err
+
+
+def test_bad_seed_and_device_are_one_line(checkpoints, capsys):
+    for args, message in [(["--seed", str(2 ** 64)], "seed must be an integer in [0, 2**63)"),
+                          (["--seed", "-1"], "seed must be an integer"),
+                          (["--device", "tpu"], "unknown device 'tpu'")]:
+        code, out, err = cli(capsys, "--model", str(checkpoints["bare"]), *ids_args("1,2,3"), *args)
+        assert (code, out) == (2, "") and message in err and err.count("\n") == 1, err

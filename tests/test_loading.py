@@ -7,6 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from tplab.errors import CheckpointError
 from tplab import launch
 from tplab.loading import from_hf_model, from_pretrained
 from tplab.model_config import ModelConfig
@@ -101,7 +102,7 @@ def test_errors_come_before_any_weight_is_read(checkpoints, tmp_path):
     assert launch(attempt, 3, "threads", args=(config_only,))[0] == (
         "ValueError", "num_attention_heads=8 is not divisible by tp=3; valid tp: 1, 2, 4, 8")
     kind, message = launch(attempt, 2, "threads", args=(config_only,))[0]
-    assert kind == "FileNotFoundError" and "no model.safetensors" in message
+    assert kind == "CheckpointError" and "no model.safetensors" in message
     kind, message = launch(attempt, 1, "threads", args=(tmp_path / "missing",))[0]
     assert kind == "FileNotFoundError" and "is not a directory" in message
 
@@ -112,7 +113,7 @@ def test_a_missing_tensor_is_named(checkpoints, tmp_path):
     tensors = load_file(broken / "model.safetensors")
     del tensors["model.layers.1.mlp.down_proj.weight"]
     save_file(tensors, broken / "model.safetensors")
-    with pytest.raises(KeyError, match="model.layers.1.mlp.down_proj.weight"):
+    with pytest.raises(CheckpointError, match="model.layers.1.mlp.down_proj.weight"):
         launch(lambda dist: from_pretrained(broken, dist), 2, "threads")
 
 

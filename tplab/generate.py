@@ -32,6 +32,7 @@ import torch
 
 from tplab.comm_stats import CommStats
 from tplab.dist import Dist
+from tplab.errors import InputError
 from tplab.loading import LoadStats, from_pretrained
 from tplab.model import TPCausalLM
 from tplab.sampling import SamplingParams, sample
@@ -148,6 +149,10 @@ def generate(model: TPCausalLM, prompts: list[list[int]], max_new_tokens: int,
             step_first_record, t0 = len(stats.records), time.perf_counter()
             width = fed.shape[1]
             hidden = model(fed, cache, start, positions[:, start:start + width], key_valid)
+            if step == 0 and not torch.isfinite(hidden[:, -1]).all():
+                raise InputError(f"the prefill's last hidden state is not finite on rank {dist.rank} although every "
+                                 f"weight was finite: activations overflowed in {hidden.dtype}; try --dtype float32 "
+                                 "or bfloat16")
             chosen, logits = next_tokens(hidden[:, -1])  # .tolist() waits for the device: the timing is complete
             step_seconds.append(time.perf_counter() - t0)
             records = stats.records[step_first_record:]

@@ -76,6 +76,10 @@ def check_device(backend: str, device: torch.device | str | None) -> None:
     """ValueError, saying what to do, unless ranks of ``backend`` can compute on ``device`` (None: their default)."""
     if device is None or backend not in BACKENDS:
         return
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: use 'cpu' or 'cuda' (or 'cuda:N')") from None
     if under_torchrun():
         raise ValueError("under torchrun each process takes its own device (cuda:LOCAL_RANK, or the CPU): "
                          "do not pass a device")

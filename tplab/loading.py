@@ -58,6 +58,18 @@ def read_config(path: str | Path) -> ModelConfig:
     return ModelConfig.from_file(path)
 
 
+def check_checkpoint(path: str | Path, config: ModelConfig | None = None) -> None:
+    """:class:`~tplab.errors.CheckpointError` unless every tensor config.json describes is in the checkpoint.
+
+    Reads the safetensors headers only: the model is built on the meta device
+    (no memory), and loading it checks each tensor's presence and shape without
+    reading data. Truncated files and missing shards fail here too, before any
+    rank starts.
+    """
+    config = config or read_config(path)
+    TPCausalLM(config, Dist(0, 1, torch.device("meta"), transport=None), torch.float32).load(SafetensorsSource(path))
+
+
 def _build(config: ModelConfig, source: TensorSource, dist: Dist, dtype: torch.dtype) -> TPCausalLM:
     start = time.perf_counter()
     model = TPCausalLM(config, dist, dtype).load(source)

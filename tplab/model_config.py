@@ -19,6 +19,7 @@ from tplab.sharding import check_tp, divisors, gqa_tp_problem
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+REQUIRED_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,13 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
         """Parse a config.json dictionary; ValueError for anything tplab cannot run."""
+        if not isinstance(d, dict):
+            raise ValueError(f"config.json must hold a JSON object, got a {type(d).__name__}")
+        for key in REQUIRED_SIZES:
+            value = d.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"config.json: {key} must be a positive integer, got "
+                                 f"{'nothing' if key not in d else repr(value)}")
         model_type = d.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             arch = d.get("architectures") or model_type
@@ -98,7 +106,14 @@ class ModelConfig:
         file = path / "config.json" if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"no config.json at {path}: pass a Hugging Face checkpoint directory")
-        return cls.from_dict(json.loads(file.read_text()))
+        try:
+            d = json.loads(file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{file} is not valid JSON: {e}") from None
+        try:
+            return cls.from_dict(d)
+        except ValueError as e:
+            raise ValueError(f"{file}: {str(e).removeprefix('config.json: ')}") from None
 
     @classmethod
     def from_hf_config(cls, hf_config) -> "ModelConfig":

@@ -20,7 +20,8 @@ from tplab import tiny
 from tplab.commands import int_list
 from tplab.generate import check_prompts, generate_rank_program
 from tplab.launch import BACKENDS, check_device, launch, under_torchrun
-from tplab.loading import DTYPES, read_config, resolve_dtype
+from tplab.errors import InputError
+from tplab.loading import DTYPES, check_checkpoint, read_config, resolve_dtype
 from tplab.model_config import ModelConfig
 from tplab.sampling import SamplingParams
 
@@ -82,6 +83,7 @@ def prepare(args: argparse.Namespace) -> tuple[Path, ModelConfig, object, list[l
     path = resolve_model(args.model)
     config = read_config(path)
     config.check_tp(args.tp)
+    check_checkpoint(path, config)
     resolve_dtype(args.dtype, config)
     if under_torchrun() and int(os.environ["WORLD_SIZE"]) != args.tp:
         raise UsageError(f"--tp {args.tp} but torchrun started {os.environ['WORLD_SIZE']} processes")
@@ -97,6 +99,12 @@ def prepare(args: argparse.Namespace) -> tuple[Path, ModelConfig, object, list[l
     return path, config, tokenizer, prompts, sampling
 
 
+def _usage_error(e: BaseException) -> int:
+    if prints():
+        print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
 def prints() -> bool:
     """Whether this process reports: always, except on ranks other than 0 under torchrun."""
     return not under_torchrun() or os.environ["RANK"] == "0"
@@ -106,13 +114,14 @@ def run(args: argparse.Namespace) -> int:
     try:
         path, config, tokenizer, prompts, sampling = prepare(args)
     except (UsageError, ValueError, FileNotFoundError) as e:
-        if prints():
-            print(f"error: {e}", file=sys.stderr)
-        return 2
-    results = launch(generate_rank_program, args.tp, args.backend, device=args.device, kwargs=dict(
-        model_path=str(path), prompts=prompts, max_new_tokens=args.max_new_tokens,
-        temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed,
-        dtype=args.dtype))
+        return _usage_error(e)
+    try:
+        results = launch(generate_rank_program, args.tp, args.backend, device=args.device, kwargs=dict(
+            model_path=str(path), prompts=prompts, max_new_tokens=args.max_new_tokens,
+            temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed,
+            dtype=args.dtype))
+    except InputError as e:  # found inside a rank (e.g. a damaged checkpoint): still bad input, not a bug
+        return _usage_error(e)
     if not prints():
         return 0
     result = results[0]
