@@ -205,3 +205,28 @@ def test_bad_seed_and_device_are_one_line(checkpoints, capsys):
                           (["--device", "tpu"], "unknown device 'tpu'")]:
         code, out, err = cli(capsys, "--model", str(checkpoints["bare"]), *ids_args("1,2,3"), *args)
         assert (code, out) == (2, "") and message in err and err.count("\n") == 1, err
+
+
+def test_what_cannot_fit_in_free_memory_is_refused_before_allocating(checkpoints, capsys, monkeypatch):
+    from tplab import memory
+    monkeypatch.setattr(memory, "available_bytes", lambda: 10**8)  # a machine with 0.1 GB free
+    many = ids_args(*["1,2,3,4,5,6,7,8"] * 20000)
+    code, out, err = cli(capsys, "--model", str(checkpoints["bare"]), *many, "--max-new-tokens", "100")
+    assert (code, out) == (2, "") and err.count("\n") == 1, err
+    assert "generating 20000 prompt(s) of up to 8 tokens + 100 new at tp=1" in err
+    assert "but this machine has 0.10 GB free" in err
+
+
+def test_other_commands_refuse_bad_input_in_one_line(capsys, monkeypatch):
+    from tplab import memory
+    monkeypatch.setattr(memory, "available_bytes", lambda: 10**9)
+    for args, message in [(["comm-bench", "--sizes", str(64 * 2**30)], "needs 412.76 GB, but this machine has 1.00 GB"),
+                          (["comm-bench", "--tp", "1000", "--backend", "gloo", "--sizes", "4"], "on 1000 gloo ranks"),
+                          (["comm-bench", "--sizes", "64GiB"], "comma-separated integers"),
+                          (["demo", "--tp", "3"], "ffn=256 is not divisible by tp=3"),
+                          (["demo", "--tp", "0"], "tp must be"),
+                          (["demo", "--tp", "x"], "comma-separated integers"),
+                          (["demo", "--backend", "mpi"], "--backend mpi: choose from threads,gloo")]:
+        code = main(args)
+        out, err = capsys.readouterr()
+        assert (code, out) == (2, "") and message in err and err.count("\n") == 1, (args, err)

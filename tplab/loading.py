@@ -58,8 +58,9 @@ def read_config(path: str | Path) -> ModelConfig:
     return ModelConfig.from_file(path)
 
 
-def check_checkpoint(path: str | Path, config: ModelConfig | None = None) -> None:
-    """:class:`~tplab.errors.CheckpointError` unless every tensor config.json describes is in the checkpoint.
+def check_checkpoint(path: str | Path, config: ModelConfig | None = None) -> int:
+    """The model's parameter count; :class:`~tplab.errors.CheckpointError` unless every tensor config.json
+    describes is in the checkpoint.
 
     Reads the safetensors headers only: the model is built on the meta device
     (no memory), and loading it checks each tensor's presence and shape without
@@ -67,7 +68,9 @@ def check_checkpoint(path: str | Path, config: ModelConfig | None = None) -> Non
     rank starts.
     """
     config = config or read_config(path)
-    TPCausalLM(config, Dist(0, 1, torch.device("meta"), transport=None), torch.float32).load(SafetensorsSource(path))
+    model = TPCausalLM(config, Dist(0, 1, torch.device("meta"), transport=None), torch.float32)
+    model.load(SafetensorsSource(path))
+    return sum(p.numel() for p in model.parameters())
 
 
 def _build(config: ModelConfig, source: TensorSource, dist: Dist, dtype: torch.dtype) -> TPCausalLM:

@@ -39,7 +39,7 @@ class ThreadGroup:
         self._arrived: set[int] = set()
         self._generation = 0
         self._slots: list[object] = [None] * world_size
-        self._mailboxes = {(s, d): queue.Queue() for s in range(world_size) for d in range(world_size)}
+        self._mailboxes: dict[tuple[int, int], queue.Queue] = {}  # (src, dst) -> messages, made on first use
         self._aborted = False
         self._returned: list[int] = []
 
@@ -95,12 +95,16 @@ class ThreadGroup:
         self._wait(rank)  # nobody overwrites a slot before everyone has read it
         return values
 
+    def _mailbox(self, src: int, dst: int) -> queue.Queue:
+        with self._cond:
+            return self._mailboxes.setdefault((src, dst), queue.Queue())
+
     def post(self, src: int, dst: int, t: torch.Tensor) -> None:
-        self._mailboxes[(src, dst)].put(t.detach().clone())
+        self._mailbox(src, dst).put(t.detach().clone())
 
     def take(self, src: int, dst: int) -> torch.Tensor:
         deadline = time.monotonic() + self.timeout
-        box = self._mailboxes[(src, dst)]
+        box = self._mailbox(src, dst)
         while True:
             if self._aborted or (src in self._returned and box.empty()):
                 raise self._broken()

@@ -14,6 +14,9 @@ from tplab.comm_bench import fit_alpha_beta, measure_all_reduce
 from tplab.comm_model import bus_bandwidth, ring_all_reduce_seconds
 from tplab.commands import int_list
 from tplab.launch import BACKENDS, under_torchrun
+from tplab.memory import check_fits, rank_processes_bytes
+
+BUFFERS_PER_RANK = 3  # the message, the collective's result, and the threads backend's copy of every rank's input
 
 DEFAULT_SIZES = ",".join(str(4 ** k) for k in range(1, 13))  # 4 B .. 16 MiB
 
@@ -36,6 +39,10 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         sizes = int_list("--sizes", args.sizes)
+        if not under_torchrun():  # every rank is on this machine
+            check_fits(BUFFERS_PER_RANK * args.tp * max(sizes) + rank_processes_bytes(args.backend, args.tp),
+                       f"an all-reduce of {max(sizes)} B on {args.tp} {args.backend} ranks",
+                       "use smaller --sizes or a smaller --tp")
         seconds = measure_all_reduce(sizes, args.tp, args.backend, args.warmup, args.repeats)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

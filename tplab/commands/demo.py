@@ -10,7 +10,10 @@ from torch import nn
 
 from tplab.commands import int_list
 from tplab.examples import megatron_mlp_forward
-from tplab.launch import launch, under_torchrun
+from tplab.launch import BACKENDS, launch, under_torchrun
+from tplab.sharding import check_divisible
+
+HIDDEN, FFN = 64, 256
 
 
 def register(subparsers) -> None:
@@ -21,17 +24,27 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        tps, backends = int_list("--tp", args.tp), args.backend.split(",")
+        for tp in tps:
+            check_divisible("ffn", FFN, tp)
+        unknown = sorted(set(backends) - set(BACKENDS))
+        if unknown:
+            raise ValueError(f"--backend {','.join(unknown)}: choose from {','.join(BACKENDS)}")
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     say = print if not under_torchrun() or os.environ["RANK"] == "0" else (lambda *a, **k: None)
     torch.manual_seed(0)
-    hidden, ffn = 64, 256
+    hidden, ffn = HIDDEN, FFN
     up, down = nn.Linear(hidden, ffn), nn.Linear(ffn, hidden)
     x = torch.randn(3, 5, hidden)
     with torch.no_grad():
         dense = down(torch.nn.functional.gelu(up(x)))
     say(f"Megatron MLP Y = GELU(X A) B, X {tuple(x.shape)}, A {hidden}x{ffn} column-parallel, B {ffn}x{hidden} row-parallel")
     say(f"{'backend':8} {'tp':>3} {'A shard/rank':>13} {'all-reduces':>11} {'bytes':>7} {'max |Y_tp - Y_dense|':>21}")
-    for backend in args.backend.split(","):
-        for tp in int_list("--tp", args.tp):
+    for backend in backends:
+        for tp in tps:
             with torch.no_grad():
                 out = launch(megatron_mlp_forward, tp, backend, args=(up, down, x))
             err = max((o["y"] - dense).abs().max().item() for o in out)

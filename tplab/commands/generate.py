@@ -19,9 +19,11 @@ from pathlib import Path
 from tplab import tiny
 from tplab.commands import int_list
 from tplab.generate import check_prompts, generate_rank_program
+from tplab.kv_cache import kv_bytes_per_token
 from tplab.launch import BACKENDS, check_device, launch, under_torchrun
 from tplab.errors import InputError
 from tplab.loading import DTYPES, check_checkpoint, read_config, resolve_dtype
+from tplab.memory import check_fits, rank_processes_bytes
 from tplab.model_config import ModelConfig
 from tplab.sampling import SamplingParams
 
@@ -83,8 +85,8 @@ def prepare(args: argparse.Namespace) -> tuple[Path, ModelConfig, object, list[l
     path = resolve_model(args.model)
     config = read_config(path)
     config.check_tp(args.tp)
-    check_checkpoint(path, config)
-    resolve_dtype(args.dtype, config)
+    parameters = check_checkpoint(path, config)
+    dtype = resolve_dtype(args.dtype, config)
     if under_torchrun() and int(os.environ["WORLD_SIZE"]) != args.tp:
         raise UsageError(f"--tp {args.tp} but torchrun started {os.environ['WORLD_SIZE']} processes")
     check_device(args.backend, args.device)
@@ -95,6 +97,8 @@ def prepare(args: argparse.Namespace) -> tuple[Path, ModelConfig, object, list[l
         raise UsageError(f"{path} has no tokenizer, so --prompt TEXT cannot be encoded; use --prompt-ids 1,2,3")
     prompts = [tokenizer(text)["input_ids"] for text in args.prompt] + [parse_ids(t) for t in args.prompt_ids]
     check_prompts(prompts, config.vocab_size, args.max_new_tokens, config.max_position_embeddings)
+    if not under_torchrun() and (args.device or "cpu").startswith("cpu"):
+        check_host_memory(config, parameters, dtype, prompts, args)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     return path, config, tokenizer, prompts, sampling
 
@@ -103,6 +107,18 @@ def _usage_error(e: BaseException) -> int:
     if prints():
         print(f"error: {e}", file=sys.stderr)
     return 2
+
+
+def check_host_memory(config: ModelConfig, parameters: int, dtype, prompts: list[list[int]],
+                      args: argparse.Namespace) -> None:
+    """Every rank is on this machine: the weights once, each rank's KV cache, the rank processes must fit."""
+    element = dtype.itemsize
+    positions = len(prompts) * (max(map(len, prompts)) + args.max_new_tokens)
+    kv = args.tp * kv_bytes_per_token(config, args.tp, dtype) * positions
+    check_fits(parameters * element + kv + rank_processes_bytes(args.backend, args.tp),
+               f"generating {len(prompts)} prompt(s) of up to {max(map(len, prompts))} tokens + {args.max_new_tokens} "
+               f"new at tp={args.tp} (weights {parameters * element / 1e9:.2f} GB, KV cache {kv / 1e9:.2f} GB)",
+               "use fewer or shorter prompts, a smaller --max-new-tokens, or a smaller model")
 
 
 def prints() -> bool:
