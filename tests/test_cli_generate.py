@@ -193,7 +193,7 @@ def test_a_damaged_checkpoint_or_config_is_one_line_and_exit_2(checkpoints, caps
 def test_a_rank_that_finds_damaged_weights_reports_one_line(checkpoints, capsys, tmp_path, monkeypatch, backend):
     """The check before launch is skipped: the rank itself finds the NaN while loading its shard."""
     from tplab.commands import generate as generate_command
-    monkeypatch.setattr(generate_command, "check_checkpoint", lambda *a: None)
+    monkeypatch.setattr(generate_command, "check_checkpoint", lambda *a: 0)
     path, message = _damaged_checkpoints(checkpoints, tmp_path)["nan"]
     code, out, err = cli(capsys, "--model", str(path), "--tp", "2", "--backend", backend, *ids_args("1,2,3"))
     assert (code, out) == (2, "") and message in err and err.count("\n") == 1, err
