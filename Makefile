@@ -33,7 +33,7 @@ test: setup
 DEMO_PROMPTS := --prompt "The with statement" --prompt "An object is"
 
 demo: setup
-	for tp in 1 2 4 8; do $(BIN)/python -m tplab generate --tp $$tp --max-new-tokens 24 $(DEMO_PROMPTS) || exit 1; done
+	$(BIN)/python -m tplab generate --tp 1,2,4,8 --max-new-tokens 24 $(DEMO_PROMPTS)
 
 lab: setup
 	$(BIN)/jupyter lab notebooks/

@@ -17,7 +17,7 @@
 # If the first bench fails other than by time (most likely the CUDA-graph decode, which no GPU had run before this
 # script), it is rerun with --decode eager, and so are the others.
 #
-# Sized for a 15-minute GPU lease (10 minutes per command): LAYERS=20 of the 80 layers are built, and every
+# Sized for 15 minutes of GPU time (10 minutes per command): LAYERS=20 of the 80 layers are built, and every
 # record also extrapolates them to 80 ("scaled": arithmetic, labelled so). LAYERS=80 measures the whole rank
 # in about 4 times as long. The steps' time limits add up to 10.5 minutes (120 s tests, 30 s dry run, 3 x 150 s
 # benches, 30 s calibration); the cost model expects the benches' timed requests to take under 2 minutes. Each
@@ -70,7 +70,7 @@ sweep=(--emulate-rank --model "$MODEL" --gpu "$GPU" --layers "$LAYERS" --batch "
       --tp "$tp" --quiet --out "$OUT"; status=$?
     if ((first && status && status != 124)) && [[ $decode != eager ]]; then
       # the first tp failed, not for time: most likely the CUDA-graph decode (never run on a GPU before). The eager
-      # decode still measures, so this tp and the next ones use it: a lease yields data either way.
+      # decode still measures, so this tp and the next ones use it: the GPU time yields data either way.
       decode=eager
       echo "=== retrying with --decode eager"
       step "bench tp=$tp, eager decode" "$BENCH_TIMEOUT" "$PYTHON" -m tplab bench "${sweep[@]}" --decode eager \

@@ -8,6 +8,11 @@ Python releases, so the exact text is shipped in ``data/tiny/corpus.json.xz``
 (~95 KB) and its SHA-256 is pinned below: training refuses a corpus whose hash
 differs (``--allow-corpus-change`` overrides, e.g. to retrain on a newer Python).
 
+Cleaning: the reStructuredText underlines of headings (lines of one repeated
+``*``, ``=``, ``-`` or ``~``) are dropped before training; a model trained with
+them started most continuations with a row of asterisks. The shipped corpus
+file stays the unmodified extraction; cleaning is a pure function of it.
+
 Split: each topic is cut at the first paragraph break after 90% of its
 characters; the tail goes to validation, so no validation text is ever trained on.
 
@@ -36,6 +41,7 @@ import lzma
 import math
 import os
 import platform
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -97,6 +103,14 @@ def load_corpus(out: Path, allow_change: bool) -> tuple[list[dict], str, str]:
                          "the text differs from the one the shipped model was trained on. Restore "
                          f"{path} from git, or pass --allow-corpus-change and update CORPUS_SHA256.")
     return json.loads(raw), digest, origin
+
+
+UNDERLINE = re.compile(r"^[ \t]*([*=~-])\1{2,}[ \t]*\n", re.MULTILINE)
+
+
+def clean_text(text: str) -> str:
+    """The text without reStructuredText heading underlines (whole lines of one repeated * = - ~)."""
+    return UNDERLINE.sub("", text)
 
 
 def split_text(text: str, val_fraction: float) -> tuple[str, str]:
@@ -257,7 +271,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     wall_start, commit = time.time(), git_commit()  # the commit whose script is running
     docs, corpus_sha, origin = load_corpus(args.out, args.allow_corpus_change)
-    splits = [split_text(d["text"], args.val_fraction) for d in docs]
+    splits = [split_text(clean_text(d["text"]), args.val_fraction) for d in docs]
     train_texts = [t for t, _ in splits]
     val_texts = [v for _, v in splits if v]
     tokenizer = train_tokenizer(train_texts, args.vocab_size)
@@ -300,7 +314,8 @@ def main() -> None:
                      "transformers": transformers.__version__},
         "corpus": {"file": CORPUS_FILE, "extracted_from": CORPUS_ORIGIN, "read_from": origin,
                    "sha256_uncompressed": corpus_sha,
-                   "topics": len(docs), "characters": sum(len(d["text"]) for d in docs),
+                   "cleaning": "heading underlines removed (scripts/train_tiny.py: clean_text)",
+                   "topics": len(docs), "characters": sum(len(clean_text(d["text"])) for d in docs),
                    "train_tokens": len(train_ids), "val_tokens": len(val_ids)},
         "model": {"parameters": n_params, "config": config.to_diff_dict()},
         "hyperparameters": {k: v for k, v in vars(args).items() if k not in ("out", "allow_corpus_change")},

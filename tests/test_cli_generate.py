@@ -1,5 +1,6 @@
 """``python -m tplab generate``: JSON and text output equal to HF, threads / gloo / torchrun, and clean usage errors."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -64,7 +65,7 @@ def test_text_prompts_are_tokenized_and_decoded(checkpoints, capsys):
     assert report["text"] == [tokenizer.decode(t, skip_special_tokens=True) for t in expected]
     code, out, _ = cli(capsys, "--model", str(checkpoints["tok"]), "--tp", "2", "--prompt", "hello world",
                        "--max-new-tokens", "5")
-    assert code == 0 and out.startswith("--- row 0: 12 prompt tokens, 5 new")
+    assert code == 0 and out.startswith("--- tp=2 row 0: 12 prompt tokens, 5 new")
     assert "hello world" in out and "prefill: all_reduce x5" in out
 
 
@@ -230,3 +231,21 @@ def test_other_commands_refuse_bad_input_in_one_line(capsys, monkeypatch):
         code = main(args)
         out, err = capsys.readouterr()
         assert (code, out) == (2, "") and message in err and err.count("\n") == 1, (args, err)
+
+
+def test_several_tp_degrees_are_compared_and_the_prompt_is_marked_off(checkpoints, capsys):
+    code, out, _ = cli(capsys, "--model", str(checkpoints["tok"]), "--tp", "1,2,4", "--prompt", "hello world",
+                       "--prompt", "abc", "--max-new-tokens", "4")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[-1] == "identical tokens at tp 1, 2, 4: every row, every token"
+    assert sum(line == "[prompt]    hello world" for line in lines) == 3 and sum(l.startswith("[generated] ") for l in lines) == 6
+    per_rank = max(1, (os.cpu_count() or 1) // 2)  # the cores shared out among 2 ranks
+    assert f"tp=2 (threads, cpu, {per_rank} thread(s) per rank; timed after a warm-up)" in out
+
+
+def test_compare_tokens_names_the_first_difference():
+    from tplab.commands.generate import compare_tokens
+    assert compare_tokens({1: [[5, 6], [7]], 2: [[5, 6], [7]]}) is None
+    assert compare_tokens({1: [[5, 6], [7]], 4: [[5, 6], [7, 8]], 8: [[5, 9], [7]]}) == \
+        "tokens DIFFER: tp=4 row 1 departs from tp=1 at new token 1"

@@ -19,8 +19,12 @@ def test_plan_prints_a_modelled_table_for_every_tp_and_batch(capsys):
     header = next(i for i, line in enumerate(lines) if line.split()[:2] == ["tp", "batch"])
     rows = [line.split() for line in lines[header + 1:header + 9]]
     assert [(r[0], r[1]) for r in rows] == [(str(t), str(b)) for t in (1, 2, 4, 8) for b in (1, 16)]
-    assert {r[6] for r in rows[:2]} == {"NO"} and {r[6] for r in rows[4:]} == {"yes"}  # 141 GB of weights: tp=1 cannot fit
-    assert all(float(r[11]) > 0 for r in rows)  # the cost column, at the price given
+    assert {r[7] for r in rows[:2]} == {"NO"} and {r[7] for r in rows[4:]} == {"yes"}  # 141 GB of weights: tp=1 cannot fit
+    assert all(float(r[12]) > 0 for r in rows)  # the cost column, at the price given
+    assert {r[2] for r in rows[:2]} == {"-"} and {r[2] for r in rows[2:]} == {"nvlink"}  # one GPU uses no link
+    for r in rows:  # the total is the three memory columns, each rounded to 0.1 GB
+        assert abs(float(r[6].split("/")[0]) - sum(map(float, r[3:6]))) <= 0.15
+    assert "total = weights + KV + act+rt" in out
     assert "minimum tp that fits batch 1: tp=4" in out
     assert lines[-1] == "all figures above are modelled (not measured)"
 
@@ -29,7 +33,7 @@ def test_without_a_price_the_cost_column_is_empty_and_notes_are_printed(capsys):
     assert main(["plan", "--model", "llama-3-8b", "--gpu", "a100-sxm-80gb", "--tp", "1,2", "--dtype", "fp8"]) == 0
     out = capsys.readouterr().out
     row = next(line.split() for line in out.splitlines() if line.split()[:2] == ["1", "1"])
-    assert row[11] == "-"
+    assert row[12] == "-"
     assert "note: a100-sxm-80gb has no FP8 tensor cores: fp8 is modelled as weight-only W8A16" in out
 
 

@@ -1,7 +1,7 @@
 """A sweep before it runs: what each point allocates on rank 0, and how long the sweep should take on a GPU.
 
 ``python -m tplab bench ... --dry-run`` prints this and allocates nothing: the
-way to size a sweep to a GPU lease (or a bill) before paying for it. It runs
+way to size a sweep to the GPU time you have (or a bill) before paying for it. It runs
 anywhere, e.g. on a laptop preparing a GPU run.
 
 * Memory is exact arithmetic on shapes, what the harness will allocate on

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tplab.commands import bench, comm_bench, demo, generate, plan
+from tplab.commands import HelpFormatter, bench, comm_bench, demo, generate, plan
 
 COMMANDS = [demo, generate, plan, bench, comm_bench]
 
@@ -14,6 +14,8 @@ def main(argv: list[str] | None = None) -> int:
     subparsers = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.register(subparsers)
+    for sub in subparsers.choices.values():  # every option's help shows its default
+        sub.formatter_class = HelpFormatter
     args = parser.parse_args(argv)
     return args.run(args)
 

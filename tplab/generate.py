@@ -51,6 +51,7 @@ class GenerationResult:
     step_comm: list[dict] = field(default_factory=list)  # per step: phase, seconds, {op: count}, bytes
     tp: int = 1
     device: str = "cpu"  # where the rank computed, e.g. "cuda:0"
+    threads: int = 1  # torch intra-op threads of the rank
     load: LoadStats | None = None
     logits: list[torch.Tensor] | None = None  # per step, (batch, V) on the CPU, when keep_logits=True
 
@@ -194,14 +195,19 @@ def checkpoint_eos_ids(path: str | Path, model: TPCausalLM) -> tuple[int, ...]:
 def generate_rank_program(dist: Dist, model_path: str, prompts: list[list[int]], max_new_tokens: int,
                           temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0, seed: int = 0,
                           dtype: str | None = None, eos_token_ids: tuple[int, ...] | None = None,
-                          stop_sequences: list[list[int]] = (), keep_logits: bool = False) -> GenerationResult:
+                          stop_sequences: list[list[int]] = (), keep_logits: bool = False,
+                          warmup: bool = False) -> GenerationResult:
     """Load this rank's shard of ``model_path`` and generate: ``launch(generate_rank_program, tp, backend, kwargs=...)``.
 
-    Works on threads, gloo, and under torchrun (NCCL on GPUs).
+    Works on threads, gloo, and under torchrun (NCCL on GPUs). ``warmup``: first
+    run the same prompts for two tokens, untimed, so the reported TTFT and
+    ms/token do not include first-call costs (allocations, kernel selection).
     """
     sampling = SamplingParams(temperature, top_k, top_p, seed)
     model = from_pretrained(model_path, dist, dtype=dtype)
     eos = checkpoint_eos_ids(model_path, model) if eos_token_ids is None else eos_token_ids
+    if warmup:
+        generate(model, prompts, min(2, max_new_tokens), sampling, eos, stop_sequences)
     result = generate(model, prompts, max_new_tokens, sampling, eos, stop_sequences, keep_logits)
-    result.load = model.load_stats
+    result.load, result.threads = model.load_stats, torch.get_num_threads()
     return result

@@ -28,6 +28,7 @@ daemon thread ends with the process) and named in the error.
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -40,19 +41,24 @@ from tplab.launch_gloo import RankDiedError, launch_gloo
 from tplab.launch_torchrun import launch_torchrun, under_torchrun
 from tplab.transports import ThreadGroup, ThreadTransport
 
-__all__ = ["BACKENDS", "RankDiedError", "check_device", "launch", "thread_device", "under_torchrun"]
+__all__ = ["BACKENDS", "RankDiedError", "check_device", "default_threads", "launch", "thread_device", "under_torchrun"]
 
 BACKENDS = ("threads", "gloo")
 PEER_GRACE_S = 1.0  # after a rank fails, how long the others get to notice before they are abandoned
 
 
 def launch(fn: Callable[..., Any], tp: int, backend: str = "threads", timeout: float = 300.0,
-           args: tuple = (), kwargs: dict | None = None, device: torch.device | str | None = None) -> list[Any]:
+           args: tuple = (), kwargs: dict | None = None, device: torch.device | str | None = None,
+           threads: int | None = None) -> list[Any]:
     """Run ``fn(dist, *args, **kwargs)`` on ``tp`` ranks; return the results in rank order.
 
     ``device``: where thread ranks compute (default the CPU; "cuda": all on one
     GPU). gloo ranks compute on the CPU; under torchrun each process takes its
     own GPU (cuda:LOCAL_RANK), or the CPU where none is visible.
+
+    ``threads``: torch intra-op threads per rank (default :func:`default_threads`:
+    the cores shared out among the ranks of this machine, so tp ranks never
+    oversubscribe the CPU; more ranks than cores get one thread each).
     """
     kwargs = kwargs or {}
     if not callable(fn):
@@ -61,15 +67,24 @@ def launch(fn: Callable[..., Any], tp: int, backend: str = "threads", timeout: f
         raise ValueError(f"tp must be a positive integer, got {tp!r}")
     if not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
     check_device(backend, device)
     if under_torchrun():
-        return launch_torchrun(fn, tp, timeout, args, kwargs)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", tp))
+        return launch_torchrun(fn, tp, timeout, args, kwargs, threads or default_threads(local))
+    threads = threads or default_threads(tp)
     if backend == "threads":
-        return _launch_threads(fn, tp, timeout, args, kwargs, thread_device(device))
+        return _launch_threads(fn, tp, timeout, args, kwargs, thread_device(device), threads)
     if backend == "gloo":
-        return launch_gloo(fn, tp, timeout, args, kwargs)
+        return launch_gloo(fn, tp, timeout, args, kwargs, threads)
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} "
                      "(for NCCL on GPUs, start the program with torchrun)")
+
+
+def default_threads(ranks_here: int) -> int:
+    """Intra-op threads per rank: max(1, cores // ranks on this machine)."""
+    return max(1, (os.cpu_count() or 1) // ranks_here)
 
 
 def check_device(backend: str, device: torch.device | str | None) -> None:
@@ -107,7 +122,7 @@ def thread_device(device: torch.device | str | None) -> torch.device:
     return device
 
 
-def _launch_threads(fn, tp, timeout, args, kwargs, device):
+def _launch_threads(fn, tp, timeout, args, kwargs, device, threads):
     group = ThreadGroup(tp, timeout)
     results: list[Any] = [None] * tp
     errors: dict[int, BaseException] = {}  # in arrival order
@@ -115,6 +130,7 @@ def _launch_threads(fn, tp, timeout, args, kwargs, device):
 
     def run_rank(rank: int) -> None:
         try:
+            torch.set_num_threads(threads)
             if device.type == "cuda":
                 torch.cuda.set_device(device)  # the current device is per thread
             results[rank] = fn(Dist(rank, tp, device, ThreadTransport(group, rank)), *args, **kwargs)
@@ -125,8 +141,17 @@ def _launch_threads(fn, tp, timeout, args, kwargs, device):
         finally:
             finished.put(rank)
 
+    callers_threads = torch.get_num_threads()  # torch's setting may be process-wide: restored below
     for r in range(tp):
         threading.Thread(target=run_rank, args=(r,), name=f"tplab-rank{r}", daemon=True).start()
+    try:
+        return _collect(tp, timeout, results, errors, finished)
+    finally:
+        torch.set_num_threads(callers_threads)
+
+
+def _collect(tp, timeout, results, errors, finished):
+    """Wait for the thread ranks: their results, or the first error; never longer than the timeout allows."""
     done: set[int] = set()
     deadline = None  # set once some rank is done: the others get `timeout` (or a grace after a failure)
     while len(done) < tp:

@@ -122,13 +122,13 @@ def _process_context(fn):
     return ctx
 
 
-def launch_gloo(fn: Callable[..., Any], tp: int, timeout: float, args: tuple, kwargs: dict) -> list[Any]:
+def launch_gloo(fn: Callable[..., Any], tp: int, timeout: float, args: tuple, kwargs: dict,
+                threads_per_rank: int) -> list[Any]:
     """``fn(dist, *args, **kwargs)`` on ``tp`` gloo processes; their results in rank order (see the module docstring)."""
     _check_picklable(fn)
     ctx = _process_context(fn)
     results_q = ctx.Queue()
     port = free_port()
-    threads_per_rank = max(1, (os.cpu_count() or 1) // tp)
     procs = [ctx.Process(target=_gloo_rank_main, name=f"tplab-rank{r}", daemon=True,
                          args=(r, tp, port, fn, args, kwargs, timeout, threads_per_rank, results_q))
              for r in range(tp)]

@@ -70,9 +70,11 @@ def _destroy_process_group() -> None:
         td.destroy_process_group()
 
 
-def launch_torchrun(fn: Callable[..., Any], tp: int, timeout: float, args: tuple, kwargs: dict) -> list[Any]:
+def launch_torchrun(fn: Callable[..., Any], tp: int, timeout: float, args: tuple, kwargs: dict,
+                    threads: int) -> list[Any]:
     """``fn(dist, *args, **kwargs)`` on this process's rank; every rank's result (on the CPU), in rank order."""
     import torch.distributed as td
+    torch.set_num_threads(threads)
     world_size = int(os.environ["WORLD_SIZE"])
     if tp != world_size:
         raise ValueError(f"tp={tp} but torchrun started WORLD_SIZE={world_size} processes; "

@@ -19,7 +19,7 @@ from tplab.paths import DATA_DIR
 
 TINY_DIR = DATA_DIR / "tiny"
 WEIGHTS_FILE = "model.safetensors"
-EXPECTED_SHA256 = "b7fbf7b2d015b286b3f3d8894947c3bdb23a03dab5d9c48737db141bf1f6f66f"
+EXPECTED_SHA256 = "1dcf5f31ca9a7fd71152cb3429ee602a6210bf7f48eee37ce3a44f7adaa87af6"
 
 
 def sha256_file(path: Path) -> str:

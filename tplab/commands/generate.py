@@ -36,8 +36,9 @@ class UsageError(Exception):
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate from a Hugging Face checkpoint on N tensor-parallel ranks")
-    p.add_argument("--model", default="tiny", help="checkpoint directory, or 'tiny' for the bundled model (default)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
+    p.add_argument("--model", default="tiny", help="checkpoint directory, or 'tiny' for the bundled model")
+    p.add_argument("--tp", default="1", help="tensor-parallel degree; several (e.g. 1,2,4,8) run one after another "
+                                             "and a last line says whether they gave identical tokens")
     p.add_argument("--backend", choices=BACKENDS, default="threads",
                    help="threads or gloo processes (ignored under torchrun)")
     p.add_argument("--device", default=None,
@@ -45,13 +46,15 @@ def register(subparsers) -> None:
                         "not a speed-up); under torchrun each process takes its own GPU")
     p.add_argument("--prompt", action="append", default=[], help="prompt text; repeat for a batch")
     p.add_argument("--prompt-ids", action="append", default=[], help="prompt token ids, e.g. 1,5,9; repeat for a batch")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (fewer at EOS)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per rank (default: the cores shared out among the ranks, at least 1)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
     p.add_argument("--top-p", type=float, default=1.0, help="keep the smallest set with this much probability")
     p.add_argument("--seed", type=int, default=0, help="sampling seed: the same tokens on every rank and tp")
     p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="weights dtype (auto: the checkpoint's)")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--json", action="store_true", help="print one JSON object per tp")
     p.set_defaults(run=run)
 
 
@@ -81,14 +84,21 @@ def parse_ids(text: str) -> list[int]:
 
 
 def prepare(args: argparse.Namespace) -> tuple[Path, ModelConfig, object, list[list[int]], SamplingParams]:
-    """Every check that needs no rank: path, architecture, tp, dtype, tokenizer, prompts, sampling."""
+    """Every check that needs no rank: path, architecture, tp, dtype, tokenizer, prompts, sampling, memory.
+
+    Sets ``args.tps`` (the parsed --tp list).
+    """
+    args.tps = int_list("--tp", args.tp)
+    if args.threads is not None and args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
     path = resolve_model(args.model)
     config = read_config(path)
-    config.check_tp(args.tp)
+    for tp in args.tps:
+        config.check_tp(tp)
     parameters = check_checkpoint(path, config)
     dtype = resolve_dtype(args.dtype, config)
-    if under_torchrun() and int(os.environ["WORLD_SIZE"]) != args.tp:
-        raise UsageError(f"--tp {args.tp} but torchrun started {os.environ['WORLD_SIZE']} processes")
+    if under_torchrun() and args.tps != [int(os.environ["WORLD_SIZE"])]:
+        raise UsageError(f"--tp {args.tp} but torchrun started {os.environ['WORLD_SIZE']} processes: pass that one tp")
     check_device(args.backend, args.device)
     if not args.prompt and not args.prompt_ids:
         raise UsageError("give at least one --prompt TEXT or --prompt-ids 1,2,3")
@@ -98,7 +108,8 @@ def prepare(args: argparse.Namespace) -> tuple[Path, ModelConfig, object, list[l
     prompts = [tokenizer(text)["input_ids"] for text in args.prompt] + [parse_ids(t) for t in args.prompt_ids]
     check_prompts(prompts, config.vocab_size, args.max_new_tokens, config.max_position_embeddings)
     if not under_torchrun() and (args.device or "cpu").startswith("cpu"):
-        check_host_memory(config, parameters, dtype, prompts, args)
+        for tp in args.tps:
+            check_host_memory(config, parameters, dtype, prompts, tp, args)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     return path, config, tokenizer, prompts, sampling
 
@@ -109,15 +120,15 @@ def _usage_error(e: BaseException) -> int:
     return 2
 
 
-def check_host_memory(config: ModelConfig, parameters: int, dtype, prompts: list[list[int]],
+def check_host_memory(config: ModelConfig, parameters: int, dtype, prompts: list[list[int]], tp: int,
                       args: argparse.Namespace) -> None:
     """Every rank is on this machine: the weights once, each rank's KV cache, the rank processes must fit."""
     element = dtype.itemsize
     positions = len(prompts) * (max(map(len, prompts)) + args.max_new_tokens)
-    kv = args.tp * kv_bytes_per_token(config, args.tp, dtype) * positions
-    check_fits(parameters * element + kv + rank_processes_bytes(args.backend, args.tp),
+    kv = tp * kv_bytes_per_token(config, tp, dtype) * positions
+    check_fits(parameters * element + kv + rank_processes_bytes(args.backend, tp),
                f"generating {len(prompts)} prompt(s) of up to {max(map(len, prompts))} tokens + {args.max_new_tokens} "
-               f"new at tp={args.tp} (weights {parameters * element / 1e9:.2f} GB, KV cache {kv / 1e9:.2f} GB)",
+               f"new at tp={tp} (weights {parameters * element / 1e9:.2f} GB, KV cache {kv / 1e9:.2f} GB)",
                "use fewer or shorter prompts, a smaller --max-new-tokens, or a smaller model")
 
 
@@ -131,23 +142,41 @@ def run(args: argparse.Namespace) -> int:
         path, config, tokenizer, prompts, sampling = prepare(args)
     except (UsageError, ValueError, FileNotFoundError) as e:
         return _usage_error(e)
-    try:
-        results = launch(generate_rank_program, args.tp, args.backend, device=args.device, kwargs=dict(
-            model_path=str(path), prompts=prompts, max_new_tokens=args.max_new_tokens,
-            temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p, seed=sampling.seed,
-            dtype=args.dtype))
-    except InputError as e:  # found inside a rank (e.g. a damaged checkpoint): still bad input, not a bug
-        return _usage_error(e)
-    if not prints():
-        return 0
-    result = results[0]
-    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens] if tokenizer else None
     backend = "torchrun" if under_torchrun() else args.backend
-    if args.json:
-        print(json.dumps(_json_report(result, texts, prompts, backend)))
-    else:
-        _print_report(result, texts, prompts, tokenizer, backend)
-    return 0
+    tokens_by_tp = {}
+    for tp in args.tps:
+        try:
+            results = launch(generate_rank_program, tp, args.backend, device=args.device, threads=args.threads,
+                             kwargs=dict(model_path=str(path), prompts=prompts, max_new_tokens=args.max_new_tokens,
+                                         temperature=sampling.temperature, top_k=sampling.top_k,
+                                         top_p=sampling.top_p, seed=sampling.seed, dtype=args.dtype, warmup=True))
+        except InputError as e:  # found inside a rank (e.g. a damaged checkpoint): still bad input, not a bug
+            return _usage_error(e)
+        if not prints():
+            continue
+        result = tokens_by_tp[tp] = results[0]
+        texts = [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens] if tokenizer else None
+        if args.json:
+            print(json.dumps(_json_report(result, texts, prompts, backend)))
+        else:
+            _print_report(result, texts, prompts, tokenizer, backend)
+    if len(tokens_by_tp) < 2:
+        return 0
+    same = compare_tokens({tp: r.tokens for tp, r in tokens_by_tp.items()})
+    if not args.json:
+        print(same or f"identical tokens at tp {', '.join(map(str, tokens_by_tp))}: every row, every token")
+    return 1 if same else 0
+
+
+def compare_tokens(tokens_by_tp: dict[int, list[list[int]]]) -> str | None:
+    """None when every tp gave the same tokens; otherwise a line naming the first tp and row that differ."""
+    first, reference = next(iter(tokens_by_tp.items()))
+    for tp, tokens in tokens_by_tp.items():
+        for row, (want, got) in enumerate(zip(reference, tokens)):
+            if want != got:
+                at = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+                return f"tokens DIFFER: tp={tp} row {row} departs from tp={first} at new token {at}"
+    return None
 
 
 def _json_report(result, texts, prompts, backend) -> dict:
@@ -158,6 +187,7 @@ def _json_report(result, texts, prompts, backend) -> dict:
         "tp": result.tp,
         "backend": backend,
         "device": result.device,
+        "threads_per_rank": result.threads,
         "ttft_ms": 1000 * result.ttft_s,
         "ms_per_token": result.ms_per_token,
         "comm": result.comm,
@@ -169,13 +199,17 @@ def _json_report(result, texts, prompts, backend) -> dict:
 
 def _print_report(result, texts, prompts, tokenizer, backend) -> None:
     for b, tokens in enumerate(result.tokens):
-        print(f"--- row {b}: {len(prompts[b])} prompt tokens, {len(tokens)} new ({result.finish_reasons[b]}) ---")
+        print(f"--- tp={result.tp} row {b}: {len(prompts[b])} prompt tokens, {len(tokens)} new "
+              f"({result.finish_reasons[b]}) ---")
         if tokenizer is not None:
-            print(tokenizer.decode(prompts[b], skip_special_tokens=True) + texts[b])
+            print(f"[prompt]    {tokenizer.decode(prompts[b], skip_special_tokens=True)}")
+            print(f"[generated] {texts[b]}")
         else:
-            print(f"{prompts[b]} -> {tokens}")
+            print(f"[prompt]    {prompts[b]}")
+            print(f"[generated] {tokens}")
     per_token = "n/a" if result.ms_per_token is None else f"{result.ms_per_token:.2f} ms/token"
-    print(f"tp={result.tp} ({backend}, {result.device}): TTFT {1000 * result.ttft_s:.1f} ms, decode {per_token}")
+    print(f"tp={result.tp} ({backend}, {result.device}, {result.threads} thread(s) per rank; timed after a warm-up): "
+          f"TTFT {1000 * result.ttft_s:.1f} ms, decode {per_token}")
     for phase, ops in result.comm.items():
         line = ", ".join(f"{op} x{int(s['count'])} ({int(s['bytes'])} B)" for op, s in ops.items())
         print(f"  {phase}: {line or 'no collectives'}")

@@ -9,7 +9,8 @@ from tplab.perf import MODELLED, Estimate, estimate, max_batch, min_tp
 from tplab.perf_shapes import KV_BYTES, WEIGHT_BYTES
 from tplab.specs import load_efficiency, load_gpu, load_model
 
-COLUMNS = [("tp", 3), ("batch", 6), ("link", 10), ("weights GB", 11), ("KV GB", 8), ("total/usable GB", 16),
+COLUMNS = [("tp", 3), ("batch", 6), ("link", 10), ("weights GB", 11), ("KV GB", 8), ("act+rt GB", 10),
+           ("total/usable GB", 16),
            ("fits", 5), ("decode ms/tok", 14), ("TTFT ms", 9), ("tok/s", 8), ("tok/s/GPU", 10), ("USD/1M tok", 11),
            ("bound", 7)]
 
@@ -35,7 +36,9 @@ def register(subparsers) -> None:
 def _row(e: Estimate) -> list[str]:
     m = e.breakdown["memory_gb"]
     cost = "-" if e.cost_per_million_tokens is None else f"{e.cost_per_million_tokens:.2f}"
-    return [str(e.tp), str(e.batch), e.interconnect, f"{m['weights']:.1f}", f"{m['kv_cache']:.1f}",
+    link = "-" if e.tp == 1 else e.interconnect  # one GPU: no collectives, no link
+    return [str(e.tp), str(e.batch), link, f"{m['weights']:.1f}", f"{m['kv_cache']:.1f}",
+            f"{m['activations'] + m['runtime_overhead']:.1f}",
             f"{e.memory_per_gpu_gb:.1f}/{e.usable_memory_gb:.1f}", "yes" if e.fits else "NO",
             f"{e.decode_ms_per_token:.2f}", f"{e.ttft_ms:.0f}", f"{e.throughput_tok_s:.0f}",
             f"{e.throughput_per_gpu_tok_s:.0f}", cost, e.bound]
@@ -62,6 +65,9 @@ def plan(args: argparse.Namespace) -> None:
     print(f"efficiencies (data/efficiency.json or --efficiency): memory bandwidth {eff.memory_bandwidth:g}, "
           f"compute {eff.compute:g}, link {eff.link:g}; {eff.memory_headroom_fraction:.0%} of memory kept free")
     _print_table([_row(e) for e in estimates])
+    print(f"total = weights + KV + act+rt: the activations of one forward pass (up to {eff.prefill_chunk_tokens} "
+          f"tokens) and {eff.runtime_overhead_gb:g} GB of runtime overhead per GPU (CUDA context, workspaces); "
+          f"usable = memory less {eff.memory_headroom_fraction:.0%} headroom; link '-': tp=1 runs no collectives")
     for note in dict.fromkeys(n for e in estimates for n in e.notes):
         print(f"note: {note}")
     for b in batches:

@@ -6,6 +6,8 @@ the picture cannot disagree with the code.
 """
 from __future__ import annotations
 
+import itertools
+
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.colors import ListedColormap
@@ -26,7 +28,7 @@ def _axes(ax: Axes | None, size: tuple[float, float]) -> tuple[Figure, Axes]:
 
 def _box(ax: Axes, x: float, y: float, text: str, color, hatch: str | None = None) -> None:
     ax.add_patch(Rectangle((x - 0.4, y - 0.3), 0.8, 0.6, facecolor=color, edgecolor="black", hatch=hatch, alpha=0.85))
-    ax.text(x, y, text, ha="center", va="center", fontsize=7)
+    ax.text(x, y, text, ha="center", va="center", fontsize=9)
 
 
 def _tp_axis(ax: Axes, tps: list[int]) -> None:
@@ -52,7 +54,7 @@ def plot_head_split(num_heads: int, num_kv_heads: int, tp: int, ax: Axes | None 
         color = RANK_COLORS[rank % len(RANK_COLORS)]
         left = rank * per_rank
         ax.add_patch(Rectangle((left - 0.5, -0.6), per_rank, 2.2, facecolor=color, alpha=0.12, edgecolor=color))
-        ax.text(left - 0.45, 1.45, f"rank {rank}", fontsize=8, color=color, va="center")
+        ax.text(left - 0.45, 1.45, f"rank {rank}", fontsize=10, color=color, va="center")
         kv_x = {g: left + (i + 0.5) * per_rank / len(kv_heads) - 0.5 for i, g in enumerate(kv_heads)}
         for h in q_heads:
             ax.plot([h, kv_x[h // group]], [0.7, 0.3], color="gray", lw=0.8)
@@ -67,7 +69,7 @@ def plot_head_split(num_heads: int, num_kv_heads: int, tp: int, ax: Axes | None 
     copies = kv_replicas(num_kv_heads, tp)
     note = (f"each KV head replicated on {copies} ranks (hatched: copies)" if copies > 1
             else f"{max(1, num_kv_heads // tp)} KV head(s) per rank, no copies")
-    ax.set_title(f"{num_heads} query heads, {num_kv_heads} KV heads, tp={tp}: {note}", fontsize=9)
+    ax.set_title(f"{num_heads} query heads, {num_kv_heads} KV heads, tp={tp}: {note}", fontsize=11)
     for side in ("top", "right", "bottom"):
         ax.spines[side].set_visible(False)
     return fig
@@ -83,13 +85,13 @@ def plot_mlp_split(hidden_size: int, intermediate_size: int, tp: int) -> Figure:
         ax.imshow(ownership_map(rows, cols, tp, split).numpy(), cmap=cmap, vmin=-0.5, vmax=tp - 0.5, aspect="auto",
                   interpolation="nearest")
         kind = "column parallel: rows (outputs) split" if split == 0 else "row parallel: columns (inputs) split"
-        ax.set_title(f"{name} ({rows}x{cols})\n{kind}", fontsize=8)
+        ax.set_title(f"{name} ({rows}x{cols})\n{kind}", fontsize=10)
         ax.set_xlabel("input feature")
         ax.set_ylabel("output feature")
     handles = [Rectangle((0, 0), 1, 1, color=RANK_COLORS[r]) for r in range(tp)]
-    fig.legend(handles, [f"rank {r}" for r in range(tp)], loc="lower center", ncol=tp, fontsize=8)
-    fig.suptitle(f"SwiGLU MLP over tp={tp}: rank r computes silu(x Wg_r^T) * (x Wu_r^T) locally, "
-                 "then x_r Wd_r^T, summed by one all-reduce", fontsize=9)
+    fig.legend(handles, [f"rank {r}" for r in range(tp)], loc="lower center", ncol=tp, fontsize=9)
+    fig.suptitle(f"SwiGLU MLP over tp={tp}: rank $r$ computes $\\mathrm{{silu}}(x W_{{g,r}}^T) \\odot (x W_{{u,r}}^T)$ "
+                 "locally, then $x_r W_{d,r}^T$, summed by one all-reduce", fontsize=11)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     return fig
 
@@ -101,9 +103,14 @@ def plot_kv_per_token(rows: list[dict], ax: Axes | None = None) -> Figure:
     A ring marks the tp values beyond the model's KV heads, where the per-rank cache stops shrinking.
     """
     fig, ax = _axes(ax, (6.5, 4))
+    series: dict[tuple, list[str]] = {}  # models with the same curve share one line, labelled with all their names
     for model in dict.fromkeys(r["model"] for r in rows):
-        mine = [r for r in rows if r["model"] == model]
-        line, = ax.plot([r["tp"] for r in mine], [r["kv_bytes_per_token"] / 1024 for r in mine], marker="o", label=model)
+        curve = tuple((r["tp"], r["kv_bytes_per_token"], r["num_kv_heads"]) for r in rows if r["model"] == model)
+        series.setdefault(curve, []).append(model)
+    for curve, models in series.items():
+        mine = [{"tp": t, "kv_bytes_per_token": b, "num_kv_heads": kv} for t, b, kv in curve]
+        line, = ax.plot([r["tp"] for r in mine], [r["kv_bytes_per_token"] / 1024 for r in mine], marker="o",
+                        label=" = ".join(models))
         flat = [r for r in mine if r["tp"] > r["num_kv_heads"]]
         ax.plot([r["tp"] for r in flat], [r["kv_bytes_per_token"] / 1024 for r in flat], "o", ms=11,
                 markerfacecolor="none", color=line.get_color())
@@ -124,12 +131,13 @@ def plot_token_capacity(rows: list[dict], gpu_memory_gb: float) -> Figure:
     ``rows``: dicts with ``model``, ``tp``, ``num_kv_heads`` and ``max_tokens`` (0 when the weights alone do not fit).
     """
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    for model in dict.fromkeys(r["model"] for r in rows):
+    styles = [dict(marker=m, linestyle=ls) for m, ls in zip("osD^v", ("-", "--", ":", "-.", "-"))]
+    for style, model in zip(itertools.cycle(styles), dict.fromkeys(r["model"] for r in rows)):
         mine = [r for r in rows if r["model"] == model and r["max_tokens"] > 0]
         tps = [r["tp"] for r in mine]
-        for ax, scale in zip(axes, (1, "per_gpu")):
+        for ax, scale in zip(axes, (1, "per_gpu")):  # marker and dash differ per model: close lines stay visible
             values = [r["max_tokens"] / (r["tp"] if scale == "per_gpu" else 1) / 1e6 for r in mine]
-            line, = ax.plot(tps, values, marker="o", label=model)
+            line, = ax.plot(tps, values, label=model, **style)
             flat = [(t, v) for t, v, r in zip(tps, values, mine) if r["tp"] > r["num_kv_heads"]]
             ax.plot([t for t, _ in flat], [v for _, v in flat], "o", ms=11, markerfacecolor="none", color=line.get_color())
     titles = ("tokens the TP group can cache", "the same, divided by the tp GPUs it uses")

@@ -22,12 +22,28 @@ def _axes(ax: Axes | None, size: tuple[float, float] = (6, 4)) -> tuple[Figure, 
     return fig, ax
 
 
-def _stacked(ax: Axes, labels: list[str], parts: list[dict[str, float]], names: tuple[str, ...]) -> None:
+VISIBLE_FRACTION = 0.005  # a part under 0.5% of the tallest bar everywhere could not be seen: it is named, not drawn
+
+
+def _stacked(ax: Axes, labels: list[str], parts: list[dict[str, float]], names: tuple[str, ...]) -> list[str]:
+    """Stacked bars of the visible parts; returns the names of the parts too small to draw anywhere."""
     bottom = [0.0] * len(labels)
+    tallest = max(sum(p[name] for name in names) for p in parts)
+    too_small = []
     for name in names:
         values = [p[name] for p in parts]
+        if max(values) < VISIBLE_FRACTION * tallest:
+            too_small.append(name.replace("_", " "))
+            continue
         ax.bar(labels, values, bottom=bottom, color=COLORS[name], label=name.replace("_", " "))
         bottom = [b + v for b, v in zip(bottom, values)]
+    return too_small
+
+
+def _name_the_invisible(ax: Axes, too_small: list[str]) -> None:
+    if too_small:
+        ax.text(0.01, 0.99, f"not drawn (under {VISIBLE_FRACTION:.1%} of the tallest bar): {', '.join(too_small)}",
+                transform=ax.transAxes, ha="left", va="top", fontsize=8, color="dimgray")
 
 
 def _setting(e: Estimate) -> str:
@@ -37,13 +53,14 @@ def _setting(e: Estimate) -> str:
 def plot_memory(estimates: list[Estimate], capacity_gb: float, ax: Axes | None = None) -> Figure:
     """Stacked per-GPU memory for each estimate (one per tp) against the GPU's capacity and usable memory."""
     fig, ax = _axes(ax)
-    _stacked(ax, [f"TP{e.tp}" for e in estimates], [e.breakdown["memory_gb"] for e in estimates], MEMORY_PARTS)
+    _name_the_invisible(ax, _stacked(ax, [f"TP{e.tp}" for e in estimates],
+                                     [e.breakdown["memory_gb"] for e in estimates], MEMORY_PARTS))
     ax.axhline(capacity_gb, color="black", label=f"capacity {capacity_gb:g} GB")
     ax.axhline(estimates[0].usable_memory_gb, color="black", linestyle="--", label="usable (after headroom)")
     ax.set_ylabel("memory per GPU (GB)")
     ax.set_xlabel("tensor-parallel degree")
     ax.set_title(f"Memory per GPU (modelled)\n{_setting(estimates[0])}", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper right")
     return fig
 
 
@@ -51,14 +68,15 @@ def plot_decode_breakdown(estimates: list[Estimate], labels: list[str] | None = 
     """Stacked decode step time: reading weights, reading the KV cache, compute beyond memory time, collectives."""
     fig, ax = _axes(ax)
     labels = labels or [f"TP{e.tp}" for e in estimates]
-    _stacked(ax, labels, [e.breakdown["decode_ms"] for e in estimates], TIME_PARTS)
+    _name_the_invisible(ax, _stacked(ax, labels, [e.breakdown["decode_ms"] for e in estimates], TIME_PARTS))
     for i, e in enumerate(estimates):
         if not e.fits:
-            ax.annotate("does not fit", (i, e.decode_ms_per_token), ha="center", va="bottom", fontsize=7, color="red")
-    ax.margins(y=0.12)
+            ax.annotate("does not fit", (i, e.decode_ms_per_token), xytext=(0, 4), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=10, weight="bold", color="red")
+    ax.set_ylim(0, 1.25 * max(e.decode_ms_per_token for e in estimates))  # room above the bars for the labels
     ax.set_ylabel("decode time per token (ms)")
     ax.set_title(f"Decode latency breakdown (modelled)\n{_setting(estimates[0])}", fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper right")
     return fig
 
 
