@@ -15,7 +15,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test demo lab strip clean
+.PHONY: setup test render demo lab strip clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,14 @@ $(STAMP): pyproject.toml constraints.txt
 test: setup
 	$(BIN)/python -m pytest tests notebooks --nbmake -q
 	$(OTHER_GEMM_PATH) $(BIN)/python -m pytest tests/test_layers.py tests/test_rounding.py tests/test_model_layers.py notebooks --nbmake -q
+	$(MAKE) render
+
+# Notebook 06 (the widget explorer) rendered the way a reader publishes it. It takes ~10 s; a widget cell that
+# stalls headless executors (they wait on a reply they already got) would take the per-cell timeout, so the
+# whole render is bounded well below it.
+render: setup
+	timeout 120 $(BIN)/jupyter nbconvert --to html --execute --ExecutePreprocessor.timeout=300 \
+		notebooks/06_tp_degree_explorer.ipynb --output-dir build/notebooks
 
 DEMO_PROMPTS := --prompt "The with statement" --prompt "An object is"
 

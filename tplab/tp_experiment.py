@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import ipywidgets as w
-from IPython.display import HTML, display
+from IPython.display import display
 
 from tplab.generate import generate_rank_program
 from tplab.kv_cache import local_kv_heads
@@ -140,10 +140,10 @@ class TPExperiment:
         self.backend = w.ToggleButtons(options=list(BACKENDS), value=backend, description="backend")
         self.batch = w.IntSlider(value=batch, min=1, max=MAX_BATCH, description="batch")
         self.prompt_len = w.IntSlider(value=prompt_len, min=1, max=128, description="prompt tokens")
-        self.output = w.Output()
+        self.view = w.HTML()  # an HTML widget, not an Output widget: see tplab.widgets
         self.last_result: ExperimentResult | None = None
         self.error: str | None = None
-        self.widget = w.VBox([self.tp, self.backend, self.batch, self.prompt_len, self.output])
+        self.widget = w.VBox([self.tp, self.backend, self.batch, self.prompt_len, self.view])
         for control in (self.tp, self.backend, self.batch, self.prompt_len):
             control.observe(lambda change: self.update(), names="value")
         self.update()
@@ -159,9 +159,5 @@ class TPExperiment:
             self.error = None
         except ValueError as e:
             self.last_result, self.error = None, str(e)
-        self.output.clear_output(wait=True)
-        with self.output:
-            if self.error:
-                display(HTML(f"<b>Not run:</b> {html.escape(self.error)}"))
-            else:
-                display(HTML(result_html(self.last_result)))
+        self.view.value = (f"<b>Not run:</b> {html.escape(self.error)}" if self.error
+                           else result_html(self.last_result))

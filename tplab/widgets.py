@@ -5,14 +5,25 @@ recomputes the modelled estimates, keeps them on the object (``estimate``,
 ``estimates``, ``curves``, ``replicas``, ``error``) so tests can set a widget's
 ``.value`` and assert on what it produced, and redraws the plots of
 :mod:`tplab.plots.perf`.
+
+The view is an ``HTML`` widget (the summary and the replica table) and an
+``Image`` widget (the figure, as PNG), not an ``Output`` widget capturing
+``display()``. A headless executor (nbclient, under nbconvert and nbmake)
+mimics a frontend's Output widget by sending a comm message on the kernel's
+shell channel for every captured output, while it waits on that same channel
+for the cell's reply; that reply can then go unnoticed until the cell's
+timeout, so a notebook run stalls N seconds per widget cell (forever without
+a timeout). Setting widget values sends nothing back.
 """
 from __future__ import annotations
 
 import html
+import io
 
 import ipywidgets as w
 import matplotlib.pyplot as plt
-from IPython.display import HTML, display
+from IPython.display import display
+from matplotlib.figure import Figure
 
 from tplab.perf import Estimate, estimate
 from tplab.perf_replicas import ReplicaOption, compare_replicas
@@ -43,7 +54,7 @@ class TPExplorer:
         self.concurrency = w.IntSlider(value=concurrency, min=1, max=512, description="concurrency", style=style,
                                        continuous_update=False)
         self.price = w.FloatText(value=price_per_gpu_hour, description="USD/GPU-hour", style=style)
-        self.output = w.Output()
+        self.summary, self.figure = w.HTML(), w.Image(format="png")
         self.draw = draw
         self.estimate: Estimate | None = None
         self.estimates: list[Estimate] = []
@@ -56,7 +67,7 @@ class TPExplorer:
                     self.concurrency, self.price]
         for control in controls:
             control.observe(self._on_change, names="value")
-        self.widget = w.VBox([w.HBox([w.VBox(controls[:5]), w.VBox(controls[5:])]), self.output])
+        self.widget = w.VBox([w.HBox([w.VBox(controls[:5]), w.VBox(controls[5:])]), self.summary, self.figure])
         self.update()
 
     def _ipython_display_(self) -> None:
@@ -113,15 +124,14 @@ class TPExplorer:
             self._render()
 
     def _render(self) -> None:
-        self.output.clear_output(wait=True)
-        with self.output:
-            if self.error:
-                display(HTML(f"<b>Not a valid configuration:</b> {html.escape(self.error)}"))
-                return
-            display(HTML(f"<pre>{html.escape(self.estimate.summary())}</pre>{self._replica_table()}"))
-            fig = plot_explorer(self.estimates, self.curves, load_gpu(self.gpu.value).memory_gb)
-            display(fig)
-            plt.close(fig)
+        if self.error:
+            self.summary.value = f"<b>Not a valid configuration:</b> {html.escape(self.error)}"
+            self.figure.value = b""
+            return
+        self.summary.value = f"<pre>{html.escape(self.estimate.summary())}</pre>{self._replica_table()}"
+        fig = plot_explorer(self.estimates, self.curves, load_gpu(self.gpu.value).memory_gb)
+        self.figure.value = figure_png(fig)
+        plt.close(fig)
 
     def _replica_table(self) -> str:
         rows = "".join(
@@ -132,3 +142,10 @@ class TPExplorer:
         return (f"<p>The same {self.tp.value} GPUs at concurrency {self.concurrency.value}, as one TP group or as "
                 f"replicas (modelled):</p><table><tr><th>layout</th><th>batch/replica</th><th>fits</th>"
                 f"<th>ms/token</th><th>tok/s</th><th>USD/1M tok</th></tr>{rows}</table>")
+
+
+def figure_png(fig: Figure, dpi: int = 100) -> bytes:
+    """A matplotlib figure as PNG bytes (what an ``ipywidgets.Image`` shows)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+    return buffer.getvalue()
