@@ -102,6 +102,7 @@ def test_usage_errors_exit_2_with_one_line(checkpoints, capsys, tmp_path, monkey
         code, out, err = cli(capsys, *args)
         assert (code, out) == (2, ""), args
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+        assert err.count("pass --model") <= 1, err  # one hint, said once
 
 
 def test_tiny_resolves_through_tplab_tiny(checkpoints, capsys, monkeypatch):

@@ -66,3 +66,28 @@ def test_a_wheel_install_runs_generate_plan_and_bench_from_outside_the_repo(whee
     assert benched.returncode == 0, benched.stderr
     assert len(list(tmp_path.glob("*_measured_*.jsonl"))) == 1  # written to the current directory
     assert not list(Path(where[0]).rglob("*.jsonl"))  # never into site-packages
+
+
+def test_the_install_paths_agree_and_a_cpu_only_machine_has_one():
+    project = tomllib.loads((CHECKOUT_DIR / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "Apache-2.0"  # an SPDX string: setuptools warns about a table
+    assert any(r.startswith("setuptools>=77") for r in project["build-system"]["requires"])
+    environment = (CHECKOUT_DIR / "environment.yml").read_text()
+    assert "- -c constraints.txt" in environment and '- -e ".[dev]"' in environment  # what make setup installs
+    dry = subprocess.run(["make", "-n", "-B", "setup", "TORCH_INDEX=https://example.invalid/cpu"], cwd=CHECKOUT_DIR,
+                         capture_output=True, text=True, check=True).stdout
+    torch_first = next(line for line in dry.splitlines() if "TORCH_INDEX" in line or "--index-url" in line)
+    assert "https://example.invalid/cpu" in torch_first and "grep '^torch==' constraints.txt" in torch_first
+    assert dry.index("--index-url") < dry.index("-c constraints.txt -e")
+
+
+def test_building_the_wheel_gives_no_setuptools_warning(tmp_path):
+    source = tmp_path / "source"
+    shutil.copytree(CHECKOUT_DIR, source, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", "measurements", "notebooks", "tests"))
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v",
+                           str(source), "-w", str(tmp_path / "dist")], capture_output=True, text=True, check=True)
+    warnings = [line for line in (done.stdout + done.stderr).splitlines()
+                if "DeprecationWarning" in line or "BuildBackendWarning" in line or "is deprecated" in line
+                or "is absent from the `packages` configuration" in line]
+    assert not warnings, warnings
