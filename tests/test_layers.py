@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from tplab import ColumnParallelLinear, Dist, RowParallelLinear, launch
-from tplab.examples import megatron_mlp_forward
+from tplab.examples import column_shard_beside_its_slice, megatron_mlp_forward
 from tplab.rounding import linear_bound
 
 HIDDEN, FFN = 20, 48  # FFN is divisible by every tp tested, HIDDEN is not: only split dims must divide
@@ -105,26 +105,28 @@ def test_from_linear_takes_this_ranks_block_and_keeps_the_dtype():
 KERNEL_SENSITIVE = [(48, 24, 3), (48, 24, 4), (24, 48, 8), (256, 64, 8)]
 
 
-def column_local_output(dist, linear, x):
-    return ColumnParallelLinear.from_linear(linear, dist)(x)
-
-
 @pytest.mark.parametrize("k,n,tp", KERNEL_SENSITIVE)
 def test_column_parallel_is_the_same_operation_on_the_same_slice_and_within_the_bound_of_the_dense(k, n, tp):
     torch.manual_seed(1)
     linear, x = nn.Linear(k, n), torch.randn(3, 5, k)
     with torch.no_grad():
         dense = linear(x)
-        ranks = launch(column_local_output, tp, "threads", args=(linear, x))
-        for rank, (out, w, b) in enumerate(zip(ranks, linear.weight.chunk(tp), linear.bias.chunk(tp))):
-            assert torch.equal(out, torch.nn.functional.linear(x, w, b))  # exact by construction
-            assert ((out - dense.chunk(tp, -1)[rank]).abs() <= linear_bound(x, w, b)).all()
+        for backend in ("threads", "gloo"):
+            ranks = launch(column_shard_beside_its_slice, tp, backend, args=(linear, x))
+            for rank, (r, w, b) in enumerate(zip(ranks, linear.weight.chunk(tp), linear.bias.chunk(tp))):
+                assert torch.equal(r["out"], r["same_op_same_slice"]), (backend, rank)  # exact by construction
+                assert ((r["out"] - dense.chunk(tp, -1)[rank]).abs() <= linear_bound(x, w, b)).all()
+
+
+def row_output_beside_bias_after(dist, linear, h):
+    """tp=1's row-parallel output beside F.linear(h, W) + b, both computed in the rank."""
+    return RowParallelLinear.from_linear(linear, dist)(h), torch.nn.functional.linear(h, linear.weight) + linear.bias
 
 
 def test_row_parallel_adds_the_bias_after_the_product_within_the_bound():
     torch.manual_seed(2)
     linear, h = nn.Linear(FFN, HIDDEN), torch.randn(3, 5, FFN)
     with torch.no_grad():
-        out = launch(lambda dist: RowParallelLinear.from_linear(linear, dist)(h), 1, "threads")[0]
-        assert torch.equal(out, torch.nn.functional.linear(h, linear.weight) + linear.bias)
+        out, bias_after = launch(row_output_beside_bias_after, 1, "threads", args=(linear, h))[0]
+        assert torch.equal(out, bias_after)  # the all-reduce of one rank is the identity
         assert ((out - linear(h)).abs() <= linear_bound(h, linear.weight, linear.bias)).all()

@@ -28,6 +28,20 @@ def column_parallel_forward(dist: Dist, linear: nn.Linear, x: torch.Tensor, gath
     return ColumnParallelLinear.from_linear(linear, dist, gather_output=gather_output)(x)
 
 
+def column_shard_beside_its_slice(dist: Dist, linear: nn.Linear, x: torch.Tensor) -> dict:
+    """This rank's ColumnParallelLinear output Y_r = X A_r + b_r, beside ``F.linear`` on the same rows of W and b.
+
+    Both are computed here, in this rank's thread with its BLAS threads, from contiguous copies of the same
+    slice: the same operation on the same data, so their bits must match on any machine (against the dense
+    layer, only the rounding bound holds: the kernel for a narrower matrix may add in another order).
+    """
+    tp, rank = dist.world_size, dist.rank
+    weight = shard_tensor(linear.weight.detach(), 0, tp, rank, "out_features")
+    bias = shard_tensor(linear.bias.detach(), 0, tp, rank, "out_features") if linear.bias is not None else None
+    return {"out": ColumnParallelLinear.from_linear(linear, dist)(x),
+            "same_op_same_slice": torch.nn.functional.linear(x, weight, bias)}
+
+
 def row_parallel_forward(dist: Dist, linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """Y from this rank's row shard of ``linear``, given the full X (each rank takes its X_r)."""
     layer = RowParallelLinear.from_linear(linear, dist)
