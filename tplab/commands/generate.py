@@ -18,10 +18,10 @@ from pathlib import Path
 
 from tplab import tiny
 from tplab.commands import int_list
+from tplab.errors import InputError
 from tplab.generate import check_prompts, generate_rank_program
 from tplab.kv_cache import kv_bytes_per_token
 from tplab.launch import BACKENDS, check_device, launch, under_torchrun
-from tplab.errors import InputError
 from tplab.loading import DTYPES, check_checkpoint, read_config, resolve_dtype
 from tplab.memory import check_fits, rank_processes_bytes
 from tplab.model_config import ModelConfig
