@@ -294,3 +294,17 @@ def test_under_torchrun_a_failing_rank_stops_the_group_and_torchrun_names_its_er
 def test_report_errors_to_torchrun_changes_nothing_outside_torchrun(monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
     assert report_errors_to_torchrun(identify) is identify
+
+
+def test_a_failed_gloo_rendezvous_is_retried_once_on_a_new_port(monkeypatch):
+    import socket
+
+    from tplab import launch_gloo
+    with socket.socket() as busy:  # rank 0 cannot open its store on a port someone else holds
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        ports = iter([busy.getsockname()[1], launch_gloo.free_port()])
+        monkeypatch.setattr(launch_gloo, "free_port", lambda: next(ports))
+        start = time.monotonic()
+        assert [r["value"] for r in launch(identify, 2, "gloo", timeout=20, args=(10,))] == [10, 11]
+        assert time.monotonic() - start < 15

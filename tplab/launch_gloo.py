@@ -32,6 +32,10 @@ class RankDiedError(RuntimeError):
     """A rank's process ended without returning a result or an error."""
 
 
+class RendezvousError(RuntimeError):
+    """gloo could not connect the ranks (before any rank program ran): the launch is retried once on a new port."""
+
+
 EXIT_GRACE_S = 0.5  # a rank that exited with code 0 may still have its result in the pipe: read it first
 
 
@@ -75,8 +79,11 @@ def _gloo_rank_main(rank, world_size, port, fn, args, kwargs, timeout, threads_p
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo0" if sys.platform == "darwin" else "lo")
     import torch.distributed as td
     try:
-        td.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                              world_size=world_size, timeout=timedelta(seconds=timeout))
+        try:
+            td.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                  world_size=world_size, timeout=timedelta(seconds=timeout))
+        except RuntimeError as e:
+            raise RendezvousError(f"gloo could not connect rank {rank} to its peers: {e}") from None
         dist = Dist(rank, world_size, torch.device("cpu"), TorchTransport())
         results.put(("ok", rank, pickle.dumps(fn(dist, *args, **kwargs))))
     except BaseException as e:  # noqa: BLE001
@@ -124,9 +131,20 @@ def _process_context(fn):
 
 def launch_gloo(fn: Callable[..., Any], tp: int, timeout: float, args: tuple, kwargs: dict,
                 threads_per_rank: int) -> list[Any]:
-    """``fn(dist, *args, **kwargs)`` on ``tp`` gloo processes; their results in rank order (see the module docstring)."""
+    """``fn(dist, *args, **kwargs)`` on ``tp`` gloo processes; their results in rank order (see the module docstring).
+
+    A failed rendezvous (gloo's full mesh of TCP connections, seen to fail now and then at tp=8 on a busy
+    2-core machine, before any rank program has run) is retried once on a new port.
+    """
     _check_picklable(fn)
     ctx = _process_context(fn)
+    try:
+        return _launch_once(ctx, fn, tp, timeout, args, kwargs, threads_per_rank)
+    except RendezvousError:
+        return _launch_once(ctx, fn, tp, timeout, args, kwargs, threads_per_rank)
+
+
+def _launch_once(ctx, fn, tp, timeout, args, kwargs, threads_per_rank) -> list[Any]:
     results_q = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_gloo_rank_main, name=f"tplab-rank{r}", daemon=True,
