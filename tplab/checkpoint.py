@@ -161,7 +161,7 @@ def _read_header(file: Path) -> dict[str, tuple[int, ...]]:
             header = json.loads(raw.read(length))
         data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     except (OSError, ValueError, struct.error, KeyError, TypeError, AttributeError, IndexError) as e:
-        raise CheckpointError(f"{file} is not a readable safetensors file ({e}); re-download or re-save it") from None
+        raise _unreadable(file, e) from None
     size, expected = file.stat().st_size, 8 + length + data_end
     if size < expected:
         raise CheckpointError(f"{file} is truncated: {size} bytes, its header describes {expected}; "
@@ -170,4 +170,8 @@ def _read_header(file: Path) -> dict[str, tuple[int, ...]]:
         with safe_open(file, framework="pt") as f:
             return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
     except SafetensorError as e:
-        raise CheckpointError(f"{file} is not a readable safetensors file ({e}); re-download or re-save it") from None
+        raise _unreadable(file, e) from None
+
+
+def _unreadable(file: Path, cause: Exception) -> CheckpointError:
+    return CheckpointError(f"{file} is not a readable safetensors file ({cause}); re-download or re-save it")

@@ -15,6 +15,8 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 CHECKOUT_DIR = PACKAGE_DIR.parent
 _INSTALLED_DATA = PACKAGE_DIR / "data"  # only exists in a wheel install
 DATA_DIR = _INSTALLED_DATA if _INSTALLED_DATA.is_dir() else CHECKOUT_DIR / "data"
+INCOMPLETE_DATA = ("tplab's data is incomplete; reinstall tplab from its repository "
+                   "(pip install -c constraints.txt ., or pip install -e . to work in the checkout)")
 
 
 def in_checkout() -> bool:

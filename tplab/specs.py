@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from tplab.paths import DATA_DIR
+from tplab.paths import DATA_DIR, INCOMPLETE_DATA
 
 GPU_DIR = DATA_DIR / "hardware" / "gpus"
 MODEL_DIR = DATA_DIR / "model_configs"
@@ -31,8 +31,7 @@ EFFICIENCY_FILE = DATA_DIR / "efficiency.json"
 
 def _read_json(path: Path) -> dict:
     if not path.is_file():
-        raise ValueError(f"{path} does not exist: tplab's data is incomplete; reinstall tplab "
-                         "(pip install tplab, or pip install -e . in its repository)")
+        raise ValueError(f"{path} does not exist: {INCOMPLETE_DATA}")
     return json.loads(path.read_text())
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from tplab.paths import DATA_DIR
+from tplab.paths import DATA_DIR, INCOMPLETE_DATA
 
 TINY_DIR = DATA_DIR / "tiny"
 WEIGHTS_FILE = "model.safetensors"
@@ -40,8 +40,7 @@ def verify_tiny(directory: Path = TINY_DIR) -> Path:
     """
     weights = Path(directory) / WEIGHTS_FILE
     if not weights.is_file():
-        raise FileNotFoundError(f"{weights} is missing: tplab's data is incomplete; reinstall tplab "
-                                "(pip install tplab, or pip install -e . in its repository)")
+        raise FileNotFoundError(f"{weights} is missing: {INCOMPLETE_DATA}")
     actual = sha256_file(weights)
     if actual != EXPECTED_SHA256:
         raise ValueError(f"{weights} has SHA-256 {actual}, expected {EXPECTED_SHA256}: the file is damaged "

@@ -123,11 +123,10 @@ def _usage_error(e: BaseException) -> int:
 def check_host_memory(config: ModelConfig, parameters: int, dtype, prompts: list[list[int]], tp: int,
                       args: argparse.Namespace) -> None:
     """Every rank is on this machine: the weights once, each rank's KV cache, the rank processes must fit."""
-    element = dtype.itemsize
-    positions = len(prompts) * (max(map(len, prompts)) + args.max_new_tokens)
-    kv = tp * kv_bytes_per_token(config, tp, dtype) * positions
+    element, longest = dtype.itemsize, max(map(len, prompts))
+    kv = tp * kv_bytes_per_token(config, tp, dtype) * len(prompts) * (longest + args.max_new_tokens)
     check_fits(parameters * element + kv + rank_processes_bytes(args.backend, tp),
-               f"generating {len(prompts)} prompt(s) of up to {max(map(len, prompts))} tokens + {args.max_new_tokens} "
+               f"generating {len(prompts)} prompt(s) of up to {longest} tokens + {args.max_new_tokens} "
                f"new at tp={tp} (weights {parameters * element / 1e9:.2f} GB, KV cache {kv / 1e9:.2f} GB)",
                "use fewer or shorter prompts, a smaller --max-new-tokens, or a smaller model")
 

@@ -107,8 +107,8 @@ def plot_kv_per_token(rows: list[dict], ax: Axes | None = None) -> Figure:
     for model in dict.fromkeys(r["model"] for r in rows):
         curve = tuple((r["tp"], r["kv_bytes_per_token"], r["num_kv_heads"]) for r in rows if r["model"] == model)
         series.setdefault(curve, []).append(model)
-    for curve, models in series.items():
-        mine = [{"tp": t, "kv_bytes_per_token": b, "num_kv_heads": kv} for t, b, kv in curve]
+    for models in series.values():
+        mine = [r for r in rows if r["model"] == models[0]]
         line, = ax.plot([r["tp"] for r in mine], [r["kv_bytes_per_token"] / 1024 for r in mine], marker="o",
                         label=" = ".join(models))
         flat = [r for r in mine if r["tp"] > r["num_kv_heads"]]
