@@ -1,6 +1,6 @@
 """The benchmark harness: decoders, records, sweeps on real and emulated ranks, the CLI, and early errors.
 
-* The timing loops decode exactly the tokens of tplab.generate (eager and
+* The timing loops decode exactly the tokens of tplab.engine.generate (eager and
   fixed-shape, with a sliding window, tp 1 and 2).
 * An emulated sweep: one record per point, labelled emulated, with exact
   collective counts, total = measured compute + modelled collectives, the
@@ -19,19 +19,22 @@ import sys
 import pytest
 import torch
 
-from tplab import bench, bench_env, bench_plan, bench_point, launch
-from tplab.bench import BenchSpec, plan, run_bench
-from tplab.bench_decode import make_decoder
-from tplab.bench_preview import preview
-from tplab.bench_results import load_records, scale_to_full, spread, throughput
-from tplab.bench_roofline import decode_bytes, measure_copy_bandwidth
-from tplab.bench_timing import time_tplab
+from tplab import launch
+from tplab.bench import env as bench_env, plan as bench_plan, point as bench_point, sweep as bench
+from tplab.bench.sweep import BenchSpec, plan, run_bench
+from tplab.bench.decoders import make_decoder
+from tplab.bench.preview import preview
+from tplab.bench.records import load_records, scale_to_full, spread, throughput
+from tplab.bench.roofline import decode_bytes, measure_copy_bandwidth
+from tplab.bench.timing import time_tplab
 from tplab.cli import main
-from tplab.emulation import emulated_dist, modelled_seconds
-from tplab.generate import generate
-from tplab.loading import from_hf_model
-from tplab.perf import estimate
-from tplab.specs import load_efficiency, load_gpu, load_model
+from tplab.bench.emulation import emulated_dist, modelled_seconds
+from tplab.engine.generate import generate
+from tplab.model.loading import from_hf_model
+from tplab.perf.estimate import estimate
+from tplab.specs.efficiency import load_efficiency
+from tplab.specs.hardware import load_gpu
+from tplab.specs.model import load_model
 from tplab.testing import build_hf_model, distinct_prompts, hf_config
 
 FAST = dict(batches=[1, 3], prompt_lens=[6], decode_steps=3, repeats=2, warmup=1, quick_roofline=True)
@@ -152,7 +155,7 @@ def test_arithmetic_of_records():
 
 
 def test_roofline_inputs(config_path):
-    from tplab.bench_models import build_shard, resolve_model
+    from tplab.bench.models import build_shard, resolve_model
 
     model = build_shard(resolve_model(config_path), emulated_dist(2), torch.bfloat16)
     got = decode_bytes(model, batch=3, context=10)
@@ -224,7 +227,7 @@ def test_a_copy_without_git_takes_its_commit_from_the_environment(monkeypatch, t
     assert bench_env.git_commit() == {"commit": None, "dirty": None}
     monkeypatch.setenv(bench_env.COMMIT_VARIABLE, "c47ffae")
     assert bench_env.git_commit()["commit"] == "c47ffae" and bench_env.git_commit()["dirty"] is None
-    monkeypatch.setattr(bench_env, "REPO_DIR", bench_env.Path(bench_env.__file__).resolve().parent.parent)
+    monkeypatch.setattr(bench_env, "REPO_DIR", bench_env.CHECKOUT_DIR)
     assert bench_env.git_commit()["commit"] != "c47ffae"  # a real checkout's own commit wins
 
 

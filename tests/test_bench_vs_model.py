@@ -1,4 +1,4 @@
-"""GPU records beside the cost model for their GPU (tplab.bench_vs_model).
+"""GPU records beside the cost model for their GPU (tplab.bench.vs_model).
 
 No GPU record is committed, so the tests relabel copies of the committed CPU
 records as if an H200 had taken them: only the bookkeeping is under test
@@ -8,9 +8,9 @@ import copy
 
 import pytest
 
-from tplab.bench_results import full_model_ms, load_records
-from tplab.bench_vs_model import by_gpu, modelled_for, plot_against_model
-from tplab.specs import DATA_DIR
+from tplab.bench.records import full_model_ms, load_records
+from tplab.bench.vs_model import by_gpu, modelled_for, plot_against_model
+from tplab.paths import DATA_DIR
 
 
 @pytest.fixture(scope="module")

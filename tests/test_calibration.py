@@ -10,13 +10,15 @@ import json
 
 import pytest
 
-from tplab.bench_models import config_dict, resolve_model
-from tplab.calibration import calibrate, write_efficiency
+from tplab.bench.models import config_dict, resolve_model
+from tplab.bench.calibration import calibrate, write_efficiency
 from tplab.cli import main
-from tplab.emulation import modelled_seconds
-from tplab.perf import estimate, step_seconds
-from tplab.perf_shapes import step_work
-from tplab.specs import EFFICIENCY_FILE, load_efficiency, load_gpu, load_model
+from tplab.bench.emulation import modelled_seconds
+from tplab.perf.estimate import estimate, step_seconds
+from tplab.perf.shapes import step_work
+from tplab.specs.efficiency import EFFICIENCY_FILE, load_efficiency
+from tplab.specs.hardware import load_gpu
+from tplab.specs.model import load_model
 
 TRUE = {"memory_bandwidth": 0.55, "compute": 0.45, "link": 0.7}
 H100 = load_gpu("h100-sxm")

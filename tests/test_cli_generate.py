@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from tplab import tiny
+from tplab.specs import tiny
 from tplab.cli import main
 from tplab.testing import hf_greedy, make_checkpoint
 from tplab.testing.torchrun import run_under_torchrun, stdout_or_raise

@@ -13,12 +13,14 @@ import pytest
 import torch
 
 from tplab import launch
-from tplab.bench_decode import EagerDecoder
-from tplab.bench_models import build_hf_shard, build_shard, hf_shard_config, resolve_model, with_layers
-from tplab.emulation import CommModel, EmulatedTransport, emulated_dist, modelled_seconds
-from tplab.perf import collective_seconds
-from tplab.perf_shapes import step_work
-from tplab.specs import load_efficiency, load_gpu, load_model
+from tplab.bench.decoders import EagerDecoder
+from tplab.bench.models import build_hf_shard, build_shard, hf_shard_config, resolve_model, with_layers
+from tplab.bench.emulation import CommModel, EmulatedTransport, emulated_dist, modelled_seconds
+from tplab.perf.estimate import collective_seconds
+from tplab.perf.shapes import step_work
+from tplab.specs.efficiency import load_efficiency
+from tplab.specs.hardware import load_gpu
+from tplab.specs.model import load_model
 from tplab.testing import hf_config
 
 H100 = load_gpu("h100-sxm")

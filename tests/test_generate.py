@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from tplab import launch
-from tplab.generate import generate, generate_rank_program, left_pad
-from tplab.loading import from_hf_model
-from tplab.sampling import SamplingParams, filtered_probabilities, sample
+from tplab.engine.generate import generate, generate_rank_program, left_pad
+from tplab.model.loading import from_hf_model
+from tplab.model.sampling import SamplingParams, filtered_probabilities, sample
 from tplab.testing import distinct_prompts, hf_greedy, make_checkpoint
 
 PROMPT_LENGTHS = [4, 9, 6]

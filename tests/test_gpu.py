@@ -32,13 +32,13 @@ import pytest
 import torch
 
 from tplab import launch
-from tplab.bench import BenchSpec, run_bench
-from tplab.bench_decode import DECODE_MODES, make_decoder
-from tplab.bench_roofline import measure_copy_bandwidth, measure_matmul_tflops
+from tplab.bench.sweep import BenchSpec, run_bench
+from tplab.bench.decoders import DECODE_MODES, make_decoder
+from tplab.bench.roofline import measure_copy_bandwidth, measure_matmul_tflops
 from tplab.cli import main
-from tplab.emulation import emulated_dist
-from tplab.generate import generate
-from tplab.loading import from_hf_model
+from tplab.bench.emulation import emulated_dist
+from tplab.engine.generate import generate
+from tplab.model.loading import from_hf_model
 from tplab.testing import SPECS, build_hf_model, distinct_prompts, hf_config, hf_greedy
 from tplab.testing.probes import expected_greedy_comm, generation_comm
 from tplab.testing.torchrun import run_under_torchrun, stdout_or_raise

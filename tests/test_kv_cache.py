@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from tplab import launch
-from tplab.kv_cache import KVCache, kv_bytes_per_token, local_kv_heads
-from tplab.loading import from_hf_model
-from tplab.model_config import ModelConfig
+from tplab.model.kv_cache import KVCache, kv_bytes_per_token, local_kv_heads
+from tplab.model.loading import from_hf_model
+from tplab.specs.model import ModelConfig
 from tplab.testing import build_hf_model, hf_config
 
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tplab import CollectiveTimeout, RankDiedError, launch
-from tplab.launch_torchrun import report_errors_to_torchrun
+from tplab.dist.torchrun import report_errors_to_torchrun
 from tplab.testing import failing_rank
 from tplab.testing.torchrun import env_outside_torchrun, run_under_torchrun, stdout_or_raise
 
@@ -250,7 +250,7 @@ def test_launch_refuses_what_is_not_a_rank_program():
 
 def test_a_gloo_script_without_a_main_guard_is_told_what_to_add(tmp_path):
     script = tmp_path / "unguarded.py"
-    script.write_text("import tplab\n\ndef fn(dist):\n    return dist.rank\n\nprint(tplab.launch(fn, 2, 'gloo'))\n")
+    script.write_text("import tplab\n\ndef fn(dist):\n    return dist.rank\n\nprint(tplab.dist.launch(fn, 2, 'gloo'))\n")
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "without an `if __name__ == \"__main__\":` block" in done.stderr
     assert done.stderr.count("Traceback") == 1  # the parent's own, not one per rank process
@@ -299,7 +299,7 @@ def test_report_errors_to_torchrun_changes_nothing_outside_torchrun(monkeypatch)
 def test_a_failed_gloo_rendezvous_is_retried_once_on_a_new_port(monkeypatch):
     import socket
 
-    from tplab import launch_gloo
+    from tplab.dist import gloo as launch_gloo
     with socket.socket() as busy:  # rank 0 cannot open its store on a port someone else holds
         busy.bind(("127.0.0.1", 0))
         busy.listen()

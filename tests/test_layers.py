@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from tplab import ColumnParallelLinear, Dist, RowParallelLinear, launch
-from tplab.examples import column_shard_beside_its_slice, megatron_mlp_forward
-from tplab.rounding import linear_bound
+from tplab.lab.layer_programs import column_shard_beside_its_slice, megatron_mlp_forward
+from tplab.layers.rounding import linear_bound
 
 HIDDEN, FFN = 20, 48  # FFN is divisible by every tp tested, HIDDEN is not: only split dims must divide
 

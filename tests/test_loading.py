@@ -9,8 +9,8 @@ from safetensors.torch import load_file, save_file
 
 from tplab.errors import CheckpointError
 from tplab import launch
-from tplab.loading import from_hf_model, from_pretrained
-from tplab.model_config import ModelConfig
+from tplab.model.loading import from_hf_model, from_pretrained
+from tplab.specs.model import ModelConfig
 from tplab.testing import make_checkpoint, write_random_checkpoint
 from tplab.testing.probes import load_memory_probe
 

@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tplab.kv_cache import kv_bytes_per_token
-from tplab.model_config import ModelConfig
-from tplab.sharding import gqa_heads, kv_replicas, padded_size, valid_gqa_tp, vocab_shard
+from tplab.model.kv_cache import kv_bytes_per_token
+from tplab.specs.model import ModelConfig
+from tplab.specs.sharding import gqa_heads, kv_replicas, padded_size, valid_gqa_tp, vocab_shard
 from tplab.testing import SPECS, hf_config
 
 

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tplab import launch
-from tplab.fused_layers import MergedColumnParallelLinear, QKVParallelLinear
-from tplab.model import attention_mask, grouped_query_attention
-from tplab.sharding import gqa_heads
-from tplab.vocab_parallel import ParallelLMHead, VocabParallelEmbedding
+from tplab.layers.fused import MergedColumnParallelLinear, QKVParallelLinear
+from tplab.model.decoder import attention_mask, grouped_query_attention
+from tplab.specs.sharding import gqa_heads
+from tplab.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 
 TPS = (1, 2, 4, 8)
 

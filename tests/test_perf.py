@@ -6,12 +6,14 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from tplab.comm_model import ring_all_gather_seconds, ring_all_reduce_seconds
-from tplab.perf import estimate, max_batch, min_tp, throughput_curve
-from tplab.perf_pipeline import compare_tp_pp, estimate_pipeline
-from tplab.perf_replicas import compare_replicas
-from tplab.perf_shapes import (check_model_tp, kv_bytes_per_token, padded_vocab, rank_params, valid_tps, weight_bytes)
-from tplab.specs import gpu_names, load_efficiency, load_gpu, load_model, model_from_config, model_names
+from tplab.perf.comm import ring_all_gather_seconds, ring_all_reduce_seconds
+from tplab.perf.estimate import estimate, max_batch, min_tp, throughput_curve
+from tplab.perf.pipeline import compare_tp_pp, estimate_pipeline
+from tplab.perf.replicas import compare_replicas
+from tplab.perf.shapes import check_model_tp, kv_bytes_per_token, padded_vocab, rank_params, valid_tps, weight_bytes
+from tplab.specs.hardware import gpu_names, load_gpu
+from tplab.specs.efficiency import load_efficiency
+from tplab.specs.model import load_model, model_from_config, model_names
 
 LLAMA3_70B = load_model("llama-3-70b")
 

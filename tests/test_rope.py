@@ -1,11 +1,11 @@
-"""tplab.rope against Hugging Face's own rotary embedding (default, linear and llama3 scaling)."""
+"""tplab.layers.rope against Hugging Face's own rotary embedding (default, linear and llama3 scaling)."""
 import pytest
 import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from tplab.model_config import ModelConfig
-from tplab.rope import RotaryEmbedding, apply_rope, inverse_frequencies
+from tplab.specs.model import ModelConfig
+from tplab.layers.rope import RotaryEmbedding, apply_rope, inverse_frequencies
 
 ROPES = {
     "default": dict(rope_theta=10000.0, rope_type="default"),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tplab.rounding import gamma, gelu_input_error, in_rounding_units, linear_bound
+from tplab.layers.rounding import gamma, gelu_input_error, in_rounding_units, linear_bound
 
 
 def test_gamma_is_n_u_over_one_minus_n_u():

@@ -5,9 +5,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from tplab.perf_shapes import rank_params
-from tplab.specs import (GPU_DIR, MODEL_DIR, efficiency_provenance, gpu_for_device, gpu_names, load_efficiency,
-                         load_gpu, load_model, model_from_config, model_names, network_names)
+from tplab.perf.shapes import rank_params
+from tplab.specs.hardware import GPU_DIR, gpu_for_device, gpu_names, load_gpu, network_names
+from tplab.specs.model import MODEL_DIR, load_model, model_from_config, model_names
+from tplab.specs.efficiency import efficiency_provenance, load_efficiency
 
 GPUS = ["a100-pcie-80gb", "a100-sxm-80gb", "h100-pcie", "h100-sxm", "h200", "l40s", "rtx-4090"]
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tplab.tiny import EXPECTED_SHA256, TINY_DIR, WEIGHTS_FILE, sha256_file, verify_tiny
+from tplab.specs.tiny import EXPECTED_SHA256, TINY_DIR, WEIGHTS_FILE, sha256_file, verify_tiny
 
 PROMPTS = ["The for statement", "A list is", "Exceptions are"]  # different lengths in tokens
 NEW_TOKENS = 32
@@ -97,7 +97,7 @@ def test_hf_greedy_text_is_readable(hf, hf_greedy):
 
 
 def test_tp_1_2_4_8_give_hf_greedy_text(hf, hf_greedy):
-    generate = pytest.importorskip("tplab.generate")
+    generate = pytest.importorskip("tplab.engine.generate")
     from tplab import launch
     _, tokenizer = hf
     prompts = [tokenizer(p).input_ids for p in PROMPTS]

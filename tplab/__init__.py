@@ -12,14 +12,10 @@ The core vocabulary:
   Hugging Face checkpoint, reading only its slices; :func:`generate` runs the
   prefill and decode loop on it.
 """
-from tplab.comm_stats import CommRecord, CommStats
-from tplab.dist import CollectiveTimeout, Dist, PeerFailure
-from tplab.launch import RankDiedError, launch, under_torchrun
-from tplab.generate import GenerationResult, generate, generate_rank_program
+from tplab.dist import CollectiveTimeout, CommRecord, CommStats, Dist, PeerFailure, RankDiedError, launch, under_torchrun
+from tplab.engine import GenerationResult, generate, generate_rank_program
 from tplab.layers import ColumnParallelLinear, RowParallelLinear
-from tplab.loading import from_hf_model, from_pretrained
-from tplab.model import TPCausalLM
-from tplab.sampling import SamplingParams
+from tplab.model import SamplingParams, TPCausalLM, from_hf_model, from_pretrained
 
 __version__ = "0.1.0"
 

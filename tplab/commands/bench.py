@@ -39,12 +39,12 @@ import os
 import sys
 from pathlib import Path
 
-from tplab.bench_decode import DECODE_MODES
-from tplab.bench_results import load_records
-from tplab.calibration import calibrate, write_efficiency
+from tplab.bench.decoders import DECODE_MODES
+from tplab.bench.records import load_records
+from tplab.bench.calibration import calibrate, write_efficiency
 from tplab.commands import int_list
-from tplab.launch import BACKENDS, under_torchrun
-from tplab.loading import DTYPES
+from tplab.dist.launch import BACKENDS, under_torchrun
+from tplab.model.loading import DTYPES
 from tplab.paths import default_measurements_dir
 COLUMNS = [("kind", 8), ("tp", 3), ("batch", 5), ("prompt", 6), ("TTFT ms", 10), ("decode ms/tok", 13),
            ("p10-p90", 15), ("comm %", 6), ("tok/s", 8), ("mem GB", 7), ("BW % copy", 9), ("vs HF", 6)]
@@ -97,8 +97,8 @@ def register(subparsers) -> None:
 
 
 def spec_from_args(args: argparse.Namespace):
-    """The :class:`tplab.bench.BenchSpec` the flags describe (checked later by tplab.bench.plan)."""
-    from tplab.bench import BenchSpec  # imports transformers: only when benchmarking
+    """The :class:`tplab.bench.sweep.BenchSpec` the flags describe (checked later by tplab.bench.plan)."""
+    from tplab.bench.sweep import BenchSpec  # imports transformers: only when benchmarking
 
     return BenchSpec(model=args.model, tps=int_list("--tp", args.tp), batches=int_list("--batch", args.batch),
                      prompt_lens=int_list("--prompt-len", args.prompt_len), decode_steps=args.decode_steps,
@@ -168,12 +168,12 @@ def run(args: argparse.Namespace) -> int:
         if args.calibrate:
             return _calibrate(args)
         if args.dry_run:
-            from tplab.bench_preview import preview, print_preview
+            from tplab.bench.preview import preview, print_preview
 
             spec = spec_from_args(args)
             print_preview(spec, preview(spec))
             return 0
-        from tplab.bench import run_bench
+        from tplab.bench.sweep import run_bench
 
         out = None if args.no_save else Path(args.out) if args.out else default_measurements_dir()
         records = run_bench(spec_from_args(args), out=out,

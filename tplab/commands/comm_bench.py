@@ -10,10 +10,10 @@ import argparse
 import os
 import sys
 
-from tplab.comm_bench import fit_alpha_beta, measure_all_reduce
-from tplab.comm_model import bus_bandwidth, ring_all_reduce_seconds
+from tplab.bench.comm import fit_alpha_beta, measure_all_reduce
+from tplab.perf.comm import bus_bandwidth, ring_all_reduce_seconds
 from tplab.commands import int_list
-from tplab.launch import BACKENDS, under_torchrun
+from tplab.dist.launch import BACKENDS, under_torchrun
 from tplab.memory import check_fits, rank_processes_bytes
 
 BUFFERS_PER_RANK = 3  # the message, the collective's result, and the threads backend's copy of every rank's input

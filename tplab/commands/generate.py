@@ -16,16 +16,16 @@ import os
 import sys
 from pathlib import Path
 
-from tplab import tiny
+from tplab.specs import tiny
 from tplab.commands import int_list
 from tplab.errors import InputError
-from tplab.generate import check_prompts, generate_rank_program
-from tplab.kv_cache import kv_bytes_per_token
-from tplab.launch import BACKENDS, check_device, launch, under_torchrun
-from tplab.loading import DTYPES, check_checkpoint, read_config, resolve_dtype
+from tplab.engine.generate import check_prompts, generate_rank_program
+from tplab.model.kv_cache import kv_bytes_per_token
+from tplab.dist.launch import BACKENDS, check_device, launch, under_torchrun
+from tplab.model.loading import DTYPES, check_checkpoint, read_config, resolve_dtype
 from tplab.memory import check_fits, rank_processes_bytes
-from tplab.model_config import ModelConfig
-from tplab.sampling import SamplingParams
+from tplab.specs.model import ModelConfig
+from tplab.model.sampling import SamplingParams
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -59,7 +59,7 @@ def register(subparsers) -> None:
 
 
 def resolve_model(name: str) -> Path:
-    """'tiny' -> the bundled model's directory (tplab.tiny, checksum verified); anything else is a path."""
+    """'tiny' -> the bundled model's directory (tplab.specs.tiny, checksum verified); anything else is a path."""
     if name != "tiny":
         return Path(name)
     try:

@@ -5,9 +5,11 @@ import argparse
 import sys
 
 from tplab.commands import int_list
-from tplab.perf import MODELLED, Estimate, estimate, max_batch, min_tp
-from tplab.perf_shapes import KV_BYTES, WEIGHT_BYTES
-from tplab.specs import load_efficiency, load_gpu, load_model
+from tplab.perf.estimate import MODELLED, Estimate, estimate, max_batch, min_tp
+from tplab.perf.shapes import KV_BYTES, WEIGHT_BYTES
+from tplab.specs.efficiency import load_efficiency
+from tplab.specs.hardware import load_gpu
+from tplab.specs.model import load_model
 
 COLUMNS = [("tp", 3), ("batch", 6), ("link", 10), ("weights GB", 11), ("KV GB", 8), ("act+rt GB", 10),
            ("total/usable GB", 16),

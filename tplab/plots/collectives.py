@@ -6,8 +6,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-from tplab.collectives import ring_contributions, ring_schedule
-from tplab.comm_model import bus_bandwidth, naive_all_reduce_seconds, ring_all_reduce_seconds
+from tplab.dist.collectives import ring_contributions, ring_schedule
+from tplab.perf.comm import bus_bandwidth, naive_all_reduce_seconds, ring_all_reduce_seconds
 
 
 def _cell_text(ranks: frozenset[int], n: int) -> str:

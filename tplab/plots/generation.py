@@ -8,7 +8,7 @@ from matplotlib.figure import Figure
 def plot_collective_timeline(events: list[dict], step: int, title: str) -> Figure:
     """One bar per collective of step ``step`` (x: ms since the step's first collective began, y: its label).
 
-    ``events``: :func:`tplab.block_programs.timed_generation_rank`'s ``events``.
+    ``events``: :func:`tplab.lab.block_programs.timed_generation_rank`'s ``events``.
     """
     chosen = [e for e in events if e["step"] == step]
     if not chosen:

@@ -1,7 +1,7 @@
 """Figures of how the TP model is split: heads over ranks (GQA replication), MLP weights, KV-cache memory.
 
 Every drawing is computed from the same functions the model uses
-(:func:`tplab.sharding.gqa_heads`, :func:`tplab.sharding.ownership_map`), so
+(:func:`tplab.specs.sharding.gqa_heads`, :func:`tplab.layers.shards.ownership_map`), so
 the picture cannot disagree with the code.
 """
 from __future__ import annotations
@@ -15,7 +15,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter, NullLocator
 
-from tplab.sharding import gqa_heads, kv_replicas, ownership_map
+from tplab.specs.sharding import gqa_heads, kv_replicas
+from tplab.layers.shards import ownership_map
 
 RANK_COLORS = plt.get_cmap("tab10").colors
 

@@ -1,13 +1,13 @@
-"""Figures of the cost model (:mod:`tplab.perf`). Every title says "modelled": none of these is a measurement."""
+"""Figures of the cost model (:mod:`tplab.perf.estimate`). Every title says "modelled": none of these is a measurement."""
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
-from tplab.perf import Estimate
-from tplab.perf_pipeline import PipelineEstimate
-from tplab.perf_replicas import ReplicaOption
+from tplab.perf.estimate import Estimate
+from tplab.perf.pipeline import PipelineEstimate
+from tplab.perf.replicas import ReplicaOption
 
 MEMORY_PARTS = ("weights", "kv_cache", "activations", "runtime_overhead")
 TIME_PARTS = ("weights", "kv_cache", "compute", "communication")

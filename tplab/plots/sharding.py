@@ -1,4 +1,4 @@
-"""Which block of a weight each rank holds, drawn from :func:`tplab.sharding.ownership_map`."""
+"""Which block of a weight each rank holds, drawn from :func:`tplab.layers.shards.ownership_map`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,7 +8,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from tplab.sharding import ownership_map
+from tplab.layers.shards import ownership_map
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from tplab.dist import Dist
-from tplab.launch import launch
-from tplab.launch_torchrun import report_errors_to_torchrun
+from tplab.dist.group import Dist
+from tplab.dist.launch import launch
+from tplab.dist.torchrun import report_errors_to_torchrun
 
 MESSAGE = "rank 1 failed on purpose"
 

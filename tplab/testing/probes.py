@@ -5,9 +5,9 @@ from pathlib import Path
 
 import torch
 
-from tplab.dist import Dist
-from tplab.generate import generate
-from tplab.loading import from_pretrained
+from tplab.dist.group import Dist
+from tplab.engine.generate import generate
+from tplab.model.loading import from_pretrained
 
 PROC_STATUS = Path("/proc/self/status")
 CLEAR_REFS = Path("/proc/self/clear_refs")

@@ -1,0 +1,174 @@
+"""The models a benchmark runs: tplab shards with real shapes, and Hugging Face's eager twin of one shard.
+
+* :func:`resolve_model`: ``--model`` is ``tiny`` (the bundled checkpoint), a
+  checkpoint directory (config.json + safetensors: real weights), a shipped
+  config name of ``data/model_configs`` (e.g. ``llama-3-70b``) or a
+  config.json path (shapes only: random weights).
+* :func:`build_shard`: rank r's :class:`~tplab.model.TPCausalLM`, optionally
+  with only the first N decoder layers (``layers``), its weights read from
+  the checkpoint or drawn at random (norms 1, everything else N(0, 0.02²)).
+* :func:`build_hf_shard`: the baseline. A transformers ``LlamaForCausalLM``
+  whose config has one rank's shapes: H/tp query heads, max(1, KV/tp) KV
+  heads, I/tp MLP width, V'/tp vocabulary rows (V' the vocabulary padded to a
+  multiple of tp), the same hidden size and head_dim. It runs HF's own eager
+  code and cache, with no collectives, over the same work as one tplab rank.
+* :func:`rank_bytes`: the bytes of weights and KV cache a rank will allocate,
+  computed from shapes, so a sweep that cannot fit fails before allocating.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import transformers
+
+from tplab.checkpoint.safetensors_files import SafetensorsSource
+from tplab.dist.group import Dist
+from tplab.model.kv_cache import local_kv_heads
+from tplab.model.decoder import TPCausalLM
+from tplab.specs.model import ModelConfig
+from tplab.perf.shapes import rank_params
+from tplab.specs.sharding import padded_size
+from tplab.specs.model import MODEL_DIR, model_from_config, model_names
+
+INIT_STD = 0.02
+POOL_SIZE = 1_048_573  # a prime
+
+
+@dataclass(frozen=True)
+class BenchModel:
+    """A model to benchmark: its full config, and the checkpoint holding its weights (None: random weights)."""
+
+    name: str
+    config: ModelConfig
+    checkpoint: Path | None
+
+    @property
+    def weights(self) -> str:
+        return "random" if self.checkpoint is None else f"checkpoint {self.checkpoint}"
+
+
+def resolve_model(name: str) -> BenchModel:
+    """``tiny``, a checkpoint directory, a shipped config name or a config.json path (see the module docstring)."""
+    if name == "tiny":
+        from tplab.specs.tiny import TINY_DIR, verify_tiny
+        try:
+            verify_tiny()
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"the tiny model is not available ({e}); pass --model llama-3-8b or a checkpoint") from None
+        return BenchModel("tiny", ModelConfig.from_file(TINY_DIR), Path(TINY_DIR))
+    path = Path(name)
+    if path.is_dir() and (path / "config.json").is_file():
+        has_weights = any(path.glob("*.safetensors"))
+        return BenchModel(path.name, ModelConfig.from_file(path), path if has_weights else None)
+    if path.is_file():
+        return BenchModel(path.stem, ModelConfig.from_file(path), None)
+    if name.lower() in model_names():
+        return BenchModel(name.lower(), ModelConfig.from_file(MODEL_DIR / f"{name.lower()}.json"), None)
+    raise ValueError(f"unknown model {name!r}: pass 'tiny', a checkpoint directory, a config.json, "
+                     f"or one of {', '.join(model_names())}")
+
+
+def with_layers(config: ModelConfig, layers: int | None) -> ModelConfig:
+    """The config with only its first ``layers`` decoder layers (None: all of them)."""
+    if layers is None or layers == config.num_layers:
+        return config
+    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= config.num_layers:
+        raise ValueError(f"layers must be an integer in [1, {config.num_layers}], got {layers!r}")
+    return dataclasses.replace(config, num_layers=layers, layer_windows=config.layer_windows[:layers])
+
+
+def config_dict(config: ModelConfig) -> dict:
+    """The Hugging Face config.json fields of the shapes (what :func:`tplab.specs.model.model_from_config` reads)."""
+    return {"model_type": config.model_type, "hidden_size": config.hidden_size,
+            "intermediate_size": config.intermediate_size, "num_attention_heads": config.num_heads,
+            "num_key_value_heads": config.num_kv_heads, "num_hidden_layers": config.num_layers,
+            "vocab_size": config.vocab_size, "head_dim": config.head_dim,
+            "max_position_embeddings": config.max_position_embeddings,
+            "tie_word_embeddings": config.tie_word_embeddings, "attention_bias": config.qkv_bias}
+
+
+def fill_random_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Norm weights 1; every other parameter gets N(0, 0.02²) values, drawn on its device from ``seed``.
+
+    For speed (billions of weights on a CPU) the values are copied from one
+    pool of POOL_SIZE draws, starting at a different offset for each parameter:
+    a copy costs ~1/10 of a random draw per element. The pool's length is
+    prime, so the pattern does not line up with rows. The values only need to
+    be realistic in scale: timings do not depend on them.
+    """
+    params = list(module.named_parameters())
+    if not params:
+        return module
+    generator = torch.Generator().manual_seed(seed)
+    draws = INIT_STD * torch.randn(2 * POOL_SIZE, generator=generator)
+    pools: dict[tuple, torch.Tensor] = {}
+    with torch.no_grad():
+        for i, (name, p) in enumerate(params):
+            if "norm" in name:
+                p.fill_(1.0)
+                continue
+            key = (p.device, p.dtype)
+            if key not in pools:
+                pools[key] = draws.to(p.device, p.dtype)
+            offset = (i * 7919) % POOL_SIZE
+            pool, flat = pools[key][offset:offset + POOL_SIZE], p.view(-1)
+            rows = flat.numel() // POOL_SIZE
+            flat[:rows * POOL_SIZE].view(rows, POOL_SIZE).copy_(pool.expand(rows, POOL_SIZE))
+            flat[rows * POOL_SIZE:].copy_(pool[:flat.numel() - rows * POOL_SIZE])
+    return module
+
+
+def build_shard(model: BenchModel, dist: Dist, dtype: torch.dtype, layers: int | None = None,
+                seed: int = 0) -> TPCausalLM:
+    """Rank ``dist.rank``'s shard with the first ``layers`` layers: checkpoint slices, or random weights."""
+    config = with_layers(model.config, layers)
+    shard = TPCausalLM(config, dist, dtype)
+    if model.checkpoint is not None:
+        shard.load(SafetensorsSource(model.checkpoint))
+    else:
+        fill_random_(shard, seed + dist.rank)
+    return shard.eval()
+
+
+def hf_shard_config(config: ModelConfig, tp: int) -> transformers.LlamaConfig:
+    """A LlamaConfig with rank 0's shapes at ``tp`` (see the module docstring); attention is SDPA."""
+    config.check_tp(tp)
+    hf = transformers.LlamaConfig(
+        hidden_size=config.hidden_size, intermediate_size=config.intermediate_size // tp,
+        num_attention_heads=config.num_heads // tp, num_key_value_heads=local_kv_heads(config, tp),
+        head_dim=config.head_dim, num_hidden_layers=config.num_layers,
+        vocab_size=padded_size(config.vocab_size, tp) // tp, max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps, tie_word_embeddings=config.tie_word_embeddings,
+        attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias, rope_theta=config.rope.theta)
+    hf._attn_implementation = "sdpa"
+    return hf
+
+
+def build_hf_shard(config: ModelConfig, tp: int, dtype: torch.dtype, device: torch.device | str,
+                   seed: int = 0) -> transformers.LlamaForCausalLM:
+    """HF's LlamaForCausalLM with one rank's shapes and random weights, built without HF's slow initialisation."""
+    hf_config = hf_shard_config(config, tp)
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(hf_config).to(dtype)
+    model = model.to_empty(device=device)
+    model.model.rotary_emb = type(model.model.rotary_emb)(hf_config).to(device)  # its buffers were left empty
+    return fill_random_(model, seed).eval()
+
+
+def rank_bytes(config: ModelConfig, tp: int, dtype: torch.dtype, batch: int, max_len: int) -> dict[str, int]:
+    """{"weights", "kv_cache"}: bytes rank 0 allocates for ``config`` at ``tp`` (shapes only, nothing allocated)."""
+    element = torch.empty((), dtype=dtype).element_size()
+    spec = model_from_config(config_dict(config), "bench")
+    params = sum(rank_params(spec, tp).values())
+    kv = 2 * config.num_layers * local_kv_heads(config, tp) * config.head_dim * element * batch * max_len
+    return {"weights": params * element, "kv_cache": kv}
+
+
+def describe(model: BenchModel, layers: int | None) -> dict:
+    """The JSON-ready description of the model that every measurement record carries."""
+    return {"name": model.name, "config": config_dict(model.config), "layers_built": layers or model.config.num_layers,
+            "layers_full": model.config.num_layers, "weights": model.weights}
+

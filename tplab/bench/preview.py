@@ -1,0 +1,108 @@
+"""A sweep before it runs: what each point allocates on rank 0, and how long the sweep should take on a GPU.
+
+``python -m tplab bench ... --dry-run`` prints this and allocates nothing: the
+way to size a sweep to the GPU time you have (or a bill) before paying for it. It runs
+anywhere, e.g. on a laptop preparing a GPU run.
+
+* Memory is exact arithmetic on shapes, what the harness will allocate on
+  rank 0: weights + KV cache (:func:`tplab.bench.models.rank_bytes`),
+  checked against ``MEMORY_USE_LIMIT`` of the GPU's memory (``spec.gpu``).
+* Times are MODELLED by :func:`tplab.perf.estimate` for ``spec.gpu`` and the
+  layers that will be built. A point runs ``warmup + repeats`` requests, each
+  one prefill (TTFT) and ``decode_steps`` decode steps, then the same again
+  through the HF baseline, counted as taking tplab's time:
+
+      seconds = copies · (warmup + repeats) · (TTFT + decode_steps · t_step),  copies = 2 with the baseline
+
+  Building the weights, capturing CUDA graphs and the roofline's own runs are
+  not counted, nor a CPU's speed: on a CPU the figures say what a GPU would take.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tplab.bench.models import config_dict, rank_bytes
+from tplab.bench.plan import MEMORY_USE_LIMIT, BenchSpec, check_sweep
+from tplab.bench.records import PERF_DTYPES
+from tplab.model.loading import DTYPES
+from tplab.perf.estimate import MODELLED, estimate
+from tplab.specs.hardware import load_gpu
+from tplab.specs.model import model_from_config
+
+
+@dataclass(frozen=True)
+class PointPreview:
+    """One point of the sweep: rank 0's memory (exact) and its modelled times on the GPU of the spec."""
+
+    tp: int
+    batch: int
+    prompt_len: int
+    weights_gb: float
+    kv_cache_gb: float
+    fits: bool  # weights + KV cache within MEMORY_USE_LIMIT of the GPU's memory
+    ttft_ms: float | None  # modelled; None for a dtype the cost model lacks (float32)
+    decode_ms_per_token: float | None
+    seconds: float | None  # the point's modelled duration, baseline included
+
+
+@dataclass(frozen=True)
+class SweepPreview:
+    """The points of a sweep, and what they were modelled on."""
+
+    gpu_label: str
+    gpu_memory_gb: float
+    layers_built: int
+    layers_full: int
+    points: list[PointPreview]
+
+    @property
+    def seconds(self) -> float | None:
+        """The modelled duration of every point's timed requests (None without modelled times)."""
+        return None if any(p.seconds is None for p in self.points) else sum(p.seconds for p in self.points)
+
+
+def preview(spec: BenchSpec) -> SweepPreview:
+    """Every point of ``spec`` (tp outermost, then batch, then prompt length), allocating nothing."""
+    model, config = check_sweep(spec)
+    gpu = load_gpu(spec.gpu)
+    built = model_from_config(config_dict(config), model.name)
+    dtype = PERF_DTYPES.get(spec.dtype)
+    requests, copies = spec.warmup + spec.repeats, 2 if spec.baseline else 1
+    out = []
+    for tp in spec.tps:
+        for batch in spec.batches:
+            for prompt_len in spec.prompt_lens:
+                need = rank_bytes(config, tp, DTYPES[spec.dtype], batch, prompt_len + spec.decode_steps)
+                ttft = step = seconds = None
+                if dtype is not None:
+                    e = estimate(model=built, gpu=gpu, tp=tp, dtype=dtype, kv_dtype=dtype, batch=batch,
+                                 prompt_len=prompt_len, output_len=spec.decode_steps,
+                                 interconnect=spec.interconnect, efficiency=spec.efficiency)
+                    ttft, step = e.ttft_ms, e.decode_ms_per_token
+                    seconds = copies * requests * (ttft + spec.decode_steps * step) / 1e3
+                fits = sum(need.values()) <= MEMORY_USE_LIMIT * gpu.memory_gb * 1e9
+                out.append(PointPreview(tp, batch, prompt_len, need["weights"] / 1e9, need["kv_cache"] / 1e9, fits,
+                                        ttft, step, seconds))
+    return SweepPreview(gpu.label, gpu.memory_gb, config.num_layers, model.config.num_layers, out)
+
+
+def print_preview(spec: BenchSpec, sweep: SweepPreview) -> None:
+    """The table of :func:`preview`, its total, and what the figures are."""
+    print(f"DRY RUN: nothing allocated, nothing measured. Memory: rank 0's weights + KV cache, exact; times: "
+          f"{MODELLED} on one {sweep.gpu_label} per rank, {sweep.layers_built} of {sweep.layers_full} layers "
+          f"built, {spec.warmup}+{spec.repeats} requests per point{' and the HF baseline' if spec.baseline else ''}")
+    print(f"{'tp':>3} {'batch':>5} {'prompt':>6} {'weights GB':>10} {'KV GB':>7} {'fits':>5} {'TTFT ms':>9} "
+          f"{'decode ms/tok':>13} {'point s':>8}")
+    for p in sweep.points:
+        times = ("-", "-", "-") if p.seconds is None else (
+            f"{p.ttft_ms:.1f}", f"{p.decode_ms_per_token:.2f}", f"{p.seconds:.1f}")
+        print(f"{p.tp:>3} {p.batch:>5} {p.prompt_len:>6} {p.weights_gb:>10.2f} {p.kv_cache_gb:>7.2f} "
+              f"{'yes' if p.fits else 'NO':>5} {times[0]:>9} {times[1]:>13} {times[2]:>8}")
+    if sweep.seconds is not None:
+        print(f"modelled total: {sweep.seconds:.0f} s ({sweep.seconds / 60:.1f} min) of timed requests, plus "
+              "building the weights, graph capture and the roofline")
+    else:
+        print(f"no modelled times: the cost model has no {spec.dtype} (use {' or '.join(PERF_DTYPES)})")
+    if not all(p.fits for p in sweep.points):
+        print(f"NO: more than {MEMORY_USE_LIMIT:.0%} of a {sweep.gpu_label}'s {sweep.gpu_memory_gb:.0f} GB; "
+              "build fewer layers (--layers N), use a larger tp or a smaller batch")

@@ -1,0 +1,83 @@
+"""GPU records beside the cost model's figures for the same points, on the GPU that took them.
+
+A record taken on a GPU that a spec of ``data/hardware/gpus`` names
+(:func:`tplab.specs.hardware.gpu_for_device`) is set beside :func:`tplab.perf.estimate`
+at the record's point: the same model with all its layers, tp, batch and
+prompt length, ``decode_steps`` new tokens (so the model's mean context is
+about that of the timed steps), the record's dtype and, for an emulated
+record, the link its collectives were modelled on.
+
+The record's side is the whole model too
+(:func:`tplab.bench.records.full_model_ms`): its extrapolation to all layers
+(``scaled``, arithmetic on a measurement, labelled so) where fewer were
+built, its medians otherwise. Both sides include the
+collectives: measured on real ranks, modelled for an emulated one.
+
+The ratio measured / modelled is what calibration (:mod:`tplab.bench.calibration`)
+turns into efficiencies; here it is shown (:func:`plot_against_model`), not fitted.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+
+from tplab.bench.records import PERF_DTYPES, full_model_ms
+from tplab.perf.estimate import Estimate, estimate
+from tplab.plots.measurements import Series, plot_series
+from tplab.specs.hardware import gpu_for_device
+from tplab.specs.model import model_from_config
+
+# the record's field (and the Estimate's attribute of the same name): its axis label
+FIELDS = {"decode_ms_per_token": "decode time per token (ms)", "ttft_ms": "time to first token (ms)"}
+
+
+def modelled_for(record: dict, efficiency=None) -> Estimate | None:
+    """The cost model at the record's point on the record's GPU; None for a CPU, an unknown GPU or float32."""
+    device, setting = record["env"]["device"], record["setting"]
+    gpu = gpu_for_device(device["name"]) if device["type"] == "cuda" else None
+    dtype = PERF_DTYPES.get(setting["dtype"])
+    if gpu is None or dtype is None:
+        return None
+    link = setting.get("link") or {}
+    return estimate(model=model_from_config(record["model"]["config"], record["model"]["name"]), gpu=gpu,
+                    tp=setting["tp"], dtype=dtype, kv_dtype=dtype, batch=setting["batch"],
+                    prompt_len=setting["prompt_len"], output_len=setting["decode_steps"],
+                    interconnect=link.get("interconnect"), efficiency=efficiency)
+
+
+def by_gpu(records: list[dict], efficiency=None) -> dict[str, list[tuple[dict, Estimate]]]:
+    """{GPU spec name: [(record, the model at its point)]} for every record the cost model can place."""
+    out: dict[str, list[tuple[dict, Estimate]]] = defaultdict(list)
+    for r in records:
+        e = modelled_for(r, efficiency)
+        if e is not None:
+            out[e.gpu].append((r, e))
+    return dict(out)
+
+
+def plot_against_model(pairs: list[tuple[dict, Estimate]], title: str) -> Figure:
+    """Decode ms/token and TTFT against batch, one row per prompt length: the records (their kind) against the
+    cost model at the same points (dotted), one colour per tp."""
+    prompts = sorted({r["setting"]["prompt_len"] for r, _ in pairs})
+    tps = sorted({r["setting"]["tp"] for r, _ in pairs})
+    fig, axes = plt.subplots(len(prompts), 2, figsize=(12, 4.2 * len(prompts)), squeeze=False)
+    for row, prompt in zip(axes, prompts):
+        for ax, (field, ylabel) in zip(row, FIELDS.items()):
+            series = []
+            for i, tp in enumerate(tps):
+                at = sorted(((r, e) for r, e in pairs if r["setting"]["prompt_len"] == prompt
+                             and r["setting"]["tp"] == tp), key=lambda pair: pair[0]["setting"]["batch"])
+                for kind in ("measured", "emulated"):
+                    of_kind = [r for r, _ in at if r["kind"] == kind]
+                    if of_kind:
+                        series.append(Series(f"tp={tp}", kind, [r["setting"]["batch"] for r in of_kind],
+                                             [full_model_ms(r, field) for r in of_kind], f"C{i}"))
+                if at:
+                    series.append(Series(f"tp={tp}", "modelled", [r["setting"]["batch"] for r, _ in at],
+                                         [getattr(e, field) for _, e in at], f"C{i}"))
+            plot_series(series, "batch (sequences)", ylabel, f"prompt {prompt} tokens", ax=ax, logx=True, logy=True)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig

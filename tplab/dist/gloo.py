@@ -1,0 +1,208 @@
+"""Gloo ranks: ``tp`` processes with torch.distributed over gloo on this machine's CPU (``launch(..., "gloo")``).
+
+Each rank is a process forked from a forkserver that has imported torch (so a
+launch costs ~0.2 s); the rank program must be importable, since the
+processes import it. Results and errors come back through a queue: the first
+error that is not a peer's reaction is re-raised with the rank's traceback in
+its notes; a process that dies without reporting gives :class:`RankDiedError`;
+in every case the other processes are stopped. Never a hang.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import pickle
+import queue
+import signal
+import socket
+import sys
+import time
+import traceback
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from tplab.dist.group import CollectiveTimeout, Dist, PeerFailure, first_error
+from tplab.dist.transports import TorchTransport
+
+
+class RankDiedError(RuntimeError):
+    """A rank's process ended without returning a result or an error."""
+
+
+class RendezvousError(RuntimeError):
+    """gloo could not connect the ranks (before any rank program ran): the launch is retried once on a new port."""
+
+
+EXIT_GRACE_S = 0.5  # a rank that exited with code 0 may still have its result in the pipe: read it first
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that no one holds at the moment of the call."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _has_main_guard(script: str) -> bool:
+    """Whether a script has a top-level ``if __name__ == "__main__":`` (its processes must not re-run it)."""
+    try:
+        tree = ast.parse(Path(script).read_text())
+    except (OSError, SyntaxError, ValueError):
+        return True  # cannot tell: let it run
+    return any(isinstance(node, ast.If) and "__main__" in ast.unparse(node.test) for node in tree.body)
+
+
+def _check_picklable(fn) -> None:
+    main = sys.modules.get("__main__")
+    in_main = getattr(fn, "__module__", None) == "__main__"
+    interactive = in_main and not hasattr(main, "__file__")
+    try:
+        pickle.dumps(fn)
+    except Exception as e:  # noqa: BLE001
+        raise TypeError(f"backend='gloo' needs an importable function, and {fn!r} cannot be pickled ({e}). "
+                        "Define it at the top level of a .py module, or use backend='threads'.") from None
+    if interactive:
+        raise TypeError(f"{fn.__qualname__} is defined in a notebook or REPL, which spawned gloo processes "
+                        "cannot import. Move it into a .py module (tplab keeps every rank program in the "
+                        "package), or use backend='threads'.")
+    if in_main and not _has_main_guard(main.__file__):
+        raise TypeError(f"{main.__file__} calls launch(..., backend='gloo') without an `if __name__ == "
+                        "\"__main__\":` block: every rank process imports the script and would run it again. Put "
+                        "the launch call under `if __name__ == \"__main__\":`.")
+
+
+def _gloo_rank_main(rank, world_size, port, fn, args, kwargs, timeout, threads_per_rank, results):
+    torch.set_num_threads(threads_per_rank)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo0" if sys.platform == "darwin" else "lo")
+    import torch.distributed as td
+    try:
+        try:
+            td.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                  world_size=world_size, timeout=timedelta(seconds=timeout))
+        except RuntimeError as e:
+            raise RendezvousError(f"gloo could not connect rank {rank} to its peers: {e}") from None
+        dist = Dist(rank, world_size, torch.device("cpu"), TorchTransport())
+        results.put(("ok", rank, pickle.dumps(fn(dist, *args, **kwargs))))
+    except BaseException as e:  # noqa: BLE001
+        tb = traceback.format_exc()
+        try:
+            payload = pickle.dumps(e)
+        except Exception:  # noqa: BLE001 - an unpicklable exception still reports its text
+            payload = pickle.dumps(RuntimeError(f"{type(e).__name__}: {e}"))
+        results.put(("error", rank, (payload, tb)))
+    finally:
+        if td.is_initialized():
+            td.destroy_process_group()
+
+
+def _stop(procs) -> None:
+    for p in procs:
+        if p.is_alive():
+            p.terminate()
+    deadline = time.monotonic() + 2.0
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def _exit_reason(code: int) -> str:
+    if code < 0:
+        return f"killed by signal {signal.Signals(-code).name}"
+    return f"exit code {code}"
+
+
+def _process_context(fn):
+    """A forkserver that has imported torch once, so each rank starts in ~0.1 s, not seconds.
+
+    Where there is no forkserver (Windows), plain spawn: each rank imports torch itself.
+    """
+    import multiprocessing as mp
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["tplab", fn.__module__])
+    return ctx
+
+
+def launch_gloo(fn: Callable[..., Any], tp: int, timeout: float, args: tuple, kwargs: dict,
+                threads_per_rank: int) -> list[Any]:
+    """``fn(dist, *args, **kwargs)`` on ``tp`` gloo processes; their results in rank order (see the module docstring).
+
+    A failed rendezvous (gloo's full mesh of TCP connections, seen to fail now and then at tp=8 on a busy
+    2-core machine, before any rank program has run) is retried once on a new port.
+    """
+    _check_picklable(fn)
+    ctx = _process_context(fn)
+    try:
+        return _launch_once(ctx, fn, tp, timeout, args, kwargs, threads_per_rank)
+    except RendezvousError:
+        return _launch_once(ctx, fn, tp, timeout, args, kwargs, threads_per_rank)
+
+
+def _launch_once(ctx, fn, tp, timeout, args, kwargs, threads_per_rank) -> list[Any]:
+    results_q = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_gloo_rank_main, name=f"tplab-rank{r}", daemon=True,
+                         args=(r, tp, port, fn, args, kwargs, timeout, threads_per_rank, results_q))
+             for r in range(tp)]
+    for p in procs:
+        p.start()
+    results: dict[int, Any] = {}
+    errors: dict[int, BaseException] = {}  # in arrival order
+    first_done_at = first_error_at = None
+    exited_at: dict[int, float] = {}  # ranks seen exited with code 0 before their result arrived
+    try:
+        while len(results) + len(errors) < tp:
+            try:
+                kind, rank, payload = results_q.get(timeout=0.05)
+            except queue.Empty:
+                kind = None
+            if kind == "ok":
+                results[rank] = pickle.loads(payload)
+                first_done_at = first_done_at or time.monotonic()
+            elif kind == "error":
+                exc_bytes, tb = payload
+                err = pickle.loads(exc_bytes)
+                err.add_note(f"raised on rank {rank} of {tp} (gloo backend); its traceback:\n{tb}")
+                errors[rank] = err
+            now = time.monotonic()
+            for rank, p in enumerate(procs):
+                if rank in results or rank in errors or p.exitcode is None:
+                    continue
+                if p.exitcode == 0 and now - exited_at.setdefault(rank, now) < EXIT_GRACE_S:
+                    continue  # exited normally: its result may still be in the queue
+                how = ("exited with code 0 without returning a result or an error (os._exit or sys.exit in the "
+                       "rank program?)" if p.exitcode == 0 else f"died: {_exit_reason(p.exitcode)}")
+                errors[rank] = RankDiedError(f"rank {rank} of {tp} (pid {p.pid}) {how}; the other ranks were stopped")
+            if errors:
+                first_error_at = first_error_at or now
+                # A peer's connection error often arrives before the cause: wait briefly for it.
+                if any(not isinstance(e, PeerFailure) for e in errors.values()) or now - first_error_at > 2.0:
+                    break
+            elif first_done_at and now - first_done_at > timeout:
+                missing = sorted(set(range(tp)) - set(results))
+                raise CollectiveTimeout(f"ranks {missing} did not finish within {timeout:g} s of the first rank")
+    finally:
+        if errors or len(results) < tp:
+            _stop(procs)
+        else:
+            for p in procs:
+                p.join()
+    if errors and results and all(isinstance(e, PeerFailure) for e in errors.values()):
+        raise CollectiveTimeout(f"ranks {sorted(errors)} were in a collective that ranks {sorted(results)} "
+                                "returned without joining: every rank must call the same collectives in the same order")
+    if errors:
+        rank, err = first_error(errors)
+        silent = sorted(set(range(tp)) - set(results) - set(errors))
+        if isinstance(err, CollectiveTimeout) and silent:
+            raise CollectiveTimeout(f"rank(s) {silent} of {tp} never joined the collective that rank {rank} waited "
+                                    f"{timeout:g} s in (stuck outside a collective); every rank was stopped") from err
+        raise err
+    return [results[r] for r in range(tp)]
+
+

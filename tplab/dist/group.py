@@ -1,0 +1,119 @@
+"""Dist: one rank's view of its tensor-parallel group.
+
+Every TP function in tplab is an SPMD *rank program* ``fn(dist, ...)``: the same
+code runs on every rank, and ``dist`` tells it who it is (``rank``), how many
+ranks there are (``world_size``), where its tensors live (``device``), and how
+to talk to the others (the collectives below).
+
+All communication goes through :class:`Dist`, which times each call and records
+it in ``dist.stats`` (a :class:`~tplab.dist.stats.CommStats`). The actual data
+movement is delegated to a *transport* (:mod:`tplab.dist.transports`): threads of
+one process, or ``torch.distributed`` (gloo on CPU, NCCL on GPU); and
+:mod:`tplab.bench.emulation` has one that moves no data at all.
+
+Collective semantics (x_r is rank r's input, n = world_size):
+
+* ``all_reduce(x)``      -> x_0 + x_1 + ... + x_{n-1}               (every rank)
+* ``all_gather(x, dim)`` -> cat([x_0, ..., x_{n-1}], dim)              (every rank)
+* ``reduce_scatter(x, dim)`` -> chunk r of (x_0 + ... + x_{n-1}) along dim (rank r)
+* ``broadcast(x, src)``  -> x_src                                       (every rank)
+
+``all_reduce`` and ``broadcast`` may write their result into ``x`` (as
+torch.distributed does): do not rely on ``x`` keeping its old value.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+from tplab.dist.stats import CommStats
+
+
+class PeerFailure(RuntimeError):
+    """Raised on a rank whose collective was cut short because a peer failed."""
+
+
+class CollectiveTimeout(TimeoutError):
+    """Raised on a rank whose collective cannot complete: a peer did not join it within
+    the group's timeout (still busy elsewhere), or had already returned without joining it."""
+
+
+def first_error(errors: dict[int, BaseException]) -> tuple[int, BaseException]:
+    """The error that caused the failure: the first (in arrival order) that is not a peer's reaction."""
+    for rank, err in errors.items():
+        if not isinstance(err, PeerFailure):
+            return rank, err
+    return next(iter(errors.items()))
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class Dist:
+    """One rank's handle on the group: identity, device, collectives, stats.
+
+    ``time_collectives``: on CUDA, timing a collective needs a device
+    synchronize before and after it. Turn it off to keep the stream free;
+    counts and bytes are still recorded, with ``seconds = 0``.
+    """
+
+    def __init__(self, rank: int, world_size: int, device: torch.device, transport,
+                 time_collectives: bool = True) -> None:
+        self.rank = rank
+        self.world_size = world_size
+        self.device = torch.device(device)
+        self.stats = CommStats()
+        self.time_collectives = time_collectives
+        self._transport = transport
+
+    def __repr__(self) -> str:
+        return f"Dist(rank={self.rank}, world_size={self.world_size}, device={self.device}, transport={type(self._transport).__name__})"
+
+    def _timed(self, op: str, t: torch.Tensor, nbytes: int, call: Callable[[], torch.Tensor | None]):
+        sync = self.time_collectives and self.device.type == "cuda"
+        if sync:
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        out = call()
+        if sync:
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start if self.time_collectives else 0.0
+        self.stats.record(op, tuple(t.shape), str(t.dtype).removeprefix("torch."), nbytes, seconds)
+        return out
+
+    # --- collectives -----------------------------------------------------
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum of every rank's ``t``, returned on every rank."""
+        return self._timed("all_reduce", t, _nbytes(t), lambda: self._transport.all_reduce(t))
+
+    def all_gather(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Every rank's ``t`` (all the same shape) concatenated along ``dim`` in rank order."""
+        return self._timed("all_gather", t, _nbytes(t) * self.world_size,
+                           lambda: self._transport.all_gather(t, dim))
+
+    def reduce_scatter(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Rank r's chunk (of n equal chunks along ``dim``) of the sum of every rank's ``t``."""
+        if t.shape[dim] % self.world_size:
+            raise ValueError(
+                f"reduce_scatter: size {t.shape[dim]} of dim {dim} is not divisible by world_size={self.world_size}")
+        return self._timed("reduce_scatter", t, _nbytes(t),
+                           lambda: self._transport.reduce_scatter(t, dim))
+
+    def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
+        """Rank ``src``'s ``t`` on every rank (the others pass a tensor of the same shape)."""
+        return self._timed("broadcast", t, _nbytes(t), lambda: self._transport.broadcast(t, src))
+
+    def send(self, t: torch.Tensor, dst: int) -> None:
+        """Point-to-point: give ``t`` to rank ``dst`` (which must call ``recv``)."""
+        self._timed("send", t, _nbytes(t), lambda: self._transport.send(t, dst))
+
+    def recv(self, buffer: torch.Tensor, src: int) -> torch.Tensor:
+        """Point-to-point: fill ``buffer`` with what rank ``src`` sent; returns it."""
+        return self._timed("recv", buffer, _nbytes(buffer), lambda: self._transport.recv(buffer, src))
+
+    def barrier(self) -> None:
+        """Wait until every rank has reached this point (not recorded: it moves no data)."""
+        self._transport.barrier()

@@ -1,0 +1,183 @@
+"""launch: run one rank program on N ranks and collect the results.
+
+``launch(fn, tp, backend)`` calls ``fn(dist, *args, **kwargs)`` once per rank
+and returns ``[result_0, ..., result_{tp-1}]``. Three ways to get ranks:
+
+* ``backend="threads"``: tp threads in this process (notebooks; every rank's
+  tensors can be inspected; reductions are deterministic). ``device`` puts
+  every rank on one device: ``device="cuda"`` runs a real TP group on a
+  single GPU (each collective adds the ranks' tensors there), which checks
+  the TP model on CUDA without a multi-GPU node; it is not a speed test.
+* ``backend="gloo"``: tp spawned processes with torch.distributed over gloo on
+  the CPU. ``fn`` must be importable (defined in a module, not a notebook).
+  (:mod:`tplab.dist.gloo`)
+* under ``torchrun`` (RANK and WORLD_SIZE in the environment): this process is
+  one rank of the existing group (NCCL on GPUs, gloo on CPUs), whatever
+  ``backend`` says. ``torchrun --nproc-per-node 8 -m tplab generate --tp 8 ...``
+  (:mod:`tplab.dist.torchrun`)
+
+Failure is never a hang: when a rank raises, the others are stopped and the
+original exception is re-raised here, with the rank's traceback in its notes.
+When a gloo process dies, the rest are killed and :class:`RankDiedError` is
+raised. ``timeout`` bounds how long any rank waits for its peers: a rank that
+does not join a collective in time, or returns while the others wait in one,
+gives :class:`~tplab.dist.CollectiveTimeout` naming the rank that never
+joined. On threads, launch returns within the timeout even then: a thread
+cannot be killed, so a rank stuck in its own computation is abandoned (its
+daemon thread ends with the process) and named in the error.
+"""
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+import torch
+
+from tplab.dist.group import CollectiveTimeout, Dist, first_error
+from tplab.dist.gloo import RankDiedError, launch_gloo
+from tplab.dist.torchrun import launch_torchrun, under_torchrun
+from tplab.dist.transports import ThreadGroup, ThreadTransport
+
+__all__ = ["BACKENDS", "RankDiedError", "check_device", "default_threads", "launch", "thread_device", "under_torchrun"]
+
+BACKENDS = ("threads", "gloo")
+PEER_GRACE_S = 1.0  # after a rank fails, how long the others get to notice before they are abandoned
+
+
+def launch(fn: Callable[..., Any], tp: int, backend: str = "threads", timeout: float = 300.0,
+           args: tuple = (), kwargs: dict | None = None, device: torch.device | str | None = None,
+           threads: int | None = None) -> list[Any]:
+    """Run ``fn(dist, *args, **kwargs)`` on ``tp`` ranks; return the results in rank order.
+
+    ``device``: where thread ranks compute (default the CPU; "cuda": all on one
+    GPU). gloo ranks compute on the CPU; under torchrun each process takes its
+    own GPU (cuda:LOCAL_RANK), or the CPU where none is visible.
+
+    ``threads``: torch intra-op threads per rank (default :func:`default_threads`:
+    the cores shared out among the ranks of this machine, so tp ranks never
+    oversubscribe the CPU; more ranks than cores get one thread each).
+    """
+    kwargs = kwargs or {}
+    if not callable(fn):
+        raise TypeError(f"launch runs a rank program fn(dist, *args, **kwargs); got {fn!r}, which is not callable")
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"tp must be a positive integer, got {tp!r}")
+    if not timeout > 0:
+        raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    check_device(backend, device)
+    if under_torchrun():
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", tp))
+        return launch_torchrun(fn, tp, timeout, args, kwargs, threads or default_threads(local))
+    threads = threads or default_threads(tp)
+    if backend == "threads":
+        return _launch_threads(fn, tp, timeout, args, kwargs, thread_device(device), threads)
+    if backend == "gloo":
+        return launch_gloo(fn, tp, timeout, args, kwargs, threads)
+    raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} "
+                     "(for NCCL on GPUs, start the program with torchrun)")
+
+
+def default_threads(ranks_here: int) -> int:
+    """Intra-op threads per rank: max(1, cores // ranks on this machine)."""
+    return max(1, (os.cpu_count() or 1) // ranks_here)
+
+
+def check_device(backend: str, device: torch.device | str | None) -> None:
+    """ValueError, saying what to do, unless ranks of ``backend`` can compute on ``device`` (None: their default)."""
+    if device is None or backend not in BACKENDS:
+        return
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}: use 'cpu' or 'cuda' (or 'cuda:N')") from None
+    if under_torchrun():
+        raise ValueError("under torchrun each process takes its own device (cuda:LOCAL_RANK, or the CPU): "
+                         "do not pass a device")
+    if backend == "threads":
+        thread_device(device)
+    elif torch.device(device).type != "cpu":
+        raise ValueError(f"backend={backend!r} runs its ranks on the CPU; for device={str(device)!r} use "
+                         "backend='threads' (every rank on one GPU) or torchrun (one GPU per rank)")
+
+
+# --- threads ------------------------------------------------------------------
+def thread_device(device: torch.device | str | None) -> torch.device:
+    """The device thread ranks share: the CPU by default; a CUDA device only where one is visible."""
+    device = torch.device("cpu" if device is None else device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r} but no CUDA device is visible: use device='cpu'")
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if not 0 <= index < torch.cuda.device_count():
+            raise ValueError(f"device={str(device)!r} does not exist: {torch.cuda.device_count()} CUDA device(s) "
+                             "are visible")
+        return torch.device("cuda", index)
+    if device.type != "cpu":
+        raise ValueError(f"thread ranks run on 'cpu' or 'cuda', not {str(device)!r}")
+    return device
+
+
+def _launch_threads(fn, tp, timeout, args, kwargs, device, threads):
+    group = ThreadGroup(tp, timeout)
+    results: list[Any] = [None] * tp
+    errors: dict[int, BaseException] = {}  # in arrival order
+    finished: queue.Queue[int] = queue.Queue()
+
+    def run_rank(rank: int) -> None:
+        try:
+            torch.set_num_threads(threads)
+            if device.type == "cuda":
+                torch.cuda.set_device(device)  # the current device is per thread
+            results[rank] = fn(Dist(rank, tp, device, ThreadTransport(group, rank)), *args, **kwargs)
+            group.rank_returned(rank)
+        except BaseException as e:  # noqa: BLE001 - every failure must reach the caller
+            errors[rank] = e
+            group.abort()
+        finally:
+            finished.put(rank)
+
+    callers_threads = torch.get_num_threads()  # torch's setting may be process-wide: restored below
+    for r in range(tp):
+        threading.Thread(target=run_rank, args=(r,), name=f"tplab-rank{r}", daemon=True).start()
+    try:
+        return _collect(tp, timeout, results, errors, finished)
+    finally:
+        torch.set_num_threads(callers_threads)
+
+
+def _collect(tp, timeout, results, errors, finished):
+    """Wait for the thread ranks: their results, or the first error; never longer than the timeout allows."""
+    done: set[int] = set()
+    deadline = None  # set once some rank is done: the others get `timeout` (or a grace after a failure)
+    while len(done) < tp:
+        wait = None if deadline is None else deadline - time.monotonic()
+        if wait is not None and wait <= 0:
+            break
+        try:
+            done.add(finished.get(timeout=wait))
+        except queue.Empty:
+            break
+        now = time.monotonic()
+        if errors:  # a timed-out rank already waited for the stuck ones: no grace then
+            grace = 0.0 if isinstance(first_error(errors)[1], CollectiveTimeout) else PEER_GRACE_S
+            deadline = min(deadline or now + grace, now + grace)
+        elif deadline is None:
+            deadline = now + timeout
+    stuck = sorted(set(range(tp)) - done)
+    if errors:
+        rank, err = first_error(errors)
+        err.add_note(f"raised on rank {rank} of {tp} (threads backend)")
+        if stuck:
+            err.add_note(f"rank(s) {stuck} were still running outside a collective and were abandoned")
+        raise err
+    if stuck:
+        raise CollectiveTimeout(f"rank(s) {stuck} of {tp} did not finish within {timeout:g} s of rank(s) "
+                                f"{sorted(done)}, and called no collective in that time (stuck outside a "
+                                "collective); they were abandoned")
+    return results
+

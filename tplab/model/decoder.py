@@ -1,0 +1,230 @@
+"""TPCausalLM: a Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2) split over tp ranks.
+
+One rank's model, Megatron-style. With H query heads, KV key/value heads,
+intermediate size I and vocabulary V, rank r holds:
+
+* embedding: rows [r V'/tp, (r+1) V'/tp) of the (padded) vocabulary;
+  one all-reduce assembles each token's embedding (:mod:`tplab.layers.vocab`);
+* per layer, attention: its H/tp query heads and their KV heads
+  (QKV column parallel, :class:`~tplab.layers.fused.QKVParallelLinear`), the
+  matching H/tp * head_dim columns of o_proj (row parallel): one all-reduce;
+* per layer, MLP: I/tp rows of gate and up (merged, column parallel) and I/tp
+  columns of down (row parallel): one all-reduce;
+* RMSNorm weights and RoPE: replicated (they act on the full hidden vector, or per head);
+* LM head: a vocabulary block of rows; the logits are all-gathered, or
+  reduced to a greedy token id by a small all-gather.
+
+So one forward pass runs exactly 2 * layers + 1 all-reduces, each of
+(batch, tokens, hidden) elements, and one all-gather in the LM head.
+
+Left-padded batches: each row has its own positions, and ``key_valid`` marks
+the cache slots holding real tokens; a query attends to the valid slots at or
+before its own (and within the sliding window, for Mistral/Qwen2 layers that
+have one). A padding query attends to itself only, so no row of the softmax is
+empty.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tplab.checkpoint.sources import TensorSource
+from tplab.dist.group import Dist
+from tplab.layers.fused import MergedColumnParallelLinear, QKVParallelLinear, load_row_parallel
+from tplab.model.kv_cache import KVCache
+from tplab.layers.linear import RowParallelLinear
+from tplab.specs.model import ModelConfig
+from tplab.layers.rope import RotaryEmbedding, apply_rope
+from tplab.layers.vocab import ParallelLMHead, VocabParallelEmbedding
+
+
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), computed in float32 (replicated on every rank)."""
+
+    def __init__(self, size: int, eps: float, dtype: torch.dtype | None, device: torch.device) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device), requires_grad=False)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+def attention_mask(query_slots: torch.Tensor, key_valid: torch.Tensor, window: int | None) -> torch.Tensor:
+    """(batch, 1, T, S) bool, True where query slot q may read key slot s.
+
+    s <= q, s holds a real token of that row (or s == q), and q - s < window
+    when the layer slides. In one row, slots and positions differ by a
+    constant (the row's left padding), so slot distances are position distances.
+    """
+    keys = torch.arange(key_valid.shape[1], device=key_valid.device)
+    distance = query_slots[:, None] - keys[None, :]  # (T, S)
+    allowed = distance >= 0
+    if window is not None:
+        allowed &= distance < window
+    real = key_valid[:, None, :] | (distance == 0)[None]  # (batch, T, S)
+    return (allowed[None] & real)[:, None]
+
+
+def grouped_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                            scale: float) -> torch.Tensor:
+    """O_h = softmax(Q_h K_g^T * scale, masked) V_g for every query head h, with g = h // G.
+
+    q is (batch, KV*G, T, d); keys and values are (batch, KV, S, d), read where they lie.
+    The G query heads that share KV head g are stacked along the query axis,
+    Q'_g = [Q_{gG}; ...; Q_{gG+G-1}] of shape (G*T, d), so one attention call per KV head
+    serves all G of them and K, V are never copied G times (repeat_interleave would write
+    G copies of the whole cache every decode step). The mask (batch, 1, T, S) is tiled G
+    times along the query axis to match. Returns (batch, KV*G, T, d).
+    """
+    batch, heads, tokens, head_dim = q.shape
+    kv_heads = keys.shape[1]
+    groups = heads // kv_heads
+    stacked = q.reshape(batch, kv_heads, groups * tokens, head_dim)
+    out = F.scaled_dot_product_attention(stacked, keys, values, attn_mask=mask.repeat(1, 1, groups, 1), scale=scale)
+    return out.reshape(batch, heads, tokens, head_dim)
+
+
+class TPAttention(nn.Module):
+    """softmax(Q_h K_g^T / sqrt(d)) V_g for this rank's heads h (KV head g = h // (H/KV)), then o_proj."""
+
+    def __init__(self, config: ModelConfig, dist: Dist, window: int | None, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.head_dim, self.window = config.head_dim, window
+        self.qkv = QKVParallelLinear(config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
+                                     dist, bias=config.qkv_bias, dtype=dtype)
+        self.o_proj = RowParallelLinear(config.num_heads * config.head_dim, config.hidden_size, dist,
+                                        bias=config.o_bias, dtype=dtype)
+
+    def load(self, source: TensorSource, prefix: str) -> None:
+        self.qkv.load(source, f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj")
+        load_row_parallel(self.o_proj, source, f"{prefix}.o_proj")
+
+    def forward(self, x, cos, sin, mask, cache: KVCache, layer: int, start: int) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        q, k, v = (t.view(batch, tokens, -1, self.head_dim).transpose(1, 2) for t in self.qkv(x))
+        keys, values = cache.write(layer, apply_rope(k, cos, sin), v, start)
+        out = grouped_query_attention(apply_rope(q, cos, sin), keys, values, mask, self.head_dim ** -0.5)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, tokens, -1))
+
+
+class TPMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)): gate/up column parallel (merged), down row parallel, one all-reduce."""
+
+    def __init__(self, config: ModelConfig, dist: Dist, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.gate_up = MergedColumnParallelLinear(config.hidden_size, config.intermediate_size, dist,
+                                                  bias=config.mlp_bias, dtype=dtype)
+        self.down = RowParallelLinear(config.intermediate_size, config.hidden_size, dist, bias=config.mlp_bias,
+                                      dtype=dtype)
+
+    def load(self, source: TensorSource, prefix: str) -> None:
+        self.gate_up.load(source, f"{prefix}.gate_proj", f"{prefix}.up_proj")
+        load_row_parallel(self.down, source, f"{prefix}.down_proj")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x)
+        return self.down(F.silu(gate) * up)
+
+
+class TPDecoderLayer(nn.Module):
+    """h = x + attn(norm(x)); out = h + mlp(norm(h))."""
+
+    def __init__(self, config: ModelConfig, dist: Dist, window: int | None, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, dist.device)
+        self.attn = TPAttention(config, dist, window, dtype)
+        self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, dist.device)
+        self.mlp = TPMLP(config, dist, dtype)
+
+    def load(self, source: TensorSource, prefix: str) -> None:
+        source.copy_into(self.input_norm.weight.data, f"{prefix}.input_layernorm.weight")
+        source.copy_into(self.post_attention_norm.weight.data, f"{prefix}.post_attention_layernorm.weight")
+        self.attn.load(source, f"{prefix}.self_attn")
+        self.mlp.load(source, f"{prefix}.mlp")
+
+    def forward(self, x, cos, sin, mask, cache: KVCache, layer: int, start: int) -> torch.Tensor:
+        h = x + self.attn(self.input_norm(x), cos, sin, mask, cache, layer, start)
+        return h + self.mlp(self.post_attention_norm(h))
+
+
+class TPCausalLM(nn.Module):
+    """One rank's shard of a Llama-family causal LM. Build it with :mod:`tplab.model.loading`."""
+
+    def __init__(self, config: ModelConfig, dist: Dist, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        config.check_tp(dist.world_size)
+        self.config, self.dist, self.dtype = config, dist, dtype
+        self.embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dist, dtype)
+        self.layers = nn.ModuleList(TPDecoderLayer(config, dist, w, dtype) for w in config.layer_windows)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, dist.device)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dist, dtype)
+        if config.tie_word_embeddings:
+            self.lm_head.tie_to(self.embed)
+        self.rotary = RotaryEmbedding(config.rope, config.head_dim, dist.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.dist.device
+
+    def load(self, source: TensorSource) -> "TPCausalLM":
+        """Fill every shard from Hugging Face tensor names (``model.layers.{i}.self_attn.q_proj.weight``, ...)."""
+        self.embed.load(source, "model.embed_tokens.weight")
+        for i, layer in enumerate(self.layers):
+            layer.load(source, f"model.layers.{i}")
+        source.copy_into(self.norm.weight.data, "model.norm.weight")
+        if not self.config.tie_word_embeddings:
+            self.lm_head.load(source, "lm_head.weight")
+        return self
+
+    def parameter_bytes(self) -> int:
+        """Bytes of this rank's weights (a tied matrix counted once)."""
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        """A KV cache for this rank's KV heads, ``batch`` rows of up to ``max_len`` positions."""
+        return KVCache.for_model(self.config, self.dist.world_size, self.dist.rank, batch, max_len,
+                                 self.dtype, self.device)
+
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, start: int = 0,
+                positions: torch.Tensor | None = None, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states (batch, T, hidden) for tokens at cache slots [start, start+T).
+
+        ``positions`` (batch, T): RoPE positions (default: the slots).
+        ``key_valid`` (batch, >= start+T) bool: slots holding real tokens (default: all).
+        Collectives: 2 * layers + 1 all-reduces.
+        """
+        batch, tokens = input_ids.shape
+        cache = cache if cache is not None else self.new_cache(batch, start + tokens)
+        slots = torch.arange(start, start + tokens, device=self.device)
+        positions = slots.expand(batch, tokens) if positions is None else positions
+        if key_valid is None:
+            key_valid = torch.ones(batch, start + tokens, dtype=torch.bool, device=self.device)
+        key_valid = key_valid[:, :start + tokens]
+        cos, sin = self.rotary(positions, self.dtype)
+        masks = {w: attention_mask(slots, key_valid, w) for w in set(self.config.layer_windows)}
+        h = self.embed(input_ids)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, cos, sin, masks[layer.attn.window], cache, i, start)
+        return self.norm(h)
+
+    @torch.no_grad()
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Full logits (..., V) on every rank: one all-gather."""
+        return self.lm_head.gather_logits(hidden)
+
+    @torch.no_grad()
+    def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """argmax token ids (...,), without building the full logits: one small all-gather."""
+        return self.lm_head.greedy(hidden)
+
+    @torch.no_grad()
+    def score(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Logits (batch, T, V) at every position of ``input_ids`` (no padding, fresh cache)."""
+        return self.logits(self.forward(input_ids))

@@ -1,0 +1,257 @@
+"""A cost model of tensor-parallel LLM inference on real GPUs. Every number it gives is modelled, not measured.
+
+For a model, a GPU, a TP degree tp, a precision, a batch B, a prompt of P
+tokens and O output tokens, per GPU (one rank):
+
+* memory = weights + KV cache (B·(P+O) tokens) + activations + runtime
+  overhead; it fits when that is within (1 - headroom) of the GPU's memory.
+* one decode step at context c (averaged over the output: c = P + O/2) is a
+  roofline per part, plus the collectives, with no overlap:
+
+      t = max(W/bw, F_lin/F) + max(KV/bw, F_att/F) + (2L+1)·T_allreduce + T_allgather
+
+  W and KV are the weight and cache bytes the rank reads, bw the achieved
+  memory bandwidth, F the achieved FLOP/s, and each collective is NCCL's base
+  latency plus the α-β ring of :mod:`tplab.perf.comm` over the link.
+* TTFT is the same formula for the prefill of all B prompts at once.
+* throughput = B·O / (TTFT + (O-1)·t) output tokens/s for the TP group;
+  cost per million output tokens = price·tp / throughput.
+
+The "achieved" fractions come from data/efficiency.json (:class:`tplab.specs.efficiency.Efficiency`).
+fp8 on a GPU without FP8 tensor cores (A100) falls back explicitly to weight-only
+FP8 (W8A16: 1-byte weights, BF16 math), as vLLM's FP8 Marlin kernels do; the
+estimate says so in ``notes``. int8 means W8A8 (int8 math), int4 W4A16.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+from tplab.perf.comm import ring_all_gather_seconds, ring_all_reduce_seconds
+from tplab.perf.shapes import (StepWork, activation_bytes, check_model_tp, check_precision, kv_bytes_per_token, step_work, valid_tps, weight_bytes)
+from tplab.specs.efficiency import Efficiency, load_efficiency
+from tplab.specs.hardware import GpuSpec, Link, load_gpu
+from tplab.specs.model import ModelSpec, load_model
+
+GB = 1e9
+MODELLED = "modelled (not measured)"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """One modelled configuration. ``breakdown`` holds the parts: memory_gb, decode_ms and ttft_ms, each a dict."""
+
+    model: str
+    gpu: str
+    interconnect: str
+    tp: int
+    dtype: str
+    kv_dtype: str
+    compute_dtype: str
+    batch: int
+    prompt_len: int
+    output_len: int
+    memory_per_gpu_gb: float
+    usable_memory_gb: float
+    fits: bool
+    decode_ms_per_token: float
+    ttft_ms: float
+    throughput_tok_s: float
+    decode_tok_s: float
+    bound: str
+    cost_per_million_tokens: float | None
+    breakdown: dict[str, dict[str, float]]
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def throughput_per_gpu_tok_s(self) -> float:
+        return self.throughput_tok_s / self.tp
+
+    def summary(self) -> str:
+        """A few lines describing this estimate, labelled as modelled."""
+        cost = "" if self.cost_per_million_tokens is None else f", ${self.cost_per_million_tokens:.2f} per 1M output tokens"
+        lines = [
+            f"[{MODELLED}] {self.model} on {self.tp} x {self.gpu} over {self.interconnect}, {self.dtype} weights, "
+            f"{self.kv_dtype} KV, batch {self.batch}, {self.prompt_len}+{self.output_len} tokens",
+            f"  memory/GPU {self.memory_per_gpu_gb:.1f} GB of {self.usable_memory_gb:.1f} usable: "
+            f"{'fits' if self.fits else 'DOES NOT FIT'}",
+            f"  decode {self.decode_ms_per_token:.2f} ms/token ({self.bound}-bound), TTFT {self.ttft_ms:.0f} ms, "
+            f"{self.throughput_tok_s:.0f} tok/s{cost}",
+        ]
+        return "\n".join(lines + [f"  note: {n}" for n in self.notes])
+
+
+def compute_dtype_for(gpu: GpuSpec, dtype: str) -> tuple[str, tuple[str, ...]]:
+    """The precision the tensor cores run for ``dtype`` weights, and a note where it falls back."""
+    if dtype in ("fp8", "int8") and gpu.tflops(dtype) is not None:
+        return dtype, ()
+    if dtype == "fp8":
+        return "bf16", (f"{gpu.name} has no FP8 tensor cores: fp8 is modelled as weight-only W8A16 "
+                        "(1-byte weights, BF16 math), as vLLM's FP8 Marlin kernels run it",)
+    return "bf16", ()
+
+
+def collective_seconds(work: StepWork, link: Link, tp: int, eff: Efficiency) -> float:
+    """(all-reduces)·(base + ring all-reduce) + (base + ring all-gather of the logits); 0 for tp=1."""
+    if tp == 1:
+        return 0.0
+    alpha, beta, base = link.alpha_us * 1e-6, link.bandwidth_gb_s * GB * eff.link, eff.collective_base_us * 1e-6
+    reduce = base + ring_all_reduce_seconds(work.all_reduce_bytes, tp, alpha, beta)
+    gather = base + ring_all_gather_seconds(work.gather_bytes, tp, alpha, beta) if work.gather_bytes else 0.0
+    return work.all_reduces * reduce + gather
+
+
+def _rates(gpu: GpuSpec, compute_dtype: str, eff: Efficiency) -> tuple[float, float, float]:
+    """Achieved bytes/s of memory, FLOP/s of the linear layers (at compute_dtype) and of attention (bf16)."""
+    return (gpu.memory_bandwidth_gb_s * GB * eff.memory_bandwidth, gpu.tflops(compute_dtype) * 1e12 * eff.compute,
+            gpu.tflops("bf16") * 1e12 * eff.compute)
+
+
+def step_seconds(work: StepWork, gpu: GpuSpec, link: Link, tp: int, compute_dtype: str,
+                 eff: Efficiency) -> dict[str, float]:
+    """The parts of one forward pass, in seconds, summing to its time: weights, kv_cache, compute, communication.
+
+    ``compute`` is the time by which the FLOPs outlast the memory traffic (0 when memory-bound).
+    """
+    bw, linear_flops_s, attention_flops_s = _rates(gpu, compute_dtype, eff)
+    weights, kv = work.weight_bytes / bw, work.kv_bytes / bw
+    linear = max(weights, work.linear_flops / linear_flops_s)
+    attention = max(kv, work.attention_flops / attention_flops_s)
+    return {"weights": weights, "kv_cache": kv, "compute": linear - weights + attention - kv,
+            "communication": collective_seconds(work, link, tp, eff)}
+
+
+def bound(work: StepWork, gpu: GpuSpec, compute_dtype: str, eff: Efficiency) -> str:
+    """Which roof binds the pass: "compute" when its FLOPs take longer than its memory traffic, else "memory"."""
+    bw, linear_flops_s, attention_flops_s = _rates(gpu, compute_dtype, eff)
+    flops_time = work.linear_flops / linear_flops_s + work.attention_flops / attention_flops_s
+    return "compute" if flops_time > (work.weight_bytes + work.kv_bytes) / bw else "memory"
+
+
+def check_inputs(model: ModelSpec, tp: int, dtype: str, kv_dtype: str, batch: int, prompt_len: int,
+                 output_len: int) -> None:
+    """Reject bad precisions, sizes, tp degrees and contexts beyond the model's positions, before any work."""
+    check_precision(dtype, kv_dtype)
+    for name, value in (("batch", batch), ("prompt_len", prompt_len), ("output_len", output_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    check_model_tp(model, tp)
+    limit = model.max_position_embeddings
+    if limit is not None and prompt_len + output_len > limit:
+        raise ValueError(f"prompt_len + output_len = {prompt_len + output_len} exceeds {model.name}'s "
+                         f"max_position_embeddings={limit}")
+
+
+def check_link(link: Link, gpu: GpuSpec, tp: int) -> None:
+    """Reject a link that cannot join tp GPUs (an NVLink bridge joins pairs only)."""
+    if link.max_gpus is not None and tp > link.max_gpus:
+        others = [name for name, other in gpu.interconnects.items() if (other.max_gpus or tp) >= tp]
+        hint = (f"use interconnect={others[0]!r}" if others else
+                "span nodes with a network (e.g. interconnect='ib-ndr-400') or use pipeline stages (tplab.perf.pipeline)")
+        raise ValueError(f"{link.name} on {gpu.name} joins at most {link.max_gpus} GPUs; tp={tp} cannot use it: {hint}")
+
+
+def memory_gb(model: ModelSpec, tp: int, dtype: str, kv_dtype: str, batch: int, tokens_per_seq: int,
+              eff: Efficiency, micro_batch: int | None = None, **slice_kw) -> dict[str, float]:
+    """Per-GPU memory parts in GB: weights, kv_cache (``batch`` sequences), activations (one forward pass of
+    ``micro_batch`` sequences, default the batch, capped at the prefill chunk), runtime_overhead.
+
+    ``slice_kw`` (layers, embedding, lm_head) restricts it to a pipeline stage.
+    """
+    micro_batch = batch if micro_batch is None else micro_batch
+    chunk = min(micro_batch * tokens_per_seq, eff.prefill_chunk_tokens)
+    layers = slice_kw.get("layers")
+    return {
+        "weights": weight_bytes(model, tp, dtype, **slice_kw) / GB,
+        "kv_cache": batch * tokens_per_seq * kv_bytes_per_token(model, tp, kv_dtype, layers) / GB,
+        "activations": activation_bytes(model, tp, chunk, micro_batch) / GB,
+        "runtime_overhead": eff.runtime_overhead_gb,
+    }
+
+
+def estimate(*, model: str | Path | ModelSpec, gpu: str | GpuSpec, tp: int, dtype: str = "bf16", batch: int = 1,
+             prompt_len: int = 1024, output_len: int = 256, interconnect: str | None = None, kv_dtype: str = "bf16",
+             price_per_gpu_hour: float | None = None,
+             efficiency: Mapping[str, float] | str | Path | Efficiency | None = None) -> Estimate:
+    """Model one configuration (see the module docstring for the formulas).
+
+    ``interconnect`` is one of the GPU's links ("nvlink", "pcie"; default the
+    fastest) or an inter-node network ("ib-ndr-400") for a TP group spanning
+    nodes. ``price_per_gpu_hour`` (USD, yours to give: no default) enables the
+    cost. ``efficiency`` overrides data/efficiency.json.
+    """
+    spec, hw, eff = load_model(model), load_gpu(gpu), load_efficiency(efficiency)
+    link = hw.link(interconnect, tp)
+    check_inputs(spec, tp, dtype, kv_dtype, batch, prompt_len, output_len)
+    check_link(link, hw, tp)
+    if price_per_gpu_hour is not None and price_per_gpu_hour < 0:
+        raise ValueError(f"price_per_gpu_hour must be >= 0, got {price_per_gpu_hour}")
+    compute_dtype, notes = compute_dtype_for(hw, dtype)
+
+    memory = memory_gb(spec, tp, dtype, kv_dtype, batch, prompt_len + output_len, eff)
+    usable = hw.memory_gb * (1 - eff.memory_headroom_fraction)
+    context = prompt_len + output_len // 2
+    decode_work = step_work(spec, tp, dtype, kv_dtype, batch, 1, context)
+    decode = step_seconds(decode_work, hw, link, tp, compute_dtype, eff)
+    prefill = step_seconds(step_work(spec, tp, dtype, kv_dtype, batch, prompt_len, 0), hw, link, tp, compute_dtype, eff)
+    step, ttft = sum(decode.values()), sum(prefill.values())
+    throughput = batch * output_len / (ttft + (output_len - 1) * step)
+    cost = None if price_per_gpu_hour is None else price_per_gpu_hour * tp / 3600 / throughput * 1e6
+    return Estimate(
+        model=spec.name, gpu=hw.name, interconnect=link.name, tp=tp, dtype=dtype, kv_dtype=kv_dtype,
+        compute_dtype=compute_dtype, batch=batch, prompt_len=prompt_len, output_len=output_len,
+        memory_per_gpu_gb=sum(memory.values()), usable_memory_gb=usable, fits=sum(memory.values()) <= usable,
+        decode_ms_per_token=step * 1e3, ttft_ms=ttft * 1e3, throughput_tok_s=throughput,
+        decode_tok_s=batch / step, bound=bound(decode_work, hw, compute_dtype, eff),
+        cost_per_million_tokens=cost,
+        breakdown={"memory_gb": memory, "decode_ms": {k: v * 1e3 for k, v in decode.items()},
+                   "ttft_ms": {k: v * 1e3 for k, v in prefill.items()}},
+        notes=notes,
+    )
+
+
+def max_batch(*, model: str | Path | ModelSpec, gpu: str | GpuSpec, tp: int, dtype: str = "bf16",
+              prompt_len: int = 1024, output_len: int = 256, kv_dtype: str = "bf16",
+              efficiency: Mapping[str, float] | str | Path | Efficiency | None = None) -> int:
+    """The largest batch whose KV cache still fits (0 when even the weights do not)."""
+    spec, hw, eff = load_model(model), load_gpu(gpu), load_efficiency(efficiency)
+    check_inputs(spec, tp, dtype, kv_dtype, 1, prompt_len, output_len)
+    usable = hw.memory_gb * (1 - eff.memory_headroom_fraction)
+
+    def fits(b: int) -> bool:
+        return sum(memory_gb(spec, tp, dtype, kv_dtype, b, prompt_len + output_len, eff).values()) <= usable
+
+    if not fits(1):
+        return 0
+    hi = int(usable * GB // kv_bytes_per_token(spec, tp, kv_dtype) // (prompt_len + output_len)) + 2
+    lo = 1  # fits(lo) and not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
+def min_tp(*, model: str | Path | ModelSpec, gpu: str | GpuSpec, dtype: str = "bf16", batch: int = 1,
+           prompt_len: int = 1024, output_len: int = 256, interconnect: str | None = None, kv_dtype: str = "bf16",
+           efficiency: Mapping[str, float] | str | Path | Efficiency | None = None) -> int:
+    """The smallest tp the model can use, within the link's reach, at which the batch fits."""
+    spec, hw = load_model(model), load_gpu(gpu)
+    reach = [hw.link(interconnect)] if interconnect else hw.interconnects.values()
+    limit = None if any(link.max_gpus is None for link in reach) else max(link.max_gpus for link in reach)
+    kw = dict(model=spec, gpu=hw, dtype=dtype, batch=batch, prompt_len=prompt_len, output_len=output_len,
+              interconnect=interconnect, kv_dtype=kv_dtype, efficiency=efficiency)
+    candidates = valid_tps(spec, limit)
+    for tp in candidates:
+        if estimate(tp=tp, **kw).fits:
+            return tp
+    largest = estimate(tp=candidates[-1], **kw)
+    raise ValueError(f"{spec.name} ({dtype}, batch {batch}, {prompt_len}+{output_len} tokens) does not fit on up to "
+                     f"{candidates[-1]} x {hw.name} over {largest.interconnect}: {largest.memory_per_gpu_gb:.1f} GB per GPU at "
+                     f"tp={candidates[-1]} vs {largest.usable_memory_gb:.1f} GB usable; try fp8/int4 weights, an fp8 "
+                     f"KV cache, a smaller batch, or pipeline stages across nodes")
+
+
+def throughput_curve(batches: list[int], **kw) -> list[Estimate]:
+    """estimate(batch=b, **kw) for each b: throughput against batch (check ``.fits`` for where memory runs out)."""
+    return [estimate(batch=b, **kw) for b in batches]

@@ -1,0 +1,106 @@
+"""Sharding arithmetic: which slice of a full tensor rank r owns.
+
+Pure functions (no communication, no torch.distributed), so notebooks can call
+and draw them. The convention throughout tplab: a dimension of size D split
+over tp ranks gives rank r the contiguous block [r*D/tp, (r+1)*D/tp).
+"""
+from __future__ import annotations
+
+
+def divisors(n: int) -> list[int]:
+    """All positive divisors of n, ascending: the tp degrees that split n evenly."""
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def check_tp(tp: int) -> None:
+    """Reject a tp that is not a positive integer."""
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"tp must be a positive integer, got {tp!r}")
+
+
+def check_divisible(name: str, size: int, tp: int) -> None:
+    """Raise a ValueError naming the dimension and the valid tp values when tp does not divide size."""
+    check_tp(tp)
+    if size % tp:
+        valid = ", ".join(str(d) for d in divisors(size))
+        raise ValueError(f"{name}={size} is not divisible by tp={tp}; valid tp: {valid}")
+
+
+def shard_range(size: int, tp: int, rank: int, name: str = "dim") -> tuple[int, int]:
+    """(start, stop) of rank's block when ``size`` is split evenly over ``tp`` ranks."""
+    check_divisible(name, size, tp)
+    if not 0 <= rank < tp:
+        raise ValueError(f"rank={rank} is outside 0..{tp - 1}")
+    block = size // tp
+    return rank * block, (rank + 1) * block
+
+
+# --- vocabulary: padded so every rank owns the same number of rows ------------
+def padded_size(size: int, tp: int) -> int:
+    """The smallest multiple of tp that is >= size: V' = ceil(V / tp) * tp."""
+    check_tp(tp)
+    return -(-size // tp) * tp
+
+
+def vocab_shard(vocab_size: int, tp: int, rank: int) -> tuple[int, int, int]:
+    """(start, stop, real_stop) of rank's rows of the padded vocabulary V'.
+
+    Rank r owns token ids [r*V'/tp, (r+1)*V'/tp). Only [start, real_stop) are
+    real tokens (real_stop = min(stop, V)); the rest are padding rows, which
+    hold zeros and never win an argmax. real_stop may equal start: a rank can
+    own padding only.
+    """
+    start, stop = shard_range(padded_size(vocab_size, tp), tp, rank, "padded vocab")
+    return start, stop, max(start, min(stop, vocab_size))
+
+
+# --- grouped-query attention: which heads rank r holds -------------------------
+def valid_gqa_tp(num_heads: int, num_kv_heads: int) -> list[int]:
+    """The tp degrees that split attention: tp | num_heads, and tp | num_kv_heads or num_kv_heads | tp."""
+    return [t for t in divisors(num_heads) if num_kv_heads % t == 0 or t % num_kv_heads == 0]
+
+
+def gqa_tp_problem(num_heads: int, num_kv_heads: int, tp: int) -> str | None:
+    """Why tp cannot split these attention heads, or None when it can."""
+    check_tp(tp)
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        return f"num_attention_heads={num_heads} must be a multiple of num_key_value_heads={num_kv_heads}"
+    if num_heads % tp:
+        return f"num_attention_heads={num_heads} is not divisible by tp={tp}"
+    if num_kv_heads % tp and tp % num_kv_heads:
+        return (f"num_key_value_heads={num_kv_heads} is not divisible by tp={tp}, and tp > {num_kv_heads} "
+                f"would need tp to be a multiple of {num_kv_heads} (each KV head replicated on "
+                f"tp/{num_kv_heads} ranks)")
+    return None
+
+
+def check_gqa_tp(num_heads: int, num_kv_heads: int, tp: int) -> None:
+    """Raise a ValueError naming the constraint and the valid tp values when tp cannot split the heads."""
+    problem = gqa_tp_problem(num_heads, num_kv_heads, tp)
+    if problem:
+        valid = ", ".join(str(t) for t in valid_gqa_tp(num_heads, num_kv_heads))
+        raise ValueError(f"{problem}; valid tp: {valid}")
+
+
+def kv_replicas(num_kv_heads: int, tp: int) -> int:
+    """How many ranks hold a copy of each KV head: 1 when tp <= num_kv_heads, else tp / num_kv_heads."""
+    return max(1, tp // num_kv_heads)
+
+
+def gqa_heads(num_heads: int, num_kv_heads: int, tp: int, rank: int) -> tuple[range, range]:
+    """(q_heads, kv_heads): the query heads and the KV heads rank r holds.
+
+    Query head h reads KV head h // g, with g = num_heads / num_kv_heads.
+    Rank r holds query heads [r*H/tp, (r+1)*H/tp). When tp <= num_kv_heads it
+    holds KV heads [r*KV/tp, (r+1)*KV/tp), exactly those its query heads read.
+    When tp > num_kv_heads it holds the single KV head r // (tp/KV): that head
+    is replicated on tp/KV consecutive ranks (as vLLM does), because its g
+    query heads are spread over those ranks.
+    """
+    check_gqa_tp(num_heads, num_kv_heads, tp)
+    q0, q1 = shard_range(num_heads, tp, rank, "num_attention_heads")
+    if tp <= num_kv_heads:
+        k0, k1 = shard_range(num_kv_heads, tp, rank, "num_key_value_heads")
+        return range(q0, q1), range(k0, k1)
+    kv = rank // kv_replicas(num_kv_heads, tp)
+    return range(q0, q1), range(kv, kv + 1)
