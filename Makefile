@@ -15,7 +15,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test render demo lab strip clean
+.PHONY: setup lint test render demo lab strip clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,10 @@ $(STAMP): pyproject.toml constraints.txt
 	if [ -n "$(TORCH_INDEX)" ]; then $(BIN)/pip install --quiet --index-url "$(TORCH_INDEX)" "$$(grep '^torch==' constraints.txt)"; fi
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
+
+# pyflakes and import order (pyproject.toml [tool.ruff]) over the package, tests, scripts and notebooks
+lint: setup
+	$(BIN)/ruff check .
 
 test: setup
 	$(BIN)/python -m pytest tests notebooks --nbmake -q

@@ -9,7 +9,6 @@
 * Bad sweeps fail before any weight is allocated, with what to do.
 * A dry run sizes a sweep (exact memory, modelled time) and allocates nothing.
 """
-import dataclasses
 import json
 import math
 import os
@@ -20,21 +19,24 @@ import pytest
 import torch
 
 from tplab import launch
-from tplab.bench import env as bench_env, plan as bench_plan, point as bench_point, sweep as bench
-from tplab.bench.sweep import BenchSpec, plan, run_bench
+from tplab.bench import env as bench_env
+from tplab.bench import plan as bench_plan
+from tplab.bench import point as bench_point
+from tplab.bench import sweep as bench
 from tplab.bench.decoders import make_decoder
+from tplab.bench.emulation import emulated_dist, modelled_seconds
 from tplab.bench.preview import preview
 from tplab.bench.records import load_records, scale_to_full, spread, throughput
 from tplab.bench.roofline import decode_bytes, measure_copy_bandwidth
+from tplab.bench.sweep import BenchSpec, plan, run_bench
 from tplab.bench.timing import time_tplab
 from tplab.cli import main
-from tplab.bench.emulation import emulated_dist, modelled_seconds
 from tplab.engine.generate import generate
 from tplab.model.loading import from_hf_model
 from tplab.perf.estimate import estimate
 from tplab.specs.efficiency import load_efficiency
 from tplab.specs.hardware import load_gpu
-from tplab.specs.model import load_model
+from tplab.specs.model import resolve_model
 from tplab.testing import build_hf_model, distinct_prompts, hf_config
 
 FAST = dict(batches=[1, 3], prompt_lens=[6], decode_steps=3, repeats=2, warmup=1, quick_roofline=True)
@@ -155,9 +157,9 @@ def test_arithmetic_of_records():
 
 
 def test_roofline_inputs(config_path):
-    from tplab.bench.models import build_shard, resolve_model
+    from tplab.bench.models import bench_model, build_shard
 
-    model = build_shard(resolve_model(config_path), emulated_dist(2), torch.bfloat16)
+    model = build_shard(bench_model(config_path), emulated_dist(2), torch.bfloat16)
     got = decode_bytes(model, batch=3, context=10)
     assert got["weights"] == model.parameter_bytes() - model.embed.weight.numel() * 2
     assert got["kv_cache"] == 2 * 2 * 1 * 8 * 2 * 3 * 10  # K and V, 2 layers, 1 KV head at tp=2, head_dim 8, bf16
@@ -243,7 +245,7 @@ def test_a_dry_run_sizes_a_sweep_without_allocating(capsys, tmp_path):
     assert by[2, 1].weights_gb == pytest.approx(19.21, abs=0.01) and all(p.fits for p in points)
     assert by[2, 64].kv_cache_gb == pytest.approx(2 * 20 * 4 * 128 * 2 * 64 * 2056 / 1e9)  # K and V, 4 KV heads
     assert by[2, 64].seconds > by[8, 64].seconds > by[8, 1].seconds > 0
-    built = dataclasses.replace(load_model("llama-3-70b"), num_hidden_layers=20)
+    built = resolve_model("llama-3-70b").with_layers(20)
     e = estimate(model=built, gpu="h200", tp=2, batch=64, prompt_len=2048, output_len=8)
     assert by[2, 64].seconds == pytest.approx(2 * 4 * (e.ttft_ms + 8 * e.decode_ms_per_token) / 1e3)
 

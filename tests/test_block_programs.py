@@ -2,8 +2,16 @@
 import pytest
 import torch
 
-from tplab.lab.block_programs import (decoder_block_rank, forward_labels, hf_block_reference, layer_state, pad_rows, prefill_cache_rank, timed_generation_rank)
-from tplab.dist.launch import launch
+from tplab import launch
+from tplab.lab.block_programs import (
+    decoder_block_rank,
+    forward_labels,
+    hf_block_reference,
+    layer_state,
+    pad_rows,
+    prefill_cache_rank,
+    timed_generation_rank,
+)
 from tplab.specs.model import ModelConfig
 from tplab.testing import build_hf_model, distinct_prompts, hf_greedy, make_checkpoint
 

@@ -10,20 +10,19 @@ import json
 
 import pytest
 
-from tplab.bench.models import config_dict, resolve_model
 from tplab.bench.calibration import calibrate, write_efficiency
-from tplab.cli import main
 from tplab.bench.emulation import modelled_seconds
+from tplab.bench.models import resolve_model
+from tplab.cli import main
 from tplab.perf.estimate import estimate, step_seconds
 from tplab.perf.shapes import step_work
 from tplab.specs.efficiency import EFFICIENCY_FILE, load_efficiency
 from tplab.specs.hardware import load_gpu
-from tplab.specs.model import load_model
 
 TRUE = {"memory_bandwidth": 0.55, "compute": 0.45, "link": 0.7}
 H100 = load_gpu("h100-sxm")
-LLAMA = load_model("llama-3-70b")
-CONFIG = config_dict(resolve_model("llama-3-70b").config)
+LLAMA = resolve_model("llama-3-70b")
+CONFIG = LLAMA.to_config_dict()
 
 
 def synthetic(kind, tp, batch, prompt_len, layers=2, steps=16, device=("cuda", "NVIDIA H100 80GB HBM3"),

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from tplab.specs import tiny
 from tplab.cli import main
+from tplab.specs import tiny
 from tplab.testing import hf_greedy, make_checkpoint
 from tplab.testing.torchrun import run_under_torchrun, stdout_or_raise
 
@@ -167,7 +167,7 @@ def _damaged_checkpoints(checkpoints, root) -> dict[str, tuple[Path, str]]:
     bad_json = copy("bad_json")
     (bad_json / "config.json").write_text("{not json")
     out["bad_json"] = (bad_json, f"{bad_json / 'config.json'} is not valid JSON")
-    for name, value, message in [("no_heads", None, "num_attention_heads must be a positive integer, got nothing"),
+    for name, value, message in [("no_heads", None, "config.json lacks num_attention_heads"),
                                  ("zero_heads", 0, "num_attention_heads must be a positive integer, got 0")]:
         broken = copy(name)
         fields = {k: v for k, v in config.items() if k != "num_attention_heads"}

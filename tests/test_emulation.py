@@ -14,13 +14,13 @@ import torch
 
 from tplab import launch
 from tplab.bench.decoders import EagerDecoder
-from tplab.bench.models import build_hf_shard, build_shard, hf_shard_config, resolve_model, with_layers
 from tplab.bench.emulation import CommModel, EmulatedTransport, emulated_dist, modelled_seconds
+from tplab.bench.models import bench_model, build_hf_shard, build_shard, hf_shard_config
 from tplab.perf.estimate import collective_seconds
 from tplab.perf.shapes import step_work
 from tplab.specs.efficiency import load_efficiency
 from tplab.specs.hardware import load_gpu
-from tplab.specs.model import load_model
+from tplab.specs.model import resolve_model
 from tplab.testing import hf_config
 
 H100 = load_gpu("h100-sxm")
@@ -33,7 +33,7 @@ def small_model(tmp_path_factory):
     """Llama 3.1 shapes with GQA (8 heads, 2 KV heads) and a vocabulary of 300 (not divisible by 8)."""
     directory = tmp_path_factory.mktemp("cfg")
     hf_config("llama31", num_hidden_layers=3).save_pretrained(directory)
-    return resolve_model(str(directory / "config.json"))
+    return bench_model(str(directory / "config.json"))
 
 
 def test_emulated_collectives_have_the_right_shapes_and_are_counted():
@@ -71,7 +71,7 @@ def test_alpha_beta_seconds_match_hand_calculation_and_the_cost_model():
     with pytest.raises(ValueError, match="no alpha-beta formula for 'send'"):
         modelled_seconds("send", nbytes, n, NVLINK, EFF)
     # a whole forward pass of Llama-3-70B at tp=8, batch 4: what the cost model charges for its all-reduces
-    work = step_work(load_model("llama-3-70b"), 8, "bf16", "bf16", 4, 1, 100)
+    work = step_work(resolve_model("llama-3-70b"), 8, "bf16", "bf16", 4, 1, 100)
     per_call = modelled_seconds("all_reduce", work.all_reduce_bytes, 8, NVLINK, EFF)
     no_gather = work.__class__(**{**work.__dict__, "gather_bytes": 0.0})
     assert math.isclose(work.all_reduces * per_call, collective_seconds(no_gather, NVLINK, 8, EFF))
@@ -112,7 +112,7 @@ def test_comm_model_summary_uses_the_records_bytes(small_model):
 
 
 def test_hf_baseline_has_one_ranks_shapes(small_model):
-    config = with_layers(small_model.config, 2)
+    config = small_model.config.with_layers(2)
     for tp in (1, 2, 8):
         hf_cfg = hf_shard_config(config, tp)
         assert hf_cfg.num_attention_heads == 8 // tp and hf_cfg.num_key_value_heads == max(1, 2 // tp)

@@ -20,9 +20,10 @@ def checkpoint(tmp_path_factory):
     return path, hf, prompts
 
 
-def run(tp, backend, path, prompts, **kwargs):
+def run(tp, backend, path, prompts, **sampling):
     return launch(generate_rank_program, tp, backend,
-                  kwargs=dict(model_path=str(path), prompts=prompts, max_new_tokens=8, eos_token_ids=(), **kwargs))
+                  kwargs=dict(model=str(path), prompts=prompts, max_new_tokens=8, eos_token_ids=(),
+                              sampling=SamplingParams(**sampling)))
 
 
 def test_seeded_sampling_is_identical_on_every_rank_tp_and_backend(checkpoint):

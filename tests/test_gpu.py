@@ -32,11 +32,11 @@ import pytest
 import torch
 
 from tplab import launch
-from tplab.bench.sweep import BenchSpec, run_bench
 from tplab.bench.decoders import DECODE_MODES, make_decoder
-from tplab.bench.roofline import measure_copy_bandwidth, measure_matmul_tflops
-from tplab.cli import main
 from tplab.bench.emulation import emulated_dist
+from tplab.bench.roofline import measure_copy_bandwidth, measure_matmul_tflops
+from tplab.bench.sweep import BenchSpec, run_bench
+from tplab.cli import main
 from tplab.engine.generate import generate
 from tplab.model.loading import from_hf_model
 from tplab.testing import SPECS, build_hf_model, distinct_prompts, hf_config, hf_greedy

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tplab import launch
-from tplab.model.kv_cache import KVCache, kv_bytes_per_token, local_kv_heads
+from tplab.model.kv_cache import KVCache
 from tplab.model.loading import from_hf_model
 from tplab.specs.model import ModelConfig
 from tplab.testing import build_hf_model, hf_config
@@ -15,10 +15,10 @@ def test_bytes_per_token_formula(name, kv_heads, dtype, element):
     config = ModelConfig.from_hf_config(hf_config(name))
     for tp in (1, 2, 4, 8):
         local = max(1, kv_heads // tp)  # tp > KV heads: one replicated head per rank
-        assert local_kv_heads(config, tp) == local
+        assert config.kv_heads_per_rank(tp) == local
         expected = 2 * config.num_layers * local * config.head_dim * element
-        assert kv_bytes_per_token(config, tp, dtype) == expected
-        cache = KVCache.for_model(config, tp, tp - 1, batch=3, max_len=10, dtype=dtype)
+        assert config.kv_bytes_per_token(tp, dtype) == expected
+        cache = KVCache.for_model(config, tp, batch=3, max_len=10, dtype=dtype)
         assert cache.bytes_per_token == expected
         assert cache.total_bytes == expected * 3 * 10 == 2 * cache.k.numel() * element
         assert cache.k.shape == (config.num_layers, 3, local, 10, config.head_dim)
@@ -46,7 +46,7 @@ def test_each_rank_caches_only_its_kv_heads():
 def test_cache_refuses_bad_sizes_and_overflow():
     config = ModelConfig.from_hf_config(hf_config("llama"))
     with pytest.raises(ValueError, match="max_position_embeddings=128"):
-        KVCache.for_model(config, 1, 0, batch=1, max_len=129)
+        KVCache.for_model(config, 1, batch=1, max_len=129)
     with pytest.raises(ValueError, match="positive integers"):
         KVCache(2, 0, 8, 1, 4)
     cache = KVCache(1, 1, 4, 1, 2)

@@ -19,9 +19,6 @@ import pytest
 import torch
 
 from tplab import CollectiveTimeout, RankDiedError, launch
-from tplab.dist.torchrun import report_errors_to_torchrun
-from tplab.testing import failing_rank
-from tplab.testing.torchrun import env_outside_torchrun, run_under_torchrun, stdout_or_raise
 
 BACKENDS = ("threads", "gloo")
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -250,7 +247,7 @@ def test_launch_refuses_what_is_not_a_rank_program():
 
 def test_a_gloo_script_without_a_main_guard_is_told_what_to_add(tmp_path):
     script = tmp_path / "unguarded.py"
-    script.write_text("import tplab\n\ndef fn(dist):\n    return dist.rank\n\nprint(tplab.dist.launch(fn, 2, 'gloo'))\n")
+    script.write_text("import tplab\n\ndef fn(dist):\n    return dist.rank\n\nprint(tplab.launch(fn, 2, 'gloo'))\n")
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "without an `if __name__ == \"__main__\":` block" in done.stderr
     assert done.stderr.count("Traceback") == 1  # the parent's own, not one per rank process
@@ -258,42 +255,6 @@ def test_a_gloo_script_without_a_main_guard_is_told_what_to_add(tmp_path):
     guarded.write_text(script.read_text().replace("print(", "if __name__ == '__main__':\n    print("))
     done = subprocess.run([sys.executable, str(guarded)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[0, 1]", done.stderr
-
-
-# --- command line and torchrun -----------------------------------------------------
-def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, timeout=240, capture_output=True, text=True, env=env_outside_torchrun(),
-                          cwd=os.path.dirname(HERE))
-
-
-def test_demo_runs_and_matches_the_dense_mlp():
-    out = stdout_or_raise(_run([sys.executable, "-m", "tplab", "demo"]))
-    rows = [line.split() for line in out.splitlines() if line.startswith(("threads", "gloo"))]
-    assert [(r[0], r[1]) for r in rows] == [(b, t) for b in BACKENDS for t in ("1", "2", "4")]
-    assert all(r[-3] == "1" for r in rows), "one all-reduce per MLP"
-
-
-def test_demo_under_torchrun_uses_the_torchrun_processes():
-    done = run_under_torchrun(2, ["tplab", "demo", "--tp", "2", "--backend", "threads"],
-                              cwd=os.path.dirname(HERE))
-    out = stdout_or_raise(done)
-    rows = [line.split() for line in out.splitlines() if line.startswith("torchrun")]
-    assert len(rows) == 1, out  # both processes computed it; only rank 0 prints
-    assert all(r[1] == "2" and r[-3] == "1" for r in rows)
-
-
-def test_under_torchrun_a_failing_rank_stops_the_group_and_torchrun_names_its_error():
-    """Rank 1 raises while rank 0 waits in an all-reduce: torchrun ends both, and its root cause is rank 1's error."""
-    start = time.monotonic()
-    done = run_under_torchrun(2, ["tplab.testing.failing_rank"], timeout=120, cwd=os.path.dirname(HERE))
-    assert done.returncode != 0 and time.monotonic() - start < 60, done.stderr[-2000:]
-    root_cause = done.stderr[done.stderr.index("Root Cause"):]
-    assert "rank      : 1" in root_cause and f"RuntimeError: {failing_rank.MESSAGE}" in root_cause, root_cause
-
-
-def test_report_errors_to_torchrun_changes_nothing_outside_torchrun(monkeypatch):
-    monkeypatch.delenv("RANK", raising=False)
-    assert report_errors_to_torchrun(identify) is identify
 
 
 def test_a_failed_gloo_rendezvous_is_retried_once_on_a_new_port(monkeypatch):

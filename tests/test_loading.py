@@ -7,8 +7,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from tplab.errors import CheckpointError
 from tplab import launch
+from tplab.errors import CheckpointError
 from tplab.model.loading import from_hf_model, from_pretrained
 from tplab.specs.model import ModelConfig
 from tplab.testing import make_checkpoint, write_random_checkpoint

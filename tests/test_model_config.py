@@ -4,7 +4,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tplab.model.kv_cache import kv_bytes_per_token
 from tplab.specs.model import ModelConfig
 from tplab.specs.sharding import gqa_heads, kv_replicas, padded_size, valid_gqa_tp, vocab_shard
 from tplab.testing import SPECS, hf_config
@@ -58,7 +57,7 @@ def test_check_tp_names_the_dimension_and_lists_valid_tp():
     with pytest.raises(ValueError, match=r"^num_attention_heads=52 is not divisible by tp=3; valid tp: 1, 2, 4, 13, 26, 52$"):
         mha52.check_tp(3)
     gqa = ModelConfig.from_dict(base(num_attention_heads=12, num_key_value_heads=4, intermediate_size=96))
-    with pytest.raises(ValueError, match=r"tp > 4 would need tp to be a multiple of 4.*valid tp: 1, 2, 4, 12$"):
+    with pytest.raises(ValueError, match=r"^tp=6 > num_key_value_heads=4 must be a multiple of 4.*valid tp: 1, 2, 4, 12$"):
         gqa.check_tp(6)
     narrow_mlp = ModelConfig.from_dict(base(intermediate_size=36))  # 36 is not divisible by 8
     with pytest.raises(ValueError, match=r"^intermediate_size=36 is not divisible by tp=8; valid tp: 1, 2, 4$"):
@@ -105,5 +104,5 @@ def test_real_published_configs_parse_and_shard():
             config.check_tp(3)
     llama3_70b = ModelConfig.from_file(REAL_CONFIGS[0].parent / "llama-3-70b.json")
     # 2 (k, v) * 80 layers * 8 KV heads * 128 * 2 bytes = 320 KiB per token unsharded; tp=8 holds one KV head
-    assert kv_bytes_per_token(llama3_70b, 1, torch.bfloat16) == 320 * 1024
-    assert kv_bytes_per_token(llama3_70b, 8, torch.bfloat16) == kv_bytes_per_token(llama3_70b, 16, torch.bfloat16) == 40 * 1024
+    assert llama3_70b.kv_bytes_per_token(1, torch.bfloat16) == 320 * 1024
+    assert llama3_70b.kv_bytes_per_token(8, torch.bfloat16) == llama3_70b.kv_bytes_per_token(16, torch.bfloat16) == 40 * 1024

@@ -10,9 +10,9 @@ from torch import nn
 
 from tplab import launch
 from tplab.layers.fused import MergedColumnParallelLinear, QKVParallelLinear
+from tplab.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from tplab.model.decoder import attention_mask, grouped_query_attention
 from tplab.specs.sharding import gqa_heads
-from tplab.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 
 TPS = (1, 2, 4, 8)
 

@@ -10,12 +10,12 @@ from tplab.perf.comm import ring_all_gather_seconds, ring_all_reduce_seconds
 from tplab.perf.estimate import estimate, max_batch, min_tp, throughput_curve
 from tplab.perf.pipeline import compare_tp_pp, estimate_pipeline
 from tplab.perf.replicas import compare_replicas
-from tplab.perf.shapes import check_model_tp, kv_bytes_per_token, padded_vocab, rank_params, valid_tps, weight_bytes
-from tplab.specs.hardware import gpu_names, load_gpu
+from tplab.perf.shapes import padded_vocab, rank_params, weight_bytes
 from tplab.specs.efficiency import load_efficiency
-from tplab.specs.model import load_model, model_from_config, model_names
+from tplab.specs.hardware import gpu_names, load_gpu
+from tplab.specs.model import ModelConfig, model_names, resolve_model
 
-LLAMA3_70B = load_model("llama-3-70b")
+LLAMA3_70B = resolve_model("llama-3-70b")
 
 
 def test_hand_calculated_anchors():
@@ -25,10 +25,10 @@ def test_hand_calculated_anchors():
     assert params == 70_553_706_496
     assert weight_bytes(LLAMA3_70B, 1, "bf16") == 2 * params  # ≈ 141 GB
     assert round(weight_bytes(LLAMA3_70B, 1, "bf16") / 1e9) == 141
-    assert kv_bytes_per_token(LLAMA3_70B) == 327_680 == 2 * 80 * 8 * 128 * 2
-    assert kv_bytes_per_token(LLAMA3_70B, tp=8) == 327_680 // 8
-    assert kv_bytes_per_token(LLAMA3_70B, tp=16) == 327_680 // 8  # 8 KV heads: beyond tp=8 each rank keeps one
-    assert kv_bytes_per_token(LLAMA3_70B, kv_dtype="fp8") == 327_680 // 2
+    assert LLAMA3_70B.kv_bytes_per_token() == 327_680 == 2 * 80 * 8 * 128 * 2
+    assert LLAMA3_70B.kv_bytes_per_token(tp=8) == 327_680 // 8
+    assert LLAMA3_70B.kv_bytes_per_token(tp=16) == 327_680 // 8  # 8 KV heads: beyond tp=8 each rank keeps one
+    assert LLAMA3_70B.kv_bytes_per_token(dtype="fp8") == 327_680 // 2
     # quantization shrinks only the decoder's linear layers; embedding, lm_head and norms stay 16-bit
     linear = rank_params(LLAMA3_70B, 1)["linear"]
     assert weight_bytes(LLAMA3_70B, 1, "bf16") - weight_bytes(LLAMA3_70B, 1, "fp8") == linear
@@ -45,30 +45,30 @@ def test_kv_bytes_per_token_matches_a_hugging_face_cache():
     with torch.no_grad():
         cache = model(input_ids=ids, attention_mask=mask, use_cache=True).past_key_values
     cache_bytes = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
-    spec = model_from_config(config.to_dict())
-    assert cache_bytes == 2 * 9 * kv_bytes_per_token(spec, tp=1, kv_dtype="bf16")
+    spec = ModelConfig.from_dict(config.to_dict(), strict=False)
+    assert cache_bytes == 2 * 9 * spec.kv_bytes_per_token(tp=1, dtype="bf16")
 
 
 def test_sharding_rules_pad_the_vocabulary_replicate_kv_heads_and_reject_bad_tp():
-    odd = model_from_config(dict(hidden_size=64, intermediate_size=96, num_attention_heads=24, num_key_value_heads=8,
-                                 num_hidden_layers=2, vocab_size=32001))
+    odd = ModelConfig.from_dict(dict(hidden_size=64, intermediate_size=96, num_attention_heads=24, num_key_value_heads=8,
+                                 num_hidden_layers=2, vocab_size=32001), strict=False)
     assert padded_vocab(odd, 2) == 32002 and rank_params(odd, 2)["embedding"] == 16001 * 64
-    assert valid_tps(odd) == [1, 2, 4, 8, 24]  # 3 and 6 split 24 heads but not 8 KV heads; 12 is no multiple of 8
-    with pytest.raises(ValueError, match="num_attention_heads=24 is not divisible by tp=5; valid tp: 1, 2, 3, 4, 6"):
-        check_model_tp(odd, 5)
+    assert odd.valid_tp() == [1, 2, 4, 8, 24]  # 3 and 6 split 24 heads but not 8 KV heads; 12 is no multiple of 8
+    with pytest.raises(ValueError, match="num_attention_heads=24 is not divisible by tp=5; valid tp: 1, 2, 4, 8, 24$"):
+        odd.check_tp(5)
     with pytest.raises(ValueError, match="num_key_value_heads=8 is not divisible by tp=3"):
-        check_model_tp(odd, 3)
+        odd.check_tp(3)
     with pytest.raises(ValueError, match="tp=12 > num_key_value_heads=8 must be a multiple of 8"):
-        check_model_tp(odd, 12)
+        odd.check_tp(12)
     # past 8 KV heads the k/v weights are replicated: tp=16 holds more than half of tp=8's share
     assert rank_params(LLAMA3_70B, 16)["linear"] > rank_params(LLAMA3_70B, 8)["linear"] / 2
 
 
 def test_more_tp_never_raises_per_gpu_weight_memory():
     for name in model_names():
-        spec = load_model(name)
+        spec = resolve_model(name)
         for dtype in ("bf16", "fp8", "int4"):
-            per_gpu = [weight_bytes(spec, tp, dtype) for tp in valid_tps(spec)]
+            per_gpu = [weight_bytes(spec, tp, dtype) for tp in spec.valid_tp()]
             assert per_gpu == sorted(per_gpu, reverse=True), (name, dtype)
 
 
@@ -77,7 +77,7 @@ def test_pcie_is_never_faster_than_nvlink():
         hw = load_gpu(gpu)
         if "nvlink" not in hw.interconnects:
             continue
-        for tp in valid_tps(LLAMA3_70B, hw.interconnects["nvlink"].max_gpus)[1:]:
+        for tp in LLAMA3_70B.valid_tp(hw.interconnects["nvlink"].max_gpus)[1:]:
             for batch in (1, 32):
                 kw = dict(model=LLAMA3_70B, gpu=hw, tp=tp, batch=batch, prompt_len=2048, output_len=128)
                 nvlink, pcie = estimate(interconnect="nvlink", **kw), estimate(interconnect="pcie", **kw)
@@ -120,7 +120,7 @@ def test_communication_is_the_ring_model_of_comm_model():
 def test_min_tp_max_batch_cost_and_efficiency_overrides():
     kw = dict(model="llama-3-70b", gpu="h100-sxm", batch=1, prompt_len=4096, output_len=256)
     tp = min_tp(**kw)
-    smaller = [t for t in valid_tps(LLAMA3_70B) if t < tp]
+    smaller = [t for t in LLAMA3_70B.valid_tp() if t < tp]
     assert estimate(tp=tp, **kw).fits and not estimate(tp=smaller[-1], **kw).fits
     assert min_tp(**(kw | {"gpu": "h200"})) < tp  # 141 GB GPUs need fewer
     with pytest.raises(ValueError, match="does not fit on up to 8 x rtx-4090 over pcie"):

@@ -4,8 +4,8 @@ import torch
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from tplab.specs.model import ModelConfig
 from tplab.layers.rope import RotaryEmbedding, apply_rope, inverse_frequencies
+from tplab.specs.model import ModelConfig
 
 ROPES = {
     "default": dict(rope_theta=10000.0, rope_type="default"),

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from tplab.specs.sharding import check_divisible, check_tp, divisors, shard_range
 from tplab.layers.shards import ownership_map, shard_tensor
+from tplab.specs.sharding import check_divisible, check_tp, divisors, shard_range
 
 
 def test_divisors():

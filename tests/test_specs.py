@@ -6,9 +6,9 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from tplab.perf.shapes import rank_params
-from tplab.specs.hardware import GPU_DIR, gpu_for_device, gpu_names, load_gpu, network_names
-from tplab.specs.model import MODEL_DIR, load_model, model_from_config, model_names
 from tplab.specs.efficiency import efficiency_provenance, load_efficiency
+from tplab.specs.hardware import GPU_DIR, gpu_for_device, gpu_names, load_gpu, network_names
+from tplab.specs.model import MODEL_DIR, ModelConfig, model_names, resolve_model
 
 GPUS = ["a100-pcie-80gb", "a100-sxm-80gb", "h100-pcie", "h100-sxm", "h200", "l40s", "rtx-4090"]
 
@@ -65,10 +65,10 @@ def test_shipped_models_match_hugging_face_parameter_counts_exactly():
     for name in model_names():
         with torch.device("meta"):  # shapes only, no memory
             hf = AutoModelForCausalLM.from_config(_hf_config(name))
-        assert sum(rank_params(load_model(name), tp=1).values()) == sum(p.numel() for p in hf.parameters()), name
-    spec = load_model("qwen2-72b")
-    assert spec.qkv_bias and not load_model("llama-3-70b").qkv_bias
-    assert (spec.num_attention_heads, spec.num_key_value_heads, spec.head_dim, spec.vocab_size) == (64, 8, 128, 152064)
+        assert sum(rank_params(resolve_model(name), tp=1).values()) == sum(p.numel() for p in hf.parameters()), name
+    spec = resolve_model("qwen2-72b")
+    assert spec.qkv_bias and not resolve_model("llama-3-70b").qkv_bias
+    assert (spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.vocab_size) == (64, 8, 128, 152064)
 
 
 @pytest.mark.parametrize("tied", [False, True])
@@ -80,20 +80,21 @@ def test_any_saved_config_json_loads_and_counts_like_hugging_face(tmp_path, tied
         hf = cls(config)
         folder = tmp_path / f"{config.model_type}-{tied}"
         hf.save_pretrained(folder)
-        spec = load_model(folder)  # a folder holding config.json
-        assert spec == load_model(folder / "config.json")
+        spec = resolve_model(folder)  # a folder holding config.json
+        assert spec == resolve_model(folder / "config.json")
         assert sum(rank_params(spec, tp=1).values()) == sum(p.numel() for p in hf.parameters())
         assert (spec.tie_word_embeddings, spec.qkv_bias) == (tied, config.model_type == "qwen2")
 
 
 def test_bad_model_configs_say_what_is_wrong():
     with pytest.raises(ValueError, match="unknown model 'gpt-5'; known: llama-2-70b, .*; or pass the path"):
-        load_model("gpt-5")
+        resolve_model("gpt-5")
     with pytest.raises(ValueError, match="lacks hidden_size, intermediate_size"):
-        model_from_config({"n_embd": 768, "num_attention_heads": 12, "num_hidden_layers": 12, "vocab_size": 50257})
+        ModelConfig.from_dict({"n_embd": 768, "num_attention_heads": 12, "num_hidden_layers": 12, "vocab_size": 50257},
+                              strict=False)
     moe = json.loads((MODEL_DIR / "llama-3-8b.json").read_text()) | {"num_local_experts": 8}
     with pytest.raises(ValueError, match="mixture-of-experts"):
-        model_from_config(moe)
+        ModelConfig.from_dict(moe, strict=False)
 
 
 def test_efficiency_defaults_have_provenance_and_accept_overrides(tmp_path):

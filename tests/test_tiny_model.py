@@ -105,6 +105,6 @@ def test_tp_1_2_4_8_give_hf_greedy_text(hf, hf_greedy):
     expected = [hf_greedy[p] for p in PROMPTS]
     for tp in (1, 2, 4, 8):
         results = launch(generate.generate_rank_program, tp, "threads",
-                         kwargs={"model_path": str(TINY_DIR), "prompts": prompts, "max_new_tokens": NEW_TOKENS})
+                         kwargs={"model": str(TINY_DIR), "prompts": prompts, "max_new_tokens": NEW_TOKENS})
         for rank, result in enumerate(results):
             assert result.tokens == expected, f"tp={tp} rank {rank}"

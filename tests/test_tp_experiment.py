@@ -56,8 +56,8 @@ def test_the_explorers_show_results_without_an_output_widget():
     the cell's reply until the timeout (seen: 3 of 6 runs of notebook 06 under load stalled 20 s a widget cell)."""
     import ipywidgets as w
 
-    from tplab.lab.tp_experiment import TPExperiment
     from tplab.lab.explorer import TPExplorer
+    from tplab.lab.tp_experiment import TPExperiment
 
     explorer = TPExplorer(tp=8, batch=16)
     experiment = TPExperiment(tp=1, batch=1, prompt_len=4, max_new_tokens=2)

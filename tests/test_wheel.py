@@ -5,10 +5,10 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from tplab.paths import CHECKOUT_DIR, PACKAGE_DIR
 

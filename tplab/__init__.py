@@ -12,12 +12,20 @@ The core vocabulary:
   Hugging Face checkpoint, reading only its slices; :func:`generate` runs the
   prefill and decode loop on it.
 """
-from tplab.dist import CollectiveTimeout, CommRecord, CommStats, Dist, PeerFailure, RankDiedError, launch, under_torchrun
+from tplab.dist import (
+    CollectiveTimeout,
+    CommRecord,
+    CommStats,
+    Dist,
+    PeerFailure,
+    RankDiedError,
+    launch,
+    under_torchrun,
+)
 from tplab.engine import GenerationResult, generate, generate_rank_program
 from tplab.layers import ColumnParallelLinear, RowParallelLinear
 from tplab.model import SamplingParams, TPCausalLM, from_hf_model, from_pretrained
-
-__version__ = "0.1.0"
+from tplab.version import __version__
 
 __all__ = [
     "launch", "under_torchrun", "Dist", "CommStats", "CommRecord",

@@ -34,8 +34,10 @@ from tplab.bench.records import record_shapes
 from tplab.files import write_new_file
 from tplab.perf.estimate import bound, compute_dtype_for
 from tplab.perf.shapes import step_work
-from tplab.specs.efficiency import EFFICIENCY_FILE as DEFAULTS_FILE, load_efficiency
+from tplab.specs.efficiency import EFFICIENCY_FILE as DEFAULTS_FILE
+from tplab.specs.efficiency import load_efficiency
 from tplab.specs.hardware import GpuSpec, gpu_for_device, load_gpu
+
 RING_FACTOR = {"all_reduce": 2, "all_gather": 1, "reduce_scatter": 1}
 
 

@@ -24,6 +24,7 @@ import statistics
 import numpy as np
 import torch
 
+from tplab.checks import is_positive_int
 from tplab.dist.group import Dist
 from tplab.dist.launch import launch
 
@@ -36,7 +37,7 @@ def check_bench_args(sizes_bytes: list[int], warmup: int, repeats: int) -> None:
         raise ValueError(f"need warmup >= 0 and repeats >= 1, got warmup={warmup}, repeats={repeats}")
     if not sizes_bytes:
         raise ValueError("give at least one message size in bytes")
-    bad = [s for s in sizes_bytes if isinstance(s, bool) or not isinstance(s, int) or s < FLOAT32_BYTES
+    bad = [s for s in sizes_bytes if not is_positive_int(s, FLOAT32_BYTES)
            or s % FLOAT32_BYTES]
     if bad:
         raise ValueError(f"message sizes must be positive multiples of {FLOAT32_BYTES} bytes (float32), got {bad}")

@@ -4,12 +4,14 @@ The benchmark's prompts are unpadded (every row has ``prompt_len`` tokens,
 different tokens per row), so slot = position for every row, and greedy
 decoding needs no EOS handling: these loops are :func:`tplab.engine.generate.generate`
 reduced to what a timing needs (tests check that they produce its tokens).
+Every step is :func:`tplab.engine.steps.prefill` or
+:func:`tplab.engine.steps.decode_step`, the model's one forward pass.
 
 * :class:`EagerDecoder`: each step calls the model on (batch, 1) new tokens
   at slot ``start``; the cache returns keys up to that slot, so shapes grow
   by one each step (as in ``generate``).
 * :class:`StaticDecoder`: each step has the same shapes and reads the
-  position from a device tensor ``slot``. Its cache view writes at ``slot``
+  position from a device tensor ``slot``. The cache then writes at ``slot``
   (``index_copy_``) and returns the whole (max_len) cache; the causal mask
   (``keys <= slot``) hides the slots not written yet. So one step is a fixed
   sequence of kernels on fixed buffers, the step ends with ``slot += 1`` and
@@ -28,8 +30,8 @@ from __future__ import annotations
 
 import torch
 
-from tplab.model.kv_cache import KVCache
-from tplab.model.decoder import TPCausalLM, attention_mask
+from tplab.engine.steps import decode_step, prefill
+from tplab.model.decoder import TPCausalLM
 
 
 def synchronize(device: torch.device) -> None:
@@ -48,27 +50,15 @@ class EagerDecoder:
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
         """Fill the cache with the prompts (batch, T); return the first new tokens (batch, 1)."""
-        hidden = self.model(ids, self.cache, 0)
-        self.tokens, self.start = self.model.greedy(hidden[:, -1])[:, None], ids.shape[1]
+        self.tokens = self.model.greedy(prefill(self.model, ids, self.cache))[:, None]
+        self.start = ids.shape[1]
         return self.tokens
 
     def step(self) -> torch.Tensor:
         """One decode step for every row; returns the new tokens (batch, 1)."""
-        hidden = self.model(self.tokens, self.cache, self.start)
-        self.tokens, self.start = self.model.greedy(hidden[:, -1])[:, None], self.start + 1
+        hidden = decode_step(self.model, self.tokens, self.cache, self.start)
+        self.tokens, self.start = self.model.greedy(hidden)[:, None], self.start + 1
         return self.tokens
-
-
-class _SlotCache:
-    """A view of a KVCache that writes one position at the device tensor ``slot`` and returns every slot."""
-
-    def __init__(self, cache: KVCache, slot: torch.Tensor) -> None:
-        self.cache, self.slot = cache, slot
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        self.cache.k[layer].index_copy_(2, self.slot, k)
-        self.cache.v[layer].index_copy_(2, self.slot, v)
-        return self.cache.k[layer], self.cache.v[layer]
 
 
 class StaticDecoder(EagerDecoder):
@@ -82,7 +72,6 @@ class StaticDecoder(EagerDecoder):
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
         self.static_tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.key_valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
-        self.view = _SlotCache(self.cache, self.slot)
         self.graph, self._graph = graph, None
 
     def prefill(self, ids: torch.Tensor) -> torch.Tensor:
@@ -93,16 +82,10 @@ class StaticDecoder(EagerDecoder):
             self._capture()
         return tokens
 
-    def _forward_step(self) -> None:
-        """One fixed-shape step: read static_tokens at slot, write the next tokens, slot += 1."""
-        model = self.model
-        positions = self.slot.expand(self.batch, 1)
-        cos, sin = model.rotary(positions, model.dtype)
-        masks = {w: attention_mask(self.slot, self.key_valid, w) for w in set(model.config.layer_windows)}
-        h = model.embed(self.static_tokens)
-        for i, layer in enumerate(model.layers):
-            h = layer(h, cos, sin, masks[layer.attn.window], self.view, i, 0)
-        self.static_tokens.copy_(model.greedy(model.norm(h)[:, -1])[:, None])
+    def _fixed_step(self) -> None:
+        """One fixed-shape step: decode static_tokens at slot, write the next tokens in place, slot += 1."""
+        hidden = decode_step(self.model, self.static_tokens, self.cache, self.slot, key_valid=self.key_valid)
+        self.static_tokens.copy_(self.model.greedy(hidden)[:, None])
         self.slot.add_(1)
 
     def _capture(self) -> None:
@@ -120,14 +103,14 @@ class StaticDecoder(EagerDecoder):
             stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream), torch.no_grad():
                 for _ in range(2):
-                    self._forward_step()
+                    self._fixed_step()
             torch.cuda.current_stream(device).wait_stream(stream)
             dist.stats.tag, self.captured_from = "graph-capture", len(dist.stats.records)
             self._graph = torch.cuda.CUDAGraph()
             # thread_local: only this thread's unsafe calls break the capture, not those of other threads
             # (NCCL's watchdog querying events of earlier collectives, in torch versions before 2.7)
             with torch.cuda.graph(self._graph, capture_error_mode="thread_local"), torch.no_grad():
-                self._forward_step()
+                self._fixed_step()
         finally:
             dist.time_collectives, dist.stats.tag = timed, tag
         self.slot.copy_(slot)
@@ -139,7 +122,7 @@ class StaticDecoder(EagerDecoder):
         if self._graph is not None:
             self._graph.replay()
         else:
-            self._forward_step()
+            self._fixed_step()
         return self.static_tokens
 
 

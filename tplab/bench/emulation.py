@@ -35,9 +35,10 @@ from dataclasses import dataclass
 
 import torch
 
-from tplab.perf.comm import ring_all_gather_seconds, ring_all_reduce_seconds
-from tplab.dist.stats import CommRecord
+from tplab.checks import check_int
 from tplab.dist.group import Dist
+from tplab.dist.stats import CommRecord
+from tplab.perf.comm import ring_all_gather_seconds, ring_all_reduce_seconds
 from tplab.specs.efficiency import Efficiency
 from tplab.specs.hardware import Link
 
@@ -48,8 +49,7 @@ class EmulatedTransport:
     """Collectives of an absent TP group: right shapes, no data moved (see the module docstring)."""
 
     def __init__(self, world_size: int, rank: int = 0) -> None:
-        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+        check_int("world_size", world_size)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
         self.world_size, self.rank = world_size, rank

@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 import transformers
 
-import tplab
 from tplab.paths import CHECKOUT_DIR
+from tplab.version import __version__
 
 REPO_DIR = CHECKOUT_DIR
 
@@ -87,7 +87,7 @@ def environment(device: torch.device | str) -> dict:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "tplab": tplab.__version__,
+        "tplab": __version__,
         "python": platform.python_version(),
         "git": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

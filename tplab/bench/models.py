@@ -1,6 +1,6 @@
 """The models a benchmark runs: tplab shards with real shapes, and Hugging Face's eager twin of one shard.
 
-* :func:`resolve_model`: ``--model`` is ``tiny`` (the bundled checkpoint), a
+* :func:`bench_model`: ``--model`` is ``tiny`` (the bundled checkpoint), a
   checkpoint directory (config.json + safetensors: real weights), a shipped
   config name of ``data/model_configs`` (e.g. ``llama-3-70b``) or a
   config.json path (shapes only: random weights).
@@ -17,7 +17,6 @@
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,12 +25,10 @@ import transformers
 
 from tplab.checkpoint.safetensors_files import SafetensorsSource
 from tplab.dist.group import Dist
-from tplab.model.kv_cache import local_kv_heads
 from tplab.model.decoder import TPCausalLM
-from tplab.specs.model import ModelConfig
 from tplab.perf.shapes import rank_params
+from tplab.specs.model import ModelConfig, resolve_model
 from tplab.specs.sharding import padded_size
-from tplab.specs.model import MODEL_DIR, model_from_config, model_names
 
 INIT_STD = 0.02
 POOL_SIZE = 1_048_573  # a prime
@@ -39,7 +36,7 @@ POOL_SIZE = 1_048_573  # a prime
 
 @dataclass(frozen=True)
 class BenchModel:
-    """A model to benchmark: its full config, and the checkpoint holding its weights (None: random weights)."""
+    """A model to benchmark: its config, and the checkpoint holding its weights (None: random weights)."""
 
     name: str
     config: ModelConfig
@@ -50,44 +47,12 @@ class BenchModel:
         return "random" if self.checkpoint is None else f"checkpoint {self.checkpoint}"
 
 
-def resolve_model(name: str) -> BenchModel:
-    """``tiny``, a checkpoint directory, a shipped config name or a config.json path (see the module docstring)."""
-    if name == "tiny":
-        from tplab.specs.tiny import TINY_DIR, verify_tiny
-        try:
-            verify_tiny()
-        except (FileNotFoundError, ValueError) as e:
-            raise ValueError(f"the tiny model is not available ({e}); pass --model llama-3-8b or a checkpoint") from None
-        return BenchModel("tiny", ModelConfig.from_file(TINY_DIR), Path(TINY_DIR))
-    path = Path(name)
-    if path.is_dir() and (path / "config.json").is_file():
-        has_weights = any(path.glob("*.safetensors"))
-        return BenchModel(path.name, ModelConfig.from_file(path), path if has_weights else None)
-    if path.is_file():
-        return BenchModel(path.stem, ModelConfig.from_file(path), None)
-    if name.lower() in model_names():
-        return BenchModel(name.lower(), ModelConfig.from_file(MODEL_DIR / f"{name.lower()}.json"), None)
-    raise ValueError(f"unknown model {name!r}: pass 'tiny', a checkpoint directory, a config.json, "
-                     f"or one of {', '.join(model_names())}")
-
-
-def with_layers(config: ModelConfig, layers: int | None) -> ModelConfig:
-    """The config with only its first ``layers`` decoder layers (None: all of them)."""
-    if layers is None or layers == config.num_layers:
-        return config
-    if isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= config.num_layers:
-        raise ValueError(f"layers must be an integer in [1, {config.num_layers}], got {layers!r}")
-    return dataclasses.replace(config, num_layers=layers, layer_windows=config.layer_windows[:layers])
-
-
-def config_dict(config: ModelConfig) -> dict:
-    """The Hugging Face config.json fields of the shapes (what :func:`tplab.specs.model.model_from_config` reads)."""
-    return {"model_type": config.model_type, "hidden_size": config.hidden_size,
-            "intermediate_size": config.intermediate_size, "num_attention_heads": config.num_heads,
-            "num_key_value_heads": config.num_kv_heads, "num_hidden_layers": config.num_layers,
-            "vocab_size": config.vocab_size, "head_dim": config.head_dim,
-            "max_position_embeddings": config.max_position_embeddings,
-            "tie_word_embeddings": config.tie_word_embeddings, "attention_bias": config.qkv_bias}
+def bench_model(name: str) -> BenchModel:
+    """The model of ``--model`` (:func:`tplab.specs.model.resolve_model`): real weights where its directory has them."""
+    config = resolve_model(name)
+    directory = config.directory
+    has_weights = directory is not None and any(directory.glob("*.safetensors"))
+    return BenchModel(config.name, config, directory if has_weights else None)
 
 
 def fill_random_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -124,7 +89,7 @@ def fill_random_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def build_shard(model: BenchModel, dist: Dist, dtype: torch.dtype, layers: int | None = None,
                 seed: int = 0) -> TPCausalLM:
     """Rank ``dist.rank``'s shard with the first ``layers`` layers: checkpoint slices, or random weights."""
-    config = with_layers(model.config, layers)
+    config = model.config.with_layers(layers)
     shard = TPCausalLM(config, dist, dtype)
     if model.checkpoint is not None:
         shard.load(SafetensorsSource(model.checkpoint))
@@ -138,7 +103,7 @@ def hf_shard_config(config: ModelConfig, tp: int) -> transformers.LlamaConfig:
     config.check_tp(tp)
     hf = transformers.LlamaConfig(
         hidden_size=config.hidden_size, intermediate_size=config.intermediate_size // tp,
-        num_attention_heads=config.num_heads // tp, num_key_value_heads=local_kv_heads(config, tp),
+        num_attention_heads=config.num_heads // tp, num_key_value_heads=config.kv_heads_per_rank(tp),
         head_dim=config.head_dim, num_hidden_layers=config.num_layers,
         vocab_size=padded_size(config.vocab_size, tp) // tp, max_position_embeddings=config.max_position_embeddings,
         rms_norm_eps=config.rms_norm_eps, tie_word_embeddings=config.tie_word_embeddings,
@@ -160,15 +125,11 @@ def build_hf_shard(config: ModelConfig, tp: int, dtype: torch.dtype, device: tor
 
 def rank_bytes(config: ModelConfig, tp: int, dtype: torch.dtype, batch: int, max_len: int) -> dict[str, int]:
     """{"weights", "kv_cache"}: bytes rank 0 allocates for ``config`` at ``tp`` (shapes only, nothing allocated)."""
-    element = torch.empty((), dtype=dtype).element_size()
-    spec = model_from_config(config_dict(config), "bench")
-    params = sum(rank_params(spec, tp).values())
-    kv = 2 * config.num_layers * local_kv_heads(config, tp) * config.head_dim * element * batch * max_len
-    return {"weights": params * element, "kv_cache": kv}
+    return {"weights": sum(rank_params(config, tp).values()) * dtype.itemsize,
+            "kv_cache": config.kv_bytes_per_token(tp, dtype) * batch * max_len}
 
 
 def describe(model: BenchModel, layers: int | None) -> dict:
     """The JSON-ready description of the model that every measurement record carries."""
-    return {"name": model.name, "config": config_dict(model.config), "layers_built": layers or model.config.num_layers,
+    return {"name": model.name, "config": model.config.to_config_dict(), "layers_built": layers or model.config.num_layers,
             "layers_full": model.config.num_layers, "weights": model.weights}
-

@@ -15,15 +15,17 @@ from pathlib import Path
 import torch
 
 from tplab.bench.decoders import DECODE_MODES
-from tplab.bench.models import BenchModel, rank_bytes, resolve_model, with_layers
-from tplab.bench.timing import check_counts
 from tplab.bench.emulation import CommModel
+from tplab.bench.models import BenchModel, bench_model, rank_bytes
+from tplab.bench.timing import check_counts
+from tplab.checks import is_positive_int
 from tplab.dist.launch import BACKENDS, under_torchrun
-from tplab.model.loading import DTYPES
-from tplab.specs.model import ModelConfig
+from tplab.model.loading import torch_dtype
 from tplab.perf.estimate import check_link
+from tplab.specs.dtypes import torch_name
 from tplab.specs.efficiency import load_efficiency
 from tplab.specs.hardware import load_gpu
+from tplab.specs.model import ModelConfig
 
 QUICK_COPY_BYTES, QUICK_MATMUL_SIZE = 1 << 22, 512
 MEMORY_USE_LIMIT = 0.9  # refuse a sweep that needs more than this share of the free memory
@@ -63,6 +65,9 @@ class BenchSpec:
     quick_roofline: bool = False
     threads: int | None = None
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", torch_name(self.dtype))  # either spelling; records keep torch's name
+
 
 @dataclass
 class Plan:
@@ -79,7 +84,7 @@ class Plan:
 
 
 def _positive_ints(name: str, values: list[int]) -> None:
-    if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+    if not values or not all(map(is_positive_int, values)):
         raise ValueError(f"{name} must be a non-empty list of positive integers, got {values!r}")
 
 
@@ -94,17 +99,14 @@ def _free_bytes(device: torch.device) -> int:
 
 def check_sweep(spec: BenchSpec) -> tuple[BenchModel, ModelConfig]:
     """The checks that need neither weights nor a device: the model and the config with the layers to build."""
-    model = resolve_model(spec.model)
+    model = bench_model(spec.model)
     _positive_ints("tps", spec.tps)
     _positive_ints("batches", spec.batches)
     _positive_ints("prompt_lens", spec.prompt_lens)
     check_counts(spec.decode_steps, spec.repeats, spec.warmup)
-    if spec.threads is not None and (isinstance(spec.threads, bool) or not isinstance(spec.threads, int)
-                                     or spec.threads < 1):
+    if spec.threads is not None and not is_positive_int(spec.threads):
         raise ValueError(f"threads must be a positive integer or None, got {spec.threads!r}")
-    if spec.dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {spec.dtype!r}; choose one of {sorted(DTYPES)}")
-    config = with_layers(model.config, spec.layers)
+    config = model.config.with_layers(spec.layers)
     for tp in spec.tps:
         config.check_tp(tp)
     longest = max(spec.prompt_lens) + spec.decode_steps
@@ -147,10 +149,10 @@ def plan(spec: BenchSpec) -> Plan:
             link = hw.link(spec.interconnect, tp)
             check_link(link, hw, tp)
             comm_models[tp] = CommModel(link, efficiency)
-    _check_memory(spec, config, device, DTYPES[spec.dtype])
+    _check_memory(spec, config, device, torch_dtype(spec.dtype))
     points = [(b, p) for b in spec.batches for p in spec.prompt_lens]
     backend = "emulated" if spec.emulate else ("torchrun" if torchrun else spec.backend)
-    return Plan(spec, model, device, DTYPES[spec.dtype], mode, points, comm_models, backend)
+    return Plan(spec, model, device, torch_dtype(spec.dtype), mode, points, comm_models, backend)
 
 
 def ranks_per_device(spec: BenchSpec, device: torch.device, tp: int) -> int:

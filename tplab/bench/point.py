@@ -22,15 +22,14 @@ from typing import Callable
 
 import torch
 
+from tplab.bench.emulation import CommModel
 from tplab.bench.records import SCHEMA, label, record_shapes, scale_to_full, spread, throughput
 from tplab.bench.roofline import decode_bytes
 from tplab.bench.timing import Timing, time_edges, time_tplab
 from tplab.dist.stats import CommStats
-from tplab.bench.emulation import CommModel
-from tplab.model.kv_cache import kv_bytes_per_token
 from tplab.model.decoder import TPCausalLM
 from tplab.perf.shapes import rank_params, step_work
-from tplab.specs.model import model_from_config
+from tplab.specs.model import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -65,7 +64,7 @@ def run_points(model: TPCausalLM, points: list[tuple[int, int]], inputs: PointIn
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         timing = time_tplab(model, ids, inputs.decode_steps, inputs.repeats, inputs.warmup, inputs.mode)
-        per_token = kv_bytes_per_token(model.config, model.dist.world_size, model.dtype)
+        per_token = model.config.kv_bytes_per_token(model.dist.world_size, model.dtype)
         cache_bytes = per_token * batch * (prompt_len + inputs.decode_steps)
         memory = {"weights_bytes": model.parameter_bytes(), "kv_cache_bytes": cache_bytes,
                   "cuda_peak_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
@@ -149,7 +148,7 @@ def _scaled(record: dict, raw: dict) -> dict | None:
                          record["comm"]["prefill"] if record["ttft_comm_ms"] is not None else {}, built, full)
     decode = scale_to_full(_compute_or_total(record, "decode"), 1e3 * raw["edges"]["decode"],
                            record["comm"]["decode_step"] if record["decode_comm_ms"] is not None else {}, built, full)
-    spec = model_from_config(record["model"]["config"], record["model"]["name"])
+    spec = ModelConfig.from_dict(record["model"]["config"], strict=False, name=record["model"]["name"])
     element = raw["memory"]["weights_bytes"] / sum(rank_params(spec, s["tp"], built).values())
     out = {"layers": full, "from_layers": built,
            "note": f"extrapolated from {built} of {full} layers: compute = edges + ({full}/{built})(measured - edges), "

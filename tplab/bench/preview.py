@@ -21,13 +21,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tplab.bench.models import config_dict, rank_bytes
+from tplab.bench.models import rank_bytes
 from tplab.bench.plan import MEMORY_USE_LIMIT, BenchSpec, check_sweep
-from tplab.bench.records import PERF_DTYPES
-from tplab.model.loading import DTYPES
+from tplab.bench.records import modelled_precision
+from tplab.model.loading import torch_dtype
 from tplab.perf.estimate import MODELLED, estimate
 from tplab.specs.hardware import load_gpu
-from tplab.specs.model import model_from_config
 
 
 @dataclass(frozen=True)
@@ -65,17 +64,16 @@ def preview(spec: BenchSpec) -> SweepPreview:
     """Every point of ``spec`` (tp outermost, then batch, then prompt length), allocating nothing."""
     model, config = check_sweep(spec)
     gpu = load_gpu(spec.gpu)
-    built = model_from_config(config_dict(config), model.name)
-    dtype = PERF_DTYPES.get(spec.dtype)
+    dtype = modelled_precision(spec.dtype)
     requests, copies = spec.warmup + spec.repeats, 2 if spec.baseline else 1
     out = []
     for tp in spec.tps:
         for batch in spec.batches:
             for prompt_len in spec.prompt_lens:
-                need = rank_bytes(config, tp, DTYPES[spec.dtype], batch, prompt_len + spec.decode_steps)
+                need = rank_bytes(config, tp, torch_dtype(spec.dtype), batch, prompt_len + spec.decode_steps)
                 ttft = step = seconds = None
                 if dtype is not None:
-                    e = estimate(model=built, gpu=gpu, tp=tp, dtype=dtype, kv_dtype=dtype, batch=batch,
+                    e = estimate(model=config, gpu=gpu, tp=tp, dtype=dtype, kv_dtype=dtype, batch=batch,
                                  prompt_len=prompt_len, output_len=spec.decode_steps,
                                  interconnect=spec.interconnect, efficiency=spec.efficiency)
                     ttft, step = e.ttft_ms, e.decode_ms_per_token
@@ -102,7 +100,7 @@ def print_preview(spec: BenchSpec, sweep: SweepPreview) -> None:
         print(f"modelled total: {sweep.seconds:.0f} s ({sweep.seconds / 60:.1f} min) of timed requests, plus "
               "building the weights, graph capture and the roofline")
     else:
-        print(f"no modelled times: the cost model has no {spec.dtype} (use {' or '.join(PERF_DTYPES)})")
+        print(f"no modelled times: the cost model has no {spec.dtype} (use bfloat16 or float16)")
     if not all(p.fits for p in sweep.points):
         print(f"NO: more than {MEMORY_USE_LIMIT:.0%} of a {sweep.gpu_label}'s {sweep.gpu_memory_gb:.0f} GB; "
               "build fewer layers (--layers N), use a larger tp or a smaller batch")

@@ -28,7 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tplab.specs.model import ModelSpec, model_from_config
+from tplab.perf.shapes import KV_BYTES, WEIGHT_BYTES
+from tplab.specs.dtypes import canonical
+from tplab.specs.model import ModelConfig
 
 SCHEMA = 1
 KINDS = ("measured", "emulated")
@@ -67,7 +69,10 @@ def scale_to_full(compute_ms: float, edges_ms: float, comm: dict[str, dict[str, 
     return {"compute_ms": compute, "comm_ms": comm, "total_ms": compute + comm}
 
 
-PERF_DTYPES = {"bfloat16": "bf16", "float16": "fp16"}  # torch dtype name -> the cost model's precision
+def modelled_precision(torch_dtype_name: str) -> str | None:
+    """The cost model's precision for a record's dtype ("bfloat16" -> "bf16"), None where it has none (float32)."""
+    short = canonical(torch_dtype_name)
+    return short if short in WEIGHT_BYTES and short in KV_BYTES else None
 
 
 def full_model_ms(record: dict, field: str) -> float:
@@ -79,7 +84,7 @@ def full_model_ms(record: dict, field: str) -> float:
 class RecordShapes:
     """What the cost model needs to evaluate a record's point: model shapes, tp, precision, sizes, layers built."""
 
-    spec: ModelSpec
+    spec: ModelConfig
     tp: int
     dtype: str | None  # the cost model's name ("bf16"), None for a precision it does not model (float32)
     batch: int
@@ -98,7 +103,7 @@ def record_shapes(record: dict) -> RecordShapes:
     s, m = record["setting"], record["model"]
     steps = s["decode_steps"]
     context = s["prompt_len"] + ((steps - 1) / 2 if s["decode_mode"] == "eager" else steps - 1)
-    return RecordShapes(model_from_config(m["config"], m["name"]), s["tp"], PERF_DTYPES.get(s["dtype"]), s["batch"],
+    return RecordShapes(ModelConfig.from_dict(m["config"], strict=False, name=m["name"]), s["tp"], modelled_precision(s["dtype"]), s["batch"],
                         s["prompt_len"], context, m["layers_built"])
 
 

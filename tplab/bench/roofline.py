@@ -28,8 +28,8 @@ from tplab.bench.records import record_shapes
 from tplab.model.decoder import TPCausalLM
 from tplab.perf.estimate import step_seconds
 from tplab.perf.shapes import step_work
-from tplab.specs.hardware import GpuSpec, Link
 from tplab.specs.efficiency import load_efficiency
+from tplab.specs.hardware import GpuSpec, Link
 
 GIB = 2 ** 30
 

@@ -42,18 +42,18 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from tplab.bench.emulation import emulated_dist
 from tplab.bench.env import environment, hardware_slug
-from tplab.bench.models import build_hf_shard, build_shard, describe, resolve_model, with_layers
+from tplab.bench.models import bench_model, build_hf_shard, build_shard, describe
 from tplab.bench.plan import QUICK_COPY_BYTES, QUICK_MATMUL_SIZE, BenchSpec, Plan, plan, ranks_per_device
 from tplab.bench.point import PointInputs, point_record, run_points
 from tplab.bench.records import RecordLog, run_file_name
 from tplab.bench.roofline import measure_copy_bandwidth, measure_matmul_tflops
 from tplab.bench.timing import time_hf
 from tplab.dist.group import Dist
-from tplab.bench.emulation import emulated_dist
-from tplab.files import check_writable
 from tplab.dist.launch import launch, under_torchrun
-from tplab.model.loading import DTYPES
+from tplab.files import check_writable
+from tplab.model.loading import torch_dtype
 
 __all__ = ["BenchSpec", "plan", "run_bench", "bench_rank_program"]
 
@@ -62,7 +62,7 @@ def bench_rank_program(dist: Dist, model_name: str, layers: int | None, dtype: s
     """One rank: build its shard, time every point (launch-able on threads, gloo and torchrun)."""
     if inputs["threads"] is not None:
         torch.set_num_threads(inputs["threads"])
-    model = build_shard(resolve_model(model_name), dist, DTYPES[dtype], layers, inputs["seed"])
+    model = build_shard(bench_model(model_name), dist, torch_dtype(dtype), layers, inputs["seed"])
     return run_points(model, points, PointInputs(**inputs), on_point if dist.rank == 0 else None)
 
 
@@ -71,7 +71,7 @@ def _baseline(plan: Plan, tp: int, bar) -> list:
     spec = plan.spec
     if not spec.baseline:
         return [None] * len(plan.points)
-    config = with_layers(plan.model.config, spec.layers)
+    config = plan.model.config.with_layers(spec.layers)
     hf = build_hf_shard(config, tp, plan.dtype, plan.device, spec.seed)
     out = []
     for batch, prompt_len in plan.points:

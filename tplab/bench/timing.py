@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tplab.bench.decoders import StaticDecoder, make_decoder, synchronize
+from tplab.checks import is_positive_int
 from tplab.dist.stats import CommRecord
 from tplab.model.decoder import TPCausalLM
 
@@ -40,7 +41,7 @@ class Timing:
 def check_counts(decode_steps: int, repeats: int, warmup: int) -> None:
     """ValueError unless decode_steps >= 1, repeats >= 1 and warmup >= 0 (integers)."""
     for name, value, low in (("decode_steps", decode_steps, 1), ("repeats", repeats, 1), ("warmup", warmup, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        if not is_positive_int(value, low):
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
 
@@ -104,7 +105,7 @@ def time_edges(model: TPCausalLM, batch: int, prompt_len: int, repeats: int = 3)
         for _ in range(repeats + 1):
             synchronize(model.device)
             t0 = time.perf_counter()
-            model.greedy(model.norm(model.embed(ids))[:, -1]).cpu()
+            model.greedy(model.without_layers(ids)[:, -1]).cpu()
             times.append(time.perf_counter() - t0)
         out[phase] = statistics.median(times[1:])
     return out

@@ -23,11 +23,11 @@ from collections import defaultdict
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-from tplab.bench.records import PERF_DTYPES, full_model_ms
+from tplab.bench.records import full_model_ms, modelled_precision
 from tplab.perf.estimate import Estimate, estimate
 from tplab.plots.measurements import Series, plot_series
 from tplab.specs.hardware import gpu_for_device
-from tplab.specs.model import model_from_config
+from tplab.specs.model import ModelConfig
 
 # the record's field (and the Estimate's attribute of the same name): its axis label
 FIELDS = {"decode_ms_per_token": "decode time per token (ms)", "ttft_ms": "time to first token (ms)"}
@@ -37,11 +37,11 @@ def modelled_for(record: dict, efficiency=None) -> Estimate | None:
     """The cost model at the record's point on the record's GPU; None for a CPU, an unknown GPU or float32."""
     device, setting = record["env"]["device"], record["setting"]
     gpu = gpu_for_device(device["name"]) if device["type"] == "cuda" else None
-    dtype = PERF_DTYPES.get(setting["dtype"])
+    dtype = modelled_precision(setting["dtype"])
     if gpu is None or dtype is None:
         return None
     link = setting.get("link") or {}
-    return estimate(model=model_from_config(record["model"]["config"], record["model"]["name"]), gpu=gpu,
+    return estimate(model=ModelConfig.from_dict(record["model"]["config"], strict=False, name=record["model"]["name"]), gpu=gpu,
                     tp=setting["tp"], dtype=dtype, kv_dtype=dtype, batch=setting["batch"],
                     prompt_len=setting["prompt_len"], output_len=setting["decode_steps"],
                     interconnect=link.get("interconnect"), efficiency=efficiency)

@@ -4,6 +4,6 @@
 * ``safetensors_files``: :class:`SafetensorsSource`, single or sharded, damage checked from the headers.
 """
 from tplab.checkpoint.safetensors_files import SafetensorsSource
-from tplab.checkpoint.sources import StateDictSource, TensorSource
+from tplab.checkpoint.sources import LoadStats, StateDictSource, TensorSource
 
-__all__ = ["SafetensorsSource", "StateDictSource", "TensorSource"]
+__all__ = ["LoadStats", "SafetensorsSource", "StateDictSource", "TensorSource"]

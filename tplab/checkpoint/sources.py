@@ -20,10 +20,20 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 
 import torch
 
 from tplab.errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class LoadStats:
+    """What one rank read while loading: bytes copied out of the checkpoint, and wall seconds."""
+
+    bytes_read: int
+    seconds: float
+
 
 class TensorSource(ABC):
     """Reads blocks of named tensors into preallocated destinations, counting the bytes."""

@@ -39,13 +39,13 @@ import os
 import sys
 from pathlib import Path
 
+from tplab.bench.calibration import calibrate, write_efficiency
 from tplab.bench.decoders import DECODE_MODES
 from tplab.bench.records import load_records
-from tplab.bench.calibration import calibrate, write_efficiency
-from tplab.commands import int_list
+from tplab.commands import int_list, torch_dtype_name
 from tplab.dist.launch import BACKENDS, under_torchrun
-from tplab.model.loading import DTYPES
 from tplab.paths import default_measurements_dir
+
 COLUMNS = [("kind", 8), ("tp", 3), ("batch", 5), ("prompt", 6), ("TTFT ms", 10), ("decode ms/tok", 13),
            ("p10-p90", 15), ("comm %", 6), ("tok/s", 8), ("mem GB", 7), ("BW % copy", 9), ("vs HF", 6)]
 
@@ -62,7 +62,8 @@ def register(subparsers) -> None:
     p.add_argument("--decode-steps", type=int, default=16, help="decode steps per request (default 16)")
     p.add_argument("--repeats", type=int, default=5, help="timed requests per point (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed requests first (default 1)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16", help="weights and KV cache (default bfloat16)")
+    p.add_argument("--dtype", type=torch_dtype_name, default="bfloat16",
+                   help="weights and KV cache: bfloat16/bf16, float16/fp16 or float32/fp32")
     p.add_argument("--emulate-rank", action="store_true",
                    help="time rank 0 alone on one device with real shapes; collectives modelled (alpha-beta)")
     p.add_argument("--layers", type=int, default=None,

@@ -11,10 +11,10 @@ import os
 import sys
 
 from tplab.bench.comm import fit_alpha_beta, measure_all_reduce
-from tplab.perf.comm import bus_bandwidth, ring_all_reduce_seconds
 from tplab.commands import int_list
 from tplab.dist.launch import BACKENDS, under_torchrun
 from tplab.memory import check_fits, rank_processes_bytes
+from tplab.perf.comm import bus_bandwidth, ring_all_reduce_seconds
 
 BUFFERS_PER_RANK = 3  # the message, the collective's result, and the threads backend's copy of every rank's input
 

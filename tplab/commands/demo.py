@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from tplab.commands import int_list
-from tplab.lab.layer_programs import megatron_mlp_forward
 from tplab.dist.launch import BACKENDS, launch, under_torchrun
+from tplab.lab.layer_programs import megatron_mlp_forward
 from tplab.specs.sharding import check_divisible
 
 HIDDEN, FFN = 64, 256

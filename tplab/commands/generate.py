@@ -16,16 +16,16 @@ import os
 import sys
 from pathlib import Path
 
-from tplab.specs import tiny
-from tplab.commands import int_list
-from tplab.errors import InputError
-from tplab.engine.generate import check_prompts, generate_rank_program
-from tplab.model.kv_cache import kv_bytes_per_token
+import torch
+
+from tplab.commands import int_list, runtime_dtype
 from tplab.dist.launch import BACKENDS, check_device, launch, under_torchrun
-from tplab.model.loading import DTYPES, check_checkpoint, read_config, resolve_dtype
+from tplab.engine.generate import check_prompts, generate_rank_program
+from tplab.errors import InputError
 from tplab.memory import check_fits, rank_processes_bytes
-from tplab.specs.model import ModelConfig
+from tplab.model.loading import check_checkpoint, checkpoint_config, resolve_dtype
 from tplab.model.sampling import SamplingParams
+from tplab.specs.model import ModelConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -53,19 +53,10 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
     p.add_argument("--top-p", type=float, default=1.0, help="keep the smallest set with this much probability")
     p.add_argument("--seed", type=int, default=0, help="sampling seed: the same tokens on every rank and tp")
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="weights dtype (auto: the checkpoint's)")
+    p.add_argument("--dtype", type=runtime_dtype, default="auto",
+                   help="weights dtype: auto (the checkpoint's), float32/fp32, bfloat16/bf16 or float16/fp16")
     p.add_argument("--json", action="store_true", help="print one JSON object per tp")
     p.set_defaults(run=run)
-
-
-def resolve_model(name: str) -> Path:
-    """'tiny' -> the bundled model's directory (tplab.specs.tiny, checksum verified); anything else is a path."""
-    if name != "tiny":
-        return Path(name)
-    try:
-        return tiny.verify_tiny(tiny.TINY_DIR)
-    except (FileNotFoundError, ValueError) as e:
-        raise UsageError(f"the tiny model failed its check: {e}; or pass --model PATH") from None
 
 
 def load_tokenizer(path: Path):
@@ -83,35 +74,36 @@ def parse_ids(text: str) -> list[int]:
         raise UsageError(str(e)) from None
 
 
-def prepare(args: argparse.Namespace) -> tuple[Path, ModelConfig, object, list[list[int]], SamplingParams]:
-    """Every check that needs no rank: path, architecture, tp, dtype, tokenizer, prompts, sampling, memory.
+def prepare(args: argparse.Namespace) -> tuple[ModelConfig, torch.dtype, object, list[list[int]], SamplingParams]:
+    """Every check that needs no rank: model, architecture, tp, dtype, tokenizer, prompts, sampling, memory.
 
+    Reads config.json once; the ModelConfig, the dtype and the SamplingParams go to the ranks as they are.
     Sets ``args.tps`` (the parsed --tp list).
     """
     args.tps = int_list("--tp", args.tp)
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
-    path = resolve_model(args.model)
-    config = read_config(path)
+    config = checkpoint_config(args.model)
     for tp in args.tps:
         config.check_tp(tp)
-    parameters = check_checkpoint(path, config)
+    parameters = check_checkpoint(config)
     dtype = resolve_dtype(args.dtype, config)
     if under_torchrun() and args.tps != [int(os.environ["WORLD_SIZE"])]:
         raise UsageError(f"--tp {args.tp} but torchrun started {os.environ['WORLD_SIZE']} processes: pass that one tp")
     check_device(args.backend, args.device)
     if not args.prompt and not args.prompt_ids:
         raise UsageError("give at least one --prompt TEXT or --prompt-ids 1,2,3")
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(config.directory)
     if args.prompt and tokenizer is None:
-        raise UsageError(f"{path} has no tokenizer, so --prompt TEXT cannot be encoded; use --prompt-ids 1,2,3")
+        raise UsageError(f"{config.directory} has no tokenizer, so --prompt TEXT cannot be encoded; "
+                         "use --prompt-ids 1,2,3")
     prompts = [tokenizer(text)["input_ids"] for text in args.prompt] + [parse_ids(t) for t in args.prompt_ids]
     check_prompts(prompts, config.vocab_size, args.max_new_tokens, config.max_position_embeddings)
     if not under_torchrun() and (args.device or "cpu").startswith("cpu"):
         for tp in args.tps:
             check_host_memory(config, parameters, dtype, prompts, tp, args)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
-    return path, config, tokenizer, prompts, sampling
+    return config, dtype, tokenizer, prompts, sampling
 
 
 def _usage_error(e: BaseException) -> int:
@@ -124,7 +116,7 @@ def check_host_memory(config: ModelConfig, parameters: int, dtype, prompts: list
                       args: argparse.Namespace) -> None:
     """Every rank is on this machine: the weights once, each rank's KV cache, the rank processes must fit."""
     element, longest = dtype.itemsize, max(map(len, prompts))
-    kv = tp * kv_bytes_per_token(config, tp, dtype) * len(prompts) * (longest + args.max_new_tokens)
+    kv = tp * config.kv_bytes_per_token(tp, dtype) * len(prompts) * (longest + args.max_new_tokens)
     check_fits(parameters * element + kv + rank_processes_bytes(args.backend, tp),
                f"generating {len(prompts)} prompt(s) of up to {longest} tokens + {args.max_new_tokens} "
                f"new at tp={tp} (weights {parameters * element / 1e9:.2f} GB, KV cache {kv / 1e9:.2f} GB)",
@@ -138,7 +130,7 @@ def prints() -> bool:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        path, config, tokenizer, prompts, sampling = prepare(args)
+        config, dtype, tokenizer, prompts, sampling = prepare(args)
     except (UsageError, ValueError, FileNotFoundError) as e:
         return _usage_error(e)
     backend = "torchrun" if under_torchrun() else args.backend
@@ -146,9 +138,8 @@ def run(args: argparse.Namespace) -> int:
     for tp in args.tps:
         try:
             results = launch(generate_rank_program, tp, args.backend, device=args.device, threads=args.threads,
-                             kwargs=dict(model_path=str(path), prompts=prompts, max_new_tokens=args.max_new_tokens,
-                                         temperature=sampling.temperature, top_k=sampling.top_k,
-                                         top_p=sampling.top_p, seed=sampling.seed, dtype=args.dtype, warmup=True))
+                             kwargs=dict(model=config, prompts=prompts, max_new_tokens=args.max_new_tokens,
+                                         sampling=sampling, dtype=dtype, warmup=True))
         except InputError as e:  # found inside a rank (e.g. a damaged checkpoint): still bad input, not a bug
             return _usage_error(e)
         if not prints():
@@ -156,7 +147,8 @@ def run(args: argparse.Namespace) -> int:
         result = tokens_by_tp[tp] = results[0]
         texts = [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens] if tokenizer else None
         if args.json:
-            print(json.dumps(_json_report(result, texts, prompts, backend)))
+            report = {**result.to_dict(), "prompt_tokens": [len(p) for p in prompts], "backend": backend}
+            print(json.dumps(report if texts is None else {**report, "text": texts}))
         else:
             _print_report(result, texts, prompts, tokenizer, backend)
     if len(tokens_by_tp) < 2:
@@ -176,24 +168,6 @@ def compare_tokens(tokens_by_tp: dict[int, list[list[int]]]) -> str | None:
                 at = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
                 return f"tokens DIFFER: tp={tp} row {row} departs from tp={first} at new token {at}"
     return None
-
-
-def _json_report(result, texts, prompts, backend) -> dict:
-    report = {
-        "tokens": result.tokens,
-        "finish_reasons": result.finish_reasons,
-        "prompt_tokens": [len(p) for p in prompts],
-        "tp": result.tp,
-        "backend": backend,
-        "device": result.device,
-        "threads_per_rank": result.threads,
-        "ttft_ms": 1000 * result.ttft_s,
-        "ms_per_token": result.ms_per_token,
-        "comm": result.comm,
-    }
-    if texts is not None:
-        report["text"] = texts
-    return report
 
 
 def _print_report(result, texts, prompts, tokenizer, backend) -> None:

@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tplab.commands import int_list
+from tplab.commands import int_list, precision_of
 from tplab.perf.estimate import MODELLED, Estimate, estimate, max_batch, min_tp
 from tplab.perf.shapes import KV_BYTES, WEIGHT_BYTES
 from tplab.specs.efficiency import load_efficiency
 from tplab.specs.hardware import load_gpu
-from tplab.specs.model import load_model
+from tplab.specs.model import resolve_model
 
 COLUMNS = [("tp", 3), ("batch", 6), ("link", 10), ("weights GB", 11), ("KV GB", 8), ("act+rt GB", 10),
            ("total/usable GB", 16),
@@ -27,8 +27,10 @@ def register(subparsers) -> None:
     p.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
     p.add_argument("--context", type=int, default=4096, help="tokens per sequence, prompt plus output (default 4096)")
     p.add_argument("--output", type=int, default=256, help="output tokens, part of --context (default 256)")
-    p.add_argument("--dtype", default="bf16", choices=list(WEIGHT_BYTES), help="weight precision (default bf16)")
-    p.add_argument("--kv-dtype", default="bf16", choices=list(KV_BYTES), help="KV-cache precision (default bf16)")
+    p.add_argument("--dtype", default="bf16", type=precision_of(tuple(WEIGHT_BYTES)),
+                   help=f"weight precision: {', '.join(WEIGHT_BYTES)} (bfloat16 and float16 spelled out work too)")
+    p.add_argument("--kv-dtype", default="bf16", type=precision_of(tuple(KV_BYTES)),
+                   help=f"KV-cache precision: {', '.join(KV_BYTES)}")
     p.add_argument("--interconnect", default=None, help="nvlink, pcie or a network (default: the fastest that reaches tp GPUs)")
     p.add_argument("--price", type=float, default=None, help="your price in USD per GPU-hour (no default: enables the cost column)")
     p.add_argument("--efficiency", default=None, help="JSON file overriding data/efficiency.json")
@@ -54,7 +56,7 @@ def _print_table(rows: list[list[str]]) -> None:
 
 def plan(args: argparse.Namespace) -> None:
     """Check every input, then print the table, the minimum tp per batch and the largest batch per tp."""
-    spec, hw, eff = load_model(args.model), load_gpu(args.gpu), load_efficiency(args.efficiency)
+    spec, hw, eff = resolve_model(args.model, strict=False), load_gpu(args.gpu), load_efficiency(args.efficiency)
     tps, batches = int_list("--tp", args.tp), int_list("--batch", args.batch)
     if not 0 < args.output < args.context:
         raise ValueError(f"--output={args.output} must be at least 1 and less than --context={args.context}")

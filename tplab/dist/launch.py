@@ -36,6 +36,7 @@ from typing import Any, Callable
 
 import torch
 
+from tplab.checks import check_int
 from tplab.dist.group import CollectiveTimeout, Dist, first_error
 from tplab.dist.gloo import RankDiedError, launch_gloo
 from tplab.dist.torchrun import launch_torchrun, under_torchrun
@@ -63,12 +64,11 @@ def launch(fn: Callable[..., Any], tp: int, backend: str = "threads", timeout: f
     kwargs = kwargs or {}
     if not callable(fn):
         raise TypeError(f"launch runs a rank program fn(dist, *args, **kwargs); got {fn!r}, which is not callable")
-    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-        raise ValueError(f"tp must be a positive integer, got {tp!r}")
+    check_int("tp", tp)
     if not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    if threads is not None:
+        check_int("threads", threads)
     check_device(backend, device)
     if under_torchrun():
         local = int(os.environ.get("LOCAL_WORLD_SIZE", tp))

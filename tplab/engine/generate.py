@@ -30,12 +30,15 @@ from pathlib import Path
 
 import torch
 
-from tplab.dist.stats import CommStats
+from tplab.checkpoint.sources import LoadStats
+from tplab.checks import check_int
 from tplab.dist.group import Dist
-from tplab.errors import InputError
-from tplab.model.loading import LoadStats, from_pretrained
+from tplab.dist.stats import CommStats
+from tplab.engine.steps import decode_step, next_tokens, prefill
 from tplab.model.decoder import TPCausalLM
-from tplab.model.sampling import SamplingParams, sample
+from tplab.model.loading import from_pretrained
+from tplab.model.sampling import SamplingParams
+from tplab.specs.model import ModelConfig
 
 
 @dataclass
@@ -72,8 +75,7 @@ class GenerationResult:
 
 def check_prompts(prompts: list[list[int]], vocab_size: int, max_new_tokens: int, context: int) -> None:
     """ValueError unless every prompt is non-empty, its ids are < vocab_size, and it fits the context with the new tokens."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    check_int("max_new_tokens", max_new_tokens)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("give at least one prompt, each with at least one token")
     for b, prompt in enumerate(prompts):
@@ -129,32 +131,23 @@ def generate(model: TPCausalLM, prompts: list[list[int]], max_new_tokens: int,
     dist, device, batch = model.dist, model.device, len(prompts)
     ids, positions, key_valid = left_pad(prompts, max_new_tokens - 1, device)
     cache = model.new_cache(batch, key_valid.shape[1])
-    generator = sampling.generator()
-
-    def next_tokens(hidden: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
-        """(token ids, the full logits when they were gathered)."""
-        if sampling.greedy:
-            return model.greedy(hidden).tolist(), None
-        logits = model.logits(hidden)
-        return sample(logits, sampling, generator).tolist(), logits
-
+    generator = None if sampling.greedy else sampling.generator()
     stats, old_tag = dist.stats, dist.stats.tag
     first_record = len(stats.records)
     tokens: list[list[int]] = [[] for _ in prompts]
     reasons: list[str | None] = [None] * batch
     step_seconds, step_comm, kept_logits = [], [], []
-    start, fed = 0, ids
+    start, width, fed = 0, ids.shape[1], ids
     try:
         for step in range(max_new_tokens):
             stats.tag = "prefill" if step == 0 else "decode"
             step_first_record, t0 = len(stats.records), time.perf_counter()
-            width = fed.shape[1]
-            hidden = model(fed, cache, start, positions[:, start:start + width], key_valid)
-            if step == 0 and not torch.isfinite(hidden[:, -1]).all():
-                raise InputError(f"the prefill's last hidden state is not finite on rank {dist.rank} although every "
-                                 f"weight was finite: activations overflowed in {hidden.dtype}; try --dtype float32 "
-                                 "or bfloat16")
-            chosen, logits = next_tokens(hidden[:, -1])  # .tolist() waits for the device: the timing is complete
+            if step == 0:
+                hidden = prefill(model, fed, cache, positions[:, :width], key_valid)
+            else:
+                hidden = decode_step(model, fed, cache, start, positions[:, start:start + 1], key_valid)
+            chosen, logits = next_tokens(model, hidden, sampling, generator)
+            chosen = chosen.tolist()  # waits for the device: the step's timing is complete
             step_seconds.append(time.perf_counter() - t0)
             records = stats.records[step_first_record:]
             step_comm.append({"phase": stats.tag, "seconds": step_seconds[-1],
@@ -162,14 +155,14 @@ def generate(model: TPCausalLM, prompts: list[list[int]], max_new_tokens: int,
                               "bytes": sum(r.bytes for r in records)})
             if keep_logits:
                 stats.tag = "inspect"
-                kept_logits.append((model.logits(hidden[:, -1]) if logits is None else logits).cpu())
+                kept_logits.append((model.logits(hidden) if logits is None else logits).cpu())
             for b, token in enumerate(chosen):
                 if reasons[b] is None:
                     tokens[b].append(token)
                     reasons[b] = _stopped(tokens[b], eos, stop_sequences)
             if all(r is not None for r in reasons):
                 break
-            start += width
+            start += width if step == 0 else 1
             fed = torch.tensor(chosen, device=device)[:, None]
     finally:
         stats.tag = old_tag
@@ -192,22 +185,24 @@ def checkpoint_eos_ids(path: str | Path, model: TPCausalLM) -> tuple[int, ...]:
     return tuple(sorted(ids))
 
 
-def generate_rank_program(dist: Dist, model_path: str, prompts: list[list[int]], max_new_tokens: int,
-                          temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0, seed: int = 0,
-                          dtype: str | None = None, eos_token_ids: tuple[int, ...] | None = None,
-                          stop_sequences: list[list[int]] = (), keep_logits: bool = False,
-                          warmup: bool = False) -> GenerationResult:
-    """Load this rank's shard of ``model_path`` and generate: ``launch(generate_rank_program, tp, backend, kwargs=...)``.
+def generate_rank_program(dist: Dist, model: str | Path | ModelConfig, prompts: list[list[int]], max_new_tokens: int,
+                          sampling: SamplingParams | None = None, dtype: torch.dtype | str | None = None,
+                          eos_token_ids: tuple[int, ...] | None = None, stop_sequences: list[list[int]] = (),
+                          keep_logits: bool = False, warmup: bool = False) -> GenerationResult:
+    """Load this rank's shard of ``model`` and generate: ``launch(generate_rank_program, tp, backend, kwargs=...)``.
 
+    ``model``: a checkpoint directory, or its :class:`~tplab.specs.ModelConfig`
+    already read (the rank then reads no config.json). ``sampling`` and
+    ``dtype`` arrive as they are (see :func:`~tplab.model.loading.resolve_dtype`).
     Works on threads, gloo, and under torchrun (NCCL on GPUs). ``warmup``: first
     run the same prompts for two tokens, untimed, so the reported TTFT and
     ms/token do not include first-call costs (allocations, kernel selection).
     """
-    sampling = SamplingParams(temperature, top_k, top_p, seed)
-    model = from_pretrained(model_path, dist, dtype=dtype)
-    eos = checkpoint_eos_ids(model_path, model) if eos_token_ids is None else eos_token_ids
+    shard = from_pretrained(model, dist, dtype=dtype)
+    directory = shard.config.directory
+    eos = checkpoint_eos_ids(directory, shard) if eos_token_ids is None else eos_token_ids
     if warmup:
-        generate(model, prompts, min(2, max_new_tokens), sampling, eos, stop_sequences)
-    result = generate(model, prompts, max_new_tokens, sampling, eos, stop_sequences, keep_logits)
-    result.load, result.threads = model.load_stats, torch.get_num_threads()
+        generate(shard, prompts, min(2, max_new_tokens), sampling, eos, stop_sequences)
+    result = generate(shard, prompts, max_new_tokens, sampling, eos, stop_sequences, keep_logits)
+    result.load, result.threads = shard.load_stats, torch.get_num_threads()
     return result

@@ -22,14 +22,14 @@ from pathlib import Path
 import torch
 
 from tplab.checkpoint.sources import StateDictSource
-from tplab.dist.stats import CommStats
 from tplab.dist.group import Dist
+from tplab.dist.stats import CommStats
 from tplab.engine.generate import GenerationResult, generate, left_pad
-from tplab.model.kv_cache import KVCache, local_kv_heads
-from tplab.model.loading import from_pretrained
-from tplab.model.decoder import TPDecoderLayer, attention_mask
-from tplab.specs.model import ModelConfig
 from tplab.layers.rope import RotaryEmbedding
+from tplab.model.decoder import TPDecoderLayer, attention_mask
+from tplab.model.kv_cache import KVCache
+from tplab.model.loading import from_pretrained
+from tplab.specs.model import ModelConfig
 
 SUBLAYERS = ("input", "attn", "mlp", "output")
 
@@ -73,7 +73,7 @@ def decoder_block_rank(dist: Dist, config: ModelConfig, state: dict[str, torch.T
     block.load(StateDictSource(state), f"model.layers.{layer}")
     _, positions, key_valid = left_pad(prompts, 0, dist.device)
     batch, tokens, _ = hidden.shape
-    cache = KVCache(1, batch, tokens, local_kv_heads(config, dist.world_size, dist.rank), config.head_dim,
+    cache = KVCache(1, batch, tokens, config.kv_heads_per_rank(dist.world_size), config.head_dim,
                     hidden.dtype, dist.device)
     cos, sin = RotaryEmbedding(config.rope, config.head_dim, dist.device)(positions, hidden.dtype)
     mask = attention_mask(torch.arange(tokens, device=dist.device), key_valid, block.attn.window)

@@ -27,11 +27,11 @@ from matplotlib.figure import Figure
 
 from tplab.perf.estimate import Estimate, estimate
 from tplab.perf.replicas import ReplicaOption, compare_replicas
-from tplab.perf.shapes import WEIGHT_BYTES, valid_tps
+from tplab.perf.shapes import WEIGHT_BYTES
 from tplab.plots.perf import plot_explorer
-from tplab.specs.hardware import gpu_names, load_gpu
 from tplab.specs.efficiency import load_efficiency
-from tplab.specs.model import load_model, model_names
+from tplab.specs.hardware import gpu_names, load_gpu
+from tplab.specs.model import model_names, resolve_model
 
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512]
 OUTPUT_LEN = 256
@@ -76,9 +76,9 @@ class TPExplorer:
         display(self.widget)
 
     def _tp_options(self) -> list[int]:
-        spec, hw = load_model(self.model.value), load_gpu(self.gpu.value)
+        spec, hw = resolve_model(self.model.value, strict=False), load_gpu(self.gpu.value)
         reach = max(link.max_gpus or 1 for link in hw.interconnects.values())
-        return valid_tps(spec, reach)
+        return spec.valid_tp(reach)
 
     def _sync_choices(self) -> None:
         """Keep the TP, interconnect and context choices valid for the chosen model and GPU."""
@@ -91,7 +91,7 @@ class TPExplorer:
             if list(self.tp.options) != tps:
                 keep = self.tp.value if self.tp.value in tps else tps[-1]
                 self.tp.options, self.tp.value = tps, keep
-            limit = load_model(self.model.value).max_position_embeddings or 131072
+            limit = resolve_model(self.model.value, strict=False).max_position_embeddings or 131072
             self.context.max = limit
         finally:
             self._syncing = False
@@ -103,7 +103,7 @@ class TPExplorer:
 
     def _kw(self) -> dict:
         price = self.price.value if self.price.value > 0 else None
-        return dict(model=load_model(self.model.value), gpu=load_gpu(self.gpu.value), dtype=self.dtype.value,
+        return dict(model=resolve_model(self.model.value, strict=False), gpu=load_gpu(self.gpu.value), dtype=self.dtype.value,
                     interconnect=self.interconnect.value, prompt_len=self.context.value - OUTPUT_LEN,
                     output_len=OUTPUT_LEN, price_per_gpu_hour=price, efficiency=load_efficiency())
 

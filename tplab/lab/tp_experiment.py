@@ -30,13 +30,12 @@ from pathlib import Path
 import ipywidgets as w
 from IPython.display import display
 
+from tplab.dist.launch import BACKENDS, launch
 from tplab.engine.generate import generate_rank_program
-from tplab.model.kv_cache import local_kv_heads
-from tplab.dist.launch import launch
-from tplab.model.loading import read_config, resolve_dtype
+from tplab.model.loading import resolve_dtype
+from tplab.specs.model import resolve_model
 from tplab.specs.tiny import TINY_DIR
 
-BACKENDS = ("threads", "gloo")
 MAX_BATCH = 8
 
 
@@ -87,20 +86,18 @@ def run_experiment(tp: int, backend: str, batch: int, prompt_len: int, max_new_t
     """Greedy generation at ``tp`` on ``backend`` (no EOS stop, so every row makes ``max_new_tokens`` tokens)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    config = read_config(model_dir)
+    config = resolve_model(model_dir)
     config.check_tp(tp)
     if not 1 <= prompt_len <= config.max_position_embeddings - max_new_tokens:
         raise ValueError(f"prompt_len must be between 1 and {config.max_position_embeddings - max_new_tokens} "
                          f"(context {config.max_position_embeddings} minus max_new_tokens={max_new_tokens})")
     prompts = corpus_prompts(batch, prompt_len, model_dir)
-    kwargs = dict(model_path=str(model_dir), prompts=prompts, max_new_tokens=max_new_tokens, eos_token_ids=())
+    kwargs = dict(model=str(model_dir), prompts=prompts, max_new_tokens=max_new_tokens, eos_token_ids=())
     ranks = launch(generate_rank_program, tp, backend, kwargs=kwargs)
     baseline = launch(generate_rank_program, 1, backend, kwargs=kwargs)[0]
     tokenizer = _tokenizer(str(model_dir))
-    element = resolve_dtype(None, config).itemsize
     slots = max(map(len, prompts)) + max_new_tokens - 1
-    kv = [2 * config.num_layers * local_kv_heads(config, tp, rank) * config.head_dim * element * batch * slots
-          for rank in range(tp)]
+    kv = [config.kv_bytes_per_token(tp, resolve_dtype(None, config)) * batch * slots] * tp
     first = ranks[0]
     return ExperimentResult(
         tp=tp, backend=backend, prompts=prompts, tokens=first.tokens,
@@ -136,7 +133,7 @@ class TPExperiment:
     def __init__(self, tp: int = 2, backend: str = "threads", batch: int = 2, prompt_len: int = 16,
                  max_new_tokens: int = 8, model_dir: str | Path = TINY_DIR):
         self.model_dir, self.max_new_tokens = model_dir, max_new_tokens
-        self.tp = w.Dropdown(options=[t for t in read_config(model_dir).valid_tp() if t <= 8], value=tp, description="TP degree")
+        self.tp = w.Dropdown(options=[t for t in resolve_model(model_dir).valid_tp() if t <= 8], value=tp, description="TP degree")
         self.backend = w.ToggleButtons(options=list(BACKENDS), value=backend, description="backend")
         self.batch = w.IntSlider(value=batch, min=1, max=MAX_BATCH, description="batch")
         self.prompt_len = w.IntSlider(value=prompt_len, min=1, max=128, description="prompt tokens")

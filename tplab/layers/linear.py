@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tplab.dist.group import Dist
-from tplab.specs.sharding import check_divisible
 from tplab.layers.shards import shard_tensor
+from tplab.specs.sharding import check_divisible
 
 
 class ColumnParallelLinear(nn.Module):

@@ -25,18 +25,20 @@ empty.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tplab.checkpoint.sources import TensorSource
+from tplab.checkpoint.sources import LoadStats, TensorSource
 from tplab.dist.group import Dist
 from tplab.layers.fused import MergedColumnParallelLinear, QKVParallelLinear, load_row_parallel
-from tplab.model.kv_cache import KVCache
 from tplab.layers.linear import RowParallelLinear
-from tplab.specs.model import ModelConfig
 from tplab.layers.rope import RotaryEmbedding, apply_rope
 from tplab.layers.vocab import ParallelLMHead, VocabParallelEmbedding
+from tplab.model.kv_cache import KVCache
+from tplab.specs.model import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -105,7 +107,7 @@ class TPAttention(nn.Module):
         self.qkv.load(source, f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj")
         load_row_parallel(self.o_proj, source, f"{prefix}.o_proj")
 
-    def forward(self, x, cos, sin, mask, cache: KVCache, layer: int, start: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache: KVCache, layer: int, start: int | torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = x.shape
         q, k, v = (t.view(batch, tokens, -1, self.head_dim).transpose(1, 2) for t in self.qkv(x))
         keys, values = cache.write(layer, apply_rope(k, cos, sin), v, start)
@@ -148,7 +150,7 @@ class TPDecoderLayer(nn.Module):
         self.attn.load(source, f"{prefix}.self_attn")
         self.mlp.load(source, f"{prefix}.mlp")
 
-    def forward(self, x, cos, sin, mask, cache: KVCache, layer: int, start: int) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, cache: KVCache, layer: int, start: int | torch.Tensor) -> torch.Tensor:
         h = x + self.attn(self.input_norm(x), cos, sin, mask, cache, layer, start)
         return h + self.mlp(self.post_attention_norm(h))
 
@@ -158,8 +160,10 @@ class TPCausalLM(nn.Module):
 
     def __init__(self, config: ModelConfig, dist: Dist, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
+        config.check_runnable()
         config.check_tp(dist.world_size)
         self.config, self.dist, self.dtype = config, dist, dtype
+        self.load_stats: LoadStats | None = None  # set by load(): what this rank read, and how long it took
         self.embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dist, dtype)
         self.layers = nn.ModuleList(TPDecoderLayer(config, dist, w, dtype) for w in config.layer_windows)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, dist.device)
@@ -174,12 +178,14 @@ class TPCausalLM(nn.Module):
 
     def load(self, source: TensorSource) -> "TPCausalLM":
         """Fill every shard from Hugging Face tensor names (``model.layers.{i}.self_attn.q_proj.weight``, ...)."""
+        started, already_read = time.perf_counter(), source.bytes_read
         self.embed.load(source, "model.embed_tokens.weight")
         for i, layer in enumerate(self.layers):
             layer.load(source, f"model.layers.{i}")
         source.copy_into(self.norm.weight.data, "model.norm.weight")
         if not self.config.tie_word_embeddings:
             self.lm_head.load(source, "lm_head.weight")
+        self.load_stats = LoadStats(source.bytes_read - already_read, time.perf_counter() - started)
         return self
 
     def parameter_bytes(self) -> int:
@@ -188,31 +194,38 @@ class TPCausalLM(nn.Module):
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """A KV cache for this rank's KV heads, ``batch`` rows of up to ``max_len`` positions."""
-        return KVCache.for_model(self.config, self.dist.world_size, self.dist.rank, batch, max_len,
+        return KVCache.for_model(self.config, self.dist.world_size, batch, max_len,
                                  self.dtype, self.device)
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, start: int = 0,
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, start: int | torch.Tensor = 0,
                 positions: torch.Tensor | None = None, key_valid: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states (batch, T, hidden) for tokens at cache slots [start, start+T).
 
+        ``start``: an int, or a one-element device tensor for fixed-shape steps (see :mod:`tplab.model.kv_cache`).
         ``positions`` (batch, T): RoPE positions (default: the slots).
-        ``key_valid`` (batch, >= start+T) bool: slots holding real tokens (default: all).
+        ``key_valid`` (batch, >= the slots attention reads) bool: slots holding real tokens (default: all).
         Collectives: 2 * layers + 1 all-reduces.
         """
         batch, tokens = input_ids.shape
         cache = cache if cache is not None else self.new_cache(batch, start + tokens)
-        slots = torch.arange(start, start + tokens, device=self.device)
+        slots = start + torch.arange(tokens, device=self.device)
         positions = slots.expand(batch, tokens) if positions is None else positions
+        visible = cache.visible(start, tokens)
         if key_valid is None:
-            key_valid = torch.ones(batch, start + tokens, dtype=torch.bool, device=self.device)
-        key_valid = key_valid[:, :start + tokens]
+            key_valid = torch.ones(batch, visible, dtype=torch.bool, device=self.device)
+        key_valid = key_valid[:, :visible]
         cos, sin = self.rotary(positions, self.dtype)
         masks = {w: attention_mask(slots, key_valid, w) for w in set(self.config.layer_windows)}
         h = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, masks[layer.attn.window], cache, i, start)
         return self.norm(h)
+
+    @torch.no_grad()
+    def without_layers(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The forward pass with no decoder layer: norm(embed(ids)), what the benchmark times to scale N layers to L."""
+        return self.norm(self.embed(input_ids))
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

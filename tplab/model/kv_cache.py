@@ -2,13 +2,18 @@
 
 Attention at a new position needs the keys and values of every earlier
 position. Each rank keeps them for its own KV heads only (the heads
-:func:`tplab.specs.sharding.gqa_heads` gives it): ``local_kv_heads = KV / tp`` when
+:func:`tplab.specs.sharding.gqa_heads` gives it): ``local_kv_heads = KV / tp``
+(:meth:`~tplab.specs.ModelConfig.kv_heads_per_rank`) when
 tp <= KV, else 1 (a replicated head). So TP divides the cache by tp, until tp
 exceeds the number of KV heads; from there every rank holds one head.
 
 Layout: ``k`` and ``v`` are (layers, batch, local_kv_heads, max_len, head_dim),
 allocated once for (batch, max_len). Prefill writes slots [0, T), each decode
-step writes one slot.
+step writes one slot. ``start`` is an int, and attention then sees slots
+[0, start + T); or a one-element device tensor, for decode steps whose shapes
+never change (a CUDA graph replays them): the write lands at that slot
+(``index_copy_``) and attention sees every slot, the causal mask hiding those
+not written yet.
 
 Bytes per token (one position of one sequence, on one rank):
 
@@ -18,19 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from tplab.checks import is_positive_int
 from tplab.specs.model import ModelConfig
-from tplab.specs.sharding import gqa_heads
-
-
-def local_kv_heads(config: ModelConfig, tp: int, rank: int = 0) -> int:
-    """KV heads one rank holds: KV / tp, or 1 when tp > KV (each head replicated on tp/KV ranks)."""
-    return len(gqa_heads(config.num_heads, config.num_kv_heads, tp, rank)[1])
-
-
-def kv_bytes_per_token(config: ModelConfig, tp: int, dtype: torch.dtype) -> int:
-    """2 * layers * local_kv_heads * head_dim * element size: one rank's cache bytes for one position."""
-    element = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.num_layers * local_kv_heads(config, tp) * config.head_dim * element
 
 
 class KVCache:
@@ -40,7 +34,7 @@ class KVCache:
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
         sizes = dict(num_layers=num_layers, batch=batch, max_len=max_len, local_kv_heads=local_kv_heads,
                      head_dim=head_dim)
-        bad = {k: v for k, v in sizes.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1}
+        bad = {k: v for k, v in sizes.items() if not is_positive_int(v)}
         if bad:
             raise ValueError(f"KVCache sizes must be positive integers, got {bad}")
         shape = (num_layers, batch, local_kv_heads, max_len, head_dim)
@@ -48,13 +42,13 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     @classmethod
-    def for_model(cls, config: ModelConfig, tp: int, rank: int, batch: int, max_len: int,
+    def for_model(cls, config: ModelConfig, tp: int, batch: int, max_len: int,
                   dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "KVCache":
         """The cache one rank of a tp-way model needs for ``batch`` sequences of up to ``max_len`` positions."""
         if max_len > config.max_position_embeddings:
             raise ValueError(f"{max_len} positions (prompt + new tokens) exceed the model's context of "
                              f"max_position_embeddings={config.max_position_embeddings}")
-        return cls(config.num_layers, batch, max_len, local_kv_heads(config, tp, rank), config.head_dim,
+        return cls(config.num_layers, batch, max_len, config.kv_heads_per_rank(tp), config.head_dim,
                    dtype, device)
 
     @property
@@ -80,8 +74,19 @@ class KVCache:
         """bytes_per_token * batch * max_len: what this rank allocated."""
         return self.bytes_per_token * self.batch * self.max_len
 
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store k, v (batch, local_kv_heads, T, head_dim) at slots [start, start+T); return all keys/values up to there."""
+    def visible(self, start: int | torch.Tensor, tokens: int) -> int:
+        """How many slots attention reads after writing ``tokens`` at ``start``: start + tokens, or every slot."""
+        return self.max_len if isinstance(start, torch.Tensor) else start + tokens
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor,
+              start: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (batch, local_kv_heads, T, head_dim) at slots [start, start+T); return the keys/values
+        attention reads (the first :meth:`visible` slots)."""
+        if isinstance(start, torch.Tensor):
+            slots = start + torch.arange(k.shape[2], device=start.device)
+            self.k[layer].index_copy_(2, slots, k)
+            self.v[layer].index_copy_(2, slots, v)
+            return self.k[layer], self.v[layer]
         stop = start + k.shape[2]
         if stop > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; writing slots [{start}, {stop}) overflows it")

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from tplab.checks import is_positive_int
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -38,11 +40,11 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature!r}")
-        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0):
+        if self.top_k is not None and not is_positive_int(self.top_k, 0):
             raise ValueError(f"top_k must be a non-negative integer (0 = off), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 63:
+        if not is_positive_int(self.seed, 0) or self.seed >= 2 ** 63:
             raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed!r}")
 
     @property

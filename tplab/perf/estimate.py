@@ -28,11 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
+from tplab.checks import is_positive_int
 from tplab.perf.comm import ring_all_gather_seconds, ring_all_reduce_seconds
-from tplab.perf.shapes import (StepWork, activation_bytes, check_model_tp, check_precision, kv_bytes_per_token, step_work, valid_tps, weight_bytes)
+from tplab.perf.shapes import StepWork, activation_bytes, check_precision, step_work, weight_bytes
 from tplab.specs.efficiency import Efficiency, load_efficiency
 from tplab.specs.hardware import GpuSpec, Link, load_gpu
-from tplab.specs.model import ModelSpec, load_model
+from tplab.specs.model import ModelConfig, resolve_model
 
 GB = 1e9
 MODELLED = "modelled (not measured)"
@@ -129,14 +130,14 @@ def bound(work: StepWork, gpu: GpuSpec, compute_dtype: str, eff: Efficiency) -> 
     return "compute" if flops_time > (work.weight_bytes + work.kv_bytes) / bw else "memory"
 
 
-def check_inputs(model: ModelSpec, tp: int, dtype: str, kv_dtype: str, batch: int, prompt_len: int,
+def check_inputs(model: ModelConfig, tp: int, dtype: str, kv_dtype: str, batch: int, prompt_len: int,
                  output_len: int) -> None:
     """Reject bad precisions, sizes, tp degrees and contexts beyond the model's positions, before any work."""
     check_precision(dtype, kv_dtype)
     for name, value in (("batch", batch), ("prompt_len", prompt_len), ("output_len", output_len)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_positive_int(value):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    check_model_tp(model, tp)
+    model.check_tp(tp)
     limit = model.max_position_embeddings
     if limit is not None and prompt_len + output_len > limit:
         raise ValueError(f"prompt_len + output_len = {prompt_len + output_len} exceeds {model.name}'s "
@@ -152,7 +153,7 @@ def check_link(link: Link, gpu: GpuSpec, tp: int) -> None:
         raise ValueError(f"{link.name} on {gpu.name} joins at most {link.max_gpus} GPUs; tp={tp} cannot use it: {hint}")
 
 
-def memory_gb(model: ModelSpec, tp: int, dtype: str, kv_dtype: str, batch: int, tokens_per_seq: int,
+def memory_gb(model: ModelConfig, tp: int, dtype: str, kv_dtype: str, batch: int, tokens_per_seq: int,
               eff: Efficiency, micro_batch: int | None = None, **slice_kw) -> dict[str, float]:
     """Per-GPU memory parts in GB: weights, kv_cache (``batch`` sequences), activations (one forward pass of
     ``micro_batch`` sequences, default the batch, capped at the prefill chunk), runtime_overhead.
@@ -164,13 +165,13 @@ def memory_gb(model: ModelSpec, tp: int, dtype: str, kv_dtype: str, batch: int, 
     layers = slice_kw.get("layers")
     return {
         "weights": weight_bytes(model, tp, dtype, **slice_kw) / GB,
-        "kv_cache": batch * tokens_per_seq * kv_bytes_per_token(model, tp, kv_dtype, layers) / GB,
+        "kv_cache": batch * tokens_per_seq * model.kv_bytes_per_token(tp, kv_dtype, layers) / GB,
         "activations": activation_bytes(model, tp, chunk, micro_batch) / GB,
         "runtime_overhead": eff.runtime_overhead_gb,
     }
 
 
-def estimate(*, model: str | Path | ModelSpec, gpu: str | GpuSpec, tp: int, dtype: str = "bf16", batch: int = 1,
+def estimate(*, model: str | Path | ModelConfig, gpu: str | GpuSpec, tp: int, dtype: str = "bf16", batch: int = 1,
              prompt_len: int = 1024, output_len: int = 256, interconnect: str | None = None, kv_dtype: str = "bf16",
              price_per_gpu_hour: float | None = None,
              efficiency: Mapping[str, float] | str | Path | Efficiency | None = None) -> Estimate:
@@ -181,7 +182,8 @@ def estimate(*, model: str | Path | ModelSpec, gpu: str | GpuSpec, tp: int, dtyp
     nodes. ``price_per_gpu_hour`` (USD, yours to give: no default) enables the
     cost. ``efficiency`` overrides data/efficiency.json.
     """
-    spec, hw, eff = load_model(model), load_gpu(gpu), load_efficiency(efficiency)
+    dtype, kv_dtype = check_precision(dtype, kv_dtype)
+    spec, hw, eff = resolve_model(model, strict=False), load_gpu(gpu), load_efficiency(efficiency)
     link = hw.link(interconnect, tp)
     check_inputs(spec, tp, dtype, kv_dtype, batch, prompt_len, output_len)
     check_link(link, hw, tp)
@@ -211,11 +213,12 @@ def estimate(*, model: str | Path | ModelSpec, gpu: str | GpuSpec, tp: int, dtyp
     )
 
 
-def max_batch(*, model: str | Path | ModelSpec, gpu: str | GpuSpec, tp: int, dtype: str = "bf16",
+def max_batch(*, model: str | Path | ModelConfig, gpu: str | GpuSpec, tp: int, dtype: str = "bf16",
               prompt_len: int = 1024, output_len: int = 256, kv_dtype: str = "bf16",
               efficiency: Mapping[str, float] | str | Path | Efficiency | None = None) -> int:
     """The largest batch whose KV cache still fits (0 when even the weights do not)."""
-    spec, hw, eff = load_model(model), load_gpu(gpu), load_efficiency(efficiency)
+    dtype, kv_dtype = check_precision(dtype, kv_dtype)
+    spec, hw, eff = resolve_model(model, strict=False), load_gpu(gpu), load_efficiency(efficiency)
     check_inputs(spec, tp, dtype, kv_dtype, 1, prompt_len, output_len)
     usable = hw.memory_gb * (1 - eff.memory_headroom_fraction)
 
@@ -224,7 +227,7 @@ def max_batch(*, model: str | Path | ModelSpec, gpu: str | GpuSpec, tp: int, dty
 
     if not fits(1):
         return 0
-    hi = int(usable * GB // kv_bytes_per_token(spec, tp, kv_dtype) // (prompt_len + output_len)) + 2
+    hi = int(usable * GB // spec.kv_bytes_per_token(tp, kv_dtype) // (prompt_len + output_len)) + 2
     lo = 1  # fits(lo) and not fits(hi)
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -232,16 +235,17 @@ def max_batch(*, model: str | Path | ModelSpec, gpu: str | GpuSpec, tp: int, dty
     return lo
 
 
-def min_tp(*, model: str | Path | ModelSpec, gpu: str | GpuSpec, dtype: str = "bf16", batch: int = 1,
+def min_tp(*, model: str | Path | ModelConfig, gpu: str | GpuSpec, dtype: str = "bf16", batch: int = 1,
            prompt_len: int = 1024, output_len: int = 256, interconnect: str | None = None, kv_dtype: str = "bf16",
            efficiency: Mapping[str, float] | str | Path | Efficiency | None = None) -> int:
     """The smallest tp the model can use, within the link's reach, at which the batch fits."""
-    spec, hw = load_model(model), load_gpu(gpu)
+    dtype, kv_dtype = check_precision(dtype, kv_dtype)
+    spec, hw = resolve_model(model, strict=False), load_gpu(gpu)
     reach = [hw.link(interconnect)] if interconnect else hw.interconnects.values()
     limit = None if any(link.max_gpus is None for link in reach) else max(link.max_gpus for link in reach)
     kw = dict(model=spec, gpu=hw, dtype=dtype, batch=batch, prompt_len=prompt_len, output_len=output_len,
               interconnect=interconnect, kv_dtype=kv_dtype, efficiency=efficiency)
-    candidates = valid_tps(spec, limit)
+    candidates = spec.valid_tp(limit)
     for tp in candidates:
         if estimate(tp=tp, **kw).fits:
             return tp

@@ -26,11 +26,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from tplab.perf.estimate import (GB, Estimate, check_inputs, check_link, compute_dtype_for, estimate, memory_gb, step_seconds)
-from tplab.perf.shapes import ACT_BYTES, step_work
+from tplab.perf.estimate import (
+    GB,
+    Estimate,
+    check_inputs,
+    check_link,
+    compute_dtype_for,
+    estimate,
+    memory_gb,
+    step_seconds,
+)
+from tplab.perf.shapes import ACT_BYTES, check_precision, step_work
 from tplab.specs.efficiency import Efficiency, load_efficiency
 from tplab.specs.hardware import GpuSpec, Link, load_gpu
-from tplab.specs.model import ModelSpec, load_model
+from tplab.specs.model import ModelConfig, resolve_model
 
 
 @dataclass(frozen=True)
@@ -63,10 +72,10 @@ def _hop_seconds(network: Link, pp: int, tokens: int, hidden: int, eff: Efficien
     return network.alpha_us * 1e-6 + ACT_BYTES * tokens * hidden / (network.bandwidth_gb_s * GB * eff.link)
 
 
-def _stage_seconds(spec: ModelSpec, hw: GpuSpec, link: Link, tp: int, pp: int, dtype: str, kv_dtype: str, batch: int,
+def _stage_seconds(spec: ModelConfig, hw: GpuSpec, link: Link, tp: int, pp: int, dtype: str, kv_dtype: str, batch: int,
                    new_tokens: int, context: int, eff: Efficiency) -> float:
     """The slower of the first stage (layers + embedding) and the last (layers + lm_head)."""
-    layers = math.ceil(spec.num_hidden_layers / pp)
+    layers = math.ceil(spec.num_layers / pp)
     compute_dtype, _ = compute_dtype_for(hw, dtype)
     return max(sum(step_seconds(step_work(spec, tp, dtype, kv_dtype, batch, new_tokens, context, layers, first, last),
                                 hw, link, tp, compute_dtype, eff).values()) for first, last in _end_stages(pp))
@@ -77,17 +86,18 @@ def _end_stages(pp: int) -> list[tuple[bool, bool]]:
     return [(True, pp == 1), (pp == 1, True)]
 
 
-def estimate_pipeline(*, model: str | Path | ModelSpec, gpu: str | GpuSpec, tp: int, pp: int, micro_batches: int,
+def estimate_pipeline(*, model: str | Path | ModelConfig, gpu: str | GpuSpec, tp: int, pp: int, micro_batches: int,
                       network: str = "ib-ndr-400", dtype: str = "bf16", batch: int = 1, prompt_len: int = 1024,
                       output_len: int = 256, kv_dtype: str = "bf16", interconnect: str | None = None,
                       efficiency: Mapping[str, float] | str | Path | Efficiency | None = None) -> PipelineEstimate:
     """Model ``pp`` pipeline stages of ``tp`` GPUs (inside a node, over ``interconnect``) joined by ``network``."""
-    spec, hw, eff = load_model(model), load_gpu(gpu), load_efficiency(efficiency)
+    dtype, kv_dtype = check_precision(dtype, kv_dtype)
+    spec, hw, eff = resolve_model(model, strict=False), load_gpu(gpu), load_efficiency(efficiency)
     link, net = hw.link(interconnect, tp), hw.link(network)
     check_inputs(spec, tp, dtype, kv_dtype, batch, prompt_len, output_len)
     check_link(link, hw, tp)
-    if not 1 <= pp <= spec.num_hidden_layers:
-        raise ValueError(f"pp must be between 1 and num_hidden_layers={spec.num_hidden_layers}, got {pp}")
+    if not 1 <= pp <= spec.num_layers:
+        raise ValueError(f"pp must be between 1 and num_hidden_layers={spec.num_layers}, got {pp}")
     if not 1 <= micro_batches <= batch:
         raise ValueError(f"micro_batches must be between 1 and batch={batch}, got {micro_batches}")
     b = math.ceil(batch / micro_batches)
@@ -105,11 +115,11 @@ def estimate_pipeline(*, model: str | Path | ModelSpec, gpu: str | GpuSpec, tp: 
                             ttft * 1e3, throughput, 1 - micro_batches * stage / round_s, stage * 1e3, hop * 1e3)
 
 
-def _stage_memory_gb(spec: ModelSpec, tp: int, pp: int, dtype: str, kv_dtype: str, batch: int, micro_batch: int,
+def _stage_memory_gb(spec: ModelConfig, tp: int, pp: int, dtype: str, kv_dtype: str, batch: int, micro_batch: int,
                      tokens_per_seq: int, eff: Efficiency) -> float:
     """Per-GPU memory of the fuller end stage: its weights, the KV cache of its layers for all sequences,
     one micro-batch's activations and the runtime overhead."""
-    layers = math.ceil(spec.num_hidden_layers / pp)
+    layers = math.ceil(spec.num_layers / pp)
     return max(sum(memory_gb(spec, tp, dtype, kv_dtype, batch, tokens_per_seq, eff, micro_batch,
                              layers=layers, embedding=first, lm_head=last).values()) for first, last in _end_stages(pp))
 

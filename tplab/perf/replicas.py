@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from tplab.checks import check_int
 from tplab.perf.estimate import Estimate, estimate
 
 
@@ -50,8 +51,7 @@ def compare_replicas(*, gpus: int, options: list[tuple[int, str]], concurrency: 
     """
     if not options:
         raise ValueError("options must list at least one (tp, dtype) pair, e.g. [(8, 'bf16'), (4, 'fp8')]")
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-        raise ValueError(f"concurrency must be a positive integer, got {concurrency!r}")
+    check_int("concurrency", concurrency)
     result = []
     for tp, dtype in options:
         if tp > gpus:

@@ -23,11 +23,11 @@ collectives are bf16.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from tplab.specs.sharding import check_divisible, check_tp, divisors
-from tplab.specs.model import ModelSpec
+from tplab.specs.dtypes import canonical
+from tplab.specs.model import ModelConfig
+from tplab.specs.sharding import padded_size
 
 WEIGHT_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5 + 2 / 128}
 KV_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1}
@@ -35,50 +35,23 @@ ACT_BYTES = 2
 LOGIT_BYTES = 4  # sampling works on fp32 logits
 
 
-def check_precision(dtype: str, kv_dtype: str) -> None:
-    """Reject a weight or KV-cache precision the model does not know."""
+def check_precision(dtype: str, kv_dtype: str) -> tuple[str, str]:
+    """The short names of a weight and a KV-cache precision, in either spelling ("bfloat16" -> "bf16");
+    a ValueError for one the cost model does not know."""
+    dtype, kv_dtype = canonical(dtype), canonical(kv_dtype)
     if dtype not in WEIGHT_BYTES:
         raise ValueError(f"unknown weight dtype {dtype!r}; known: {', '.join(WEIGHT_BYTES)}")
     if kv_dtype not in KV_BYTES:
         raise ValueError(f"unknown kv_dtype {kv_dtype!r}; known: {', '.join(KV_BYTES)}")
+    return dtype, kv_dtype
 
 
-def check_model_tp(model: ModelSpec, tp: int) -> None:
-    """Raise a ValueError saying why ``model`` cannot be split over ``tp`` ranks.
-
-    tp must divide the query heads and the MLP width; KV heads must split evenly
-    (tp divides K) or replicate evenly (K divides tp).
-    """
-    check_tp(tp)
-    check_divisible("num_attention_heads", model.num_attention_heads, tp)
-    kv = model.num_key_value_heads
-    if tp <= kv:
-        check_divisible("num_key_value_heads", kv, tp)
-    elif tp % kv:
-        raise ValueError(f"tp={tp} > num_key_value_heads={kv} must be a multiple of {kv} to replicate KV heads evenly; "
-                         f"valid tp: {', '.join(map(str, valid_tps(model)))}")
-    check_divisible("intermediate_size", model.intermediate_size, tp)
-
-
-def valid_tps(model: ModelSpec, limit: int | None = None) -> list[int]:
-    """The tp degrees ``model`` can use (divisors of its query heads that pass :func:`check_model_tp`), up to ``limit``."""
-    kv, inter = model.num_key_value_heads, model.intermediate_size
-    ok = [t for t in divisors(model.num_attention_heads)
-          if (kv % t == 0 if t <= kv else t % kv == 0) and inter % t == 0]
-    return [t for t in ok if limit is None or t <= limit]
-
-
-def kv_heads_per_rank(model: ModelSpec, tp: int) -> int:
-    """max(1, K/tp): KV heads are split while tp <= K, then replicated."""
-    return max(1, model.num_key_value_heads // tp)
-
-
-def padded_vocab(model: ModelSpec, tp: int) -> int:
+def padded_vocab(model: ModelConfig, tp: int) -> int:
     """V rounded up to a multiple of tp, the rows a vocab-parallel embedding allocates."""
-    return math.ceil(model.vocab_size / tp) * tp
+    return padded_size(model.vocab_size, tp)
 
 
-def rank_params(model: ModelSpec, tp: int, layers: int | None = None,
+def rank_params(model: ModelConfig, tp: int, layers: int | None = None,
                 embedding: bool = True, lm_head: bool = True) -> dict[str, int]:
     """Parameters one rank stores: ``linear`` (quantizable), ``embedding``, ``lm_head``, ``other`` (norms, biases).
 
@@ -86,9 +59,9 @@ def rank_params(model: ModelSpec, tp: int, layers: int | None = None,
     and the lm_head with the final norm (a pipeline stage holds a subset). A
     tied lm_head shares the embedding's storage when both are on the rank.
     """
-    layers = model.num_hidden_layers if layers is None else layers
-    h, d, heads = model.hidden_size, model.head_dim, model.num_attention_heads // tp
-    kv = kv_heads_per_rank(model, tp)
+    layers = model.num_layers if layers is None else layers
+    h, d, heads = model.hidden_size, model.head_dim, model.num_heads // tp
+    kv = model.kv_heads_per_rank(tp)
     attention = h * heads * d + 2 * h * kv * d + heads * d * h
     mlp = 3 * h * model.intermediate_size // tp
     bias = (heads + 2 * kv) * d if model.qkv_bias else 0
@@ -102,19 +75,13 @@ def rank_params(model: ModelSpec, tp: int, layers: int | None = None,
     }
 
 
-def weight_bytes(model: ModelSpec, tp: int, dtype: str, **slice_kw) -> float:
+def weight_bytes(model: ModelConfig, tp: int, dtype: str, **slice_kw) -> float:
     """Bytes of weights one rank stores: linear layers at ``dtype``, the rest at 16 bits."""
     p = rank_params(model, tp, **slice_kw)
     return p["linear"] * WEIGHT_BYTES[dtype] + 2.0 * (p["embedding"] + p["lm_head"] + p["other"])
 
 
-def kv_bytes_per_token(model: ModelSpec, tp: int = 1, kv_dtype: str = "bf16", layers: int | None = None) -> int:
-    """KV-cache bytes one rank stores per token: 2 (K and V) · layers · max(1, K/tp) · head_dim · bytes."""
-    layers = model.num_hidden_layers if layers is None else layers
-    return 2 * layers * kv_heads_per_rank(model, tp) * model.head_dim * KV_BYTES[kv_dtype]
-
-
-def activation_bytes(model: ModelSpec, tp: int, tokens: int, batch: int) -> float:
+def activation_bytes(model: ModelConfig, tp: int, tokens: int, batch: int) -> float:
     """A rough peak of transient activations on one rank for one forward pass of ``tokens`` tokens.
 
     Per token: the residual stream and its normed copy (2h) plus the widest
@@ -140,7 +107,7 @@ class StepWork:
     gather_bytes: float  # the logits all-gather (0 without an lm_head)
 
 
-def step_work(model: ModelSpec, tp: int, dtype: str, kv_dtype: str, batch: int, new_tokens: int, context: int,
+def step_work(model: ModelConfig, tp: int, dtype: str, kv_dtype: str, batch: int, new_tokens: int, context: int,
               layers: int | None = None, embedding: bool = True, lm_head: bool = True) -> StepWork:
     """One forward pass of ``new_tokens`` per sequence after ``context`` cached ones, for ``batch`` sequences.
 
@@ -149,15 +116,15 @@ def step_work(model: ModelSpec, tp: int, dtype: str, kv_dtype: str, batch: int, 
     last token of each sequence); attention 4·(H/tp)·d·Σ_i (context + i) per layer
     and sequence. KV bytes are the cache touched: batch·(context + new)·per-token bytes.
     """
-    layers = model.num_hidden_layers if layers is None else layers
+    layers = model.num_layers if layers is None else layers
     p = rank_params(model, tp, layers, embedding, lm_head)
     head_rows = padded_vocab(model, tp) // tp * model.hidden_size if lm_head else 0
     tokens = batch * new_tokens
     attended = new_tokens * context + new_tokens * (new_tokens + 1) // 2
-    heads = model.num_attention_heads // tp
+    heads = model.num_heads // tp
     return StepWork(
         weight_bytes=p["linear"] * WEIGHT_BYTES[dtype] + 2.0 * (p["other"] + head_rows),
-        kv_bytes=batch * (context + new_tokens) * kv_bytes_per_token(model, tp, kv_dtype, layers),
+        kv_bytes=batch * (context + new_tokens) * model.kv_bytes_per_token(tp, kv_dtype, layers),
         linear_flops=2.0 * (p["linear"] * tokens + head_rows * batch),
         attention_flops=4.0 * heads * model.head_dim * layers * batch * attended,
         all_reduces=2 * layers + (1 if embedding else 0),

@@ -15,8 +15,8 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter, NullLocator
 
-from tplab.specs.sharding import gqa_heads, kv_replicas
 from tplab.layers.shards import ownership_map
+from tplab.specs.sharding import gqa_heads, kv_replicas
 
 RANK_COLORS = plt.get_cmap("tab10").colors
 

@@ -6,6 +6,8 @@ over tp ranks gives rank r the contiguous block [r*D/tp, (r+1)*D/tp).
 """
 from __future__ import annotations
 
+from tplab.checks import check_int
+
 
 def divisors(n: int) -> list[int]:
     """All positive divisors of n, ascending: the tp degrees that split n evenly."""
@@ -14,8 +16,7 @@ def divisors(n: int) -> list[int]:
 
 def check_tp(tp: int) -> None:
     """Reject a tp that is not a positive integer."""
-    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
-        raise ValueError(f"tp must be a positive integer, got {tp!r}")
+    check_int("tp", tp)
 
 
 def check_divisible(name: str, size: int, tp: int) -> None:
@@ -57,7 +58,7 @@ def vocab_shard(vocab_size: int, tp: int, rank: int) -> tuple[int, int, int]:
 # --- grouped-query attention: which heads rank r holds -------------------------
 def valid_gqa_tp(num_heads: int, num_kv_heads: int) -> list[int]:
     """The tp degrees that split attention: tp | num_heads, and tp | num_kv_heads or num_kv_heads | tp."""
-    return [t for t in divisors(num_heads) if num_kv_heads % t == 0 or t % num_kv_heads == 0]
+    return [t for t in divisors(num_heads) if gqa_tp_problem(num_heads, num_kv_heads, t) is None]
 
 
 def gqa_tp_problem(num_heads: int, num_kv_heads: int, tp: int) -> str | None:
@@ -67,10 +68,11 @@ def gqa_tp_problem(num_heads: int, num_kv_heads: int, tp: int) -> str | None:
         return f"num_attention_heads={num_heads} must be a multiple of num_key_value_heads={num_kv_heads}"
     if num_heads % tp:
         return f"num_attention_heads={num_heads} is not divisible by tp={tp}"
-    if num_kv_heads % tp and tp % num_kv_heads:
-        return (f"num_key_value_heads={num_kv_heads} is not divisible by tp={tp}, and tp > {num_kv_heads} "
-                f"would need tp to be a multiple of {num_kv_heads} (each KV head replicated on "
-                f"tp/{num_kv_heads} ranks)")
+    if tp <= num_kv_heads and num_kv_heads % tp:
+        return f"num_key_value_heads={num_kv_heads} is not divisible by tp={tp}"
+    if tp > num_kv_heads and tp % num_kv_heads:
+        return (f"tp={tp} > num_key_value_heads={num_kv_heads} must be a multiple of {num_kv_heads} "
+                f"(each KV head replicated on tp/{num_kv_heads} ranks)")
     return None
 
 

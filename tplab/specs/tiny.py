@@ -45,5 +45,5 @@ def verify_tiny(directory: Path = TINY_DIR) -> Path:
     if actual != EXPECTED_SHA256:
         raise ValueError(f"{weights} has SHA-256 {actual}, expected {EXPECTED_SHA256}: the file is damaged "
                          "or not the shipped one. Restore it with `git checkout -- data/tiny`, or, after "
-                         "retraining with scripts/train_tiny.py, record the new hash in tplab/tiny.py.")
+                         "retraining with scripts/train_tiny.py, record the new hash in tplab/specs/tiny.py.")
     return Path(directory)

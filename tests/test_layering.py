@@ -1,0 +1,102 @@
+"""The README's map of the code is the law: imports run only downward across its floors, every unit is on it,
+no file is over 300 lines, and the cost model never reaches torch.distributed or the benchmark."""
+import ast
+import re
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGE = ROOT / "tplab"
+MAX_LINES = 300
+
+
+def unit_of(module: str) -> str:
+    """tplab.bench.plan -> tplab.bench; tplab.errors -> tplab.errors; tplab -> tplab."""
+    return ".".join(module.split(".")[:2])
+
+
+def modules() -> dict[str, Path]:
+    found = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+        found[name] = path
+    return found
+
+
+def imports_of(path: Path) -> set[str]:
+    """The tplab modules (and torch.distributed) a file imports, at any depth of its code."""
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            out.add(node.module)
+            if node.module == "tplab":  # from tplab import launch: the package's public face
+                out.update(f"tplab.{a.name}" for a in node.names if (PACKAGE / a.name).exists()
+                           or (PACKAGE / f"{a.name}.py").exists())
+        elif isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+    return {m for m in out if m.split(".")[0] == "tplab" or m.startswith("torch.distributed")}
+
+
+def readme_floors() -> dict[str, int]:
+    """unit -> floor, from the README's map table (rows like ``| 3 | `tplab/dist/` | ... |``)."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Map of the code"):]
+    floors = {}
+    for floor, code in re.findall(r"^\| (\d+) \| ([^|]+) \|", section, flags=re.M):
+        for path in re.findall(r"`(tplab/[\w/.]*)`", code):
+            unit = path.removesuffix("/").removesuffix(".py").replace("/", ".")
+            floors["tplab" if unit == "tplab.__init__" else unit] = int(floor)
+    return floors
+
+
+def test_every_unit_is_on_the_readme_map():
+    floors = readme_floors()
+    units = {unit_of(m) for m in modules()}
+    assert units - set(floors) == set(), "units missing from the README's map"
+    assert set(floors) - units == set(), "the README's map names units that do not exist"
+
+
+def test_no_import_runs_upward_across_the_floors():
+    floors = readme_floors()
+    upward = []
+    for module, path in modules().items():
+        for target in imports_of(path):
+            if not target.startswith("tplab"):
+                continue
+            source_unit, target_unit = unit_of(module), unit_of(target)
+            if source_unit != target_unit and floors[target_unit] >= floors[source_unit]:
+                upward.append(f"{module} (floor {floors[source_unit]}) imports {target} "
+                              f"(floor {floors[target_unit]})")
+    assert upward == []
+
+
+def test_the_cost_model_never_reaches_torch_distributed_or_the_benchmark():
+    graph = {module: imports_of(path) for module, path in modules().items()}
+    reached, todo = set(), [m for m in graph if unit_of(m) == "tplab.perf"]
+    while todo:
+        module = todo.pop()
+        if module in reached:
+            continue
+        reached.add(module)
+        todo.extend(t for t in graph.get(module, ()) if t in graph)
+    assert not {m for m in reached if unit_of(m) in ("tplab.dist", "tplab.bench")}
+    assert not any(t.startswith("torch.distributed") for m in reached for t in graph[m])
+
+
+def test_no_file_is_over_300_lines_and_no_module_repeats_its_folder():
+    long = {str(p.relative_to(ROOT)): n for p in [*PACKAGE.rglob("*.py"), *(ROOT / "tests").glob("*.py"),
+                                                  *(ROOT / "scripts").glob("*.py")]
+            if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert long == {}
+    repeated = [str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py")
+                if p.parent != PACKAGE and p.stem.startswith(p.parent.name + "_")]
+    assert repeated == []
+
+
+def test_every_subpackage_names_its_public_face():
+    faceless = defaultdict(list)
+    for init in PACKAGE.glob("*/__init__.py"):
+        tree = ast.parse(init.read_text())
+        if ast.get_docstring(tree) is None:
+            faceless["no docstring"].append(init.parent.name)
+    assert dict(faceless) == {}
