@@ -100,3 +100,19 @@ def test_every_subpackage_names_its_public_face():
         if ast.get_docstring(tree) is None:
             faceless["no docstring"].append(init.parent.name)
     assert dict(faceless) == {}
+
+
+def test_the_public_names_users_call_are_kept():
+    import tplab
+    import tplab.collectives
+    import tplab.layers
+    import tplab.loading
+    import tplab.perf
+    from tplab.dist import collectives
+    from tplab.model import loading
+
+    assert tplab.launch.__module__ == "tplab.dist.launch" and tplab.Dist.__module__ == "tplab.dist.group"
+    assert tplab.layers.ColumnParallelLinear.__module__ == tplab.layers.RowParallelLinear.__module__ == "tplab.layers.linear"
+    assert tplab.collectives.ring_all_reduce is collectives.ring_all_reduce
+    assert callable(tplab.perf.estimate) and callable(tplab.perf.min_tp)
+    assert tplab.loading.from_pretrained is loading.from_pretrained is tplab.from_pretrained
