@@ -12,12 +12,12 @@ import pytest
 
 from tplab.bench.calibration import calibrate, write_efficiency
 from tplab.bench.emulation import modelled_seconds
-from tplab.bench.models import resolve_model
 from tplab.cli import main
-from tplab.perf.estimate import estimate, step_seconds
+from tplab.perf.estimate import estimate, overhead_seconds, step_seconds
 from tplab.perf.shapes import step_work
 from tplab.specs.efficiency import EFFICIENCY_FILE, load_efficiency
 from tplab.specs.hardware import load_gpu
+from tplab.specs.model import resolve_model
 
 TRUE = {"memory_bandwidth": 0.55, "compute": 0.45, "link": 0.7}
 H100 = load_gpu("h100-sxm")
@@ -35,7 +35,7 @@ def synthetic(kind, tp, batch, prompt_len, layers=2, steps=16, device=("cuda", "
 
     def compute_ms(work):
         parts = step_seconds(work, H100, link, tp, "bf16", e)
-        return 1e3 * (parts["weights"] + parts["kv_cache"] + parts["compute"])
+        return 1e3 * (parts["weights"] + parts["kv_cache"] + parts["compute"] + parts["fixed"] + parts["per_sequence"])
 
     calls = {"all_reduce": (decode.all_reduces, prefill.all_reduce_bytes), "all_gather": (1, 2 * batch * tp)}
     comm = {op: {"count": n, "bytes": n * size, "seconds": n * modelled_seconds(op, size, tp, link, e)}
@@ -86,7 +86,10 @@ def test_emulated_records_never_calibrate_the_link():
 def test_a_fraction_above_one_is_capped_and_said_so():
     result = calibrate([synthetic("emulated", 8, 1, 128, eff={"memory_bandwidth": 1.0})], "h100-sxm")
     too_fast = synthetic("emulated", 8, 1, 128)
-    too_fast["decode_compute_ms"]["median"] /= 2  # twice the datasheet bandwidth: 1.1
+    work = step_work(LLAMA, 8, "bf16", "bf16", 1, 1, 128 + 16 - 1, layers=2)
+    fixed_ms = 1e3 * sum(overhead_seconds(work, load_efficiency(TRUE), "graph").values())
+    memory_ms = too_fast["decode_compute_ms"]["median"] - fixed_ms
+    too_fast["decode_compute_ms"]["median"] = fixed_ms + memory_ms / 2  # twice the datasheet bandwidth: 1.1
     capped = calibrate([too_fast], "h100-sxm")["memory_bandwidth"]
     assert result["memory_bandwidth"]["value"] == pytest.approx(1.0)
     assert capped["value"] == 1.0 and capped["raw_median"] == pytest.approx(1.1) and "capped" in capped["provenance"]

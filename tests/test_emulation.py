@@ -63,7 +63,7 @@ def test_emulated_transport_rejects_bad_groups():
 
 def test_alpha_beta_seconds_match_hand_calculation_and_the_cost_model():
     nbytes, n = 1_000_000, 8
-    alpha, beta, base = 0.47e-6, 450e9 * 0.8, 3.6e-6
+    alpha, beta, base = 0.47e-6, 450e9 * 0.8, load_efficiency().collective_base_us * 1e-6
     assert math.isclose(modelled_seconds("all_reduce", nbytes, n, NVLINK, EFF),
                         base + 2 * 7 * (alpha + nbytes / (8 * beta)))
     assert math.isclose(modelled_seconds("all_gather", nbytes, n, NVLINK, EFF), base + 7 * (alpha + nbytes / (8 * beta)))

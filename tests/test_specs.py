@@ -61,7 +61,8 @@ def _hf_config(name: str):
 
 
 def test_shipped_models_match_hugging_face_parameter_counts_exactly():
-    assert model_names() == ["llama-2-70b", "llama-3-70b", "llama-3-8b", "qwen2-72b"]
+    assert model_names() == ["llama-2-13b", "llama-2-70b", "llama-2-7b", "llama-3-70b", "llama-3-8b", "mistral-7b",
+                             "qwen2-72b"]
     for name in model_names():
         with torch.device("meta"):  # shapes only, no memory
             hf = AutoModelForCausalLM.from_config(_hf_config(name))
@@ -87,7 +88,7 @@ def test_any_saved_config_json_loads_and_counts_like_hugging_face(tmp_path, tied
 
 
 def test_bad_model_configs_say_what_is_wrong():
-    with pytest.raises(ValueError, match="unknown model 'gpt-5'; known: llama-2-70b, .*; or pass the path"):
+    with pytest.raises(ValueError, match="unknown model 'gpt-5'; known: llama-2-13b, .*; or pass the path"):
         resolve_model("gpt-5")
     with pytest.raises(ValueError, match="lacks hidden_size, intermediate_size"):
         ModelConfig.from_dict({"n_embd": 768, "num_attention_heads": 12, "num_hidden_layers": 12, "vocab_size": 50257},

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from tplab.bench.records import record_shapes
 from tplab.files import write_new_file
-from tplab.perf.estimate import bound, compute_dtype_for
+from tplab.perf.estimate import bound, compute_dtype_for, overhead_seconds
 from tplab.perf.shapes import step_work
 from tplab.specs.efficiency import EFFICIENCY_FILE as DEFAULTS_FILE
 from tplab.specs.efficiency import load_efficiency
@@ -68,8 +68,8 @@ def _memory_fraction(record: dict, gpu: GpuSpec, eff) -> float | None:
     work = step_work(x.spec, x.tp, x.dtype, "bf16", x.batch, 1, x.decode_context, layers=x.layers)
     if bound(work, gpu, compute_dtype_for(gpu, x.dtype)[0], eff) != "memory":
         return None
-    seconds = record["decode_compute_ms"]["median"] / 1e3
-    return (work.weight_bytes + work.kv_bytes) / (seconds * gpu.memory_bandwidth_gb_s * 1e9)
+    seconds = record["decode_compute_ms"]["median"] / 1e3 - sum(overhead_seconds(work, eff, "graph").values())
+    return (work.weight_bytes + work.kv_bytes) / (seconds * gpu.memory_bandwidth_gb_s * 1e9) if seconds > 0 else None
 
 
 def _compute_fraction(record: dict, gpu: GpuSpec, eff) -> float | None:
@@ -80,8 +80,12 @@ def _compute_fraction(record: dict, gpu: GpuSpec, eff) -> float | None:
     compute_dtype = compute_dtype_for(gpu, x.dtype)[0]
     if bound(work, gpu, compute_dtype, eff) != "compute":
         return None
-    seconds = record["ttft_compute_ms"]["median"] / 1e3
-    return (work.linear_flops + work.attention_flops) / (seconds * gpu.tflops(compute_dtype) * 1e12)
+    seconds = record["ttft_compute_ms"]["median"] / 1e3 - sum(overhead_seconds(work, eff, "graph").values())
+    # t = F_lin / (P·c·n/(n + n½)) + F_att / (P_bf16·c), solved for c
+    size = (work.tokens + eff.gemm_half_tokens) / work.tokens
+    flop_seconds = (work.linear_flops * size / (gpu.tflops(compute_dtype) * 1e12)
+                    + work.attention_flops / (gpu.tflops("bf16") * 1e12))
+    return flop_seconds / seconds if seconds > 0 else None
 
 
 def _link_fraction(record: dict, gpu: GpuSpec, eff, interconnect: str | None) -> float | None:

@@ -111,7 +111,7 @@ def device_spec(record: dict) -> GpuSpec:
                                                              "tflops_bf16": roof["matmul_method"]})
 
 
-ROOFLINE_EFFICIENCY = {"memory_bandwidth": 1.0, "compute": 1.0}
+ROOFLINE_EFFICIENCY = {"memory_bandwidth": 1.0, "compute": 1.0, "compute_fp8": 1.0, "gemm_half_tokens": 0.0}  # roofs only
 _NO_LINK = Link("none", "none", 1.0, 0.0, None, "collectives are not part of the roofline")
 
 

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from tplab.commands import int_list, precision_of
-from tplab.perf.estimate import MODELLED, Estimate, estimate, max_batch, min_tp
+from tplab.perf.estimate import ENGINES, MODELLED, Estimate, estimate, max_batch, min_tp
 from tplab.perf.shapes import KV_BYTES, WEIGHT_BYTES
 from tplab.specs.efficiency import load_efficiency
 from tplab.specs.hardware import load_gpu
@@ -34,6 +34,9 @@ def register(subparsers) -> None:
     p.add_argument("--interconnect", default=None, help="nvlink, pcie or a network (default: the fastest that reaches tp GPUs)")
     p.add_argument("--price", type=float, default=None, help="your price in USD per GPU-hour (no default: enables the cost column)")
     p.add_argument("--efficiency", default=None, help="JSON file overriding data/efficiency.json")
+    p.add_argument("--engine", default="graph", choices=ENGINES,
+                   help="graph: CUDA graphs / compiled; served: the same behind an HTTP server, timed at the client; "
+                        "eager: one kernel launch per op (its overheads are assumptions, not fitted)")
     p.set_defaults(run=run)
 
 
@@ -62,12 +65,16 @@ def plan(args: argparse.Namespace) -> None:
         raise ValueError(f"--output={args.output} must be at least 1 and less than --context={args.context}")
     kw = dict(model=spec, gpu=hw, dtype=args.dtype, prompt_len=args.context - args.output, output_len=args.output,
               kv_dtype=args.kv_dtype, efficiency=eff)
-    estimates = [estimate(tp=tp, batch=b, interconnect=args.interconnect, price_per_gpu_hour=args.price, **kw)
-                 for tp in tps for b in batches]
+    estimates = [estimate(tp=tp, batch=b, interconnect=args.interconnect, price_per_gpu_hour=args.price,
+                          engine=args.engine, **kw) for tp in tps for b in batches]
     print(f"MODELLED estimates, not measurements: {spec.name} on {hw.label}, {args.dtype} weights, {args.kv_dtype} KV "
           f"cache, {args.context - args.output} prompt + {args.output} output tokens per sequence")
-    print(f"efficiencies (data/efficiency.json or --efficiency): memory bandwidth {eff.memory_bandwidth:g}, "
-          f"compute {eff.compute:g}, link {eff.link:g}; {eff.memory_headroom_fraction:.0%} of memory kept free")
+    layer, step = ((eff.layer_overhead_us, eff.step_overhead_us) if args.engine != "eager"
+                   else (eff.eager_layer_overhead_us, eff.eager_step_overhead_us))
+    print(f"efficiencies (data/efficiency.json or --efficiency, fitted to published GPU measurements): memory "
+          f"bandwidth {eff.memory_bandwidth:.3g}, GEMM peak {eff.compute:.3g} (fp8 {eff.compute_fp8:.3g}) reached "
+          f"at n/(n+{eff.gemm_half_tokens:.0f}) for n tokens, link {eff.link:g}; {args.engine} engine: "
+          f"{layer:.0f} us per layer + {step:.0f} us per step; {eff.memory_headroom_fraction:.0%} of memory kept free")
     _print_table([_row(e) for e in estimates])
     print(f"total = weights + KV + act+rt: the activations of one forward pass (up to {eff.prefill_chunk_tokens} "
           f"tokens) and {eff.runtime_overhead_gb:g} GB of runtime overhead per GPU (CUDA context, workspaces); "

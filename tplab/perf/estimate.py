@@ -5,19 +5,28 @@ tokens and O output tokens, per GPU (one rank):
 
 * memory = weights + KV cache (B·(P+O) tokens) + activations + runtime
   overhead; it fits when that is within (1 - headroom) of the GPU's memory.
-* one decode step at context c (averaged over the output: c = P + O/2) is a
-  roofline per part, plus the collectives, with no overlap:
+* one forward pass over n = B·T new tokens (T = 1 for a decode step at context
+  c = P + O/2, averaged over the output; T = P for the prefill) is a roofline
+  per part plus the terms a roofline lacks, with no overlap between them:
 
-      t = max(W/bw, F_lin/F) + max(KV/bw, F_att/F) + (2L+1)·T_allreduce + T_allgather
+      t = max(W/bw, F_lin/(F·e(n))) + max(KV/bw, F_att/F) + L·t_layer + t_step + B·L·t_seq
+          + (2L+1)·(t_base + 2(tp-1)·α + 2(tp-1)/tp · S/β) + T_allgather
 
   W and KV are the weight and cache bytes the rank reads, bw the achieved
-  memory bandwidth, F the achieved FLOP/s, and each collective is NCCL's base
-  latency plus the α-β ring of :mod:`tplab.perf.comm` over the link.
-* TTFT is the same formula for the prefill of all B prompts at once.
+  memory bandwidth, F the achieved peak FLOP/s of a large GEMM in the
+  precision (``compute``, ``compute_fp8``), e(n) = n/(n + n½) how much of it a
+  GEMM over n tokens reaches, F_att the attention FLOPs (quadratic in P for a
+  prefill). t_layer and t_step are fixed times per layer and per pass (norms,
+  RoPE, activation, residual adds, sampling, launch or graph replay) for the
+  engine profile (``graph``, ``served``, ``eager``), t_seq the work per
+  sequence per layer. Each all-reduce of S bytes pays a base latency t_base,
+  a per-hop latency α of the link, and the ring's bandwidth term over β.
+* TTFT is the prefill of all B prompts at once (plus, served, the request's own overhead).
 * throughput = B·O / (TTFT + (O-1)·t) output tokens/s for the TP group;
   cost per million output tokens = price·tp / throughput.
 
-The "achieved" fractions come from data/efficiency.json (:class:`tplab.specs.efficiency.Efficiency`).
+The parameters come from data/efficiency.json (:class:`tplab.specs.efficiency.Efficiency`), most of them fitted
+to published GPU measurements (``scripts/fit_cost_model.py``, :mod:`tplab.bench.fit`), each with its provenance.
 fp8 on a GPU without FP8 tensor cores (A100) falls back explicitly to weight-only
 FP8 (W8A16: 1-byte weights, BF16 math), as vLLM's FP8 Marlin kernels do; the
 estimate says so in ``notes``. int8 means W8A8 (int8 math), int4 W4A16.
@@ -37,6 +46,7 @@ from tplab.specs.model import ModelConfig, resolve_model
 
 GB = 1e9
 MODELLED = "modelled (not measured)"
+ENGINES = ("graph", "served", "eager")  # compiled / CUDA graphs; the same behind an HTTP server; one launch per op
 
 
 @dataclass(frozen=True)
@@ -64,6 +74,7 @@ class Estimate:
     cost_per_million_tokens: float | None
     breakdown: dict[str, dict[str, float]]
     notes: tuple[str, ...] = field(default=())
+    engine: str = "graph"
 
     @property
     def throughput_per_gpu_tok_s(self) -> float:
@@ -103,31 +114,43 @@ def collective_seconds(work: StepWork, link: Link, tp: int, eff: Efficiency) -> 
     return work.all_reduces * reduce + gather
 
 
-def _rates(gpu: GpuSpec, compute_dtype: str, eff: Efficiency) -> tuple[float, float, float]:
-    """Achieved bytes/s of memory, FLOP/s of the linear layers (at compute_dtype) and of attention (bf16)."""
-    return (gpu.memory_bandwidth_gb_s * GB * eff.memory_bandwidth, gpu.tflops(compute_dtype) * 1e12 * eff.compute,
-            gpu.tflops("bf16") * 1e12 * eff.compute)
+def gemm_efficiency(eff: Efficiency, compute_dtype: str, tokens: int) -> float:
+    """e(n) = e_max · n / (n + n½): the achieved fraction of peak of a GEMM over n tokens (e_max per precision)."""
+    peak_fraction = eff.compute_fp8 if compute_dtype in ("fp8", "int8") else eff.compute
+    return peak_fraction * tokens / (tokens + eff.gemm_half_tokens)
 
 
-def step_seconds(work: StepWork, gpu: GpuSpec, link: Link, tp: int, compute_dtype: str,
-                 eff: Efficiency) -> dict[str, float]:
-    """The parts of one forward pass, in seconds, summing to its time: weights, kv_cache, compute, communication.
+def overhead_seconds(work: StepWork, eff: Efficiency, engine: str) -> dict[str, float]:
+    """{"fixed": L·t_layer + t_step (per engine profile), "per_sequence": B·L·t_seq}, in seconds."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine profile {engine!r}; choose one of {ENGINES}")
+    layer, step = {"graph": (eff.layer_overhead_us, eff.step_overhead_us),
+                   "served": (eff.layer_overhead_us, eff.served_step_overhead_us),
+                   "eager": (eff.eager_layer_overhead_us, eff.eager_step_overhead_us)}[engine]
+    return {"fixed": (work.layers * layer + step) * 1e-6,
+            "per_sequence": work.sequences * work.layers * eff.sequence_overhead_us * 1e-6}
+
+
+def step_seconds(work: StepWork, gpu: GpuSpec, link: Link, tp: int, compute_dtype: str, eff: Efficiency,
+                 engine: str = "graph") -> dict[str, float]:
+    """The parts of one forward pass, in seconds, summing to its time (see the module docstring).
 
     ``compute`` is the time by which the FLOPs outlast the memory traffic (0 when memory-bound).
     """
-    bw, linear_flops_s, attention_flops_s = _rates(gpu, compute_dtype, eff)
+    bw = gpu.memory_bandwidth_gb_s * GB * eff.memory_bandwidth
+    linear_flops_s = gpu.tflops(compute_dtype) * 1e12 * gemm_efficiency(eff, compute_dtype, work.tokens)
+    attention_flops_s = gpu.tflops("bf16") * 1e12 * eff.compute
     weights, kv = work.weight_bytes / bw, work.kv_bytes / bw
     linear = max(weights, work.linear_flops / linear_flops_s)
     attention = max(kv, work.attention_flops / attention_flops_s)
     return {"weights": weights, "kv_cache": kv, "compute": linear - weights + attention - kv,
-            "communication": collective_seconds(work, link, tp, eff)}
+            **overhead_seconds(work, eff, engine), "communication": collective_seconds(work, link, tp, eff)}
 
 
 def bound(work: StepWork, gpu: GpuSpec, compute_dtype: str, eff: Efficiency) -> str:
     """Which roof binds the pass: "compute" when its FLOPs take longer than its memory traffic, else "memory"."""
-    bw, linear_flops_s, attention_flops_s = _rates(gpu, compute_dtype, eff)
-    flops_time = work.linear_flops / linear_flops_s + work.attention_flops / attention_flops_s
-    return "compute" if flops_time > (work.weight_bytes + work.kv_bytes) / bw else "memory"
+    parts = step_seconds(work, gpu, gpu.link(None, 1), 1, compute_dtype, eff)
+    return "compute" if parts["compute"] > 0 else "memory"
 
 
 def check_inputs(model: ModelConfig, tp: int, dtype: str, kv_dtype: str, batch: int, prompt_len: int,
@@ -174,13 +197,17 @@ def memory_gb(model: ModelConfig, tp: int, dtype: str, kv_dtype: str, batch: int
 def estimate(*, model: str | Path | ModelConfig, gpu: str | GpuSpec, tp: int, dtype: str = "bf16", batch: int = 1,
              prompt_len: int = 1024, output_len: int = 256, interconnect: str | None = None, kv_dtype: str = "bf16",
              price_per_gpu_hour: float | None = None,
-             efficiency: Mapping[str, float] | str | Path | Efficiency | None = None) -> Estimate:
+             efficiency: Mapping[str, float] | str | Path | Efficiency | None = None,
+             engine: str = "graph") -> Estimate:
     """Model one configuration (see the module docstring for the formulas).
 
     ``interconnect`` is one of the GPU's links ("nvlink", "pcie"; default the
     fastest) or an inter-node network ("ib-ndr-400") for a TP group spanning
     nodes. ``price_per_gpu_hour`` (USD, yours to give: no default) enables the
-    cost. ``efficiency`` overrides data/efficiency.json.
+    cost. ``efficiency`` overrides data/efficiency.json. ``engine`` sets the fixed overheads: "graph" (CUDA
+    graphs or a compiled engine, timed in its process; the default), "served" (the same engine behind an HTTP
+    server, timed at the client: each step also carries the streaming of its tokens) or "eager" (one kernel
+    launch per op).
     """
     dtype, kv_dtype = check_precision(dtype, kv_dtype)
     spec, hw, eff = resolve_model(model, strict=False), load_gpu(gpu), load_efficiency(efficiency)
@@ -195,8 +222,11 @@ def estimate(*, model: str | Path | ModelConfig, gpu: str | GpuSpec, tp: int, dt
     usable = hw.memory_gb * (1 - eff.memory_headroom_fraction)
     context = prompt_len + output_len // 2
     decode_work = step_work(spec, tp, dtype, kv_dtype, batch, 1, context)
-    decode = step_seconds(decode_work, hw, link, tp, compute_dtype, eff)
-    prefill = step_seconds(step_work(spec, tp, dtype, kv_dtype, batch, prompt_len, 0), hw, link, tp, compute_dtype, eff)
+    decode = step_seconds(decode_work, hw, link, tp, compute_dtype, eff, engine)
+    prefill = step_seconds(step_work(spec, tp, dtype, kv_dtype, batch, prompt_len, 0), hw, link, tp, compute_dtype, eff,
+                           engine)
+    if engine == "served":  # the request itself: HTTP, tokenization, the first streamed chunk
+        prefill["request"] = eff.served_request_overhead_us * 1e-6
     step, ttft = sum(decode.values()), sum(prefill.values())
     throughput = batch * output_len / (ttft + (output_len - 1) * step)
     cost = None if price_per_gpu_hour is None else price_per_gpu_hour * tp / 3600 / throughput * 1e6
@@ -209,7 +239,7 @@ def estimate(*, model: str | Path | ModelConfig, gpu: str | GpuSpec, tp: int, dt
         cost_per_million_tokens=cost,
         breakdown={"memory_gb": memory, "decode_ms": {k: v * 1e3 for k, v in decode.items()},
                    "ttft_ms": {k: v * 1e3 for k, v in prefill.items()}},
-        notes=notes,
+        notes=notes, engine=engine,
     )
 
 

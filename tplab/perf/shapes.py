@@ -105,6 +105,9 @@ class StepWork:
     all_reduces: int
     all_reduce_bytes: float  # size of each all-reduce
     gather_bytes: float  # the logits all-gather (0 without an lm_head)
+    layers: int  # decoder layers in the pass
+    tokens: int  # tokens the linear layers multiply: batch · new tokens
+    sequences: int  # the batch
 
 
 def step_work(model: ModelConfig, tp: int, dtype: str, kv_dtype: str, batch: int, new_tokens: int, context: int,
@@ -130,4 +133,5 @@ def step_work(model: ModelConfig, tp: int, dtype: str, kv_dtype: str, batch: int
         all_reduces=2 * layers + (1 if embedding else 0),
         all_reduce_bytes=ACT_BYTES * tokens * model.hidden_size,
         gather_bytes=ACT_BYTES * batch * padded_vocab(model, tp) if lm_head else 0.0,
+        layers=layers, tokens=tokens, sequences=batch,
     )

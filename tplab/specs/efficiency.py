@@ -23,15 +23,24 @@ class Efficiency:
     """
 
     memory_bandwidth: float  # achieved / peak memory bandwidth
-    compute: float  # achieved / peak dense tensor-core FLOP/s
+    compute: float  # achieved / peak dense BF16/FP16 tensor-core FLOP/s of a large GEMM (and of attention)
+    compute_fp8: float  # the same for FP8 and INT8 GEMMs
+    gemm_half_tokens: float  # n½: a GEMM over n tokens reaches compute · n / (n + n½)
     link: float  # achieved / line-rate link bandwidth
-    collective_base_us: float  # fixed cost of launching one collective
+    collective_base_us: float  # fixed cost of one collective, on top of the per-hop latency
+    layer_overhead_us: float  # fixed time per decoder layer per forward pass, CUDA-graph / compiled engine
+    step_overhead_us: float  # fixed time per forward pass (embedding, LM head, sampling, scheduling), same engine
+    served_step_overhead_us: float  # the same for that engine behind an HTTP server, timed at the client
+    served_request_overhead_us: float  # and once per request, in its TTFT (HTTP, tokenization, first chunk)
+    eager_layer_overhead_us: float  # the same two for an eager engine (a kernel launch per op)
+    eager_step_overhead_us: float
+    sequence_overhead_us: float  # time per sequence per decoder layer per pass (per-sequence attention work)
     runtime_overhead_gb: float  # per-GPU CUDA context, workspaces, graphs
     memory_headroom_fraction: float  # share of memory left unused
     prefill_chunk_tokens: int  # tokens in one forward pass (sizes activations)
 
 
-_FRACTIONS = ("memory_bandwidth", "compute", "link")
+_FRACTIONS = ("memory_bandwidth", "compute", "compute_fp8", "link")
 
 
 def efficiency_provenance() -> dict[str, str]:

@@ -175,7 +175,7 @@ class ModelConfig:
 
 
 def model_names() -> list[str]:
-    """The shipped model configs, e.g. ``["llama-2-70b", "llama-3-70b", "llama-3-8b", "qwen2-72b"]``."""
+    """The shipped model configs, e.g. ``["llama-2-13b", "llama-2-70b", ..., "qwen2-72b"]``."""
     return sorted(p.stem for p in MODEL_DIR.glob("*.json"))
 
 

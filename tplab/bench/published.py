@@ -1,0 +1,97 @@
+"""Published GPU measurements (``data/published/``) and what the cost model predicts for each of them.
+
+Every figure is one measured number from a public source: its metric
+(``decode_ms_per_token``, ``ttft_ms`` or ``throughput_tok_s``), value, model (a
+shipped config of ``data/model_configs``), GPU (a shipped spec), interconnect,
+tp, batch (or concurrency), prompt and output lengths, dtype, engine and its
+profile (``graph``: CUDA graphs or a compiled engine; ``eager``), the source
+(title, where it is published, the commit of the file) and notes.
+
+``figures.jsonl`` feeds the fit (:mod:`tplab.bench.fit`). ``held_out_70b.jsonl``
+holds the Llama-2-70B and Llama-3-70B figures, which never enter a fit, so that
+what the model says of 70B deployments is a prediction.
+
+:func:`predict` evaluates :func:`tplab.perf.estimate` at a figure's setting:
+a decode step at context P + O/2, the prefill of the batch, or the static
+batch's throughput B·O / (TTFT + (O-1)·t). The KV cache is taken in the
+figure's precision (an FP8 engine is taken to keep an FP8 cache).
+"""
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+from tplab.paths import DATA_DIR
+from tplab.perf.estimate import Estimate, estimate
+from tplab.specs.efficiency import Efficiency
+from tplab.specs.hardware import GpuSpec, load_gpu
+from tplab.specs.model import ModelConfig, resolve_model
+
+PUBLISHED_DIR = DATA_DIR / "published"
+FIGURES_FILE = PUBLISHED_DIR / "figures.jsonl"
+HELD_OUT_FILE = PUBLISHED_DIR / "held_out_70b.jsonl"
+METRICS = ("decode_ms_per_token", "ttft_ms", "throughput_tok_s")
+HELD_OUT_MODELS = ("llama-2-70b", "llama-3-70b", "llama-3.1-70b")
+
+
+def load_figures(path: str | Path = FIGURES_FILE) -> list[dict]:
+    """The figures of a JSON-lines file, each checked to name a known metric."""
+    figures = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    for f in figures:
+        if f["metric"] not in METRICS:
+            raise ValueError(f"{path}: figure {f['id']} has metric {f['metric']!r}; known: {', '.join(METRICS)}")
+    return figures
+
+
+@functools.lru_cache(maxsize=None)
+def _model(name: str) -> ModelConfig:
+    return resolve_model(name, strict=False)
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu(name: str) -> GpuSpec:
+    return load_gpu(name)
+
+
+def modelled(figure: dict, efficiency: Efficiency) -> Estimate:
+    """The cost model's estimate at a figure's setting."""
+    return estimate(model=_model(figure["model"]), gpu=_gpu(figure["gpu"]), tp=figure["tp"], dtype=figure["dtype"],
+                    kv_dtype=figure["dtype"], batch=figure["batch"], prompt_len=figure["prompt_len"],
+                    output_len=figure["output_len"], interconnect=figure["interconnect"], efficiency=efficiency,
+                    engine=figure["engine_profile"])
+
+
+def predict(figure: dict, efficiency: Efficiency) -> float:
+    """The modelled value of the figure's metric, in the figure's unit."""
+    return getattr(modelled(figure, efficiency), figure["metric"])
+
+
+def source_key(figure: dict) -> str:
+    """A figure's group for cross-validation: its source and its model (leaving one out tests an unseen model)."""
+    return f"{figure['engine']} / {figure['model']}"
+
+
+PEER_SCORES_FILE = PUBLISHED_DIR / "peer_scores.jsonl"
+
+
+def peer_pairs(figures: list[dict], path: str | Path = PEER_SCORES_FILE) -> dict[tuple[str, str], list[tuple[dict, float]]]:
+    """{(peer, setting): [(figure, the peer's prediction)]} for the given figures, from ``scripts/score_peers.py``'s
+    file; a figure a peer could not predict is left out of its list (see :func:`peer_refusals`)."""
+    by_id = {f["id"]: f for f in figures}
+    out: dict[tuple[str, str], list[tuple[dict, float]]] = {}
+    for line in Path(path).read_text().splitlines()[1:]:
+        row = json.loads(line)
+        if row["figure"] in by_id and row["value"] is not None:
+            out.setdefault((row["peer"], row["setting"]), []).append((by_id[row["figure"]], row["value"]))
+    return out
+
+
+def peer_refusals(path: str | Path = PEER_SCORES_FILE) -> dict[tuple[str, str], list[str]]:
+    """{(peer, setting): [why it had no prediction, per figure]}, and the hand work of the file's first line."""
+    lines = Path(path).read_text().splitlines()
+    out: dict[tuple[str, str], list[str]] = {}
+    for row in map(json.loads, lines[1:]):
+        if row["value"] is None:
+            out.setdefault((row["peer"], row["setting"]), []).append(f"{row['figure']}: {row['why_not']}")
+    return out
