@@ -41,7 +41,6 @@ import lzma
 import math
 import os
 import platform
-import re
 import subprocess
 import time
 from pathlib import Path
@@ -51,6 +50,8 @@ import transformers
 from tiny_model_card import write_model_card
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from tplab.specs.tiny import clean_text, split_text
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS_FILE = "corpus.json.xz"
@@ -104,20 +105,6 @@ def load_corpus(out: Path, allow_change: bool) -> tuple[list[dict], str, str]:
                          "the text differs from the one the shipped model was trained on. Restore "
                          f"{path} from git, or pass --allow-corpus-change and update CORPUS_SHA256.")
     return json.loads(raw), digest, origin
-
-
-UNDERLINE = re.compile(r"^[ \t]*([*=~-])\1{2,}[ \t]*\n", re.MULTILINE)
-
-
-def clean_text(text: str) -> str:
-    """The text without reStructuredText heading underlines (whole lines of one repeated * = - ~)."""
-    return UNDERLINE.sub("", text)
-
-
-def split_text(text: str, val_fraction: float) -> tuple[str, str]:
-    """Cut at the first paragraph break after (1 - val_fraction) of the text: (train, val)."""
-    cut = text.find("\n\n", int(len(text) * (1 - val_fraction)))
-    return (text, "") if cut < 0 else (text[:cut + 1], text[cut + 2:])
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:

@@ -10,7 +10,7 @@ from tplab.perf.comm import ring_all_gather_seconds, ring_all_reduce_seconds
 from tplab.perf.estimate import estimate, max_batch, min_tp, throughput_curve
 from tplab.perf.pipeline import compare_tp_pp, estimate_pipeline
 from tplab.perf.replicas import compare_replicas
-from tplab.perf.shapes import padded_vocab, rank_params, weight_bytes
+from tplab.perf.shapes import padded_vocab, rank_params, scale_bytes, weight_bytes
 from tplab.specs.efficiency import load_efficiency
 from tplab.specs.hardware import gpu_names, load_gpu
 from tplab.specs.model import ModelConfig, model_names, resolve_model
@@ -31,7 +31,10 @@ def test_hand_calculated_anchors():
     assert LLAMA3_70B.kv_bytes_per_token(dtype="fp8") == 327_680 // 2
     # quantization shrinks only the decoder's linear layers; embedding, lm_head and norms stay 16-bit
     linear = rank_params(LLAMA3_70B, 1)["linear"]
-    assert weight_bytes(LLAMA3_70B, 1, "bf16") - weight_bytes(LLAMA3_70B, 1, "fp8") == linear
+    # ... to 1 byte, plus a 4-byte scale per output row: (64 + 2·8)·128 q/k/v rows, 2·28672 gate/up, 2·8192 o/down
+    scales = scale_bytes(LLAMA3_70B, 1, "fp8")
+    assert scales == 80 * ((64 + 2 * 8) * 128 + 2 * 28672 + 2 * 8192) * 4 == 26_869_760
+    assert weight_bytes(LLAMA3_70B, 1, "bf16") - weight_bytes(LLAMA3_70B, 1, "fp8") == linear - scales
 
 
 def test_kv_bytes_per_token_matches_a_hugging_face_cache():

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tplab.commands import HelpFormatter, bench, comm_bench, demo, generate, plan
+from tplab.commands import HelpFormatter, bench, comm_bench, demo, generate, plan, quality
 
-COMMANDS = [demo, generate, plan, bench, comm_bench]
+COMMANDS = [demo, generate, plan, bench, comm_bench, quality]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from tplab.commands import int_list, runtime_dtype
 from tplab.dist.launch import BACKENDS, check_device, launch, under_torchrun
 from tplab.engine.generate import check_prompts, generate_rank_program
 from tplab.errors import InputError
+from tplab.layers.quantized import SCHEMES
 from tplab.memory import check_fits, rank_processes_bytes
 from tplab.model.loading import check_checkpoint, checkpoint_config, resolve_dtype
 from tplab.model.sampling import SamplingParams
@@ -55,6 +56,8 @@ def register(subparsers) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed: the same tokens on every rank and tp")
     p.add_argument("--dtype", type=runtime_dtype, default="auto",
                    help="weights dtype: auto (the checkpoint's), float32/fp32, bfloat16/bf16 or float16/fp16")
+    p.add_argument("--quant", choices=SCHEMES, default=None,
+                   help="weight-only int8 or fp8 for the decoder's linears, each rank quantizing its own slices")
     p.add_argument("--json", action="store_true", help="print one JSON object per tp")
     p.set_defaults(run=run)
 
@@ -139,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             results = launch(generate_rank_program, tp, args.backend, device=args.device, threads=args.threads,
                              kwargs=dict(model=config, prompts=prompts, max_new_tokens=args.max_new_tokens,
-                                         sampling=sampling, dtype=dtype, warmup=True))
+                                         sampling=sampling, dtype=dtype, warmup=True, quant=args.quant))
         except InputError as e:  # found inside a rank (e.g. a damaged checkpoint): still bad input, not a bug
             return _usage_error(e)
         if not prints():
@@ -182,7 +185,7 @@ def _print_report(result, texts, prompts, tokenizer, backend) -> None:
             print(f"[generated] {tokens}")
     per_token = "n/a" if result.ms_per_token is None else f"{result.ms_per_token:.2f} ms/token"
     print(f"tp={result.tp} ({backend}, {result.device}, {result.threads} thread(s) per rank; timed after a warm-up): "
-          f"TTFT {1000 * result.ttft_s:.1f} ms, decode {per_token}")
+          f"TTFT {1000 * result.ttft_s:.1f} ms, decode {per_token}; weights {result.weight_bytes / 1e6:.2f} MB per rank")
     for phase, ops in result.comm.items():
         line = ", ".join(f"{op} x{int(s['count'])} ({int(s['bytes'])} B)" for op, s in ops.items())
         print(f"  {phase}: {line or 'no collectives'}")

@@ -55,6 +55,7 @@ class GenerationResult:
     tp: int = 1
     device: str = "cpu"  # where the rank computed, e.g. "cuda:0"
     threads: int = 1  # torch intra-op threads of the rank
+    weight_bytes: int = 0  # this rank's weights as stored (quantized values and scales included)
     load: LoadStats | None = None
     logits: list[torch.Tensor] | None = None  # per step, (batch, V) on the CPU, when keep_logits=True
 
@@ -188,7 +189,7 @@ def checkpoint_eos_ids(path: str | Path, model: TPCausalLM) -> tuple[int, ...]:
 def generate_rank_program(dist: Dist, model: str | Path | ModelConfig, prompts: list[list[int]], max_new_tokens: int,
                           sampling: SamplingParams | None = None, dtype: torch.dtype | str | None = None,
                           eos_token_ids: tuple[int, ...] | None = None, stop_sequences: list[list[int]] = (),
-                          keep_logits: bool = False, warmup: bool = False) -> GenerationResult:
+                          keep_logits: bool = False, warmup: bool = False, quant: str | None = None) -> GenerationResult:
     """Load this rank's shard of ``model`` and generate: ``launch(generate_rank_program, tp, backend, kwargs=...)``.
 
     ``model``: a checkpoint directory, or its :class:`~tplab.specs.ModelConfig`
@@ -197,12 +198,14 @@ def generate_rank_program(dist: Dist, model: str | Path | ModelConfig, prompts: 
     Works on threads, gloo, and under torchrun (NCCL on GPUs). ``warmup``: first
     run the same prompts for two tokens, untimed, so the reported TTFT and
     ms/token do not include first-call costs (allocations, kernel selection).
+    ``quant``: "int8" or "fp8" weight-only quantization of the decoder's linears (see
+    :meth:`~tplab.model.TPCausalLM.quantize_`).
     """
-    shard = from_pretrained(model, dist, dtype=dtype)
+    shard = from_pretrained(model, dist, dtype=dtype, quant=quant)
     directory = shard.config.directory
     eos = checkpoint_eos_ids(directory, shard) if eos_token_ids is None else eos_token_ids
     if warmup:
         generate(shard, prompts, min(2, max_new_tokens), sampling, eos, stop_sequences)
     result = generate(shard, prompts, max_new_tokens, sampling, eos, stop_sequences, keep_logits)
-    result.load, result.threads = shard.load_stats, torch.get_num_threads()
+    result.load, result.threads, result.weight_bytes = shard.load_stats, torch.get_num_threads(), shard.parameter_bytes()
     return result

@@ -29,6 +29,7 @@ from torch import nn
 from tplab.checkpoint.sources import StateDictSource, TensorSource
 from tplab.dist.group import Dist
 from tplab.layers.linear import RowParallelLinear
+from tplab.layers.quantized import QuantizableLinear
 from tplab.specs.sharding import check_divisible, gqa_heads, shard_range
 
 
@@ -42,7 +43,7 @@ def _linears_source(**linears: nn.Linear) -> StateDictSource:
     return StateDictSource(tensors)
 
 
-class QKVParallelLinear(nn.Module):
+class QKVParallelLinear(QuantizableLinear):
     """[Q_r K_r V_r] = X [Wq_r; Wk_r; Wv_r]^T + b_r: this rank's query heads and KV heads in one matmul."""
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, dist: Dist,
@@ -83,14 +84,14 @@ class QKVParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(Q_r, K_r, V_r), shapes (..., local_heads * head_dim) and (..., local_kv_heads * head_dim)."""
-        return F.linear(x, self.weight, self.bias).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return F.linear(x, self.matmul_weight(), self.bias).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
 
     def extra_repr(self) -> str:
         return (f"q_heads={list(self.q_heads)}, kv_heads={list(self.kv_heads)}, head_dim={self.head_dim}, "
                 f"hidden_size={self.hidden_size}, bias={self.bias is not None}")
 
 
-class MergedColumnParallelLinear(nn.Module):
+class MergedColumnParallelLinear(QuantizableLinear):
     """[G_r U_r] = X [Wg_r; Wu_r]^T + b_r: rows [r I/tp, (r+1) I/tp) of the gate and of the up projection."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, dist: Dist, bias: bool = False,
@@ -121,7 +122,7 @@ class MergedColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(G_r, U_r), each of shape (..., intermediate_size / tp)."""
-        return F.linear(x, self.weight, self.bias).chunk(2, dim=-1)
+        return F.linear(x, self.matmul_weight(), self.bias).chunk(2, dim=-1)
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size} "

@@ -26,11 +26,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from tplab.dist.group import Dist
+from tplab.layers.quantized import QuantizableLinear, row_absmax
 from tplab.layers.shards import shard_tensor
 from tplab.specs.sharding import check_divisible
 
 
-class ColumnParallelLinear(nn.Module):
+class ColumnParallelLinear(QuantizableLinear):
     """Y_r = X A_r + b_r: this rank's ``out_features / tp`` output features.
 
     With ``gather_output=True`` the shards are all-gathered so every rank
@@ -63,15 +64,15 @@ class ColumnParallelLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"ColumnParallelLinear expects the full input X with {self.in_features} features "
                              f"on every rank, got last dimension {x.shape[-1]}")
-        y = F.linear(x, self.weight, self.bias)
+        y = F.linear(x, self.matmul_weight(), self.bias)
         return self.dist.all_gather(y, dim=-1) if self.gather_output else y
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features} "
-                f"(local {self.weight.shape[0]}), tp={self.dist.world_size}, gather_output={self.gather_output}")
+                f"(local {self.local_shape[0]}), tp={self.dist.world_size}, gather_output={self.gather_output}")
 
 
-class RowParallelLinear(nn.Module):
+class RowParallelLinear(QuantizableLinear):
     """Y = sum_r X_r A_r + b: one all-reduce, bias added once after it.
 
     The input is already split along its last dimension (rank r holds X_r, the
@@ -98,15 +99,19 @@ class RowParallelLinear(nn.Module):
             layer.bias.data.copy_(linear.bias.detach())
         return layer
 
+    def full_row_absmax(self) -> torch.Tensor:
+        """max |W_ij| over the full row: this rank's columns' maxima, all-gathered and reduced (one collective)."""
+        return self.dist.all_gather(row_absmax(self.weight)[:, None], dim=-1).amax(dim=-1)
+
     def forward(self, x_local: torch.Tensor) -> torch.Tensor:
-        local = self.weight.shape[1]
+        local = self.local_shape[1]
         if x_local.shape[-1] != local:
             raise ValueError(f"RowParallelLinear expects this rank's slice X_r of the input: {local} = "
                              f"{self.in_features}/{self.dist.world_size} features, got {x_local.shape[-1]}. "
                              "Feed it a ColumnParallelLinear's output (gather_output=False) or slice X.")
-        y = self.dist.all_reduce(F.linear(x_local, self.weight))
+        y = self.dist.all_reduce(F.linear(x_local, self.matmul_weight()))
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features} (local {self.weight.shape[1]}), "
+        return (f"in_features={self.in_features} (local {self.local_shape[1]}), "
                 f"out_features={self.out_features}, tp={self.dist.world_size}")

@@ -164,6 +164,7 @@ class TPCausalLM(nn.Module):
         config.check_tp(dist.world_size)
         self.config, self.dist, self.dtype = config, dist, dtype
         self.load_stats: LoadStats | None = None  # set by load(): what this rank read, and how long it took
+        self.quant: str | None = None  # set by quantize_(): "int8" or "fp8"
         self.embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dist, dtype)
         self.layers = nn.ModuleList(TPDecoderLayer(config, dist, w, dtype) for w in config.layer_windows)
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, dist.device)
@@ -189,8 +190,25 @@ class TPCausalLM(nn.Module):
         return self
 
     def parameter_bytes(self) -> int:
-        """Bytes of this rank's weights (a tied matrix counted once)."""
-        return sum(p.numel() * p.element_size() for p in self.parameters())
+        """Bytes of this rank's weights (a tied matrix counted once), quantized values and their scales included."""
+        quantized = [b for name, b in self.named_buffers() if name.endswith((".qweight", ".scale"))]
+        return sum(t.numel() * t.element_size() for t in [*self.parameters(), *quantized])
+
+    def quantize_(self, scheme: str) -> "TPCausalLM":
+        """Weight-only int8 or fp8 for every decoder linear (q/k/v, o, gate/up, down) of this rank's shard, with
+        per-row scales that do not depend on tp (:mod:`tplab.layers.quantized`). The embedding, the LM head and
+        the norms keep the model's dtype. The row-parallel layers' scale maxima are all-gathered under the tag
+        "quantize"."""
+        stats, tag = self.dist.stats, self.dist.stats.tag
+        stats.tag = "quantize"
+        try:
+            for layer in self.layers:
+                for linear in (layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up, layer.mlp.down):
+                    linear.quantize_(scheme)
+        finally:
+            stats.tag = tag
+        self.quant = scheme
+        return self
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """A KV cache for this rank's KV heads, ``batch`` rows of up to ``max_len`` positions."""

@@ -24,6 +24,7 @@ import torch
 from tplab.checkpoint.safetensors_files import SafetensorsSource
 from tplab.checkpoint.sources import StateDictSource
 from tplab.dist.group import Dist
+from tplab.layers.quantized import check_scheme
 from tplab.model.decoder import TPCausalLM
 from tplab.specs.dtypes import torch_name
 from tplab.specs.model import ModelConfig, resolve_model
@@ -75,16 +76,21 @@ def check_checkpoint(config: ModelConfig) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def from_pretrained(model: str | Path | ModelConfig, dist: Dist, dtype: torch.dtype | str | None = None) -> TPCausalLM:
+def from_pretrained(model: str | Path | ModelConfig, dist: Dist, dtype: torch.dtype | str | None = None,
+                    quant: str | None = None) -> TPCausalLM:
     """This rank's shard of the checkpoint ``model`` (its directory, or its ModelConfig), on ``dist.device``.
 
     The directory holds config.json and model.safetensors, or several
     safetensors files with model.safetensors.index.json. ``dtype``: see
-    :func:`resolve_dtype`.
+    :func:`resolve_dtype`. ``quant``: "int8" or "fp8" quantizes this rank's
+    slices of the decoder's linears once they are read (:meth:`TPCausalLM.quantize_`).
     """
     config = checkpoint_config(model)
+    if quant is not None:
+        check_scheme(quant)
     shard = TPCausalLM(config, dist, resolve_dtype(dtype, config))
-    return shard.load(SafetensorsSource(config.directory)).eval()
+    shard.load(SafetensorsSource(config.directory)).eval()
+    return shard.quantize_(quant) if quant else shard
 
 
 def from_hf_model(hf_model: torch.nn.Module, dist: Dist, dtype: torch.dtype | str | None = None) -> TPCausalLM:

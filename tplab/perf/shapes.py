@@ -15,8 +15,9 @@ A = [A_1 … A_p] split by columns (column-parallel) or by rows (row-parallel):
 One forward pass needs 2 all-reduces per layer (after o and after down), one
 after the vocab-parallel embedding, and one all-gather of the logits.
 
-Precisions: weights bf16/fp16 (2 B), fp8 and int8 (1 B), int4 (0.5 B plus one
-fp16 scale per group of 128 weights, an AWQ/GPTQ-style layout, assumed).
+Precisions: weights bf16/fp16 (2 B), fp8 and int8 (1 B plus one fp32 scale per
+output row of every linear, the layout of :mod:`tplab.layers.quantized`), int4
+(0.5 B plus one fp16 scale per group of 128 weights, an AWQ/GPTQ-style layout, assumed).
 Only the linear layers of the decoder blocks are quantized; embedding, lm_head
 and norms stay 16-bit, as in common fp8/int4 checkpoints. Activations and
 collectives are bf16.
@@ -30,6 +31,7 @@ from tplab.specs.model import ModelConfig
 from tplab.specs.sharding import padded_size
 
 WEIGHT_BYTES = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5 + 2 / 128}
+ROW_SCALE_BYTES = {"fp8": 4, "int8": 4}  # one fp32 scale per output row of each quantized linear
 KV_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1}
 ACT_BYTES = 2
 LOGIT_BYTES = 4  # sampling works on fp32 logits
@@ -75,10 +77,25 @@ def rank_params(model: ModelConfig, tp: int, layers: int | None = None,
     }
 
 
+def scale_bytes(model: ModelConfig, tp: int, dtype: str, layers: int | None = None) -> int:
+    """Bytes of the per-row scales of 8-bit linears on one rank: 4 per output row of q/k/v, gate/up (this rank's
+    rows) and o, down (every row: a row-parallel layer keeps the full row's scale); 0 for other precisions."""
+    layers = model.num_layers if layers is None else layers
+    rows = (model.num_heads // tp + 2 * model.kv_heads_per_rank(tp)) * model.head_dim \
+        + 2 * model.intermediate_size // tp + 2 * model.hidden_size
+    return layers * rows * ROW_SCALE_BYTES.get(dtype, 0)
+
+
+def linear_bytes(model: ModelConfig, tp: int, dtype: str, layers: int | None = None) -> float:
+    """Bytes of one rank's decoder linears at ``dtype``, their scales included."""
+    return rank_params(model, tp, layers)["linear"] * WEIGHT_BYTES[dtype] + scale_bytes(model, tp, dtype, layers)
+
+
 def weight_bytes(model: ModelConfig, tp: int, dtype: str, **slice_kw) -> float:
-    """Bytes of weights one rank stores: linear layers at ``dtype``, the rest at 16 bits."""
+    """Bytes of weights one rank stores: linear layers at ``dtype`` (with their scales), the rest at 16 bits."""
     p = rank_params(model, tp, **slice_kw)
-    return p["linear"] * WEIGHT_BYTES[dtype] + 2.0 * (p["embedding"] + p["lm_head"] + p["other"])
+    layers = slice_kw.get("layers")
+    return linear_bytes(model, tp, dtype, layers) + 2.0 * (p["embedding"] + p["lm_head"] + p["other"])
 
 
 def activation_bytes(model: ModelConfig, tp: int, tokens: int, batch: int) -> float:
@@ -126,7 +143,7 @@ def step_work(model: ModelConfig, tp: int, dtype: str, kv_dtype: str, batch: int
     attended = new_tokens * context + new_tokens * (new_tokens + 1) // 2
     heads = model.num_heads // tp
     return StepWork(
-        weight_bytes=p["linear"] * WEIGHT_BYTES[dtype] + 2.0 * (p["other"] + head_rows),
+        weight_bytes=linear_bytes(model, tp, dtype, layers) + 2.0 * (p["other"] + head_rows),
         kv_bytes=batch * (context + new_tokens) * model.kv_bytes_per_token(tp, kv_dtype, layers),
         linear_flops=2.0 * (p["linear"] * tokens + head_rows * batch),
         attention_flops=4.0 * heads * model.head_dim * layers * batch * attended,

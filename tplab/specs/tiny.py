@@ -13,6 +13,9 @@ time, so a truncated or edited file fails loudly instead of printing noise.
 from __future__ import annotations
 
 import hashlib
+import json
+import lzma
+import re
 from pathlib import Path
 
 from tplab.paths import DATA_DIR, INCOMPLETE_DATA
@@ -47,3 +50,25 @@ def verify_tiny(directory: Path = TINY_DIR) -> Path:
                          "or not the shipped one. Restore it with `git checkout -- data/tiny`, or, after "
                          "retraining with scripts/train_tiny.py, record the new hash in tplab/specs/tiny.py.")
     return Path(directory)
+
+
+UNDERLINE = re.compile(r"^[ \t]*([*=~-])\1{2,}[ \t]*\n", re.MULTILINE)
+
+
+def clean_text(text: str) -> str:
+    """The text without reStructuredText heading underlines (whole lines of one repeated * = - ~)."""
+    return UNDERLINE.sub("", text)
+
+
+def split_text(text: str, val_fraction: float) -> tuple[str, str]:
+    """Cut at the first paragraph break after (1 - val_fraction) of the text: (train, val)."""
+    cut = text.find("\n\n", int(len(text) * (1 - val_fraction)))
+    return (text, "") if cut < 0 else (text[:cut + 1], text[cut + 2:])
+
+
+def validation_texts(directory: Path = TINY_DIR) -> list[str]:
+    """The held-out tail of every corpus topic, split as training split it (training.json's val_fraction)."""
+    val_fraction = json.loads((Path(directory) / "training.json").read_text())["hyperparameters"]["val_fraction"]
+    with lzma.open(Path(directory) / "corpus.json.xz") as f:
+        docs = json.loads(f.read())
+    return [val for _, val in (split_text(clean_text(d["text"]), val_fraction) for d in docs) if val.strip()]

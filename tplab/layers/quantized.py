@@ -1,0 +1,97 @@
+"""Weight-only int8 and fp8 (e4m3) for the parallel linears: quantize before you shard, with tp-invariant scales.
+
+Every output channel (a row i of W, shape out × in) gets one scale,
+s_i = max_j |W_ij| / q_max (q_max = 127 for int8, 448 for e4m3), and
+W_ij ≈ s_i · q_ij with q_ij = round(W_ij / s_i) (int8) or its nearest e4m3 value.
+Matmuls dequantize on the fly: Y = X (s ⊙ Q)ᵀ, computed in the layer's dtype.
+
+Why the scales never depend on tp:
+
+* column-parallel layers (q/k/v, gate/up) hold whole rows, so each rank's
+  scales are exactly the rows' scales: they are sliced with the rows, one set
+  per part of a fused layer, and replicated with a replicated KV head;
+* a row-parallel layer (o_proj, down) holds a slice of every row's columns. A
+  scale taken over that slice would change with tp (and so would the rounded
+  weights). Instead each rank takes the max over its columns and the ranks
+  all-gather those maxima at load time (one all_gather of ``out`` floats per
+  layer, recorded like every collective): every rank then scales by the max
+  over the full row, and Q is the same at every tp.
+
+So the dequantized weights are identical at every tp, and a quantized model's
+results differ between tp degrees only by summation order, as an unquantized one's do.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+SCHEMES = ("int8", "fp8")
+Q_MAX = {"int8": 127.0, "fp8": 448.0}
+STORAGE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
+
+
+def check_scheme(scheme: str) -> str:
+    """``scheme`` if it is one of SCHEMES; a ValueError naming them otherwise."""
+    if scheme not in SCHEMES:
+        raise ValueError(f"unknown quantization {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    return scheme
+
+
+def row_absmax(weight: torch.Tensor) -> torch.Tensor:
+    """max_j |W_ij| per row, in float32."""
+    return weight.detach().float().abs().amax(dim=1)
+
+
+def quantize_rows(weight: torch.Tensor, scheme: str, absmax: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, s): ``weight`` (out × in) as int8 or e4m3 values and one float32 scale per row.
+
+    ``absmax``: the rows' max |W| when it must cover more columns than ``weight`` holds (a row-parallel shard).
+    """
+    absmax = row_absmax(weight) if absmax is None else absmax.float()
+    scale = torch.where(absmax > 0, absmax / Q_MAX[check_scheme(scheme)], torch.ones_like(absmax))
+    scaled = weight.detach().float() / scale[:, None]
+    if scheme == "int8":
+        return scaled.round().clamp(-127, 127).to(torch.int8), scale
+    return scaled.clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """s ⊙ Q in ``dtype``: the weight the matmul uses."""
+    return (q.to(torch.float32) * scale[:, None]).to(dtype)
+
+
+class QuantizableLinear(nn.Module):
+    """A parallel linear whose ``weight`` can be replaced by int8/fp8 values and per-row scales.
+
+    Subclasses call :meth:`matmul_weight` in their forward; ``quantize_``
+    swaps the full-precision ``weight`` for the ``qweight`` and ``scale``
+    buffers (and frees it).
+    """
+
+    scheme: str | None = None
+
+    def matmul_weight(self) -> torch.Tensor:
+        """The weight of Y = X Wᵀ: as stored, or dequantized from qweight and scale."""
+        if self.scheme is None:
+            return self.weight
+        return dequantize(self.qweight, self.scale, self.compute_dtype)
+
+    @property
+    def local_shape(self) -> torch.Size:
+        """The shape of this rank's weight, stored full or quantized."""
+        return (self.weight if self.scheme is None else self.qweight).shape
+
+    def full_row_absmax(self) -> torch.Tensor:
+        """The max |W| of every row this rank's scales must cover: its own rows (row-parallel layers override)."""
+        return row_absmax(self.weight)
+
+    def quantize_(self, scheme: str) -> "QuantizableLinear":
+        """Replace ``weight`` by ``qweight`` (int8 or e4m3) and ``scale`` (float32, one per local row)."""
+        q, scale = quantize_rows(self.weight.data, scheme, self.full_row_absmax())
+        self.compute_dtype = self.weight.dtype
+        del self.weight
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale)
+        self.scheme = scheme
+        return self
