@@ -130,3 +130,16 @@ def test_the_cost_model_counts_the_measured_bytes_of_each_rank_exactly(scheme):
         measured = launch(lambda dist: from_pretrained("tiny", dist, dtype="bf16", quant=scheme).parameter_bytes(),
                           tp, "threads")
         assert set(measured) == {weight_bytes(config, tp, scheme or "bf16")}
+
+
+def test_the_int8_kernel_path_matches_the_dequantized_weights_within_bf16_rounding():
+    from tplab.layers.linear import ColumnParallelLinear
+
+    linear = torch.nn.Linear(256, 96, bias=True).to(torch.bfloat16)
+    x = torch.randn(3, 5, 256, dtype=torch.bfloat16)
+    kernel = launch(lambda dist: ColumnParallelLinear.from_linear(linear, dist).quantize_("int8"), 1, "threads")[0]
+    dense = torch.nn.functional.linear(x.float(), dequantize(kernel.qweight, kernel.scale, torch.float32),
+                                       linear.bias.float())
+    got = kernel(x).float()
+    bound = 2 * 2 ** -8 * (x.float().abs() @ dequantize(kernel.qweight, kernel.scale, torch.float32).abs().T + 1)
+    assert (got - dense).abs().le(bound).all()  # bf16 output and accumulation: a few units of 2^-8 relative

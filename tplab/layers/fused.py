@@ -23,7 +23,6 @@ Every layer fills its shards through a :class:`tplab.checkpoint.sources.TensorSo
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tplab.checkpoint.sources import StateDictSource, TensorSource
@@ -84,7 +83,7 @@ class QKVParallelLinear(QuantizableLinear):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(Q_r, K_r, V_r), shapes (..., local_heads * head_dim) and (..., local_kv_heads * head_dim)."""
-        return F.linear(x, self.matmul_weight(), self.bias).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        return self.matmul(x, self.bias).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
 
     def extra_repr(self) -> str:
         return (f"q_heads={list(self.q_heads)}, kv_heads={list(self.kv_heads)}, head_dim={self.head_dim}, "
@@ -122,7 +121,7 @@ class MergedColumnParallelLinear(QuantizableLinear):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(G_r, U_r), each of shape (..., intermediate_size / tp)."""
-        return F.linear(x, self.matmul_weight(), self.bias).chunk(2, dim=-1)
+        return self.matmul(x, self.bias).chunk(2, dim=-1)
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.hidden_size}, intermediate_size={self.intermediate_size} "

@@ -22,7 +22,6 @@ already split), so a whole MLP costs exactly one all-reduce.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tplab.dist.group import Dist
@@ -64,7 +63,7 @@ class ColumnParallelLinear(QuantizableLinear):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"ColumnParallelLinear expects the full input X with {self.in_features} features "
                              f"on every rank, got last dimension {x.shape[-1]}")
-        y = F.linear(x, self.matmul_weight(), self.bias)
+        y = self.matmul(x, self.bias)
         return self.dist.all_gather(y, dim=-1) if self.gather_output else y
 
     def extra_repr(self) -> str:
@@ -109,7 +108,7 @@ class RowParallelLinear(QuantizableLinear):
             raise ValueError(f"RowParallelLinear expects this rank's slice X_r of the input: {local} = "
                              f"{self.in_features}/{self.dist.world_size} features, got {x_local.shape[-1]}. "
                              "Feed it a ColumnParallelLinear's output (gather_output=False) or slice X.")
-        y = self.dist.all_reduce(F.linear(x_local, self.matmul_weight()))
+        y = self.dist.all_reduce(self.matmul(x_local))
         return y + self.bias if self.bias is not None else y
 
     def extra_repr(self) -> str:

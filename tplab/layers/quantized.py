@@ -3,7 +3,9 @@
 Every output channel (a row i of W, shape out × in) gets one scale,
 s_i = max_j |W_ij| / q_max (q_max = 127 for int8, 448 for e4m3), and
 W_ij ≈ s_i · q_ij with q_ij = round(W_ij / s_i) (int8) or its nearest e4m3 value.
-Matmuls dequantize on the fly: Y = X (s ⊙ Q)ᵀ, computed in the layer's dtype.
+Matmuls dequantize on the fly: Y = X (s ⊙ Q)ᵀ, computed in the layer's dtype; int8 with bfloat16
+activations on the CPU instead runs torch's int8 weight-only kernel, Y = (X Qᵀ) ⊙ s, which
+``scripts/bench_quant.py`` measured faster than dequantizing (and than the bf16 matmul) on this machine.
 
 Why the scales never depend on tp:
 
@@ -23,6 +25,7 @@ results differ between tp degrees only by summation order, as an unquantized one
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 SCHEMES = ("int8", "fp8")
@@ -64,12 +67,20 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
 class QuantizableLinear(nn.Module):
     """A parallel linear whose ``weight`` can be replaced by int8/fp8 values and per-row scales.
 
-    Subclasses call :meth:`matmul_weight` in their forward; ``quantize_``
+    Subclasses call :meth:`matmul` in their forward; ``quantize_``
     swaps the full-precision ``weight`` for the ``qweight`` and ``scale``
     buffers (and frees it).
     """
 
     scheme: str | None = None
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """Y = X Wᵀ + b with this rank's weight, stored, dequantized, or through the int8 weight-only kernel."""
+        if self.scheme == "int8" and x.device.type == "cpu" and x.dtype == torch.bfloat16:
+            flat = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.qweight, self.scale.to(x.dtype))
+            y = flat.reshape(*x.shape[:-1], flat.shape[-1])
+            return y if bias is None else y + bias
+        return F.linear(x, self.matmul_weight(), bias)
 
     def matmul_weight(self) -> torch.Tensor:
         """The weight of Y = X Wᵀ: as stored, or dequantized from qweight and scale."""
