@@ -1,6 +1,7 @@
 """Weight-only int8 and fp8 split over TP ranks: scales that shard with their weights and never depend on tp,
 tokens identical at every tp, half the bytes of 16-bit linears, and the quality and generate commands."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,3 +144,58 @@ def test_the_int8_kernel_path_matches_the_dequantized_weights_within_bf16_roundi
     got = kernel(x).float()
     bound = 2 * 2 ** -8 * (x.float().abs() @ dequantize(kernel.qweight, kernel.scale, torch.float32).abs().T + 1)
     assert (got - dense).abs().le(bound).all()  # bf16 output and accumulation: a few units of 2^-8 relative
+
+
+def _write_fp8_checkpoint(src: Path, dst: Path, per_tensor: bool) -> None:
+    """The layout of common fp8 Hub checkpoints: each decoder linear's ``weight`` in e4m3 and a ``weight_scale``
+    (per tensor, or one per output row as an (out, 1) tensor), and quantization_config in config.json."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    dst.mkdir()
+    tensors = load_file(src / "model.safetensors")
+    for name in [n for n in tensors if n.endswith("proj.weight") and ".layers." in n]:
+        w = tensors[name].float()
+        if per_tensor:
+            scale = w.abs().max() / 448.0
+            q, scale = (w / scale).to(torch.float8_e4m3fn), scale.reshape(())
+        else:
+            q, scale = quantize_rows(w, "fp8")
+            scale = scale[:, None]
+        tensors[name], tensors[name.replace(".weight", ".weight_scale")] = q, scale
+    save_file(tensors, dst / "model.safetensors")
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic"}
+    (dst / "config.json").write_text(json.dumps(config))
+    for extra in ("generation_config.json",):
+        if (src / extra).exists():
+            shutil.copy(src / extra, dst / extra)
+
+
+@pytest.mark.parametrize("per_tensor", [False, True])
+def test_an_fp8_checkpoint_loads_as_it_is_on_every_tp(tmp_path, per_tensor):
+    from tplab.testing import make_checkpoint
+    path, hf = make_checkpoint("llama31", tmp_path / "bf16", seed=7)
+    fp8 = tmp_path / "fp8"
+    _write_fp8_checkpoint(path, fp8, per_tensor)
+    prompts = distinct_prompts(hf.config.vocab_size, [6, 3, 5], seed=7)
+    kwargs = dict(prompts=prompts, max_new_tokens=8, eos_token_ids=())
+    stored = {tp: launch(generate_rank_program, tp, "threads", kwargs=dict(model=str(fp8), **kwargs))[0]
+              for tp in (1, 2, 4)}
+    assert all(r.tokens == stored[1].tokens for r in stored.values())
+    for tp, r in stored.items():  # stored as the layout quantizing at load makes: e4m3 values, fp32 row scales
+        assert r.weight_bytes == launch(lambda d: from_pretrained(str(path), d, quant="fp8").parameter_bytes(), tp,
+                                        "threads")[0]
+    if not per_tensor:  # the same per-row scales as quantizing the bf16 checkpoint at load: the same model
+        requantized = launch(generate_rank_program, 2, "threads", kwargs=dict(model=str(path), quant="fp8", **kwargs))
+        assert requantized[0].tokens == stored[1].tokens
+    with pytest.raises(ValueError, match="is stored in fp8"):
+        launch(lambda d: from_pretrained(str(fp8), d, quant="int8"), 1, "threads")
+
+
+def test_an_unsupported_quantization_config_is_refused(tmp_path):
+    from tplab.specs.model import ModelConfig
+    from tplab.testing import hf_config
+    fields = {**hf_config("llama").to_dict(), "quantization_config": {"quant_method": "gptq", "bits": 4}}
+    with pytest.raises(ValueError, match="unsupported quantization_config \\(quant_method='gptq'\\)"):
+        ModelConfig.from_dict(fields)

@@ -68,9 +68,11 @@ class TensorSource(ABC):
             raise CheckpointError(f"tensor {name!r} is missing from the checkpoint at {self.where}: the checkpoint "
                                   "does not match its config.json (fewer layers stored? a file missing?)")
         full = self.shape(name)
+        if not full:  # a scalar (a per-tensor scale) is read whole
+            start = stop = 0
         stop = full[dim] if stop is None else stop
         expected = tuple(stop - start if d == dim else s for d, s in enumerate(full))
-        if not 0 <= start <= stop <= full[dim] or expected != tuple(dst.shape):
+        if (full and not 0 <= start <= stop <= full[dim]) or expected != tuple(dst.shape):
             raise CheckpointError(f"{name} in {self.where} has shape {full}, which does not fit what config.json "
                                   f"describes: block [{start}, {stop}) of dim {dim} should have shape {tuple(dst.shape)}")
         if dst.is_meta:
@@ -78,9 +80,10 @@ class TensorSource(ABC):
         with self._view(name, dim, start, stop) as view:
             dst.copy_(view)
             self.bytes_read += view.numel() * view.element_size()
-        if dst.is_floating_point() and not torch.isfinite(dst).all():
-            raise CheckpointError(f"{name} in {self.where} holds {int((~torch.isfinite(dst)).sum())} NaN or infinite "
-                                  "values in this rank's block: the weights are damaged")
+        values = dst.float() if dst.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else dst  # no fp8 isfinite
+        if values.is_floating_point() and not torch.isfinite(values).all():
+            raise CheckpointError(f"{name} in {self.where} holds {int((~torch.isfinite(values)).sum())} NaN or "
+                                  "infinite values in this rank's block: the weights are damaged")
 
 
 class StateDictSource(TensorSource):
@@ -98,4 +101,5 @@ class StateDictSource(TensorSource):
 
     @contextmanager
     def _view(self, name, dim, start, stop):
-        yield self.state_dict[name].detach().narrow(dim, start, stop - start)
+        t = self.state_dict[name].detach()
+        yield t if t.dim() == 0 else t.narrow(dim, start, stop - start)

@@ -68,7 +68,7 @@ class QKVParallelLinear(QuantizableLinear):
     def load(self, source: TensorSource, q_name: str, k_name: str, v_name: str) -> "QKVParallelLinear":
         """Fill this rank's rows from ``<q_name>.weight`` etc. (names without the ``.weight`` suffix)."""
         for name, at, start, n in self._parts(q_name, k_name, v_name):
-            source.copy_into(self.weight[at:at + n], f"{name}.weight", 0, start, start + n)
+            self.load_block(source, name, slice(at, at + n), 0, start, start + n)
             if self.bias is not None:
                 source.copy_into(self.bias[at:at + n], f"{name}.bias", 0, start, start + n)
         return self
@@ -108,7 +108,7 @@ class MergedColumnParallelLinear(QuantizableLinear):
         """Fill this rank's rows from ``<gate_name>.weight`` and ``<up_name>.weight`` (and biases)."""
         start, stop = shard_range(self.intermediate_size, self.dist.world_size, self.dist.rank, "intermediate_size")
         for at, name in ((0, gate_name), (self.local, up_name)):
-            source.copy_into(self.weight[at:at + self.local], f"{name}.weight", 0, start, stop)
+            self.load_block(source, name, slice(at, at + self.local), 0, start, stop)
             if self.bias is not None:
                 source.copy_into(self.bias[at:at + self.local], f"{name}.bias", 0, start, stop)
         return self
@@ -132,7 +132,7 @@ def load_row_parallel(layer: RowParallelLinear, source: TensorSource, name: str)
     """Fill a RowParallelLinear from ``<name>.weight``: columns [r k/tp, (r+1) k/tp); the full bias (added once)."""
     dist = layer.dist
     start, stop = shard_range(layer.in_features, dist.world_size, dist.rank, "in_features")
-    source.copy_into(layer.weight.data, f"{name}.weight", 1, start, stop)
+    layer.load_block(source, name, slice(None), 1, start, stop)
     if layer.bias is not None:
         source.copy_into(layer.bias.data, f"{name}.bias")
     return layer

@@ -99,10 +99,42 @@ class QuantizableLinear(nn.Module):
 
     def quantize_(self, scheme: str) -> "QuantizableLinear":
         """Replace ``weight`` by ``qweight`` (int8 or e4m3) and ``scale`` (float32, one per local row)."""
-        q, scale = quantize_rows(self.weight.data, scheme, self.full_row_absmax())
+        if self.scheme is not None:
+            raise ValueError(f"this layer is already quantized ({self.scheme})")
+        return self._store(*quantize_rows(self.weight.data, scheme, self.full_row_absmax()), scheme)
+
+    def prepare_quantized_(self, scheme: str) -> "QuantizableLinear":
+        """Empty ``qweight`` and ``scale`` in place of ``weight``, for a checkpoint stored quantized (see :meth:`load_block`)."""
+        rows = self.weight.shape[0]
+        q = torch.empty(self.weight.shape, dtype=STORAGE[check_scheme(scheme)], device=self.weight.device)
+        return self._store(q, torch.empty(rows, dtype=torch.float32, device=self.weight.device), scheme)
+
+    def _store(self, q: torch.Tensor, scale: torch.Tensor, scheme: str) -> "QuantizableLinear":
         self.compute_dtype = self.weight.dtype
         del self.weight
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale)
         self.scheme = scheme
         return self
+
+    def load_block(self, source, name: str, rows: slice, dim: int = 0, start: int = 0, stop: int | None = None) -> None:
+        """Local rows ``rows`` of the weight <- ``<name>.weight``'s block [start, stop) along ``dim``.
+
+        Stored quantized (an fp8 checkpoint: ``weight`` in e4m3 and ``weight_scale``, one per tensor or per
+        output row), the values go to ``qweight`` as they are and the scales to ``scale``: the rows' own
+        (dim 0, a column-parallel block) or every row's (dim 1, a row-parallel one, which keeps all rows).
+        """
+        if self.scheme is None:
+            source.copy_into(self.weight[rows], f"{name}.weight", dim, start, stop)
+            return
+        source.copy_into(self.qweight[rows], f"{name}.weight", dim, start, stop)
+        scale_name = f"{name}.weight_scale"
+        shape = source.shape(scale_name)
+        target = self.scale[rows]
+        if len(shape) == 0 or shape == (1,):
+            one = torch.empty(shape, dtype=torch.float32, device=target.device)
+            source.copy_into(one, scale_name)
+            target.copy_(one.reshape(()).expand_as(target))
+        else:
+            view = target.view(-1, 1) if len(shape) == 2 else target
+            source.copy_into(view, scale_name, 0, *((start, stop) if dim == 0 else (0, None)))

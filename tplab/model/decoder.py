@@ -172,6 +172,10 @@ class TPCausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.tie_to(self.embed)
         self.rotary = RotaryEmbedding(config.rope, config.head_dim, dist.device)
+        if config.quantization:  # stored quantized: load() fills qweight and scale as they are
+            for linear in self.quantizable():
+                linear.prepare_quantized_(config.quantization)
+            self.quant = config.quantization
 
     @property
     def device(self) -> torch.device:
@@ -194,6 +198,10 @@ class TPCausalLM(nn.Module):
         quantized = [b for name, b in self.named_buffers() if name.endswith((".qweight", ".scale"))]
         return sum(t.numel() * t.element_size() for t in [*self.parameters(), *quantized])
 
+    def quantizable(self) -> list:
+        """The decoder's linears, the layers weight-only quantization applies to: q/k/v, o, gate/up, down."""
+        return [m for layer in self.layers for m in (layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up, layer.mlp.down)]
+
     def quantize_(self, scheme: str) -> "TPCausalLM":
         """Weight-only int8 or fp8 for every decoder linear (q/k/v, o, gate/up, down) of this rank's shard, with
         per-row scales that do not depend on tp (:mod:`tplab.layers.quantized`). The embedding, the LM head and
@@ -202,9 +210,8 @@ class TPCausalLM(nn.Module):
         stats, tag = self.dist.stats, self.dist.stats.tag
         stats.tag = "quantize"
         try:
-            for layer in self.layers:
-                for linear in (layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up, layer.mlp.down):
-                    linear.quantize_(scheme)
+            for linear in self.quantizable():
+                linear.quantize_(scheme)
         finally:
             stats.tag = tag
         self.quant = scheme

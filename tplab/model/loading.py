@@ -88,9 +88,12 @@ def from_pretrained(model: str | Path | ModelConfig, dist: Dist, dtype: torch.dt
     config = checkpoint_config(model)
     if quant is not None:
         check_scheme(quant)
+        if config.quantization and quant != config.quantization:
+            raise ValueError(f"{config.directory} is stored in {config.quantization}: load it as it is (no --quant, "
+                             f"or --quant {config.quantization}), not as {quant}")
     shard = TPCausalLM(config, dist, resolve_dtype(dtype, config))
     shard.load(SafetensorsSource(config.directory)).eval()
-    return shard.quantize_(quant) if quant else shard
+    return shard.quantize_(quant) if quant and not config.quantization else shard
 
 
 def from_hf_model(hf_model: torch.nn.Module, dist: Dist, dtype: torch.dtype | str | None = None) -> TPCausalLM:

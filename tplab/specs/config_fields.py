@@ -55,10 +55,26 @@ def unsupported(d: Mapping) -> str | None:
     params = _rope_params(d)
     if params and all(isinstance(v, dict) for v in params.values()):
         return "per-layer-type rope_parameters are not supported"
+    if parse_quantization(d)[1]:
+        return parse_quantization(d)[1]
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         return f"unsupported rope_type={rope_type!r}; tplab implements {SUPPORTED_ROPE_TYPES}"
     return None
+
+
+def parse_quantization(d: Mapping) -> tuple[str | None, str | None]:
+    """(scheme, why it is unsupported): ("fp8", None) for a checkpoint stored as fp8 weights with per-tensor or
+    per-row ``weight_scale`` (``quantization_config.quant_method == "fp8"``); (None, None) when unquantized."""
+    q = d.get("quantization_config")
+    if not q:
+        return None, None
+    method = q.get("quant_method")
+    if method != "fp8" or q.get("weight_block_size"):
+        return None, (f"unsupported quantization_config (quant_method={method!r}"
+                      f"{', block-wise scales' if q.get('weight_block_size') else ''}); tplab loads fp8 checkpoints "
+                      "with per-tensor or per-row weight_scale")
+    return "fp8", None
 
 
 def as_ids(value: Any) -> tuple[int, ...]:

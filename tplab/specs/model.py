@@ -25,7 +25,15 @@ from typing import Any, Mapping
 from tplab.checks import check_int
 from tplab.paths import DATA_DIR
 from tplab.specs import tiny
-from tplab.specs.config_fields import RopeConfig, as_ids, check_sizes, parse_rope, parse_windows, unsupported
+from tplab.specs.config_fields import (
+    RopeConfig,
+    as_ids,
+    check_sizes,
+    parse_quantization,
+    parse_rope,
+    parse_windows,
+    unsupported,
+)
 from tplab.specs.dtypes import element_bytes
 from tplab.specs.reading import read_json, unknown_name
 from tplab.specs.sharding import check_tp, divisors, gqa_tp_problem
@@ -61,6 +69,7 @@ class ModelConfig:
     layer_windows: tuple[int | None, ...] = ()
     eos_token_ids: tuple[int, ...] = ()
     dtype: str | None = None
+    quantization: str | None = None  # "fp8": the checkpoint stores fp8 weights and their scales
     unsupported: str | None = None  # why tplab's decoder cannot run it; None when it can
     source: str = field(default="config dict", compare=False)  # where it was read
     directory: Path | None = field(default=None, compare=False)  # the checkpoint directory holding config.json
@@ -93,6 +102,7 @@ class ModelConfig:
             qkv_bias=model_type == "qwen2" or attention_bias, o_bias=attention_bias and model_type != "qwen2",
             mlp_bias=bool(d.get("mlp_bias", False)), layer_windows=parse_windows(d, num_layers),
             eos_token_ids=as_ids(d.get("eos_token_id")), dtype=d.get("dtype") or d.get("torch_dtype"),
+            quantization=parse_quantization(d)[0],
             unsupported=why_not, source=str(d.get("_source", source)), directory=directory)
 
     @classmethod
