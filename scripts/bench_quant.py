@@ -1,7 +1,7 @@
 """Decode ms/token of the quantized model (int8, fp8) against the unquantized one, measured in one run on this CPU.
 
     .venv/bin/python scripts/bench_quant.py                 # tiny in bf16, tp 1 and 2, batch 1 and 8
-    .venv/bin/python scripts/bench_quant.py --repeats 5 --out data/measurements/quant.jsonl
+    .venv/bin/python scripts/bench_quant.py --repeats 5 --out /tmp/quant.jsonl
 
 Every setting runs the three weight formats interleaved (none, int8, fp8, none, int8, ...), each a warmed-up
 generate of the same prompts on thread ranks, and reports the median decode ms/token and its ratio to the
@@ -35,7 +35,7 @@ def main() -> int:
     p.add_argument("--batch", default="1,8")
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default=str(default_measurements_dir() / "quantized_decode.jsonl"))
+    p.add_argument("--out", default=str(default_measurements_dir() / "quantized" / "decode.jsonl"))
     args = p.parse_args()
     env, run_id = environment("cpu"), uuid.uuid4().hex[:8]
     print(f"measured on {env['cpu']} ({env['cpu_cores']} cores), torch {env['torch']}, tiny in {args.dtype}")

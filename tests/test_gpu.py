@@ -16,6 +16,8 @@ Run them first on any machine with a GPU (one is enough), before a sweep:
 * An emulated sweep on the GPU (CUDA-graph decode, HF baseline) writes
   records that name the GPU, its driver and CUDA, and its peak memory.
 * ``tplab generate --device cuda`` gives the CPU's tokens.
+* The fp8 GEMM of the quantized layers (``torch._scaled_mm``, per-token and per-row
+  scales) against their dequantized weights, on a GPU with FP8 tensor cores.
 * torchrun with one process initialises NCCL (a group of one still runs
   NCCL's kernels), and ``tplab generate`` and ``tplab bench`` run through it.
 
@@ -195,3 +197,18 @@ def test_torchrun_with_one_process_generates_and_benchmarks(config_path, tmp_pat
     for r in records:  # the prefill's collectives are timed; a graph decode's run inside the replay
         assert r["setting"]["decode_mode"] == ("graph" if ON_CUDA else "eager")
         assert r["ttft_comm_ms"] is not None and (r["decode_comm_ms"] is None) == ON_CUDA
+
+
+@needs_cuda
+def test_the_fp8_gemm_matches_the_dequantized_weights_on_a_gpu_with_fp8_tensor_cores():
+    from tplab.layers.quantized import dequantize, fp8_gemm, fp8_gemm_supported, quantize_rows
+
+    if not fp8_gemm_supported(torch.device(DEVICE)):
+        pytest.skip("this GPU has no FP8 tensor cores (compute capability < 8.9)")
+    torch.manual_seed(0)
+    w = torch.randn(256, 512, device=DEVICE)
+    x = torch.randn(32, 512, device=DEVICE, dtype=torch.bfloat16)
+    q, scale = quantize_rows(w, "fp8")
+    got = fp8_gemm(x, q, scale, None).float()
+    want = x.float() @ dequantize(q, scale, torch.float32).T
+    assert (got - want).abs().max() < 0.1 * want.abs().max()  # e4m3 activations: a few % of the output's range

@@ -199,3 +199,15 @@ def test_an_unsupported_quantization_config_is_refused(tmp_path):
     fields = {**hf_config("llama").to_dict(), "quantization_config": {"quant_method": "gptq", "bits": 4}}
     with pytest.raises(ValueError, match="unsupported quantization_config \\(quant_method='gptq'\\)"):
         ModelConfig.from_dict(fields)
+
+
+def test_bench_quant_times_the_quantized_shard_and_records_its_scheme(tmp_path):
+    from tplab.bench import BenchSpec, run_bench
+    from tplab.bench.records import record_shapes
+
+    spec = BenchSpec(model="tiny", tps=[2], batches=[1], prompt_lens=[8], decode_steps=2, repeats=1, warmup=0,
+                     baseline=False, quick_roofline=True, quant="fp8", dtype="bf16")
+    record = run_bench(spec, out=tmp_path / "run.jsonl", progress=False)[0]
+    assert record["setting"]["quant"] == "fp8" and record_shapes(record).dtype == "fp8"
+    with pytest.raises(ValueError, match="unknown quantization 'int4'"):
+        BenchSpec(model="tiny", quant="int4")

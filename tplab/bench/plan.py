@@ -20,6 +20,7 @@ from tplab.bench.models import BenchModel, bench_model, rank_bytes
 from tplab.bench.timing import check_counts
 from tplab.checks import is_positive_int
 from tplab.dist.launch import BACKENDS, under_torchrun
+from tplab.layers.quantized import check_scheme
 from tplab.model.loading import torch_dtype
 from tplab.perf.estimate import check_link
 from tplab.specs.dtypes import torch_name
@@ -64,9 +65,12 @@ class BenchSpec:
     seed: int = 0
     quick_roofline: bool = False
     threads: int | None = None
+    quant: str | None = None  # weight-only "int8" or "fp8" for the decoder's linears
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", torch_name(self.dtype))  # either spelling; records keep torch's name
+        if self.quant is not None:
+            check_scheme(self.quant)
 
 
 @dataclass

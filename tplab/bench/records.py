@@ -103,8 +103,9 @@ def record_shapes(record: dict) -> RecordShapes:
     s, m = record["setting"], record["model"]
     steps = s["decode_steps"]
     context = s["prompt_len"] + ((steps - 1) / 2 if s["decode_mode"] == "eager" else steps - 1)
-    return RecordShapes(ModelConfig.from_dict(m["config"], strict=False, name=m["name"]), s["tp"], modelled_precision(s["dtype"]), s["batch"],
-                        s["prompt_len"], context, m["layers_built"])
+    precision = s.get("quant") or modelled_precision(s["dtype"])  # quantized weights: the cost model's 8-bit layout
+    return RecordShapes(ModelConfig.from_dict(m["config"], strict=False, name=m["name"]), s["tp"], precision,
+                        s["batch"], s["prompt_len"], context, m["layers_built"])
 
 
 def label(record: dict) -> str:

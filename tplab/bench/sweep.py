@@ -58,11 +58,14 @@ from tplab.model.loading import torch_dtype
 __all__ = ["BenchSpec", "plan", "run_bench", "bench_rank_program"]
 
 def bench_rank_program(dist: Dist, model_name: str, layers: int | None, dtype: str, points: list[tuple[int, int]],
-                       inputs: dict, on_point: Callable[[], None] | None = None) -> list[dict]:
-    """One rank: build its shard, time every point (launch-able on threads, gloo and torchrun)."""
+                       inputs: dict, on_point: Callable[[], None] | None = None, quant: str | None = None) -> list[dict]:
+    """One rank: build its shard (quantized when ``quant``), time every point (launch-able on threads, gloo and
+    torchrun)."""
     if inputs["threads"] is not None:
         torch.set_num_threads(inputs["threads"])
     model = build_shard(bench_model(model_name), dist, torch_dtype(dtype), layers, inputs["seed"])
+    if quant:
+        model.quantize_(quant)
     return run_points(model, points, PointInputs(**inputs), on_point if dist.rank == 0 else None)
 
 
@@ -148,12 +151,12 @@ def _rank0_points(p: Plan, tp: int, inputs: dict, bar) -> list[dict]:
     spec = p.spec
     if spec.emulate:
         dist = emulated_dist(tp, p.device)
-        results = bench_rank_program(dist, spec.model, spec.layers, spec.dtype, p.points, inputs, bar.update)
+        results = bench_rank_program(dist, spec.model, spec.layers, spec.dtype, p.points, inputs, bar.update, spec.quant)
         _release(p.device)
         return results
     on_point = bar.update if p.backend == "threads" else None
     results = launch(bench_rank_program, tp, spec.backend, timeout=3600.0,
-                     args=(spec.model, spec.layers, spec.dtype, p.points, inputs, on_point))
+                     args=(spec.model, spec.layers, spec.dtype, p.points, inputs, on_point, spec.quant))
     if on_point is None:
         bar.update(len(p.points))
     return results[0]
@@ -162,7 +165,7 @@ def _rank0_points(p: Plan, tp: int, inputs: dict, bar) -> list[dict]:
 def _setting(p: Plan, tp: int, batch: int, prompt_len: int) -> dict:
     spec = p.spec
     setting = {"tp": tp, "rank": 0, "backend": p.backend, "batch": batch, "prompt_len": prompt_len,
-               "decode_steps": spec.decode_steps, "repeats": spec.repeats, "warmup": spec.warmup, "dtype": spec.dtype,
+               "decode_steps": spec.decode_steps, "repeats": spec.repeats, "warmup": spec.warmup, "dtype": spec.dtype, "quant": spec.quant,
                "decode_mode": p.mode, "device": str(p.device), "seed": spec.seed,
                "ranks_sharing_memory": ranks_per_device(spec, p.device, tp)}
     if tp in p.comm_models:

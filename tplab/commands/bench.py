@@ -44,6 +44,7 @@ from tplab.bench.decoders import DECODE_MODES
 from tplab.bench.records import load_records
 from tplab.commands import int_list, torch_dtype_name
 from tplab.dist.launch import BACKENDS, under_torchrun
+from tplab.layers.quantized import SCHEMES
 from tplab.paths import default_measurements_dir
 
 COLUMNS = [("kind", 8), ("tp", 3), ("batch", 5), ("prompt", 6), ("TTFT ms", 10), ("decode ms/tok", 13),
@@ -62,6 +63,8 @@ def register(subparsers) -> None:
     p.add_argument("--decode-steps", type=int, default=16, help="decode steps per request (default 16)")
     p.add_argument("--repeats", type=int, default=5, help="timed requests per point (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed requests first (default 1)")
+    p.add_argument("--quant", choices=SCHEMES, default=None,
+                   help="weight-only int8 or fp8 for the decoder's linears (the HF baseline stays unquantized)")
     p.add_argument("--dtype", type=torch_dtype_name, default="bfloat16",
                    help="weights and KV cache: bfloat16/bf16, float16/fp16 or float32/fp32")
     p.add_argument("--emulate-rank", action="store_true",
@@ -103,7 +106,7 @@ def spec_from_args(args: argparse.Namespace):
 
     return BenchSpec(model=args.model, tps=int_list("--tp", args.tp), batches=int_list("--batch", args.batch),
                      prompt_lens=int_list("--prompt-len", args.prompt_len), decode_steps=args.decode_steps,
-                     repeats=args.repeats, warmup=args.warmup, dtype=args.dtype, emulate=args.emulate_rank,
+                     repeats=args.repeats, warmup=args.warmup, dtype=args.dtype, quant=args.quant, emulate=args.emulate_rank,
                      layers=args.layers, backend=args.backend, device=args.device, decode_mode=args.decode,
                      gpu=args.gpu, interconnect=args.interconnect, efficiency=args.efficiency,
                      baseline=not args.no_baseline, threads=args.threads, quick_roofline=args.quick_roofline)
@@ -133,7 +136,8 @@ def print_table(records: list[dict]) -> None:
     if first["env"]["device"]["type"] == "cuda":
         print(GPU_NOTE)
     print(f"model {first['model']['name']} ({first['model']['weights']} weights), {first['model']['layers_built']} of "
-          f"{first['model']['layers_full']} layers built, {first['setting']['dtype']}, "
+          f"{first['model']['layers_full']} layers built, {first['setting']['dtype']}"
+          f"{' with ' + first['setting']['quant'] + ' linears' if first['setting'].get('quant') else ''}, "
           f"{first['setting']['decode_steps']} decode steps, median of {first['setting']['repeats']} repeats")
     print("  ".join(f"{name:>{width}}" for name, width in COLUMNS))
     for r in records:

@@ -64,6 +64,25 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torc
     return (q.to(torch.float32) * scale[:, None]).to(dtype)
 
 
+def fp8_gemm_supported(device: torch.device) -> bool:
+    """Whether ``device`` runs fp8 GEMMs: a CUDA GPU of compute capability 8.9 or newer (Ada, Hopper, ...)."""
+    return device.type == "cuda" and hasattr(torch, "_scaled_mm") and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def fp8_gemm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Y = (X_q Qᵀ) ⊙ (t sᵀ) + b on the tensor cores: X quantized to e4m3 per token (scale t), Q per row (scale s).
+
+    NOT RUN IN THIS REPOSITORY'S TESTS: it needs a GPU with FP8 tensor cores (tests/test_gpu.py checks it
+    against the dequantized weights where one is visible).
+    """
+    flat = x.reshape(-1, x.shape[-1])
+    token_scale = (flat.abs().amax(dim=-1, keepdim=True).float() / Q_MAX["fp8"]).clamp_min(1e-12)
+    x_q = (flat.float() / token_scale).clamp(-Q_MAX["fp8"], Q_MAX["fp8"]).to(torch.float8_e4m3fn)
+    y = torch._scaled_mm(x_q, q.t(), scale_a=token_scale, scale_b=scale[None, :].float(), out_dtype=x.dtype)
+    y = y.reshape(*x.shape[:-1], q.shape[0])
+    return y if bias is None else y + bias
+
+
 class QuantizableLinear(nn.Module):
     """A parallel linear whose ``weight`` can be replaced by int8/fp8 values and per-row scales.
 
@@ -75,7 +94,10 @@ class QuantizableLinear(nn.Module):
     scheme: str | None = None
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """Y = X Wᵀ + b with this rank's weight, stored, dequantized, or through the int8 weight-only kernel."""
+        """Y = X Wᵀ + b with this rank's weight: stored, dequantized, through the CPU's int8 weight-only kernel,
+        or on a GPU with FP8 tensor cores as an fp8 GEMM (:func:`fp8_gemm`)."""
+        if self.scheme == "fp8" and fp8_gemm_supported(x.device):
+            return fp8_gemm(x, self.qweight, self.scale, bias)
         if self.scheme == "int8" and x.device.type == "cpu" and x.dtype == torch.bfloat16:
             flat = torch._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.qweight, self.scale.to(x.dtype))
             y = flat.reshape(*x.shape[:-1], flat.shape[-1])
