@@ -43,7 +43,7 @@ def check_sizes(d: Mapping) -> None:
 
 
 def unsupported(d: Mapping) -> str | None:
-    """Why tplab's decoder cannot run this config (architecture, activation, RoPE type), or None."""
+    """Why tplab's decoder cannot run this config (architecture, activation, RoPE type, quantization), or None."""
     model_type = d.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         arch = d.get("architectures") or model_type
@@ -55,12 +55,10 @@ def unsupported(d: Mapping) -> str | None:
     params = _rope_params(d)
     if params and all(isinstance(v, dict) for v in params.values()):
         return "per-layer-type rope_parameters are not supported"
-    if parse_quantization(d)[1]:
-        return parse_quantization(d)[1]
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         return f"unsupported rope_type={rope_type!r}; tplab implements {SUPPORTED_ROPE_TYPES}"
-    return None
+    return parse_quantization(d)[1]
 
 
 def parse_quantization(d: Mapping) -> tuple[str | None, str | None]:
