@@ -32,7 +32,7 @@ def wheel_python(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("wheel")
     source = root / "source"  # build from a copy: the build writes build/ and *.egg-info beside the sources
     shutil.copytree(CHECKOUT_DIR, source, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "*.egg-info", "__pycache__", "measurements", "notebooks", "tests", ".ipynb_checkpoints"))
+        ".git", ".venv*", "build", "*.egg-info", "__pycache__", "measurements", "notebooks", "tests", ".ipynb_checkpoints"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
                     str(source), "-w", str(root / "dist")], check=True)
     venv = root / "venv"
@@ -85,7 +85,7 @@ def test_the_install_paths_agree_and_a_cpu_only_machine_has_one():
 def test_building_the_wheel_gives_no_setuptools_warning(tmp_path):
     source = tmp_path / "source"
     shutil.copytree(CHECKOUT_DIR, source, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "*.egg-info", "__pycache__", "measurements", "notebooks", "tests"))
+        ".git", ".venv*", "build", "*.egg-info", "__pycache__", "measurements", "notebooks", "tests"))
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v",
                            str(source), "-w", str(tmp_path / "dist")], capture_output=True, text=True, check=True)
     warnings = [line for line in (done.stdout + done.stderr).splitlines()
