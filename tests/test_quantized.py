@@ -211,3 +211,18 @@ def test_bench_quant_times_the_quantized_shard_and_records_its_scheme(tmp_path):
     assert record["setting"]["quant"] == "fp8" and record_shapes(record).dtype == "fp8"
     with pytest.raises(ValueError, match="unknown quantization 'int4'"):
         BenchSpec(model="tiny", quant="int4")
+
+
+@pytest.mark.parametrize("spec", ["llama31", "tied"])
+def test_embeddings_quantize_when_asked_with_the_same_tokens_at_every_tp(tmp_path, spec, capsys):
+    from tplab.testing import make_checkpoint
+    path, hf = make_checkpoint(spec, tmp_path / spec, seed=3)
+    prompts = distinct_prompts(hf.config.vocab_size, [5, 7], seed=3)
+    kwargs = dict(model=str(path), prompts=prompts, max_new_tokens=6, eos_token_ids=(), quant="int8")
+    plain = launch(generate_rank_program, 2, "threads", kwargs=kwargs)[0]
+    both = {tp: launch(generate_rank_program, tp, "threads", kwargs={**kwargs, "quant_embeddings": True})[0]
+            for tp in (1, 2, 4)}
+    assert all(r.tokens == both[1].tokens for r in both.values())
+    assert both[2].weight_bytes < plain.weight_bytes  # the vocabulary rows at 1 byte (+ a scale each) too
+    assert main(["generate", "--model", str(path), "--prompt-ids", "1,2", "--quant-embeddings"]) == 2
+    assert "--quant-embeddings goes with --quant" in capsys.readouterr().err

@@ -58,6 +58,8 @@ def register(subparsers) -> None:
                    help="weights dtype: auto (the checkpoint's), float32/fp32, bfloat16/bf16 or float16/fp16")
     p.add_argument("--quant", choices=SCHEMES, default=None,
                    help="weight-only int8 or fp8 for the decoder's linears, each rank quantizing its own slices")
+    p.add_argument("--quant-embeddings", action="store_true",
+                   help="with --quant: the embedding and the LM head too (one scale per vocabulary row)")
     p.add_argument("--json", action="store_true", help="print one JSON object per tp")
     p.set_defaults(run=run)
 
@@ -84,6 +86,8 @@ def prepare(args: argparse.Namespace) -> tuple[ModelConfig, torch.dtype, object,
     Sets ``args.tps`` (the parsed --tp list).
     """
     args.tps = int_list("--tp", args.tp)
+    if args.quant_embeddings and not args.quant:
+        raise UsageError("--quant-embeddings goes with --quant int8 or --quant fp8")
     if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     config = checkpoint_config(args.model)
@@ -142,7 +146,8 @@ def run(args: argparse.Namespace) -> int:
         try:
             results = launch(generate_rank_program, tp, args.backend, device=args.device, threads=args.threads,
                              kwargs=dict(model=config, prompts=prompts, max_new_tokens=args.max_new_tokens,
-                                         sampling=sampling, dtype=dtype, warmup=True, quant=args.quant))
+                                         sampling=sampling, dtype=dtype, warmup=True, quant=args.quant,
+                                         quant_embeddings=args.quant_embeddings))
         except InputError as e:  # found inside a rank (e.g. a damaged checkpoint): still bad input, not a bug
             return _usage_error(e)
         if not prints():

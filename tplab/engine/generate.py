@@ -189,7 +189,8 @@ def checkpoint_eos_ids(path: str | Path, model: TPCausalLM) -> tuple[int, ...]:
 def generate_rank_program(dist: Dist, model: str | Path | ModelConfig, prompts: list[list[int]], max_new_tokens: int,
                           sampling: SamplingParams | None = None, dtype: torch.dtype | str | None = None,
                           eos_token_ids: tuple[int, ...] | None = None, stop_sequences: list[list[int]] = (),
-                          keep_logits: bool = False, warmup: bool = False, quant: str | None = None) -> GenerationResult:
+                          keep_logits: bool = False, warmup: bool = False, quant: str | None = None,
+                          quant_embeddings: bool = False) -> GenerationResult:
     """Load this rank's shard of ``model`` and generate: ``launch(generate_rank_program, tp, backend, kwargs=...)``.
 
     ``model``: a checkpoint directory, or its :class:`~tplab.specs.ModelConfig`
@@ -199,9 +200,9 @@ def generate_rank_program(dist: Dist, model: str | Path | ModelConfig, prompts: 
     run the same prompts for two tokens, untimed, so the reported TTFT and
     ms/token do not include first-call costs (allocations, kernel selection).
     ``quant``: "int8" or "fp8" weight-only quantization of the decoder's linears (see
-    :meth:`~tplab.model.TPCausalLM.quantize_`).
+    :meth:`~tplab.model.TPCausalLM.quantize_`); ``quant_embeddings`` quantizes the embedding and the LM head too.
     """
-    shard = from_pretrained(model, dist, dtype=dtype, quant=quant)
+    shard = from_pretrained(model, dist, dtype=dtype, quant=quant, quant_embeddings=quant_embeddings)
     directory = shard.config.directory
     eos = checkpoint_eos_ids(directory, shard) if eos_token_ids is None else eos_token_ids
     if warmup:

@@ -33,10 +33,11 @@ from torch import nn
 
 from tplab.checkpoint.sources import StateDictSource, TensorSource
 from tplab.dist.group import Dist
+from tplab.layers.quantized import QuantizableLinear
 from tplab.specs.sharding import vocab_shard
 
 
-class _VocabShard(nn.Module):
+class _VocabShard(QuantizableLinear):
     """A (V'/tp, hidden) block of rows of a vocabulary matrix; padding rows are zero."""
 
     def __init__(self, vocab_size: int, hidden_size: int, dist: Dist, dtype: torch.dtype | None = None) -> None:
@@ -75,7 +76,11 @@ class VocabParallelEmbedding(_VocabShard):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         owned = (ids >= self.start) & (ids < self.real_stop)
         local = torch.where(owned, ids - self.start, torch.zeros_like(ids))
-        partial = F.embedding(local, self.weight).masked_fill(~owned[..., None], 0)
+        if self.scheme is None:
+            rows = F.embedding(local, self.weight)
+        else:  # dequantize the looked-up rows only: s_t · Q_t
+            rows = (self.qweight[local].float() * self.scale[local, None]).to(self.compute_dtype)
+        partial = rows.masked_fill(~owned[..., None], 0)
         return self.dist.all_reduce(partial)
 
 
@@ -89,9 +94,13 @@ class ParallelLMHead(_VocabShard):
         self.weight = embedding.weight
         return self
 
+    def share_quantized(self, embedding: VocabParallelEmbedding) -> "ParallelLMHead":
+        """A tied LM head after its embedding was quantized: the same int8/fp8 rows and scales."""
+        return self._store(embedding.qweight, embedding.scale, embedding.scheme)
+
     def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """z_r, shape (..., V'/tp); padding columns are 0 (not -inf)."""
-        return F.linear(hidden, self.weight)
+        return self.matmul(hidden)
 
     def gather_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The full logits (..., V) on every rank: one all-gather, padding columns dropped."""

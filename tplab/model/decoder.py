@@ -202,16 +202,22 @@ class TPCausalLM(nn.Module):
         """The decoder's linears, the layers weight-only quantization applies to: q/k/v, o, gate/up, down."""
         return [m for layer in self.layers for m in (layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up, layer.mlp.down)]
 
-    def quantize_(self, scheme: str) -> "TPCausalLM":
+    def quantize_(self, scheme: str, embeddings: bool = False) -> "TPCausalLM":
         """Weight-only int8 or fp8 for every decoder linear (q/k/v, o, gate/up, down) of this rank's shard, with
-        per-row scales that do not depend on tp (:mod:`tplab.layers.quantized`). The embedding, the LM head and
-        the norms keep the model's dtype. The row-parallel layers' scale maxima are all-gathered under the tag
-        "quantize"."""
+        per-row scales that do not depend on tp (:mod:`tplab.layers.quantized`). The embedding and the LM head
+        keep the model's dtype unless ``embeddings`` (one scale per vocabulary row); the norms always do. The
+        row-parallel layers' scale maxima are all-gathered under the tag "quantize"."""
         stats, tag = self.dist.stats, self.dist.stats.tag
         stats.tag = "quantize"
         try:
             for linear in self.quantizable():
                 linear.quantize_(scheme)
+            if embeddings:
+                self.embed.quantize_(scheme)
+                if self.config.tie_word_embeddings:
+                    self.lm_head.share_quantized(self.embed)
+                else:
+                    self.lm_head.quantize_(scheme)
         finally:
             stats.tag = tag
         self.quant = scheme
