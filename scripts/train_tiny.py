@@ -51,10 +51,9 @@ from tiny_model_card import write_model_card
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from tplab.specs.tiny import clean_text, split_text
+from tplab.specs.tiny import CORPUS_FILE, clean_text, split_text
 
 REPO = Path(__file__).resolve().parent.parent
-CORPUS_FILE = "corpus.json.xz"
 CORPUS_SHA256 = "13e07c0b9a9a1b2f3c9d6e0efe623d603650814dd5e53a6f031a81dfec28a133"  # uncompressed JSON
 CORPUS_ORIGIN = "pydoc_data.topics of CPython 3.11.7"
 BOS, EOS = "<s>", "</s>"

@@ -5,7 +5,7 @@ import argparse
 import sys
 
 from tplab.commands import int_list, precision_of
-from tplab.perf.estimate import ENGINES, MODELLED, Estimate, estimate, max_batch, min_tp
+from tplab.perf.estimate import ENGINES, MODELLED, Estimate, engine_overheads_us, estimate, max_batch, min_tp
 from tplab.perf.shapes import KV_BYTES, WEIGHT_BYTES
 from tplab.specs.efficiency import load_efficiency
 from tplab.specs.hardware import load_gpu
@@ -69,8 +69,7 @@ def plan(args: argparse.Namespace) -> None:
                           engine=args.engine, **kw) for tp in tps for b in batches]
     print(f"MODELLED estimates, not measurements: {spec.name} on {hw.label}, {args.dtype} weights, {args.kv_dtype} KV "
           f"cache, {args.context - args.output} prompt + {args.output} output tokens per sequence")
-    layer, step = ((eff.layer_overhead_us, eff.step_overhead_us) if args.engine != "eager"
-                   else (eff.eager_layer_overhead_us, eff.eager_step_overhead_us))
+    layer, step = engine_overheads_us(eff, args.engine)
     print(f"efficiencies (data/efficiency.json or --efficiency, fitted to published GPU measurements): memory "
           f"bandwidth {eff.memory_bandwidth:.3g}, GEMM peak {eff.compute:.3g} (fp8 {eff.compute_fp8:.3g}) reached "
           f"at n/(n+{eff.gemm_half_tokens:.0f}) for n tokens, link {eff.link:g}; {args.engine} engine: "

@@ -21,7 +21,7 @@ from tplab.engine.quality import quality_rank_program, token_windows
 from tplab.errors import InputError
 from tplab.layers.quantized import SCHEMES
 from tplab.model.loading import checkpoint_config
-from tplab.specs.tiny import validation_texts
+from tplab.specs.tiny import CORPUS_FILE, validation_texts
 
 
 def register(subparsers) -> None:
@@ -45,7 +45,7 @@ def _inputs(args: argparse.Namespace):
     tokenizer = load_tokenizer(config.directory)
     if tokenizer is None:
         raise ValueError(f"{config.directory} has no tokenizer: quality needs text prompts")
-    texts = validation_texts(config.directory) if (config.directory / "corpus.json.xz").is_file() else []
+    texts = validation_texts(config.directory) if (config.directory / CORPUS_FILE).is_file() else []
     if args.prompts:
         lines = [line for line in Path(args.prompts).read_text().splitlines() if line.strip()]
         if not lines:

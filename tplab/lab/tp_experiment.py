@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import functools
 import html
-import json
-import lzma
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +32,7 @@ from tplab.dist.launch import BACKENDS, launch
 from tplab.engine.generate import generate_rank_program
 from tplab.model.loading import resolve_dtype
 from tplab.specs.model import resolve_model
-from tplab.specs.tiny import TINY_DIR
+from tplab.specs.tiny import TINY_DIR, corpus_texts
 
 MAX_BATCH = 8
 
@@ -59,8 +57,7 @@ class ExperimentResult:
 
 @functools.lru_cache(maxsize=1)
 def _corpus_texts(model_dir: str) -> list[str]:
-    with lzma.open(Path(model_dir) / "corpus.json.xz") as f:
-        return [topic["text"] for topic in json.loads(f.read())]
+    return corpus_texts(Path(model_dir))
 
 
 @functools.lru_cache(maxsize=1)

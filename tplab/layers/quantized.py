@@ -60,8 +60,8 @@ def quantize_rows(weight: torch.Tensor, scheme: str, absmax: torch.Tensor | None
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """s ⊙ Q in ``dtype``: the weight the matmul uses."""
-    return (q.to(torch.float32) * scale[:, None]).to(dtype)
+    """s ⊙ Q in ``dtype``: each row of ``q`` (any leading shape) times its scale, the weight the matmul uses."""
+    return (q.to(torch.float32) * scale[..., None]).to(dtype)
 
 
 def fp8_gemm_supported(device: torch.device) -> bool:

@@ -33,7 +33,7 @@ from torch import nn
 
 from tplab.checkpoint.sources import StateDictSource, TensorSource
 from tplab.dist.group import Dist
-from tplab.layers.quantized import QuantizableLinear
+from tplab.layers.quantized import QuantizableLinear, dequantize
 from tplab.specs.sharding import vocab_shard
 
 
@@ -79,7 +79,7 @@ class VocabParallelEmbedding(_VocabShard):
         if self.scheme is None:
             rows = F.embedding(local, self.weight)
         else:  # dequantize the looked-up rows only: s_t · Q_t
-            rows = (self.qweight[local].float() * self.scale[local, None]).to(self.compute_dtype)
+            rows = dequantize(self.qweight[local], self.scale[local], self.compute_dtype)
         partial = rows.masked_fill(~owned[..., None], 0)
         return self.dist.all_reduce(partial)
 

@@ -120,13 +120,18 @@ def gemm_efficiency(eff: Efficiency, compute_dtype: str, tokens: int) -> float:
     return peak_fraction * tokens / (tokens + eff.gemm_half_tokens)
 
 
-def overhead_seconds(work: StepWork, eff: Efficiency, engine: str) -> dict[str, float]:
-    """{"fixed": L·t_layer + t_step (per engine profile), "per_sequence": B·L·t_seq}, in seconds."""
+def engine_overheads_us(eff: Efficiency, engine: str) -> tuple[float, float]:
+    """(t_layer, t_step) in µs of an engine profile: "graph", "served" or "eager"."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine profile {engine!r}; choose one of {ENGINES}")
-    layer, step = {"graph": (eff.layer_overhead_us, eff.step_overhead_us),
-                   "served": (eff.layer_overhead_us, eff.served_step_overhead_us),
-                   "eager": (eff.eager_layer_overhead_us, eff.eager_step_overhead_us)}[engine]
+    return {"graph": (eff.layer_overhead_us, eff.step_overhead_us),
+            "served": (eff.layer_overhead_us, eff.served_step_overhead_us),
+            "eager": (eff.eager_layer_overhead_us, eff.eager_step_overhead_us)}[engine]
+
+
+def overhead_seconds(work: StepWork, eff: Efficiency, engine: str) -> dict[str, float]:
+    """{"fixed": L·t_layer + t_step (per engine profile), "per_sequence": B·L·t_seq}, in seconds."""
+    layer, step = engine_overheads_us(eff, engine)
     return {"fixed": (work.layers * layer + step) * 1e-6,
             "per_sequence": work.sequences * work.layers * eff.sequence_overhead_us * 1e-6}
 

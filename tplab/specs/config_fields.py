@@ -30,16 +30,16 @@ class RopeConfig:
     original_max_position_embeddings: int | None = None
 
 
-def check_sizes(d: Mapping) -> None:
-    """ValueError naming every required size that is absent or not a positive integer, and refusing MoE models."""
+def check_sizes(d: Mapping, source: str) -> None:
+    """ValueError naming ``source`` and every required size that is absent or not a positive integer; MoE refused."""
     missing = [k for k in REQUIRED_SIZES if k not in d]
     if missing:
-        raise ValueError(f"lacks {', '.join(missing)}: tplab describes Llama/Mistral/Qwen2-style decoders")
+        raise ValueError(f"{source} lacks {', '.join(missing)}: tplab describes Llama/Mistral/Qwen2-style decoders")
     for key in REQUIRED_SIZES:
         if not is_positive_int(d[key]):
-            raise ValueError(f"{key} must be a positive integer, got {d[key]!r}")
+            raise ValueError(f"{source}: {key} must be a positive integer, got {d[key]!r}")
     if any(d.get(k) for k in MOE_KEYS):
-        raise ValueError("describes a mixture-of-experts model, which tplab does not model")
+        raise ValueError(f"{source} describes a mixture-of-experts model, which tplab does not model")
 
 
 def unsupported(d: Mapping) -> str | None:

@@ -81,10 +81,7 @@ class ModelConfig:
         """Parse a config.json dictionary; ValueError for what it lacks, and (strict) for what tplab cannot run."""
         if not isinstance(d, Mapping):
             raise ValueError(f"{source} must hold a JSON object, got a {type(d).__name__}")
-        try:
-            check_sizes(d)
-        except ValueError as e:
-            raise ValueError(f"{source} {e}" if str(e).startswith(("lacks", "describes")) else f"{source}: {e}") from None
+        check_sizes(d, source)
         why_not = unsupported(d)
         if strict and why_not:
             raise ValueError(f"{source}: {why_not}")

@@ -66,9 +66,16 @@ def split_text(text: str, val_fraction: float) -> tuple[str, str]:
     return (text, "") if cut < 0 else (text[:cut + 1], text[cut + 2:])
 
 
+CORPUS_FILE = "corpus.json.xz"
+
+
+def corpus_texts(directory: Path = TINY_DIR) -> list[str]:
+    """The text of every topic of the corpus shipped beside the model, as stored."""
+    with lzma.open(Path(directory) / CORPUS_FILE) as f:
+        return [topic["text"] for topic in json.loads(f.read())]
+
+
 def validation_texts(directory: Path = TINY_DIR) -> list[str]:
     """The held-out tail of every corpus topic, split as training split it (training.json's val_fraction)."""
     val_fraction = json.loads((Path(directory) / "training.json").read_text())["hyperparameters"]["val_fraction"]
-    with lzma.open(Path(directory) / "corpus.json.xz") as f:
-        docs = json.loads(f.read())
-    return [val for _, val in (split_text(clean_text(d["text"]), val_fraction) for d in docs) if val.strip()]
+    return [val for _, val in (split_text(clean_text(t), val_fraction) for t in corpus_texts(directory)) if val.strip()]
