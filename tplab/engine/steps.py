@@ -12,6 +12,8 @@ so there is no second copy of the decoder's forward pass to drift from the first
 * :func:`decode_step`: one new token per row (batch, 1) at slot ``start``. With
   ``start`` a one-element device tensor, every step has the same shapes and
   reads its slot from device memory: a CUDA graph can capture it once and replay it.
+* :func:`paged_step`: the serving engine's step, rows at their own positions in
+  a paged cache (decodes and prefill chunks in one pass, :mod:`tplab.model.paged_cache`).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import torch
 from tplab.errors import InputError
 from tplab.model.decoder import TPCausalLM
 from tplab.model.kv_cache import KVCache
+from tplab.model.paged_cache import PagedBatch
 from tplab.model.sampling import SamplingParams, sample
 
 
@@ -43,6 +46,14 @@ def decode_step(model: TPCausalLM, tokens: torch.Tensor, cache: KVCache, start: 
                 positions: torch.Tensor | None = None, key_valid: torch.Tensor | None = None) -> torch.Tensor:
     """Feed one new token per row, ``tokens`` (batch, 1), at cache slot ``start``; its hidden state (batch, hidden)."""
     return model(tokens, cache, start, positions, key_valid)[:, -1]
+
+
+@torch.no_grad()
+def paged_step(model: TPCausalLM, ids: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
+    """Feed row b its new tokens ``ids[b, :new_b]`` (right-padded to T) after its cached ones; the hidden state
+    of each row's last new token (batch, hidden)."""
+    hidden = model(ids, batch)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.last_index]
 
 
 @torch.no_grad()

@@ -74,6 +74,14 @@ class KVCache:
         """bytes_per_token * batch * max_len: what this rank allocated."""
         return self.bytes_per_token * self.batch * self.max_len
 
+    def query_slots(self, start: int | torch.Tensor, tokens: int) -> torch.Tensor:
+        """The slots the ``tokens`` new positions are written to, (T,): the same for every row."""
+        return start + torch.arange(tokens, device=self.k.device)
+
+    def key_valid(self, visible: int) -> torch.Tensor:
+        """(batch, visible) bool, all True: without padding every slot attention reads holds a real token."""
+        return torch.ones(self.batch, visible, dtype=torch.bool, device=self.k.device)
+
     def visible(self, start: int | torch.Tensor, tokens: int) -> int:
         """How many slots attention reads after writing ``tokens`` at ``start``: start + tokens, or every slot."""
         return self.max_len if isinstance(start, torch.Tensor) else start + tokens

@@ -1,0 +1,153 @@
+"""The serving engine: continuous batching on tp ranks, every rank running the plan rank 0's scheduler made.
+
+Rank 0 runs the serving loop (:func:`tplab.scheduling.runner.run_load`) on a
+wall clock: requests arrive at their times, the scheduler plans each step,
+and the plan is **broadcast** to every rank as one int64 tensor (two
+broadcasts per step, its length then its contents, under the tag
+"schedule"). Every rank then runs the same step on its shard: a forward pass
+over the planned rows through the paged KV cache (:func:`~tplab.engine.steps.paged_step`:
+2·layers + 1 all-reduces), the vocab-parallel greedy argmax (one all-gather),
+and, when a sampled request emits, the all-gathered logits of those rows (one
+more all-gather) drawn from that request's own seeded generator. So the
+ranks agree on every token without another message, and the plan is made once.
+
+A plan row is ``[request id, start, count, emits, number of blocks, blocks..., tokens[start:start+count]...]``;
+a length of 0 tells the ranks to stop.
+
+Each request gets the tokens it would get alone (:func:`tplab.engine.generate`
+with that one prompt): its rows see only its own keys, at its own positions.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tplab.dist.group import Dist
+from tplab.engine.steps import paged_step
+from tplab.model.decoder import TPCausalLM
+from tplab.model.loading import from_pretrained
+from tplab.model.paged_cache import PagedKVCache
+from tplab.model.sampling import SamplingParams, sample
+from tplab.scheduling.metrics import SLO
+from tplab.scheduling.requests import Request
+from tplab.scheduling.runner import WallClock, run_load
+from tplab.scheduling.scheduler import SchedulerConfig, StepPlan
+from tplab.specs.model import ModelConfig
+
+WARMUP = Request(-1, tuple(range(2, 18)), 4)  # one short request served untimed before the run
+
+
+class RankStep:
+    """What every rank does with a plan: build the step's batch, run the forward pass, pick each emitting row's token."""
+
+    def __init__(self, model: TPCausalLM, cache: PagedKVCache, requests: list[Request]) -> None:
+        self.model, self.cache = model, cache
+        self.requests = {r.id: r for r in [*requests, WARMUP]}
+        self.generators: dict[int, torch.Generator] = {}
+
+    def sampling(self, request_id: int) -> SamplingParams:
+        r = self.requests[request_id]
+        return SamplingParams(r.temperature, r.top_k, r.top_p, r.seed)
+
+    def run(self, rows: list[tuple[int, int, bool, list[int], list[int]]]) -> dict[int, int]:
+        """rows: (request id, start, emits, block table, tokens fed); {request id: next token} for the rows that emit."""
+        device = self.model.device
+        ids = torch.zeros(len(rows), max(len(t) for *_, t in rows), dtype=torch.long)
+        for b, (*_, tokens) in enumerate(rows):
+            ids[b, :len(tokens)] = torch.tensor(tokens)
+        batch = self.cache.batch([row[3] for row in rows], [row[1] for row in rows], [len(row[4]) for row in rows])
+        hidden = paged_step(self.model, ids.to(device), batch)
+        chosen = self.model.greedy(hidden).tolist()
+        emitting = [b for b, row in enumerate(rows) if row[2]]
+        sampled = [b for b in emitting if not self.sampling(rows[b][0]).greedy]
+        if sampled:
+            logits = self.model.logits(hidden[sampled])
+            for i, b in enumerate(sampled):
+                rid = rows[b][0]
+                params = self.sampling(rid)
+                generator = self.generators.setdefault(rid, params.generator())
+                chosen[b] = int(sample(logits[i:i + 1], params, generator)[0])
+        return {rows[b][0]: chosen[b] for b in emitting}
+
+
+def encode_plan(plan: StepPlan) -> list[int]:
+    """The plan as ints (see the module docstring)."""
+    out = [len(plan.rows)]
+    for row in plan.rows:
+        seq = row.seq
+        out += [seq.id, row.start, row.count, int(row.emits), len(seq.block_ids), *seq.block_ids,
+                *seq.tokens[row.start:row.start + row.count]]
+    return out
+
+
+def decode_plan(ints: list[int]) -> list[tuple[int, int, bool, list[int], list[int]]]:
+    """The rows of :func:`encode_plan`'s ints: (request id, start, emits, block table, tokens fed)."""
+    rows, i = [], 1
+    for _ in range(ints[0]):
+        rid, start, count, emits, blocks = ints[i:i + 5]
+        table = ints[i + 5:i + 5 + blocks]
+        rows.append((rid, start, bool(emits), table, ints[i + 5 + blocks:i + 5 + blocks + count]))
+        i += 5 + blocks + count
+    return rows
+
+
+def share_plan(dist: Dist, ints: list[int] | None) -> list[int]:
+    """Rank 0's plan on every rank: its length, then its contents (two broadcasts, tag "schedule")."""
+    stats, tag = dist.stats, dist.stats.tag
+    stats.tag = "schedule"
+    try:
+        length = dist.broadcast(torch.tensor([0 if ints is None else len(ints)], dtype=torch.long), src=0)
+        if int(length[0]) == 0:
+            return []
+        payload = torch.tensor(ints, dtype=torch.long) if ints is not None else torch.zeros(int(length[0]),
+                                                                                            dtype=torch.long)
+        return dist.broadcast(payload, src=0).tolist()
+    finally:
+        stats.tag = tag
+
+
+def serve(model: TPCausalLM, requests: list[Request], config: SchedulerConfig, eos: frozenset[int],
+          slo: SLO = SLO(), warmup: bool = True) -> dict:
+    """Serve ``requests`` on every rank of ``model``'s group; rank 0 returns the run (requests, summary, steps),
+    the others their cache size. Collectives are recorded under "serve" (the steps) and "schedule" (the plans);
+    ``warmup`` first serves one short request untimed, under "warmup"."""
+    dist = model.dist
+    cache = PagedKVCache.for_model(model.config, dist.world_size, config.num_blocks, config.block_size,
+                                   model.dtype, model.device)
+    ranks = RankStep(model, cache, requests)
+    stats, old_tag = dist.stats, dist.stats.tag
+
+    def step(plan: StepPlan) -> dict[int, int]:
+        return ranks.run(decode_plan(share_plan(dist, encode_plan(plan))))
+
+    run = None
+    try:
+        for phase, load in [*([("warmup", [WARMUP])] if warmup else []), ("serve", requests)]:
+            stats.tag = phase
+            if dist.rank == 0:
+                run = run_load(load, config, step, WallClock(), eos, slo)
+                share_plan(dist, None)
+            else:
+                while rows := share_plan(dist, None):
+                    ranks.run(decode_plan(rows))
+    finally:
+        stats.tag = old_tag
+    if run is None:
+        return {"cache_bytes_per_rank": cache.total_bytes}
+    return {**run.to_dict(), "steps": run.steps, "utilization": run.utilization,
+            "cache_bytes_per_rank": cache.total_bytes}
+
+
+def serve_rank_program(dist: Dist, model: str | Path | ModelConfig, requests: list[Request],
+                       config: SchedulerConfig, dtype: torch.dtype | str | None = None, slo: SLO = SLO(),
+                       eos_token_ids: tuple[int, ...] | None = None, warmup: bool = True) -> dict:
+    """Load this rank's shard and serve: ``launch(serve_rank_program, tp, backend, kwargs=...)`` (threads, gloo,
+    torchrun)."""
+    shard = from_pretrained(model, dist, dtype=dtype)
+    eos = frozenset(shard.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
+    result = serve(shard, requests, config, eos, slo, warmup)
+    if dist.rank == 0:
+        result.update(tp=dist.world_size, device=str(dist.device), threads=torch.get_num_threads(),
+                      comm=dist.stats.summary("serve"), schedule_comm=dist.stats.summary("schedule"))
+    return result

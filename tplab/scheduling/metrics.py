@@ -1,0 +1,87 @@
+"""Serving metrics, per request and over a run.
+
+Per request (times from its arrival):
+
+* TTFT, time to first token: first output - arrival;
+* TPOT, time per output token: (last output - first output) / (outputs - 1), the decode pace it saw;
+* latency: last output - arrival;
+* queueing delay: first scheduled - arrival.
+
+Over the run: p50, p90 and p99 of each (linear interpolation between order
+statistics), output tokens/s and requests/s over the run's span (first
+arrival to last output), goodput (requests/s meeting both SLOs, TTFT and
+TPOT), preemptions, the prefix-cache hit rate (tokens found among tokens
+looked up) and KV-block utilization over time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tplab.scheduling.requests import Sequence
+
+PERCENTILES = (50, 90, 99)
+METRICS = ("ttft_ms", "tpot_ms", "latency_ms", "queue_ms")
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile (0-100) by linear interpolation between order statistics; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def request_metrics(seq: Sequence) -> dict:
+    """{id, prompt_len, output_ids, ttft_ms, tpot_ms, latency_ms, queue_ms, finish_reason, preemptions,
+    prefix_hit_tokens}; times None for a request that produced no token."""
+    arrival, times = seq.request.arrival_s, seq.token_times_s
+    ms = lambda seconds: None if seconds is None else 1000 * seconds  # noqa: E731
+    return {
+        "id": seq.id, "prompt_len": len(seq.request.prompt), "output_ids": seq.outputs,
+        "ttft_ms": ms(times[0] - arrival) if times else None,
+        "tpot_ms": ms((times[-1] - times[0]) / (len(times) - 1)) if len(times) > 1 else None,
+        "latency_ms": ms(times[-1] - arrival) if times else None,
+        "queue_ms": ms(None if seq.first_scheduled_s is None else seq.first_scheduled_s - arrival),
+        "finish_reason": seq.finish_reason, "preemptions": seq.preemptions,
+        "prefix_hit_tokens": seq.prefix_hit_tokens,
+    }
+
+
+@dataclass(frozen=True)
+class SLO:
+    """A request meets the SLO when its TTFT and its TPOT are within these (None: no bound)."""
+
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+
+    def met(self, row: dict) -> bool:
+        if row["ttft_ms"] is None:
+            return False
+        tpot_ok = self.tpot_ms is None or row["tpot_ms"] is None or row["tpot_ms"] <= self.tpot_ms
+        return (self.ttft_ms is None or row["ttft_ms"] <= self.ttft_ms) and tpot_ok
+
+
+def summarize(rows: list[dict], span_s: float, preemptions: int, prefix_hit_rate: float | None,
+              utilization: list[tuple[float, float]], slo: SLO = SLO()) -> dict:
+    """The run's summary (see the module docstring); ``utilization`` is [(time s, used fraction)] per step."""
+    served = [r for r in rows if r["ttft_ms"] is not None]
+    outputs = sum(len(r["output_ids"]) for r in served)
+    summary = {
+        "requests": len(rows), "completed": len(served), "rejected": len(rows) - len(served),
+        "duration_s": span_s, "output_tokens": outputs,
+        "throughput_tok_s": outputs / span_s if span_s > 0 else None,
+        "throughput_req_s": len(served) / span_s if span_s > 0 else None,
+        "goodput_req_s": sum(map(slo.met, served)) / span_s if span_s > 0 else None,
+        "slo_met_fraction": sum(map(slo.met, served)) / len(served) if served else None,
+        "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms},
+        "preemptions": preemptions, "prefix_hit_rate": prefix_hit_rate,
+        "kv_utilization_mean": sum(u for _, u in utilization) / len(utilization) if utilization else None,
+        "kv_utilization_max": max((u for _, u in utilization), default=None),
+    }
+    for metric in METRICS:
+        values = [r[metric] for r in served if r[metric] is not None]
+        summary[metric] = {f"p{q}": percentile(values, q) for q in PERCENTILES}
+    return summary

@@ -1,0 +1,104 @@
+"""The serving loop, one for the engine and the simulator: arrivals in, a plan per step, metrics out.
+
+    while requests are pending or running:
+        admit the requests that have arrived by now
+        plan = scheduler.schedule(now)        # rows: (sequence, first token, count)
+        new tokens = step(plan)               # the engine runs it on tp ranks; the simulator prices it
+        scheduler.update(plan, new tokens, now)
+
+The engine passes a :class:`WallClock` and a step that runs the plan on real
+ranks (:mod:`tplab.engine.serve`); the simulator a :class:`VirtualClock`,
+advanced by each step's modelled or fitted time (:mod:`tplab.scheduling.simulator`).
+Everything else, and so every metric, is the same code.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from tplab.scheduling.metrics import SLO, request_metrics, summarize
+from tplab.scheduling.requests import Request
+from tplab.scheduling.scheduler import Scheduler, SchedulerConfig, StepPlan
+
+
+class WallClock:
+    """Seconds since the run started, by ``time.perf_counter``; waiting sleeps."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+
+    def now(self) -> float:
+        return time.perf_counter() - self.started
+
+    def wait_until(self, t: float) -> None:
+        time.sleep(max(0.0, t - self.now()))
+
+
+class VirtualClock:
+    """A clock that moves only when told: by a step's time, or to the next arrival."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+    def wait_until(self, t: float) -> None:
+        self.t = max(self.t, t)
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+@dataclass
+class ServeRun:
+    """A finished run: ``requests`` in input order (see :func:`~tplab.scheduling.metrics.request_metrics`),
+    the ``summary``, and per step (time, rows, tokens, decodes, attended keys, seconds) for calibration."""
+
+    requests: list[dict]
+    summary: dict
+    steps: list[dict] = field(default_factory=list)
+    utilization: list[tuple[float, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"requests": self.requests, "summary": self.summary}
+
+
+def attended_keys(start: int, count: int) -> int:
+    """Query-key pairs of a row feeding ``count`` tokens after ``start`` cached ones: count·start + count(count+1)/2."""
+    return count * start + count * (count + 1) // 2
+
+
+def run_load(requests: list[Request], config: SchedulerConfig, step: Callable[[StepPlan], dict[int, int]],
+             clock: WallClock | VirtualClock, eos: frozenset[int] = frozenset(), slo: SLO = SLO()) -> ServeRun:
+    """Serve ``requests`` (arriving at their ``arrival_s``) with ``step`` running each plan; the metrics."""
+    scheduler = Scheduler(config)
+    pending = deque(sorted(requests, key=lambda r: (r.arrival_s, r.id)))
+    sequences, steps, utilization = {}, [], []
+    while pending or scheduler.has_work:
+        now = clock.now()
+        while pending and pending[0].arrival_s <= now:
+            request = pending.popleft()
+            sequences[request.id] = scheduler.add(request, now)
+        if not scheduler.has_work:
+            if pending:
+                clock.wait_until(pending[0].arrival_s)
+            continue
+        plan = scheduler.schedule(now)
+        if not plan.rows:
+            raise RuntimeError("the scheduler planned an empty step with work waiting (a scheduler bug)")
+        tokens = step(plan)
+        done = clock.now()
+        steps.append({"t": now, "rows": len(plan.rows), "tokens": plan.tokens, "decodes": plan.decodes,
+                      "attended": sum(attended_keys(r.start, r.count) for r in plan.rows), "seconds": done - now})
+        scheduler.update(plan, tokens, done, eos)
+        utilization.append((done, scheduler.blocks.used / config.num_blocks))
+    rows = [request_metrics(sequences[r.id]) for r in requests]
+    blocks = scheduler.blocks
+    first = min((r.arrival_s for r in requests), default=0.0)
+    last = max((s.finished_s for s in sequences.values() if s.token_times_s), default=first)
+    summary = summarize(rows, last - first, scheduler.preemptions,
+                        blocks.hits / blocks.lookups if blocks.lookups else None, utilization, slo)
+    return ServeRun(rows, {**summary, "steps": len(steps)}, steps, utilization)
