@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from tplab.bench.decoders import synchronize
 from tplab.bench.env import environment, hardware_slug
 from tplab.commands import int_list
-from tplab.model.decoder import attention_mask, grouped_query_attention
+from tplab.model.decoder import grouped_query_attention
+from tplab.model.kv_cache import attention_mask
 from tplab.paths import DATA_DIR
 
 HEADS, KV_HEADS, HEAD_DIM = 64, 8, 128  # Llama-3-70B

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tplab.commands import HelpFormatter, bench, comm_bench, demo, generate, plan, quality
+from tplab.commands import HelpFormatter, bench, comm_bench, demo, generate, plan, quality, serve_bench, simulate
 
-COMMANDS = [demo, generate, plan, bench, comm_bench, quality]
+COMMANDS = [demo, generate, plan, bench, comm_bench, quality, serve_bench, simulate]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,11 +53,9 @@ class RankStep:
     def run(self, rows: list[tuple[int, int, bool, list[int], list[int]]]) -> dict[int, int]:
         """rows: (request id, start, emits, block table, tokens fed); {request id: next token} for the rows that emit."""
         device = self.model.device
-        ids = torch.zeros(len(rows), max(len(t) for *_, t in rows), dtype=torch.long)
-        for b, (*_, tokens) in enumerate(rows):
-            ids[b, :len(tokens)] = torch.tensor(tokens)
+        ids = torch.tensor([[t for row in rows for t in row[4]]], device=device)  # (1, N): packed, no padding
         batch = self.cache.batch([row[3] for row in rows], [row[1] for row in rows], [len(row[4]) for row in rows])
-        hidden = paged_step(self.model, ids.to(device), batch)
+        hidden = paged_step(self.model, ids, batch)
         chosen = self.model.greedy(hidden).tolist()
         emitting = [b for b, row in enumerate(rows) if row[2]]
         sampled = [b for b in emitting if not self.sampling(rows[b][0]).greedy]
@@ -143,10 +141,18 @@ def serve_rank_program(dist: Dist, model: str | Path | ModelConfig, requests: li
                        config: SchedulerConfig, dtype: torch.dtype | str | None = None, slo: SLO = SLO(),
                        eos_token_ids: tuple[int, ...] | None = None, warmup: bool = True) -> dict:
     """Load this rank's shard and serve: ``launch(serve_rank_program, tp, backend, kwargs=...)`` (threads, gloo,
-    torchrun)."""
+    torchrun). ``config.policy`` "padded" serves static batches through the generation loop (:mod:`tplab.engine.static`)."""
+    from tplab.engine.static import serve_static  # it builds on share_plan above
+
     shard = from_pretrained(model, dist, dtype=dtype)
     eos = frozenset(shard.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
-    result = serve(shard, requests, config, eos, slo, warmup)
+    if config.policy == "padded":
+        if warmup:
+            serve_static(shard, [WARMUP], 1, eos)
+        run = serve_static(shard, requests, config.max_num_seqs, eos, slo)
+        result = {} if run is None else {**run.to_dict(), "steps": [], "utilization": [], "cache_bytes_per_rank": 0}
+    else:
+        result = serve(shard, requests, config, eos, slo, warmup)
     if dist.rank == 0:
         result.update(tp=dist.world_size, device=str(dist.device), threads=torch.get_num_threads(),
                       comm=dist.stats.summary("serve"), schedule_comm=dist.stats.summary("schedule"))

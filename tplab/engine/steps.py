@@ -12,8 +12,9 @@ so there is no second copy of the decoder's forward pass to drift from the first
 * :func:`decode_step`: one new token per row (batch, 1) at slot ``start``. With
   ``start`` a one-element device tensor, every step has the same shapes and
   reads its slot from device memory: a CUDA graph can capture it once and replay it.
-* :func:`paged_step`: the serving engine's step, rows at their own positions in
-  a paged cache (decodes and prefill chunks in one pass, :mod:`tplab.model.paged_cache`).
+* :func:`paged_step`: the serving engine's step, sequences at their own positions
+  packed in one row over a paged cache (decodes and prefill chunks in one pass,
+  no padding, :mod:`tplab.model.paged_cache`).
 """
 from __future__ import annotations
 
@@ -50,10 +51,9 @@ def decode_step(model: TPCausalLM, tokens: torch.Tensor, cache: KVCache, start: 
 
 @torch.no_grad()
 def paged_step(model: TPCausalLM, ids: torch.Tensor, batch: PagedBatch) -> torch.Tensor:
-    """Feed row b its new tokens ``ids[b, :new_b]`` (right-padded to T) after its cached ones; the hidden state
-    of each row's last new token (batch, hidden)."""
-    hidden = model(ids, batch)
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), batch.last_index]
+    """Feed every sequence its new tokens, packed in one row ``ids`` (1, N), after its cached ones; the hidden
+    state of each sequence's last new token (sequences, hidden)."""
+    return model(ids, batch)[0, batch.last_index]
 
 
 @torch.no_grad()

@@ -57,25 +57,6 @@ class RMSNorm(nn.Module):
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
-def attention_mask(query_slots: torch.Tensor, key_valid: torch.Tensor, window: int | None) -> torch.Tensor:
-    """(batch, 1, T, S) bool, True where query slot q may read key slot s.
-
-    ``query_slots``: (T,) shared by every row, or (batch, T) per row (a paged
-    batch, :mod:`tplab.model.paged_cache`). s <= q, s holds a real token of that
-    row (or s == q), and q - s < window when the layer slides. In one row, slots
-    and positions differ by a constant (the row's left padding, or 0), so slot
-    distances are position distances.
-    """
-    keys = torch.arange(key_valid.shape[1], device=key_valid.device)
-    queries = query_slots if query_slots.dim() == 2 else query_slots[None]
-    distance = queries[:, :, None] - keys[None, None, :]  # (batch or 1, T, S)
-    allowed = distance >= 0
-    if window is not None:
-        allowed &= distance < window
-    real = key_valid[:, None, :] | (distance == 0)  # (batch, T, S)
-    return (allowed & real)[:, None]
-
-
 def grouped_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                             scale: float) -> torch.Tensor:
     """O_h = softmax(Q_h K_g^T * scale, masked) V_g for every query head h, with g = h // G.
@@ -237,7 +218,7 @@ class TPCausalLM(nn.Module):
         """Final-norm hidden states (batch, T, hidden) for tokens at cache slots [start, start+T).
 
         ``cache``: a :class:`~tplab.model.kv_cache.KVCache`, or one step's view of the paged cache
-        (:class:`~tplab.model.paged_cache.PagedBatch`: every row at its own position, ``start`` unused).
+        (:class:`~tplab.model.paged_cache.PagedBatch`: sequences packed in one row, ``start`` unused).
         ``start``: an int, or a one-element device tensor for fixed-shape steps (see :mod:`tplab.model.kv_cache`).
         ``positions`` (batch, T): RoPE positions (default: the slots).
         ``key_valid`` (batch, >= the slots attention reads) bool: slots holding real tokens (default: all).
@@ -250,7 +231,7 @@ class TPCausalLM(nn.Module):
         visible = cache.visible(start, tokens)
         key_valid = (cache.key_valid(visible) if key_valid is None else key_valid)[:, :visible]
         cos, sin = self.rotary(positions, self.dtype)
-        masks = {w: attention_mask(slots, key_valid, w) for w in set(self.config.layer_windows)}
+        masks = {w: cache.mask(slots, key_valid, w) for w in set(self.config.layer_windows)}
         h = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, masks[layer.attn.window], cache, i, start)

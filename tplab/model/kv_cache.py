@@ -27,6 +27,22 @@ from tplab.checks import is_positive_int
 from tplab.specs.model import ModelConfig
 
 
+def attention_mask(query_slots: torch.Tensor, key_valid: torch.Tensor, window: int | None) -> torch.Tensor:
+    """(batch, 1, T, S) bool, True where query slot q may read key slot s.
+
+    s <= q, s holds a real token of that row (or s == q), and q - s < window
+    when the layer slides. In one row, slots and positions differ by a
+    constant (the row's left padding), so slot distances are position distances.
+    """
+    keys = torch.arange(key_valid.shape[1], device=key_valid.device)
+    distance = query_slots[:, None] - keys[None, :]  # (T, S)
+    allowed = distance >= 0
+    if window is not None:
+        allowed &= distance < window
+    real = key_valid[:, None, :] | (distance == 0)[None]  # (batch, T, S)
+    return (allowed[None] & real)[:, None]
+
+
 class KVCache:
     """This rank's keys and values: (layers, batch, local_kv_heads, max_len, head_dim) each."""
 
@@ -81,6 +97,10 @@ class KVCache:
     def key_valid(self, visible: int) -> torch.Tensor:
         """(batch, visible) bool, all True: without padding every slot attention reads holds a real token."""
         return torch.ones(self.batch, visible, dtype=torch.bool, device=self.k.device)
+
+    def mask(self, query_slots: torch.Tensor, key_valid: torch.Tensor, window: int | None) -> torch.Tensor:
+        """Which slots each query reads: :func:`attention_mask`."""
+        return attention_mask(query_slots, key_valid, window)
 
     def visible(self, start: int | torch.Tensor, tokens: int) -> int:
         """How many slots attention reads after writing ``tokens`` at ``start``: start + tokens, or every slot."""

@@ -18,13 +18,16 @@ head_dim). Bytes per block on one rank:
 
     2 (k and v) * layers * block_size * local_kv_heads * head_dim * bytes_per_element
 
-One step (:class:`PagedBatch`) runs rows at different positions: row b has
-``context_b`` tokens cached and feeds ``new_b`` more (a decode feeds 1, a
-prefill chunk many). The new tokens are right-padded to T = max new_b;
-attention reads, per row, the gathered slots of positions [0, context_b +
-new_b), so in the gathered view a token's slot is its position. Gathering
-copies the keys a step reads (a paged-attention kernel reads them in place);
-on a CPU at these sizes the copy is small beside the GEMMs.
+One step (:class:`PagedBatch`) runs sequences at different positions:
+sequence b has ``context_b`` tokens cached and feeds ``new_b`` more (a decode
+feeds 1, a prefill chunk many). Their N = sum new_b tokens are *packed* into
+one row (1, N), so the linear layers multiply exactly N tokens, with no
+padding. Attention gathers every sequence's keys and values, positions
+[0, context_b + new_b), side by side into one row of sum (context_b + new_b)
+slots, and a block-diagonal mask lets a token read only its own sequence's
+keys at or before its position (and within the sliding window, for layers
+that have one). Gathering copies the keys a step reads (a paged-attention
+kernel reads them in place); on a CPU at these sizes the copy is small beside the GEMMs.
 """
 from __future__ import annotations
 
@@ -73,60 +76,67 @@ class PagedKVCache:
 
 
 class PagedBatch:
-    """One step of rows at their own positions, read and written through their block tables.
+    """One step's sequences, packed in one row, read and written through their block tables.
 
-    It is the ``cache`` argument of :meth:`tplab.model.TPCausalLM.forward`: the
-    model asks it where the new tokens go (:meth:`query_slots`), how many slots
-    attention reads (:meth:`visible`), which of them hold real tokens
-    (:meth:`key_valid`), and has it store and gather each layer's keys and values (:meth:`write`).
+    It is the ``cache`` argument of :meth:`tplab.model.TPCausalLM.forward` with
+    ``input_ids`` of shape (1, N): the model asks it for the new tokens'
+    positions (:meth:`query_slots`), how many slots attention reads
+    (:meth:`visible`), which key each query may read (:meth:`mask`), and has it
+    store and gather each layer's keys and values (:meth:`write`).
     """
 
     def __init__(self, cache: PagedKVCache, tables: list[list[int]], context_lens: list[int],
                  new_lens: list[int]) -> None:
         if not len(tables) == len(context_lens) == len(new_lens) > 0:
-            raise ValueError("a paged batch needs one block table, context length and new length per row")
+            raise ValueError("a paged batch needs one block table, context length and new length per sequence")
         if min(new_lens) < 1:
-            raise ValueError(f"every row feeds at least one token, got new_lens={new_lens}")
+            raise ValueError(f"every sequence feeds at least one token, got new_lens={new_lens}")
         self.cache, device, size = cache, cache.k.device, cache.block_size
         ends = [c + n for c, n in zip(context_lens, new_lens)]
         for b, (table, end) in enumerate(zip(tables, ends)):
             if len(table) * size < end:
-                raise ValueError(f"row {b} reaches position {end} but its {len(table)} block(s) hold {len(table) * size}")
-        self.tokens, self.width = max(new_lens), max(ends)
-        self.new_lens = torch.tensor(new_lens, device=device)
-        t = torch.arange(self.tokens, device=device)
-        self.real = t[None, :] < self.new_lens[:, None]  # (batch, T): a real new token, not padding
-        positions = torch.tensor(context_lens, device=device)[:, None] + t[None, :]
-        self.positions = torch.where(self.real, positions, 0)  # padding queries sit at slot 0 and read only it
-        s = torch.arange(self.width, device=device)
-        self._key_valid = s[None, :] < torch.tensor(ends, device=device)[:, None]
-        covering = -(-self.width // size)  # blocks covering the widest row; a row's unused entries read block 0
-        block_of = torch.tensor([table[:covering] + [0] * (covering - len(table)) for table in tables], device=device)
-        read = block_of.gather(1, (s // size).expand(len(tables), -1)) * size + s % size
-        self.read_slots = torch.where(self._key_valid, read, 0)  # (batch, S): flat slots attention gathers
-        self.write_slots = self.read_slots.gather(1, self.positions)[self.real]  # (new tokens,) in row order
+                raise ValueError(f"sequence {b} reaches position {end} but its {len(table)} block(s) hold "
+                                 f"{len(table) * size}")
 
-    @property
-    def last_index(self) -> torch.Tensor:
-        """(batch,): the index of each row's last new token, whose hidden state predicts the next one."""
-        return self.new_lens - 1
+        new, ends_t = torch.tensor(new_lens, device=device), torch.tensor(ends, device=device)
+        seqs = torch.arange(len(tables), device=device)
+        query_seq, key_seq = seqs.repeat_interleave(new), seqs.repeat_interleave(ends_t)
+        first_query, first_key = new.cumsum(0) - new, ends_t.cumsum(0) - ends_t
+        positions = ends_t[query_seq] - new[query_seq] + torch.arange(len(query_seq), device=device) \
+            - first_query[query_seq]  # (N,): context_b + i for the i-th new token of sequence b
+        key_pos = torch.arange(len(key_seq), device=device) - first_key[key_seq]  # (S,): 0 .. end_b - 1 per sequence
+        width = max(len(t) for t in tables)
+        table = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)
+        self.positions = positions[None]  # (1, N)
+        self.write_slots = table[query_seq, positions // size] * size + positions % size
+        self.read_slots = table[key_seq, key_pos // size] * size + key_pos % size
+        self._same = query_seq[:, None] == key_seq[None, :]  # (N, S): the query's own sequence
+        self._distance = positions[:, None] - key_pos[None, :]
+        self.last_index = new.cumsum(0) - 1  # each sequence's last new token
 
     def query_slots(self, start: int, tokens: int) -> torch.Tensor:
-        """(batch, T): the new tokens' slots in the gathered view, which are their positions (0 on padding)."""
+        """(1, N): the new tokens' positions, sequence after sequence."""
         return self.positions
 
     def visible(self, start: int, tokens: int) -> int:
-        """S = max over rows of context + new: the gathered view's width."""
-        return self.width
+        """S = sum over sequences of context + new: the slots attention gathers."""
+        return self.read_slots.shape[0]
 
     def key_valid(self, visible: int) -> torch.Tensor:
-        """(batch, S) bool: slot s of row b holds one of its context + new tokens."""
-        return self._key_valid
+        """(1, S) all True: every gathered slot holds a token (which query may read it is :meth:`mask`'s)."""
+        return torch.ones(1, visible, dtype=torch.bool, device=self.read_slots.device)
+
+    def mask(self, query_slots: torch.Tensor, key_valid: torch.Tensor, window: int | None) -> torch.Tensor:
+        """(1, 1, N, S): a token reads the keys of its own sequence at or before its position (within ``window``)."""
+        allowed = self._same & (self._distance >= 0)
+        if window is not None:
+            allowed &= self._distance < window
+        return allowed[None, None]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the real new tokens' k, v (batch, local_kv_heads, T, head_dim) in their blocks; return every
-        row's keys and values gathered to (batch, local_kv_heads, S, head_dim)."""
+        """Store the new tokens' k, v (1, local_kv_heads, N, head_dim) in their blocks; return every sequence's keys
+        and values gathered side by side, (1, local_kv_heads, S, head_dim)."""
         store_k, store_v = self.cache.k[layer], self.cache.v[layer]
-        store_k.index_copy_(0, self.write_slots, k.transpose(1, 2)[self.real])
-        store_v.index_copy_(0, self.write_slots, v.transpose(1, 2)[self.real])
-        return store_k[self.read_slots].transpose(1, 2), store_v[self.read_slots].transpose(1, 2)
+        store_k.index_copy_(0, self.write_slots, k[0].transpose(0, 1))
+        store_v.index_copy_(0, self.write_slots, v[0].transpose(0, 1))
+        return store_k[self.read_slots].transpose(0, 1)[None], store_v[self.read_slots].transpose(0, 1)[None]

@@ -16,8 +16,8 @@ from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 
-from tplab.perf.estimate import check_link, compute_dtype_for, step_seconds
-from tplab.perf.shapes import StepWork, check_precision, step_work
+from tplab.perf.estimate import GB, check_link, compute_dtype_for, step_seconds
+from tplab.perf.shapes import StepWork, activation_bytes, check_precision, step_work, weight_bytes
 from tplab.specs.efficiency import Efficiency, load_efficiency
 from tplab.specs.hardware import load_gpu
 from tplab.specs.model import ModelConfig, resolve_model
@@ -57,3 +57,18 @@ class ModelledStepCost:
 
     def __call__(self, rows: list[tuple[int, int]]) -> float:
         return sum(self.parts(rows).values())
+
+    def kv_blocks(self, block_size: int, max_num_seqs: int, max_batched_tokens: int) -> int:
+        """KV blocks of ``block_size`` tokens one GPU holds: what is left of its usable memory after the weights,
+        a full step's activations and the runtime, over one block's bytes on one rank."""
+        eff = self.efficiency
+        usable = self.gpu.memory_gb * (1 - eff.memory_headroom_fraction) * GB
+        taken = (weight_bytes(self.model, self.tp, self.dtype)
+                 + activation_bytes(self.model, self.tp, max_batched_tokens, max_num_seqs)
+                 + eff.runtime_overhead_gb * GB)
+        per_block = block_size * self.model.kv_bytes_per_token(self.tp, self.kv_dtype)
+        blocks = int((usable - taken) // per_block)
+        if blocks < 1:
+            raise ValueError(f"{self.model.name} in {self.dtype} at tp={self.tp} leaves no memory for a KV cache on "
+                             f"{self.gpu.name} ({taken / GB:.1f} GB of {usable / GB:.1f} GB usable); raise --tp")
+        return blocks

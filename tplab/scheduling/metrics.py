@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tplab.scheduling.requests import Sequence
+from tplab.scheduling.requests import Request, Sequence
 
 PERCENTILES = (50, 90, 99)
 METRICS = ("ttft_ms", "tpot_ms", "latency_ms", "queue_ms")
@@ -85,3 +85,15 @@ def summarize(rows: list[dict], span_s: float, preemptions: int, prefix_hit_rate
         values = [r[metric] for r in served if r[metric] is not None]
         summary[metric] = {f"p{q}": percentile(values, q) for q in PERCENTILES}
     return summary
+
+
+def run_metrics(requests: list[Request], sequences: dict[int, Sequence], preemptions: int,
+                prefix_hit_rate: float | None, utilization: list[tuple[float, float]], slo: SLO,
+                steps: int) -> tuple[list[dict], dict]:
+    """(per request in input order, the summary) of a finished run; its span runs from the first arrival to the
+    last output."""
+    rows = [request_metrics(sequences[r.id]) for r in requests]
+    first = min((r.arrival_s for r in requests), default=0.0)
+    last = max((s.finished_s for s in sequences.values() if s.token_times_s), default=first)
+    summary = summarize(rows, last - first, preemptions, prefix_hit_rate, utilization, slo)
+    return rows, {**summary, "steps": steps}

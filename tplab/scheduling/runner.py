@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from tplab.scheduling.metrics import SLO, request_metrics, summarize
+from tplab.scheduling.metrics import SLO, run_metrics
 from tplab.scheduling.requests import Request
 from tplab.scheduling.scheduler import Scheduler, SchedulerConfig, StepPlan
 
@@ -95,10 +95,7 @@ def run_load(requests: list[Request], config: SchedulerConfig, step: Callable[[S
                       "attended": sum(attended_keys(r.start, r.count) for r in plan.rows), "seconds": done - now})
         scheduler.update(plan, tokens, done, eos)
         utilization.append((done, scheduler.blocks.used / config.num_blocks))
-    rows = [request_metrics(sequences[r.id]) for r in requests]
     blocks = scheduler.blocks
-    first = min((r.arrival_s for r in requests), default=0.0)
-    last = max((s.finished_s for s in sequences.values() if s.token_times_s), default=first)
-    summary = summarize(rows, last - first, scheduler.preemptions,
-                        blocks.hits / blocks.lookups if blocks.lookups else None, utilization, slo)
-    return ServeRun(rows, {**summary, "steps": len(steps)}, steps, utilization)
+    rows, summary = run_metrics(requests, sequences, scheduler.preemptions,
+                                blocks.hits / blocks.lookups if blocks.lookups else None, utilization, slo, len(steps))
+    return ServeRun(rows, summary, steps, utilization)

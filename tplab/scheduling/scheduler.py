@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from tplab.scheduling.blocks import BlockManager
 from tplab.scheduling.requests import Request, Sequence
 
-POLICIES = ("continuous", "static")
+POLICIES = ("continuous", "static", "padded")
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,9 @@ class Scheduler:
     """Waiting and running queues over one :class:`BlockManager`; :meth:`schedule` then :meth:`update` each step."""
 
     def __init__(self, config: SchedulerConfig) -> None:
+        if config.policy == "padded":
+            raise ValueError("policy 'padded' runs static batches through the generation loop on real ranks "
+                             "(serve-bench); the scheduler and the simulator run 'continuous' or 'static'")
         self.config = config
         self.blocks = BlockManager(config.num_blocks, config.block_size, config.prefix_caching)
         self.waiting: deque[Sequence] = deque()

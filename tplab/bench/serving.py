@@ -1,0 +1,82 @@
+"""Serving runs measured on real ranks: launching one, its record, and the simulator checked against it.
+
+* :func:`serve_measured`: ``launch(serve_rank_program, ...)`` and rank 0's run.
+* :func:`serving_record`: the run as a measurement record (environment, model, tp, backend, scheduler, load,
+  summary, per request, per step), appended under ``data/measurements/serving/``.
+* :func:`simulator_agreement`: fit the step cost t = a + b·tokens + c·rows + d·attended to the run's measured
+  steps (:func:`tplab.scheduling.step_cost.fit_step_cost`), replay the same requests in the simulator, and
+  compare p50 and p95 of TTFT, TPOT and latency: the relative error of each, and their median.
+"""
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from pathlib import Path
+
+import torch
+
+from tplab.bench.env import environment, hardware_slug
+from tplab.bench.records import RecordLog, run_file_name
+from tplab.dist.launch import launch
+from tplab.engine.serve import serve_rank_program
+from tplab.scheduling.metrics import SLO, percentile
+from tplab.scheduling.requests import Request
+from tplab.scheduling.scheduler import SchedulerConfig
+from tplab.scheduling.simulator import simulate
+from tplab.scheduling.step_cost import LinearStepCost, fit_step_cost
+from tplab.specs.model import ModelConfig
+
+AGREEMENT_METRICS = ("ttft_ms", "tpot_ms", "latency_ms")
+
+
+def serve_measured(model: str | Path | ModelConfig, requests: list[Request], config: SchedulerConfig, tp: int,
+                   backend: str = "threads", dtype: torch.dtype | str | None = None, slo: SLO = SLO(),
+                   threads: int | None = None, timeout: float = 600.0) -> dict:
+    """Serve ``requests`` on ``tp`` real ranks; rank 0's run (requests, summary, steps, comm)."""
+    results = launch(serve_rank_program, tp, backend, timeout=timeout, threads=threads,
+                     kwargs=dict(model=model, requests=requests, config=config, dtype=dtype, slo=slo))
+    return {**results[0], "backend": backend}
+
+
+def serving_record(run: dict, model: str, config: SchedulerConfig, load: dict, dtype: str) -> dict:
+    """The run as a record: ``kind`` measured, with its environment, and every step as [tokens, rows, attended, s]."""
+    return {
+        "schema": "tplab.serving/1", "run_id": uuid.uuid4().hex[:8], "kind": "measured",
+        "env": environment(run["device"]), "model": model, "tp": run["tp"], "backend": run["backend"],
+        "dtype": dtype, "threads_per_rank": run["threads"], "scheduler": dataclasses.asdict(config), "load": load,
+        "summary": run["summary"], "requests": run["requests"],
+        "steps": [[s["tokens"], s["rows"], s["attended"], s["seconds"]] for s in run["steps"]],
+        "comm": run["comm"], "cache_bytes_per_rank": run["cache_bytes_per_rank"],
+    }
+
+
+def write_serving_record(record: dict, out: str | Path) -> Path:
+    """Append ``record`` to ``out`` (a .jsonl file) or to a new run file in the folder ``out``/serving."""
+    out = Path(out)
+    path = out if out.suffix == ".jsonl" else out / "serving" / run_file_name(
+        record["env"], "serving", record["run_id"], hardware_slug(record["env"]))
+    RecordLog(path).append(record)
+    return path
+
+
+def percentiles_of(run: dict, metric: str, qs: tuple[int, ...] = (50, 95)) -> dict[str, float | None]:
+    values = [r[metric] for r in run["requests"] if r[metric] is not None]
+    return {f"p{q}": percentile(values, q) for q in qs}
+
+
+def simulator_agreement(run: dict, requests: list[Request], config: SchedulerConfig,
+                        cost: LinearStepCost | None = None) -> dict:
+    """The simulator against a measured run: {cost, simulated, measured, errors (relative, per metric and
+    percentile), median_error}. ``cost``: a step cost fitted elsewhere (default: to this run's own steps)."""
+    cost = cost or fit_step_cost(run["steps"])
+    simulated = simulate(requests, config, cost).to_dict()
+    errors, table = {}, {}
+    for metric in AGREEMENT_METRICS:
+        measured, modelled = percentiles_of(run, metric), percentiles_of(simulated, metric)
+        table[metric] = {"measured": measured, "simulated": modelled}
+        for q, value in measured.items():
+            if value:
+                errors[f"{metric} {q}"] = abs(modelled[q] - value) / value
+    ordered = sorted(errors.values())
+    return {"cost": dataclasses.asdict(cost), "percentiles": table, "errors": errors,
+            "median_error": percentile(ordered, 50), "max_error": max(ordered, default=None)}

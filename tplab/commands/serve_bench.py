@@ -1,0 +1,82 @@
+"""``python -m tplab serve-bench``: a serving engine under load on tp real ranks, measured.
+
+    python -m tplab serve-bench --model tiny --tp 2 --backend threads --rate 4 --num-requests 64 \\
+        --prompt-len 16:128 --output-len 8:48 --max-num-seqs 8 --max-batched-tokens 256 --block-size 16
+
+Requests arrive by a Poisson process (or all at once, or from a file); the
+engine batches them continuously (:mod:`tplab.engine.serve`). It prints TTFT,
+TPOT, latency and queueing percentiles, throughput and goodput, and appends
+the run to data/measurements/serving/ (``--out``; ``--no-save`` writes nothing).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tplab.bench.serving import serve_measured, serving_record, write_serving_record
+from tplab.commands import runtime_dtype
+from tplab.commands.generate import load_tokenizer
+from tplab.commands.serving_options import (
+    add_serving_options,
+    build_load,
+    print_json,
+    print_report,
+    scheduler_config,
+    slo_of,
+)
+from tplab.dist.launch import BACKENDS
+from tplab.files import check_writable
+from tplab.memory import check_fits, rank_processes_bytes
+from tplab.model.loading import check_checkpoint, checkpoint_config, resolve_dtype
+from tplab.paths import default_measurements_dir
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve-bench", help="a continuous-batching engine under load on N ranks, measured")
+    p.add_argument("--model", default="tiny", help="checkpoint directory, or 'tiny' for the bundled model")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+    p.add_argument("--backend", choices=BACKENDS, default="threads", help="threads or gloo processes")
+    p.add_argument("--dtype", type=runtime_dtype, default="auto", help="weights dtype: auto (the checkpoint's), ...")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: cores shared out)")
+    p.add_argument("--out", default=None, help="folder (a run file goes to FOLDER/serving/) or .jsonl file to "
+                                               "append to (default: data/measurements in a checkout)")
+    p.add_argument("--no-save", action="store_true", help="print only; write no record")
+    add_serving_options(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = checkpoint_config(args.model)
+        config.check_tp(args.tp)
+        parameters = check_checkpoint(config)
+        dtype = resolve_dtype(args.dtype, config)
+        context = config.max_position_embeddings
+        tokenizer = load_tokenizer(config.directory)
+        tokenize = (lambda text: tokenizer(text)["input_ids"]) if tokenizer is not None else None
+        requests = build_load(args, config.vocab_size, context, frozenset(config.eos_token_ids) | {0}, tokenize)
+        sched = scheduler_config(args, context)
+        kv = args.tp * sched.num_blocks * sched.block_size * config.kv_bytes_per_token(args.tp, dtype)
+        check_fits(parameters * dtype.itemsize + kv + rank_processes_bytes(args.backend, args.tp),
+                   f"serving at tp={args.tp} with {sched.num_blocks} KV blocks per rank",
+                   "use fewer --num-blocks or a smaller model")
+        out = None if args.no_save else Path(args.out) if args.out else default_measurements_dir()
+        if out is not None and out.suffix == ".jsonl" and not out.exists():
+            check_writable(out)
+        run_ = serve_measured(config, requests, sched, args.tp, args.backend, dtype, slo_of(args), args.threads)
+    except (ValueError, FileNotFoundError) as e:  # InputError too, found inside a rank (a damaged file)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    where = None
+    if out is not None:
+        load = {k: getattr(args, k) for k in ("rate", "num_requests", "prompt_len", "output_len", "prefix_share",
+                                               "requests", "duration", "seed")}
+        where = write_serving_record(serving_record(run_, str(args.model), sched, load, str(dtype)), out)
+    if args.json:
+        print_json(run_, tp=args.tp, backend=args.backend, record=str(where) if where else None)
+        return 0
+    print_report(run_, f"MEASURED: tp={args.tp} real ranks ({args.backend}), {run_['threads']} thread(s) each")
+    if where:
+        print(f"recorded in {where}")
+    return 0

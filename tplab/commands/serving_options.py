@@ -1,0 +1,115 @@
+"""The options ``serve-bench`` and ``simulate`` share: the load, the scheduler, the SLO, and the report.
+
+Checked before any rank starts or any weight is read: a rate <= 0, a block size
+that is not a positive power of two, a request longer than the model's
+context, or more requests in a file than ``--num-requests`` each exit 2 with one line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+from tplab.scheduling.load import bounded, parse_range, read_requests, synthetic_load
+from tplab.scheduling.metrics import METRICS, SLO
+from tplab.scheduling.requests import Request
+from tplab.scheduling.scheduler import POLICIES, SchedulerConfig
+
+
+def add_serving_options(p: argparse.ArgumentParser) -> None:
+    load = p.add_argument_group("load")
+    load.add_argument("--rate", type=float, default=math.inf,
+                      help="Poisson arrivals at this many requests/s; inf: all at once (default)")
+    load.add_argument("--num-requests", type=int, default=None,
+                      help="requests to generate (default 64); with --requests, the most the file may hold")
+    load.add_argument("--prompt-len", default="16:128", help="prompt tokens: N, or LOW:HIGH drawn uniformly")
+    load.add_argument("--output-len", default="8:48", help="max new tokens per request: N, or LOW:HIGH")
+    load.add_argument("--prefix-share", type=float, default=0.0,
+                      help="the first fraction of every prompt comes from one shared prefix (0 to <1)")
+    load.add_argument("--requests", default=None, metavar="FILE",
+                      help="replay JSON lines {prompt_ids (or prompt), max_new_tokens, arrival_s (optional)}")
+    load.add_argument("--duration", type=float, default=None, help="drop requests arriving after this many seconds")
+    load.add_argument("--seed", type=int, default=0, help="seed of the load (arrivals, lengths, prompt ids)")
+    sched = p.add_argument_group("scheduler")
+    sched.add_argument("--max-num-seqs", type=int, default=8, help="admission control: sequences running at once")
+    sched.add_argument("--max-batched-tokens", type=int, default=256, help="token budget of one step")
+    sched.add_argument("--block-size", type=int, default=16, help="tokens per KV block (a power of two)")
+    sched.add_argument("--num-blocks", type=int, default=None,
+                       help="KV blocks per rank (default: --max-num-seqs sequences of the full context)")
+    sched.add_argument("--policy", choices=POLICIES, default="continuous",
+                       help="continuous batching, or static batches (a new batch when the last has finished)")
+    sched.add_argument("--no-prefix-cache", action="store_true", help="compute every prompt in full")
+    sched.add_argument("--no-chunked-prefill", action="store_true", help="prefill each prompt whole in one step")
+    slo = p.add_argument_group("service-level objective (goodput counts the requests meeting both)")
+    slo.add_argument("--slo-ttft-ms", type=float, default=None, help="time to first token, ms")
+    slo.add_argument("--slo-tpot-ms", type=float, default=None, help="time per output token, ms")
+    p.add_argument("--json", action="store_true", help="print one JSON object: requests (in input order) and summary")
+
+
+def build_load(args: argparse.Namespace, vocab_size: int, context: int, special_ids: frozenset[int],
+               tokenize=None) -> list[Request]:
+    """The requests of ``args``; ValueError (exit 2) for a bad flag or a request longer than ``context``."""
+    if not args.rate > 0:
+        raise ValueError(f"--rate must be > 0 requests/s (inf: all at once), got {args.rate}")
+    rate = None if math.isinf(args.rate) else args.rate
+    if args.num_requests is not None and args.num_requests < 1:
+        raise ValueError(f"--num-requests must be >= 1, got {args.num_requests}")
+    if args.requests:
+        requests = bounded(read_requests(args.requests, rate, args.seed, tokenize, args.num_requests), args.duration)
+    else:
+        requests = synthetic_load(args.num_requests or 64, rate, parse_range("--prompt-len", args.prompt_len),
+                                  parse_range("--output-len", args.output_len), vocab_size, args.seed,
+                                  args.prefix_share, args.duration, special_ids)
+    for r in requests:
+        bad = [t for t in r.prompt if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"request {r.id} has token ids outside [0, {vocab_size}): {bad[:5]}")
+        if r.max_tokens > context:
+            raise ValueError(f"request {r.id}: prompt {len(r.prompt)} + max_new_tokens {r.max_new_tokens} = "
+                             f"{r.max_tokens} positions, more than the model's context of {context}")
+    if not requests:
+        raise ValueError("no request arrives within --duration")
+    return requests
+
+
+def scheduler_config(args: argparse.Namespace, context: int, num_blocks: int | None = None) -> SchedulerConfig:
+    """The scheduler of ``args``; ``num_blocks`` (else --num-blocks, else max_num_seqs full contexts)."""
+    size = args.block_size
+    if size < 1 or size & (size - 1):
+        raise ValueError(f"--block-size must be a positive power of two (8, 16, 32, ...), got {size}")
+    blocks = args.num_blocks or num_blocks or args.max_num_seqs * -(-context // size)
+    return SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
+                           num_blocks=blocks, block_size=size, max_model_len=context,
+                           prefix_caching=not args.no_prefix_cache, chunked_prefill=not args.no_chunked_prefill,
+                           policy=args.policy)
+
+
+def slo_of(args: argparse.Namespace) -> SLO:
+    return SLO(args.slo_ttft_ms, args.slo_tpot_ms)
+
+
+def _fmt(value, unit: str = "") -> str:
+    return "n/a" if value is None else f"{value:.1f}{unit}"
+
+
+def print_report(run: dict, label: str) -> None:
+    """The summary as a few lines, each figure labelled ``label`` (measured or modelled)."""
+    s = run["summary"]
+    print(f"[{label}] {s['completed']} of {s['requests']} requests served ({s['rejected']} rejected) in "
+          f"{s['duration_s']:.2f} s, {s['steps']} steps")
+    print(f"  throughput {_fmt(s['throughput_tok_s'])} output tok/s, {s['throughput_req_s']:.2f} req/s; goodput "
+          f"{s['goodput_req_s']:.2f} req/s ({100 * (s['slo_met_fraction'] or 0):.0f}% within the SLO)")
+    for metric in METRICS:
+        p = s[metric]
+        print(f"  {metric.removesuffix('_ms'):8s} p50 {_fmt(p['p50'], ' ms'):>11s}  p90 {_fmt(p['p90'], ' ms'):>11s}  "
+              f"p99 {_fmt(p['p99'], ' ms'):>11s}")
+    hit = "n/a" if s["prefix_hit_rate"] is None else f"{100 * s['prefix_hit_rate']:.1f}%"
+    print(f"  preemptions {s['preemptions']}, prefix-cache hit rate {hit}, KV blocks used: mean "
+          f"{100 * (s['kv_utilization_mean'] or 0):.0f}%, max {100 * (s['kv_utilization_max'] or 0):.0f}%")
+    for row in run["requests"]:
+        if str(row["finish_reason"]).startswith("rejected"):
+            print(f"  request {row['id']} {row['finish_reason']}")
+
+
+def print_json(run: dict, **extra) -> None:
+    print(json.dumps({"requests": run["requests"], "summary": run["summary"], **extra}))

@@ -1,0 +1,75 @@
+"""``python -m tplab simulate``: the serving engine's scheduler on modelled GPUs. Every figure is modelled.
+
+    python -m tplab simulate --model llama-3-70b --gpu h100-sxm --tp 4 --dtype fp8 --rate 2 \\
+        --prompt-len 1024:4096 --output-len 128:512 --max-num-seqs 24 --max-batched-tokens 8192
+
+The same load, scheduler and SLO options as ``serve-bench``; each step's
+time comes from the cost model (:class:`tplab.perf.batch.ModelledStepCost`)
+instead of real ranks, and the KV blocks from what the GPU's memory leaves
+after the weights (``--num-blocks`` to set them).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tplab.commands import precision_of
+from tplab.commands.serving_options import (
+    add_serving_options,
+    build_load,
+    print_json,
+    print_report,
+    scheduler_config,
+    slo_of,
+)
+from tplab.perf.batch import ModelledStepCost
+from tplab.perf.estimate import ENGINES, MODELLED
+from tplab.perf.shapes import KV_BYTES, WEIGHT_BYTES
+from tplab.scheduling.simulator import simulate
+from tplab.specs.efficiency import load_efficiency
+from tplab.specs.model import resolve_model
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("simulate", help="the serving scheduler on modelled GPUs (every figure modelled)")
+    p.add_argument("--model", required=True, help="shipped model name (e.g. llama-3-70b) or path to a config.json")
+    p.add_argument("--gpu", required=True, help="shipped GPU name (e.g. h100-sxm)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+    p.add_argument("--dtype", default="bf16", type=precision_of(tuple(WEIGHT_BYTES)), help="weights precision")
+    p.add_argument("--kv-dtype", default="bf16", type=precision_of(tuple(KV_BYTES)), help="KV cache precision")
+    p.add_argument("--interconnect", default=None, help="nvlink, pcie or a network (default: the fastest)")
+    p.add_argument("--engine", default="graph", choices=ENGINES, help="the engine profile of the fixed overheads")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="longest request in positions (default: the model's context)")
+    p.add_argument("--efficiency", default=None, help="JSON file overriding data/efficiency.json")
+    add_serving_options(p)
+    p.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        model = resolve_model(args.model, strict=False)
+        cost = ModelledStepCost(model, args.gpu, args.tp, args.dtype, args.kv_dtype, args.interconnect, args.engine,
+                                load_efficiency(args.efficiency))
+        context = args.max_model_len or model.max_position_embeddings
+        if context > model.max_position_embeddings or context < 1:
+            raise ValueError(f"--max-model-len must be in [1, {model.max_position_embeddings}], got {context}")
+        requests = build_load(args, model.vocab_size, context, frozenset(model.eos_token_ids))
+        blocks = None if args.num_blocks else cost.kv_blocks(args.block_size, args.max_num_seqs,
+                                                             args.max_batched_tokens)
+        config = scheduler_config(args, context, blocks)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result = simulate(requests, config, cost, slo_of(args)).to_dict()
+    setting = {"model": model.name, "gpu": cost.gpu.name, "tp": args.tp, "dtype": args.dtype,
+               "kv_dtype": args.kv_dtype, "interconnect": cost.link.name, "engine": args.engine,
+               "num_blocks": config.num_blocks, "notes": list(cost.notes)}
+    if args.json:
+        print_json(result, label=MODELLED, setting=setting)
+        return 0
+    print_report(result, f"MODELLED, not measured: {model.name} on {args.tp} x {cost.gpu.name} over {cost.link.name}, "
+                         f"{args.dtype} weights, {config.num_blocks} KV blocks of {config.block_size} per GPU")
+    for note in cost.notes:
+        print(f"  note: {note}")
+    return 0
