@@ -1,0 +1,100 @@
+"""``serve-bench`` and ``simulate``: the contract of their flags, their JSON, their records and their errors."""
+import json
+
+import pytest
+
+from tplab.cli import main
+
+SMALL = ["--num-requests", "6", "--prompt-len", "4:24", "--output-len", "2:6", "--max-num-seqs", "3"]
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_serve_bench_json_lists_requests_in_input_order_and_writes_a_record(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "serve-bench", "--model", "tiny", "--tp", "2", "--backend", "threads", "--rate", "50",
+                           *SMALL, "--block-size", "8", "--prefix-share", "0.5", "--seed", "3", "--json",
+                           "--slo-ttft-ms", "10000", "--out", str(tmp_path))
+    assert code == 0
+    report = json.loads(out)
+    assert [r["id"] for r in report["requests"]] == list(range(6))
+    for row in report["requests"]:
+        assert {"id", "prompt_len", "output_ids", "ttft_ms", "tpot_ms", "latency_ms", "queue_ms"} <= set(row)
+        assert row["latency_ms"] >= row["ttft_ms"] >= row["queue_ms"] >= 0
+    summary = report["summary"]
+    for metric in ("ttft_ms", "tpot_ms", "latency_ms", "queue_ms"):
+        assert set(summary[metric]) == {"p50", "p90", "p99"}
+    assert summary["goodput_req_s"] == summary["throughput_req_s"] > 0 and summary["preemptions"] == 0
+    files = list((tmp_path / "serving").glob("*.jsonl"))
+    assert len(files) == 1
+    record = json.loads(files[0].read_text())
+    assert record["kind"] == "measured" and record["tp"] == 2 and record["env"]["git"] is not None
+    assert record["scheduler"]["block_size"] == 8 and len(record["steps"]) == summary["steps"]
+
+
+def test_serve_bench_replays_a_requests_file(capsys, tmp_path):
+    load = tmp_path / "load.jsonl"
+    load.write_text("\n".join(json.dumps({"prompt_ids": [5 + i, 6, 7], "max_new_tokens": 3, "arrival_s": 0.01 * i})
+                              for i in range(3)))
+    code, out, _ = run_cli(capsys, "serve-bench", "--requests", str(load), "--no-save", "--json")
+    assert code == 0
+    assert [len(r["output_ids"]) for r in json.loads(out)["requests"]] == [3, 3, 3]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--rate", "0"], "--rate must be > 0"),
+    (["--rate", "-2"], "--rate must be > 0"),
+    (["--block-size", "12"], "power of two"),
+    (["--block-size", "0"], "power of two"),
+    (["--prompt-len", "250", "--output-len", "48"], "more than the model's context of 256"),
+    (["--prompt-len", "9:3"], "LOW:HIGH"),
+    (["--tp", "3"], "valid tp"),
+    (["--prefix-share", "1.5"], "--prefix-share"),
+])
+def test_serve_bench_bad_input_exits_2_with_one_line(capsys, argv, message):
+    code, out, err = run_cli(capsys, "serve-bench", "--no-save", *argv)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_a_requests_file_longer_than_the_stated_maximum_exits_2(capsys, tmp_path):
+    load = tmp_path / "load.jsonl"
+    load.write_text("\n".join(json.dumps({"prompt_ids": [5, 6], "max_new_tokens": 2}) for _ in range(5)))
+    code, _, err = run_cli(capsys, "serve-bench", "--requests", str(load), "--num-requests", "4", "--no-save")
+    assert code == 2 and "holds 5 requests, more than --num-requests=4" in err
+    load.write_text('{"prompt_ids": [5, 6]}\n')
+    code, _, err = run_cli(capsys, "serve-bench", "--requests", str(load), "--no-save")
+    assert code == 2 and "load.jsonl:1 needs max_new_tokens" in err
+
+
+def test_simulate_labels_every_figure_modelled(capsys):
+    code, out, _ = run_cli(capsys, "simulate", "--model", "llama-3-70b", "--gpu", "h100-sxm", "--tp", "4", "--dtype",
+                           "fp8", "--rate", "2", "--num-requests", "30", "--prompt-len", "512:2048", "--output-len",
+                           "64:256", "--max-num-seqs", "24", "--max-batched-tokens", "4096", "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert report["label"] == "modelled (not measured)" and report["setting"]["num_blocks"] > 24 * 2048 // 16
+    assert report["summary"]["completed"] == 30 and report["summary"]["ttft_ms"]["p50"] > 0
+    code, out, _ = run_cli(capsys, "simulate", "--model", "llama-3-70b", "--gpu", "h100-sxm", "--tp", "8",
+                           "--num-requests", "5")
+    assert code == 0 and out.startswith("[MODELLED, not measured: llama-3-70b on 8 x")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tp", "3"], "valid tp"),
+    (["--tp", "1", "--dtype", "bf16"], "no memory for a KV cache"),
+    (["--tp", "4", "--rate", "0"], "--rate must be > 0"),
+    (["--tp", "4", "--block-size", "48"], "power of two"),
+    (["--tp", "4", "--prompt-len", "8000", "--output-len", "500"], "more than the model's context"),
+    (["--tp", "4", "--gpu", "h900"], "h900"),
+])
+def test_simulate_bad_input_exits_2_with_one_line(capsys, argv, message):
+    base = ["simulate", "--model", "llama-3-70b", "--gpu", "h100-sxm"]
+    if "--gpu" in argv:
+        base = base[:3]
+    code, out, err = run_cli(capsys, *base, *argv)
+    assert code == 2 and out == ""
+    assert len(err.strip().splitlines()) == 1 and message in err

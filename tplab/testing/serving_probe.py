@@ -1,0 +1,25 @@
+"""A rank program for the serving tests: serve a load, then generate every request alone on the same shard."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tplab.dist.group import Dist
+from tplab.engine.generate import generate
+from tplab.engine.serve import serve
+from tplab.model.loading import from_pretrained
+from tplab.model.sampling import SamplingParams
+from tplab.scheduling.requests import Request
+from tplab.scheduling.scheduler import SchedulerConfig
+
+
+def serve_then_alone(dist: Dist, model: str | Path, requests: list[Request], config: SchedulerConfig,
+                     eos: tuple[int, ...]) -> dict:
+    """{"run": the served run (rank 0) or None, "alone": each request's tokens from ``generate`` with that prompt
+    alone, "serve"/"schedule": this rank's collectives under those tags, "cache_bytes"}."""
+    shard = from_pretrained(model, dist)
+    run = serve(shard, requests, config, frozenset(eos))
+    serve_comm, schedule_comm = dist.stats.summary("serve"), dist.stats.summary("schedule")
+    alone = [generate(shard, [list(r.prompt)], r.max_new_tokens, SamplingParams(r.temperature, r.top_k, r.top_p, r.seed),
+                      eos, [list(s) for s in r.stop]).tokens[0] for r in requests]
+    return {"run": run if dist.rank == 0 else None, "alone": alone, "serve": serve_comm, "schedule": schedule_comm,
+            "cache_bytes": run["cache_bytes_per_rank"]}
