@@ -3,7 +3,7 @@
 * ``copied``: K and V repeated G = H/KV times along the head axis (``repeat_interleave``),
   then one SDPA call. This is what tplab did before, and what HF's eager/SDPA Llama does
   (``repeat_kv``): every step writes G copies of the rank's whole cache for this layer.
-* ``stacked``: ``tplab.model.decoder.grouped_query_attention``: the G query heads of a KV head
+* ``stacked``: ``tplab.model.attention.grouped_query_attention``: the G query heads of a KV head
   stacked along the query axis, K and V read in place.
 
 Both run in the same process on the same tensors; the script prints stacked's speed-up
@@ -28,8 +28,7 @@ import torch.nn.functional as F
 from tplab.bench.decoders import synchronize
 from tplab.bench.env import environment, hardware_slug
 from tplab.commands import int_list
-from tplab.model.decoder import grouped_query_attention
-from tplab.model.kv_cache import attention_mask
+from tplab.model.attention import attention_mask, grouped_query_attention
 from tplab.paths import DATA_DIR
 
 HEADS, KV_HEADS, HEAD_DIM = 64, 8, 128  # Llama-3-70B

@@ -11,8 +11,7 @@ from torch import nn
 from tplab import launch
 from tplab.layers.fused import MergedColumnParallelLinear, QKVParallelLinear
 from tplab.layers.vocab import ParallelLMHead, VocabParallelEmbedding
-from tplab.model.decoder import grouped_query_attention
-from tplab.model.kv_cache import attention_mask
+from tplab.model.attention import attention_mask, grouped_query_attention
 from tplab.specs.sharding import gqa_heads
 
 TPS = (1, 2, 4, 8)

@@ -19,7 +19,7 @@ from tplab.bench.env import environment, hardware_slug
 from tplab.bench.records import RecordLog, run_file_name
 from tplab.dist.launch import launch
 from tplab.engine.serve import serve_rank_program
-from tplab.scheduling.metrics import SLO, percentile
+from tplab.scheduling.metrics import SLO, percentile, percentiles_of
 from tplab.scheduling.requests import Request
 from tplab.scheduling.scheduler import SchedulerConfig
 from tplab.scheduling.simulator import simulate
@@ -59,11 +59,6 @@ def write_serving_record(record: dict, out: str | Path) -> Path:
     return path
 
 
-def percentiles_of(run: dict, metric: str, qs: tuple[int, ...] = (50, 95)) -> dict[str, float | None]:
-    values = [r[metric] for r in run["requests"] if r[metric] is not None]
-    return {f"p{q}": percentile(values, q) for q in qs}
-
-
 def simulator_agreement(run: dict, requests: list[Request], config: SchedulerConfig,
                         cost: LinearStepCost | None = None) -> dict:
     """The simulator against a measured run: {cost, simulated, measured, errors (relative, per metric and
@@ -72,7 +67,7 @@ def simulator_agreement(run: dict, requests: list[Request], config: SchedulerCon
     simulated = simulate(requests, config, cost).to_dict()
     errors, table = {}, {}
     for metric in AGREEMENT_METRICS:
-        measured, modelled = percentiles_of(run, metric), percentiles_of(simulated, metric)
+        measured, modelled = percentiles_of(run["requests"], metric), percentiles_of(simulated["requests"], metric)
         table[metric] = {"measured": measured, "simulated": modelled}
         for q, value in measured.items():
             if value:

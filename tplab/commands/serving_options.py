@@ -99,7 +99,7 @@ def print_report(run: dict, label: str) -> None:
           f"{s['duration_s']:.2f} s, {s['steps']} steps")
     print(f"  throughput {_fmt(s['throughput_tok_s'])} output tok/s, {s['throughput_req_s']:.2f} req/s; goodput "
           f"{s['goodput_req_s']:.2f} req/s ({100 * (s['slo_met_fraction'] or 0):.0f}% within the SLO)")
-    for metric in METRICS:
+    for metric in (*METRICS, "itl_ms"):
         p = s[metric]
         print(f"  {metric.removesuffix('_ms'):8s} p50 {_fmt(p['p50'], ' ms'):>11s}  p90 {_fmt(p['p90'], ' ms'):>11s}  "
               f"p99 {_fmt(p['p99'], ' ms'):>11s}")

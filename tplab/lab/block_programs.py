@@ -26,8 +26,9 @@ from tplab.dist.group import Dist
 from tplab.dist.stats import CommStats
 from tplab.engine.generate import GenerationResult, generate, left_pad
 from tplab.layers.rope import RotaryEmbedding
+from tplab.model.attention import attention_mask
 from tplab.model.decoder import TPDecoderLayer
-from tplab.model.kv_cache import KVCache, attention_mask
+from tplab.model.kv_cache import KVCache
 from tplab.model.loading import from_pretrained
 from tplab.specs.model import ModelConfig
 

@@ -57,25 +57,6 @@ class RMSNorm(nn.Module):
         return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
-def grouped_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
-                            scale: float) -> torch.Tensor:
-    """O_h = softmax(Q_h K_g^T * scale, masked) V_g for every query head h, with g = h // G.
-
-    q is (batch, KV*G, T, d); keys and values are (batch, KV, S, d), read where they lie.
-    The G query heads that share KV head g are stacked along the query axis,
-    Q'_g = [Q_{gG}; ...; Q_{gG+G-1}] of shape (G*T, d), so one attention call per KV head
-    serves all G of them and K, V are never copied G times (repeat_interleave would write
-    G copies of the whole cache every decode step). The mask (batch, 1, T, S) is tiled G
-    times along the query axis to match. Returns (batch, KV*G, T, d).
-    """
-    batch, heads, tokens, head_dim = q.shape
-    kv_heads = keys.shape[1]
-    groups = heads // kv_heads
-    stacked = q.reshape(batch, kv_heads, groups * tokens, head_dim)
-    out = F.scaled_dot_product_attention(stacked, keys, values, attn_mask=mask.repeat(1, 1, groups, 1), scale=scale)
-    return out.reshape(batch, heads, tokens, head_dim)
-
-
 class TPAttention(nn.Module):
     """softmax(Q_h K_g^T / sqrt(d)) V_g for this rank's heads h (KV head g = h // (H/KV)), then o_proj."""
 
@@ -94,8 +75,8 @@ class TPAttention(nn.Module):
     def forward(self, x, cos, sin, mask, cache: KVCache, layer: int, start: int | torch.Tensor) -> torch.Tensor:
         batch, tokens, _ = x.shape
         q, k, v = (t.view(batch, tokens, -1, self.head_dim).transpose(1, 2) for t in self.qkv(x))
-        keys, values = cache.write(layer, apply_rope(k, cos, sin), v, start)
-        out = grouped_query_attention(apply_rope(q, cos, sin), keys, values, mask, self.head_dim ** -0.5)
+        out = cache.attend(layer, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, start, mask,
+                           self.head_dim ** -0.5)
         return self.o_proj(out.transpose(1, 2).reshape(batch, tokens, -1))
 
 
@@ -218,7 +199,9 @@ class TPCausalLM(nn.Module):
         """Final-norm hidden states (batch, T, hidden) for tokens at cache slots [start, start+T).
 
         ``cache``: a :class:`~tplab.model.kv_cache.KVCache`, or one step's view of the paged cache
-        (:class:`~tplab.model.paged_cache.PagedBatch`: sequences packed in one row, ``start`` unused).
+        (:class:`~tplab.model.paged_cache.PagedBatch`: sequences packed in one row, ``start`` and ``key_valid``
+        unused). Either one says where the new tokens sit (``query_slots``), which keys each query reads
+        (``mask``), and runs attention over what it holds (``attend``).
         ``start``: an int, or a one-element device tensor for fixed-shape steps (see :mod:`tplab.model.kv_cache`).
         ``positions`` (batch, T): RoPE positions (default: the slots).
         ``key_valid`` (batch, >= the slots attention reads) bool: slots holding real tokens (default: all).
@@ -226,12 +209,9 @@ class TPCausalLM(nn.Module):
         """
         batch, tokens = input_ids.shape
         cache = cache if cache is not None else self.new_cache(batch, start + tokens)
-        slots = cache.query_slots(start, tokens)
-        positions = slots.expand(batch, tokens) if positions is None else positions
-        visible = cache.visible(start, tokens)
-        key_valid = (cache.key_valid(visible) if key_valid is None else key_valid)[:, :visible]
+        positions = cache.query_slots(start, tokens).expand(batch, tokens) if positions is None else positions
         cos, sin = self.rotary(positions, self.dtype)
-        masks = {w: cache.mask(slots, key_valid, w) for w in set(self.config.layer_windows)}
+        masks = {w: cache.mask(start, tokens, key_valid, w) for w in set(self.config.layer_windows)}
         h = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, masks[layer.attn.window], cache, i, start)

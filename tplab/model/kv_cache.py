@@ -24,23 +24,8 @@ from __future__ import annotations
 import torch
 
 from tplab.checks import is_positive_int
+from tplab.model.attention import attention_mask, grouped_query_attention
 from tplab.specs.model import ModelConfig
-
-
-def attention_mask(query_slots: torch.Tensor, key_valid: torch.Tensor, window: int | None) -> torch.Tensor:
-    """(batch, 1, T, S) bool, True where query slot q may read key slot s.
-
-    s <= q, s holds a real token of that row (or s == q), and q - s < window
-    when the layer slides. In one row, slots and positions differ by a
-    constant (the row's left padding), so slot distances are position distances.
-    """
-    keys = torch.arange(key_valid.shape[1], device=key_valid.device)
-    distance = query_slots[:, None] - keys[None, :]  # (T, S)
-    allowed = distance >= 0
-    if window is not None:
-        allowed &= distance < window
-    real = key_valid[:, None, :] | (distance == 0)[None]  # (batch, T, S)
-    return (allowed[None] & real)[:, None]
 
 
 class KVCache:
@@ -94,13 +79,20 @@ class KVCache:
         """The slots the ``tokens`` new positions are written to, (T,): the same for every row."""
         return start + torch.arange(tokens, device=self.k.device)
 
-    def key_valid(self, visible: int) -> torch.Tensor:
-        """(batch, visible) bool, all True: without padding every slot attention reads holds a real token."""
-        return torch.ones(self.batch, visible, dtype=torch.bool, device=self.k.device)
+    def mask(self, start: int | torch.Tensor, tokens: int, key_valid: torch.Tensor | None,
+             window: int | None) -> torch.Tensor:
+        """Which of the :meth:`visible` slots each new token reads (:func:`~tplab.model.attention.attention_mask`);
+        ``key_valid`` (batch, >= visible) marks the slots holding real tokens (default: all)."""
+        visible = self.visible(start, tokens)
+        if key_valid is None:
+            key_valid = torch.ones(self.batch, visible, dtype=torch.bool, device=self.k.device)
+        return attention_mask(self.query_slots(start, tokens), key_valid[:, :visible], window)
 
-    def mask(self, query_slots: torch.Tensor, key_valid: torch.Tensor, window: int | None) -> torch.Tensor:
-        """Which slots each query reads: :func:`attention_mask`."""
-        return attention_mask(query_slots, key_valid, window)
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor,
+               mask: torch.Tensor, scale: float) -> torch.Tensor:
+        """Store k, v at ``start`` (:meth:`write`), then attention of q over every visible slot, (batch, H, T, d)."""
+        keys, values = self.write(layer, k, v, start)
+        return grouped_query_attention(q, keys, values, mask, scale)
 
     def visible(self, start: int | torch.Tensor, tokens: int) -> int:
         """How many slots attention reads after writing ``tokens`` at ``start``: start + tokens, or every slot."""

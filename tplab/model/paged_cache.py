@@ -22,18 +22,21 @@ One step (:class:`PagedBatch`) runs sequences at different positions:
 sequence b has ``context_b`` tokens cached and feeds ``new_b`` more (a decode
 feeds 1, a prefill chunk many). Their N = sum new_b tokens are *packed* into
 one row (1, N), so the linear layers multiply exactly N tokens, with no
-padding. Attention gathers every sequence's keys and values, positions
-[0, context_b + new_b), side by side into one row of sum (context_b + new_b)
-slots, and a block-diagonal mask lets a token read only its own sequence's
-keys at or before its position (and within the sliding window, for layers
-that have one). Gathering copies the keys a step reads (a paged-attention
-kernel reads them in place); on a CPU at these sizes the copy is small beside the GEMMs.
+padding. Attention then reads each sequence's own keys through its block table:
+
+* the decodes together, as one batch: row b's keys gathered left-padded to
+  the longest, so every query sits at the last slot (the static cache's layout);
+* each prefill chunk alone: its n_b queries over its context_b + n_b keys, causal.
+
+Gathering copies the keys a step reads (a paged-attention kernel reads them in
+place); on a CPU at these sizes the copy is small beside the GEMMs.
 """
 from __future__ import annotations
 
 import torch
 
 from tplab.checks import is_positive_int
+from tplab.model.attention import attention_mask, grouped_query_attention
 from tplab.specs.model import ModelConfig
 
 
@@ -80,9 +83,8 @@ class PagedBatch:
 
     It is the ``cache`` argument of :meth:`tplab.model.TPCausalLM.forward` with
     ``input_ids`` of shape (1, N): the model asks it for the new tokens'
-    positions (:meth:`query_slots`), how many slots attention reads
-    (:meth:`visible`), which key each query may read (:meth:`mask`), and has it
-    store and gather each layer's keys and values (:meth:`write`).
+    positions (:meth:`query_slots`) and the attention masks (:meth:`mask`), and
+    has it store each layer's keys and values and attend over them (:meth:`attend`).
     """
 
     def __init__(self, cache: PagedKVCache, tables: list[list[int]], context_lens: list[int],
@@ -97,46 +99,63 @@ class PagedBatch:
             if len(table) * size < end:
                 raise ValueError(f"sequence {b} reaches position {end} but its {len(table)} block(s) hold "
                                  f"{len(table) * size}")
-
-        new, ends_t = torch.tensor(new_lens, device=device), torch.tensor(ends, device=device)
-        seqs = torch.arange(len(tables), device=device)
-        query_seq, key_seq = seqs.repeat_interleave(new), seqs.repeat_interleave(ends_t)
-        first_query, first_key = new.cumsum(0) - new, ends_t.cumsum(0) - ends_t
-        positions = ends_t[query_seq] - new[query_seq] + torch.arange(len(query_seq), device=device) \
-            - first_query[query_seq]  # (N,): context_b + i for the i-th new token of sequence b
-        key_pos = torch.arange(len(key_seq), device=device) - first_key[key_seq]  # (S,): 0 .. end_b - 1 per sequence
         width = max(len(t) for t in tables)
         table = torch.tensor([t + [0] * (width - len(t)) for t in tables], device=device)
-        self.positions = positions[None]  # (1, N)
+        new = torch.tensor(new_lens, device=device)
+        query_seq = torch.arange(len(tables), device=device).repeat_interleave(new)
+        first = new.cumsum(0) - new  # each sequence's first token in the packed row
+        positions = torch.tensor(context_lens, device=device)[query_seq] + torch.arange(len(query_seq), device=device) \
+            - first[query_seq]  # (N,): context_b + i for the i-th new token of sequence b
+        self.positions = positions[None]
         self.write_slots = table[query_seq, positions // size] * size + positions % size
-        self.read_slots = table[key_seq, key_pos // size] * size + key_pos % size
-        self._same = query_seq[:, None] == key_seq[None, :]  # (N, S): the query's own sequence
-        self._distance = positions[:, None] - key_pos[None, :]
         self.last_index = new.cumsum(0) - 1  # each sequence's last new token
+
+        def flat(rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+            return table[rows, pos // size] * size + pos % size
+
+        decodes = [b for b, n in enumerate(new_lens) if n == 1]
+        self.decode_tokens = first[decodes]
+        if decodes:  # left-padded to the longest: row b's position p at slot p + (S - end_b)
+            longest = max(ends[b] for b in decodes)
+            pos = torch.arange(longest, device=device)[None] - (longest - torch.tensor([ends[b] for b in decodes],
+                                                                                        device=device))[:, None]
+            self.decode_valid = pos >= 0
+            self.decode_read = flat(torch.tensor(decodes, device=device)[:, None], pos.clamp_min(0))
+        self.chunks = [(int(first[b]), int(first[b]) + new_lens[b],
+                        flat(torch.tensor([b], device=device), torch.arange(ends[b], device=device)),
+                        torch.arange(context_lens[b], ends[b], device=device))
+                       for b, n in enumerate(new_lens) if n > 1]  # (first token, stop, key slots, positions)
 
     def query_slots(self, start: int, tokens: int) -> torch.Tensor:
         """(1, N): the new tokens' positions, sequence after sequence."""
         return self.positions
 
-    def visible(self, start: int, tokens: int) -> int:
-        """S = sum over sequences of context + new: the slots attention gathers."""
-        return self.read_slots.shape[0]
+    def mask(self, start: int, tokens: int, key_valid: torch.Tensor | None, window: int | None) -> dict:
+        """The masks :meth:`attend` reads: the decodes' (each query at the last slot of its left-padded row) and
+        each chunk's (causal over its own keys), within ``window`` for a sliding layer."""
+        decode = None
+        if len(self.decode_tokens):
+            longest = self.decode_valid.shape[1]
+            decode = attention_mask(torch.tensor([longest - 1], device=self.positions.device), self.decode_valid,
+                                    window)
+        chunks = [attention_mask(pos, torch.ones(1, len(pos) + int(pos[0]), dtype=torch.bool, device=pos.device),
+                                 window) for _, _, _, pos in self.chunks]
+        return {"decode": decode, "chunks": chunks}
 
-    def key_valid(self, visible: int) -> torch.Tensor:
-        """(1, S) all True: every gathered slot holds a token (which query may read it is :meth:`mask`'s)."""
-        return torch.ones(1, visible, dtype=torch.bool, device=self.read_slots.device)
-
-    def mask(self, query_slots: torch.Tensor, key_valid: torch.Tensor, window: int | None) -> torch.Tensor:
-        """(1, 1, N, S): a token reads the keys of its own sequence at or before its position (within ``window``)."""
-        allowed = self._same & (self._distance >= 0)
-        if window is not None:
-            allowed &= self._distance < window
-        return allowed[None, None]
-
-    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new tokens' k, v (1, local_kv_heads, N, head_dim) in their blocks; return every sequence's keys
-        and values gathered side by side, (1, local_kv_heads, S, head_dim)."""
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, mask: dict,
+               scale: float) -> torch.Tensor:
+        """Store the new tokens' k, v (1, local_kv_heads, N, head_dim) in their blocks, then attention of every
+        query q (1, H, N, head_dim) over its own sequence's keys; (1, H, N, head_dim)."""
         store_k, store_v = self.cache.k[layer], self.cache.v[layer]
         store_k.index_copy_(0, self.write_slots, k[0].transpose(0, 1))
         store_v.index_copy_(0, self.write_slots, v[0].transpose(0, 1))
-        return store_k[self.read_slots].transpose(0, 1)[None], store_v[self.read_slots].transpose(0, 1)[None]
+        out = torch.empty_like(q)
+        if mask["decode"] is not None:
+            rows = q[0][:, self.decode_tokens].transpose(0, 1)[:, :, None]  # (D, H, 1, head_dim)
+            keys, values = (s[self.decode_read].permute(0, 2, 1, 3) for s in (store_k, store_v))
+            out[0][:, self.decode_tokens] = grouped_query_attention(rows, keys, values, mask["decode"],
+                                                                    scale)[:, :, 0].transpose(0, 1)
+        for (begin, stop, slots, _), chunk_mask in zip(self.chunks, mask["chunks"]):
+            keys, values = (s[slots].permute(1, 0, 2)[None] for s in (store_k, store_v))
+            out[:, :, begin:stop] = grouped_query_attention(q[:, :, begin:stop], keys, values, chunk_mask, scale)
+        return out

@@ -5,10 +5,11 @@ Per request (times from its arrival):
 * TTFT, time to first token: first output - arrival;
 * TPOT, time per output token: (last output - first output) / (outputs - 1), the decode pace it saw;
 * latency: last output - arrival;
-* queueing delay: first scheduled - arrival.
+* queueing delay: first scheduled - arrival;
+* the longest gap between two of its outputs (inter-token latency, ITL): a stall, e.g. behind a long prefill.
 
 Over the run: p50, p90 and p99 of each (linear interpolation between order
-statistics), output tokens/s and requests/s over the run's span (first
+statistics) and of every gap between consecutive outputs (ITL), output tokens/s and requests/s over the run's span (first
 arrival to last output), goodput (requests/s meeting both SLOs, TTFT and
 TPOT), preemptions, the prefix-cache hit rate (tokens found among tokens
 looked up) and KV-block utilization over time.
@@ -34,6 +35,12 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
+def percentiles_of(rows: list[dict], metric: str, qs: tuple[int, ...] = (50, 95)) -> dict[str, float | None]:
+    """{"p50": ..., "p95": ...} of ``metric`` over the requests ``rows`` that have it."""
+    values = [r[metric] for r in rows if r[metric] is not None]
+    return {f"p{q}": percentile(values, q) for q in qs}
+
+
 def request_metrics(seq: Sequence) -> dict:
     """{id, prompt_len, output_ids, ttft_ms, tpot_ms, latency_ms, queue_ms, finish_reason, preemptions,
     prefix_hit_tokens}; times None for a request that produced no token."""
@@ -45,6 +52,7 @@ def request_metrics(seq: Sequence) -> dict:
         "tpot_ms": ms((times[-1] - times[0]) / (len(times) - 1)) if len(times) > 1 else None,
         "latency_ms": ms(times[-1] - arrival) if times else None,
         "queue_ms": ms(None if seq.first_scheduled_s is None else seq.first_scheduled_s - arrival),
+        "itl_max_ms": ms(max(b - a for a, b in zip(times, times[1:]))) if len(times) > 1 else None,
         "finish_reason": seq.finish_reason, "preemptions": seq.preemptions,
         "prefix_hit_tokens": seq.prefix_hit_tokens,
     }
@@ -65,8 +73,9 @@ class SLO:
 
 
 def summarize(rows: list[dict], span_s: float, preemptions: int, prefix_hit_rate: float | None,
-              utilization: list[tuple[float, float]], slo: SLO = SLO()) -> dict:
-    """The run's summary (see the module docstring); ``utilization`` is [(time s, used fraction)] per step."""
+              utilization: list[tuple[float, float]], slo: SLO = SLO(), gaps_ms: list[float] = ()) -> dict:
+    """The run's summary (see the module docstring); ``utilization`` is [(time s, used fraction)] per step,
+    ``gaps_ms`` every gap between consecutive outputs of a request."""
     served = [r for r in rows if r["ttft_ms"] is not None]
     outputs = sum(len(r["output_ids"]) for r in served)
     summary = {
@@ -84,6 +93,7 @@ def summarize(rows: list[dict], span_s: float, preemptions: int, prefix_hit_rate
     for metric in METRICS:
         values = [r[metric] for r in served if r[metric] is not None]
         summary[metric] = {f"p{q}": percentile(values, q) for q in PERCENTILES}
+    summary["itl_ms"] = {f"p{q}": percentile(list(gaps_ms), q) for q in PERCENTILES}
     return summary
 
 
@@ -95,5 +105,6 @@ def run_metrics(requests: list[Request], sequences: dict[int, Sequence], preempt
     rows = [request_metrics(sequences[r.id]) for r in requests]
     first = min((r.arrival_s for r in requests), default=0.0)
     last = max((s.finished_s for s in sequences.values() if s.token_times_s), default=first)
-    summary = summarize(rows, last - first, preemptions, prefix_hit_rate, utilization, slo)
+    gaps = [1000 * (b - a) for s in sequences.values() for a, b in zip(s.token_times_s, s.token_times_s[1:])]
+    summary = summarize(rows, last - first, preemptions, prefix_hit_rate, utilization, slo, gaps)
     return rows, {**summary, "steps": steps}

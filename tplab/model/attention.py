@@ -1,0 +1,45 @@
+"""Attention over a cache: which key slots each query reads, and grouped-query attention that reads K, V in place.
+
+Both caches use these: the static one (:mod:`tplab.model.kv_cache`) for its
+left-padded rows, the paged one (:mod:`tplab.model.paged_cache`) for its
+decodes (left-aligned the same way) and for each prefill chunk.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def attention_mask(query_slots: torch.Tensor, key_valid: torch.Tensor, window: int | None) -> torch.Tensor:
+    """(batch, 1, T, S) bool, True where query slot q may read key slot s.
+
+    s <= q, s holds a real token of that row (or s == q), and q - s < window
+    when the layer slides. In one row, slots and positions differ by a
+    constant (the row's left padding), so slot distances are position distances.
+    """
+    keys = torch.arange(key_valid.shape[1], device=key_valid.device)
+    distance = query_slots[:, None] - keys[None, :]  # (T, S)
+    allowed = distance >= 0
+    if window is not None:
+        allowed &= distance < window
+    real = key_valid[:, None, :] | (distance == 0)[None]  # (batch, T, S)
+    return (allowed[None] & real)[:, None]
+
+
+def grouped_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+                            scale: float) -> torch.Tensor:
+    """O_h = softmax(Q_h K_g^T * scale, masked) V_g for every query head h, with g = h // G.
+
+    q is (batch, KV*G, T, d); keys and values are (batch, KV, S, d), read where they lie.
+    The G query heads that share KV head g are stacked along the query axis,
+    Q'_g = [Q_{gG}; ...; Q_{gG+G-1}] of shape (G*T, d), so one attention call per KV head
+    serves all G of them and K, V are never copied G times (repeat_interleave would write
+    G copies of the whole cache every decode step). The mask (batch, 1, T, S) is tiled G
+    times along the query axis to match. Returns (batch, KV*G, T, d).
+    """
+    batch, heads, tokens, head_dim = q.shape
+    kv_heads = keys.shape[1]
+    groups = heads // kv_heads
+    stacked = q.reshape(batch, kv_heads, groups * tokens, head_dim)
+    out = F.scaled_dot_product_attention(stacked, keys, values, attn_mask=mask.repeat(1, 1, groups, 1), scale=scale)
+    return out.reshape(batch, heads, tokens, head_dim)

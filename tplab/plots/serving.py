@@ -1,0 +1,100 @@
+"""Figures of serving runs: policies side by side, the admission cap's trade, stalls, the simulator's check."""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+from matplotlib.figure import Figure
+
+from tplab.scheduling.metrics import percentiles_of
+
+
+def plot_policies(runs: dict[str, dict], title: str) -> Figure:
+    """Throughput (left) and p50/p95 TTFT and latency (right) of each policy's run of the same requests."""
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
+    names = list(runs)
+    left.bar(names, [runs[n]["summary"]["throughput_tok_s"] for n in names], color="tab:blue")
+    left.set_ylabel("output tokens/s")
+    left.set_title("throughput")
+    series = [("ttft_ms", "p50"), ("ttft_ms", "p95"), ("latency_ms", "p50"), ("latency_ms", "p95")]
+    width = 0.8 / len(names)
+    for i, name in enumerate(names):
+        values = [percentiles_of(runs[name]["requests"], metric)[q] / 1000 for metric, q in series]
+        right.bar([j + (i - (len(names) - 1) / 2) * width for j in range(len(series))], values, width, label=name)
+    right.set_xticks(range(len(series)), [f"{m.removesuffix('_ms').upper() if m == 'ttft_ms' else 'latency'} {q}"
+                                          for m, q in series])
+    right.set_ylabel("seconds")
+    right.set_title("per request")
+    right.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_cap_sweep(runs: dict[int, dict], title: str) -> Figure:
+    """For each admission cap: throughput against p95 TTFT (left) and against p50 TPOT (right), caps labelled."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    throughput = [run["summary"]["throughput_tok_s"] for run in runs.values()]
+    for ax, (metric, q, name) in zip(axes, [("ttft_ms", "p95", "p95 TTFT (ms)"), ("tpot_ms", "p50", "p50 TPOT (ms)")]):
+        values = [percentiles_of(run["requests"], metric)[q] for run in runs.values()]
+        ax.plot(throughput, values, "o-")
+        for cap, x, y in zip(runs, throughput, values):
+            ax.annotate(f"cap {cap}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel("throughput (output tokens/s)")
+        ax.set_ylabel(name)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_stalls(runs: dict[str, dict], request_ids: list[int], title: str) -> Figure:
+    """The longest gap between two outputs of each of ``request_ids``, per run."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.8 / len(runs)
+    for i, (name, run) in enumerate(runs.items()):
+        gaps = [run["requests"][r]["itl_max_ms"] for r in request_ids]
+        ax.bar([j + (i - (len(runs) - 1) / 2) * width for j in range(len(request_ids))], gaps, width, label=name)
+    ax.set_xticks(range(len(request_ids)), [f"request {r}" for r in request_ids])
+    ax.set_ylabel("longest gap between two tokens (ms)")
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_simulator_check(rates: dict[float, dict], title: str) -> Figure:
+    """Measured against simulated p50 and p95, one panel per metric, one point per rate and percentile."""
+    metrics = ("ttft_ms", "tpot_ms", "latency_ms")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(12, 3.6))
+    for ax, metric in zip(axes, metrics):
+        for q, marker in (("p50", "o"), ("p95", "s")):
+            measured = [a["percentiles"][metric]["measured"][q] for a in rates.values()]
+            simulated = [a["percentiles"][metric]["simulated"][q] for a in rates.values()]
+            ax.scatter(measured, simulated, marker=marker, label=q)
+            for rate, x, y in zip(rates, measured, simulated):
+                ax.annotate(f"{rate:g}/s", (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        top = max(max(a["percentiles"][metric]["measured"][q], a["percentiles"][metric]["simulated"][q])
+                  for a in rates.values() for q in ("p50", "p95")) * 1.1
+        ax.plot([0, top], [0, top], color="grey", lw=1, label="equal")
+        ax.set_xlabel(f"measured {metric.removesuffix('_ms')} (ms)")
+        ax.set_ylabel(f"simulated {metric.removesuffix('_ms')} (ms)")
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def plot_deployments(results: dict[str, list[dict]], title: str) -> Figure:
+    """Modelled deployments over rates: throughput (left), p95 TTFT (middle) and p95 TPOT (right) per rate."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for name, rows in results.items():
+        rates = [r["rate"] for r in rows]
+        axes[0].plot(rates, [r["throughput_tok_s"] for r in rows], "o-", label=name)
+        axes[1].plot(rates, [r["p95"]["ttft_ms"] / 1000 for r in rows], "o-", label=name)
+        axes[2].plot(rates, [r["p95"]["tpot_ms"] for r in rows], "o-", label=name)
+    for ax, label in zip(axes, ["output tokens/s (all GPUs)", "p95 TTFT (s)", "p95 TPOT (ms)"]):
+        ax.set_xlabel("offered load (requests/s)")
+        ax.set_ylabel(label)
+    axes[1].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
