@@ -83,17 +83,26 @@ def plot_simulator_check(rates: dict[float, dict], title: str) -> Figure:
 
 
 def plot_deployments(results: dict[str, list[dict]], title: str) -> Figure:
-    """Modelled deployments over rates: throughput (left), p95 TTFT (middle) and p95 TPOT (right) per rate."""
+    """Modelled deployments over rates: throughput (left), p95 TTFT (middle) and p95 TPOT (right) per rate.
+
+    Below capacity every option serves the whole offered load, so their throughput lines meet; each option has its
+    own marker and line style so that none hides another."""
+    from matplotlib.ticker import FormatStrFormatter
+
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for name, rows in results.items():
+    styles = [("o", "-"), ("s", "--"), ("^", "-."), ("D", ":")]
+    for (name, rows), (marker, line) in zip(results.items(), styles * len(results)):
         rates = [r["rate"] for r in rows]
-        axes[0].plot(rates, [r["throughput_tok_s"] for r in rows], "o-", label=name)
-        axes[1].plot(rates, [r["p95"]["ttft_ms"] / 1000 for r in rows], "o-", label=name)
-        axes[2].plot(rates, [r["p95"]["tpot_ms"] for r in rows], "o-", label=name)
-    for ax, label in zip(axes, ["output tokens/s (all GPUs)", "p95 TTFT (s)", "p95 TPOT (ms)"]):
+        kw = dict(marker=marker, linestyle=line, label=name)
+        axes[0].plot(rates, [r["throughput_tok_s"] for r in rows], **kw)
+        axes[1].plot(rates, [r["p95"]["ttft_ms"] / 1000 for r in rows], **kw)
+        axes[2].plot(rates, [r["p95"]["tpot_ms"] for r in rows], **kw)
+    for ax, label in zip(axes, ["output tokens/s (all GPUs)", "p95 TTFT (s, log scale)", "p95 TPOT (ms)"]):
         ax.set_xlabel("offered load (requests/s)")
         ax.set_ylabel(label)
     axes[1].set_yscale("log")
+    axes[1].yaxis.set_major_formatter(FormatStrFormatter("%.1f"))
+    axes[1].yaxis.set_minor_formatter(FormatStrFormatter("%.1f"))
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
