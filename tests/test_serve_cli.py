@@ -1,9 +1,13 @@
 """``serve-bench`` and ``simulate``: the contract of their flags, their JSON, their records and their errors."""
 import json
+from pathlib import Path
 
 import pytest
 
 from tplab.cli import main
+from tplab.testing.torchrun import run_under_torchrun, stdout_or_raise
+
+REPO = str(Path(__file__).resolve().parent.parent)
 
 SMALL = ["--num-requests", "6", "--prompt-len", "4:24", "--output-len", "2:6", "--max-num-seqs", "3"]
 
@@ -98,3 +102,11 @@ def test_simulate_bad_input_exits_2_with_one_line(capsys, argv, message):
     code, out, err = run_cli(capsys, *base, *argv)
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1 and message in err
+
+
+def test_serve_bench_under_torchrun_reports_once_from_rank_0():
+    done = run_under_torchrun(2, ["tplab", "serve-bench", "--tp", "2", *SMALL, "--no-save", "--json"], cwd=REPO)
+    lines = [line for line in stdout_or_raise(done).splitlines() if line.startswith("{")]
+    assert len(lines) == 1
+    report = json.loads(lines[0])
+    assert report["backend"] == "torchrun" and len(report["requests"]) == 6

@@ -2,6 +2,7 @@
 
     python -m tplab serve-bench --model tiny --tp 2 --backend threads --rate 4 --num-requests 64 \\
         --prompt-len 16:128 --output-len 8:48 --max-num-seqs 8 --max-batched-tokens 256 --block-size 16
+    torchrun --nproc-per-node 2 -m tplab serve-bench --tp 2 ...   # NCCL on GPUs; rank 0 reports
 
 Requests arrive by a Poisson process (or all at once, or from a file); the
 engine batches them continuously (:mod:`tplab.engine.serve`). It prints TTFT,
@@ -16,7 +17,7 @@ from pathlib import Path
 
 from tplab.bench.serving import serve_measured, serving_record, write_serving_record
 from tplab.commands import runtime_dtype
-from tplab.commands.generate import load_tokenizer
+from tplab.commands.generate import load_tokenizer, prints
 from tplab.commands.serving_options import (
     add_serving_options,
     build_load,
@@ -25,7 +26,7 @@ from tplab.commands.serving_options import (
     scheduler_config,
     slo_of,
 )
-from tplab.dist.launch import BACKENDS
+from tplab.dist.launch import BACKENDS, under_torchrun
 from tplab.files import check_writable
 from tplab.memory import check_fits, rank_processes_bytes
 from tplab.model.loading import check_checkpoint, checkpoint_config, resolve_dtype
@@ -64,19 +65,24 @@ def run(args: argparse.Namespace) -> int:
         out = None if args.no_save else Path(args.out) if args.out else default_measurements_dir()
         if out is not None and out.suffix == ".jsonl" and not out.exists():
             check_writable(out)
-        run_ = serve_measured(config, requests, sched, args.tp, args.backend, dtype, slo_of(args), args.threads)
+        backend = "torchrun" if under_torchrun() else args.backend
+        run_ = {**serve_measured(config, requests, sched, args.tp, args.backend, dtype, slo_of(args), args.threads),
+                "backend": backend}
     except (ValueError, FileNotFoundError) as e:  # InputError too, found inside a rank (a damaged file)
-        print(f"error: {e}", file=sys.stderr)
+        if prints():
+            print(f"error: {e}", file=sys.stderr)
         return 2
+    if not prints():  # under torchrun, rank 0 reports
+        return 0
     where = None
     if out is not None:
         load = {k: getattr(args, k) for k in ("rate", "num_requests", "prompt_len", "output_len", "prefix_share",
                                                "requests", "duration", "seed")}
         where = write_serving_record(serving_record(run_, str(args.model), sched, load, str(dtype)), out)
     if args.json:
-        print_json(run_, tp=args.tp, backend=args.backend, record=str(where) if where else None)
+        print_json(run_, tp=args.tp, backend=backend, record=str(where) if where else None)
         return 0
-    print_report(run_, f"MEASURED: tp={args.tp} real ranks ({args.backend}), {run_['threads']} thread(s) each")
+    print_report(run_, f"MEASURED: tp={args.tp} real ranks ({backend}), {run_['threads']} thread(s) each")
     if where:
         print(f"recorded in {where}")
     return 0
