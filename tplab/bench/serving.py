@@ -39,13 +39,15 @@ def serve_measured(model: str | Path | ModelConfig, requests: list[Request], con
 
 
 def serving_record(run: dict, model: str, config: SchedulerConfig, load: dict, dtype: str) -> dict:
-    """The run as a record: ``kind`` measured, with its environment, and every step as [tokens, rows, attended, s]."""
+    """The run as a record: ``kind`` measured, with its environment, every step as [tokens, rows, attended, s] and
+    the KV blocks in use after each step as [time s, fraction]."""
     return {
         "schema": "tplab.serving/1", "run_id": uuid.uuid4().hex[:8], "kind": "measured",
         "env": environment(run["device"]), "model": model, "tp": run["tp"], "backend": run["backend"],
         "dtype": dtype, "threads_per_rank": run["threads"], "scheduler": dataclasses.asdict(config), "load": load,
         "summary": run["summary"], "requests": run["requests"],
         "steps": [[s["tokens"], s["rows"], s["attended"], s["seconds"]] for s in run["steps"]],
+        "kv_utilization": [[round(t, 4), round(used, 4)] for t, used in run["utilization"]],
         "comm": run["comm"], "cache_bytes_per_rank": run["cache_bytes_per_rank"],
     }
 

@@ -17,15 +17,8 @@ from pathlib import Path
 
 from tplab.bench.serving import serve_measured, serving_record, write_serving_record
 from tplab.commands import runtime_dtype
+from tplab.commands import serving_options as serving
 from tplab.commands.generate import load_tokenizer, prints
-from tplab.commands.serving_options import (
-    add_serving_options,
-    build_load,
-    print_json,
-    print_report,
-    scheduler_config,
-    slo_of,
-)
 from tplab.dist.launch import BACKENDS, under_torchrun
 from tplab.files import check_writable
 from tplab.memory import check_fits, rank_processes_bytes
@@ -43,7 +36,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", default=None, help="folder (a run file goes to FOLDER/serving/) or .jsonl file to "
                                                "append to (default: data/measurements in a checkout)")
     p.add_argument("--no-save", action="store_true", help="print only; write no record")
-    add_serving_options(p)
+    serving.add_serving_options(p)
     p.set_defaults(run=run)
 
 
@@ -56,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
         context = config.max_position_embeddings
         tokenizer = load_tokenizer(config.directory)
         tokenize = (lambda text: tokenizer(text)["input_ids"]) if tokenizer is not None else None
-        requests = build_load(args, config.vocab_size, context, frozenset(config.eos_token_ids) | {0}, tokenize)
-        sched = scheduler_config(args, context)
+        requests = serving.build_load(args, config.vocab_size, context, frozenset(config.eos_token_ids) | {0}, tokenize)
+        sched = serving.scheduler_config(args, context)
         kv = args.tp * sched.num_blocks * sched.block_size * config.kv_bytes_per_token(args.tp, dtype)
         check_fits(parameters * dtype.itemsize + kv + rank_processes_bytes(args.backend, args.tp),
                    f"serving at tp={args.tp} with {sched.num_blocks} KV blocks per rank",
@@ -66,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         if out is not None and out.suffix == ".jsonl" and not out.exists():
             check_writable(out)
         backend = "torchrun" if under_torchrun() else args.backend
-        run_ = {**serve_measured(config, requests, sched, args.tp, args.backend, dtype, slo_of(args), args.threads),
+        run_ = {**serve_measured(config, requests, sched, args.tp, args.backend, dtype, serving.slo_of(args), args.threads),
                 "backend": backend}
     except (ValueError, FileNotFoundError) as e:  # InputError too, found inside a rank (a damaged file)
         if prints():
@@ -80,9 +73,9 @@ def run(args: argparse.Namespace) -> int:
                                                "requests", "duration", "seed")}
         where = write_serving_record(serving_record(run_, str(args.model), sched, load, str(dtype)), out)
     if args.json:
-        print_json(run_, tp=args.tp, backend=backend, record=str(where) if where else None)
+        serving.print_json(run_, tp=args.tp, backend=backend, record=str(where) if where else None)
         return 0
-    print_report(run_, f"MEASURED: tp={args.tp} real ranks ({backend}), {run_['threads']} thread(s) each")
+    serving.print_report(run_, f"MEASURED: tp={args.tp} real ranks ({backend}), {run_['threads']} thread(s) each")
     if where:
         print(f"recorded in {where}")
     return 0

@@ -14,14 +14,7 @@ import argparse
 import sys
 
 from tplab.commands import precision_of
-from tplab.commands.serving_options import (
-    add_serving_options,
-    build_load,
-    print_json,
-    print_report,
-    scheduler_config,
-    slo_of,
-)
+from tplab.commands import serving_options as serving
 from tplab.perf.batch import ModelledStepCost
 from tplab.perf.estimate import ENGINES, MODELLED
 from tplab.perf.shapes import KV_BYTES, WEIGHT_BYTES
@@ -42,7 +35,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-model-len", type=int, default=None,
                    help="longest request in positions (default: the model's context)")
     p.add_argument("--efficiency", default=None, help="JSON file overriding data/efficiency.json")
-    add_serving_options(p)
+    serving.add_serving_options(p)
     p.set_defaults(run=run)
 
 
@@ -54,21 +47,21 @@ def run(args: argparse.Namespace) -> int:
         context = args.max_model_len or model.max_position_embeddings
         if context > model.max_position_embeddings or context < 1:
             raise ValueError(f"--max-model-len must be in [1, {model.max_position_embeddings}], got {context}")
-        requests = build_load(args, model.vocab_size, context, frozenset(model.eos_token_ids))
+        requests = serving.build_load(args, model.vocab_size, context, frozenset(model.eos_token_ids))
         blocks = None if args.num_blocks else cost.kv_blocks(args.block_size, args.max_num_seqs,
                                                              args.max_batched_tokens)
-        config = scheduler_config(args, context, blocks)
+        config = serving.scheduler_config(args, context, blocks)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result = simulate(requests, config, cost, slo_of(args)).to_dict()
+    result = simulate(requests, config, cost, serving.slo_of(args)).to_dict()
     setting = {"model": model.name, "gpu": cost.gpu.name, "tp": args.tp, "dtype": args.dtype,
                "kv_dtype": args.kv_dtype, "interconnect": cost.link.name, "engine": args.engine,
                "num_blocks": config.num_blocks, "notes": list(cost.notes)}
     if args.json:
-        print_json(result, label=MODELLED, setting=setting)
+        serving.print_json(result, label=MODELLED, setting=setting)
         return 0
-    print_report(result, f"MODELLED, not measured: {model.name} on {args.tp} x {cost.gpu.name} over {cost.link.name}, "
+    serving.print_report(result, f"MODELLED, not measured: {model.name} on {args.tp} x {cost.gpu.name} over {cost.link.name}, "
                          f"{args.dtype} weights, {config.num_blocks} KV blocks of {config.block_size} per GPU")
     for note in cost.notes:
         print(f"  note: {note}")

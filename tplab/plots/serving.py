@@ -7,6 +7,15 @@ from matplotlib.figure import Figure
 from tplab.scheduling.metrics import percentiles_of
 
 
+def grouped_bars(ax, groups: dict[str, list[float]], labels: list[str]) -> None:
+    """One bar per group side by side at each label, the groups in the legend."""
+    width = 0.8 / len(groups)
+    for i, (name, values) in enumerate(groups.items()):
+        ax.bar([j + (i - (len(groups) - 1) / 2) * width for j in range(len(labels))], values, width, label=name)
+    ax.set_xticks(range(len(labels)), labels)
+    ax.legend(fontsize=8)
+
+
 def plot_policies(runs: dict[str, dict], title: str) -> Figure:
     """Throughput (left) and p50/p95 TTFT and latency (right) of each policy's run of the same requests."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -15,15 +24,10 @@ def plot_policies(runs: dict[str, dict], title: str) -> Figure:
     left.set_ylabel("output tokens/s")
     left.set_title("throughput")
     series = [("ttft_ms", "p50"), ("ttft_ms", "p95"), ("latency_ms", "p50"), ("latency_ms", "p95")]
-    width = 0.8 / len(names)
-    for i, name in enumerate(names):
-        values = [percentiles_of(runs[name]["requests"], metric)[q] / 1000 for metric, q in series]
-        right.bar([j + (i - (len(names) - 1) / 2) * width for j in range(len(series))], values, width, label=name)
-    right.set_xticks(range(len(series)), [f"{m.removesuffix('_ms').upper() if m == 'ttft_ms' else 'latency'} {q}"
-                                          for m, q in series])
+    grouped_bars(right, {name: [percentiles_of(runs[name]["requests"], metric)[q] / 1000 for metric, q in series]
+                         for name in names}, [f"{'TTFT' if m == 'ttft_ms' else 'latency'} {q}" for m, q in series])
     right.set_ylabel("seconds")
     right.set_title("per request")
-    right.legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
@@ -48,13 +52,9 @@ def plot_cap_sweep(runs: dict[int, dict], title: str) -> Figure:
 def plot_stalls(runs: dict[str, dict], request_ids: list[int], title: str) -> Figure:
     """The longest gap between two outputs of each of ``request_ids``, per run."""
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    width = 0.8 / len(runs)
-    for i, (name, run) in enumerate(runs.items()):
-        gaps = [run["requests"][r]["itl_max_ms"] for r in request_ids]
-        ax.bar([j + (i - (len(runs) - 1) / 2) * width for j in range(len(request_ids))], gaps, width, label=name)
-    ax.set_xticks(range(len(request_ids)), [f"request {r}" for r in request_ids])
+    grouped_bars(ax, {name: [run["requests"][r]["itl_max_ms"] for r in request_ids] for name, run in runs.items()},
+                 [f"request {r}" for r in request_ids])
     ax.set_ylabel("longest gap between two tokens (ms)")
-    ax.legend(fontsize=8)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
