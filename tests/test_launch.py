@@ -20,8 +20,16 @@ import torch
 
 from tplab import CollectiveTimeout, RankDiedError, launch
 
-BACKENDS = ("threads", "gloo")
+BACKENDS = ("threads", "gloo", "gloo-tcp")  # gloo: collectives through shared memory; gloo-tcp: plain gloo
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(autouse=True)
+def no_shared_memory_is_left_behind():
+    """Whatever a launch did (a rank raised, died, hung), no tplab segment stays in /dev/shm."""
+    yield
+    if os.path.isdir("/dev/shm"):
+        assert [name for name in os.listdir("/dev/shm") if name.startswith(f"tplab-{os.getpid()}-")] == []
 
 
 # --- rank programs -------------------------------------------------------------
@@ -124,7 +132,7 @@ def test_tp_must_be_a_positive_integer(tp):
 
 
 def test_unknown_backend_lists_the_choices():
-    with pytest.raises(ValueError, match=r"unknown backend 'nccl'; choose one of \('threads', 'gloo'\).*torchrun"):
+    with pytest.raises(ValueError, match=r"unknown backend 'nccl'; choose one of \('threads', 'gloo', 'gloo-tcp'\).*torchrun"):
         launch(identify, 2, "nccl", args=(0,))
 
 
@@ -194,15 +202,16 @@ def test_a_rank_that_raises_is_re_raised_and_the_others_stop(backend, tmp_path):
         launch(raise_on_rank_1, 3, backend, timeout=60, kwargs={"pid_dir": str(tmp_path)})
     assert time.monotonic() - start < 30
     assert any(f"raised on rank 1 of 3 ({backend} backend)" in note for note in info.value.__notes__)
-    if backend == "gloo":
+    if backend.startswith("gloo"):
         assert "in raise_on_rank_1" in "".join(info.value.__notes__)  # the rank's own traceback
         _assert_ranks_stopped(tmp_path)
 
 
-def test_a_gloo_rank_killed_mid_collective_raises_rank_died_and_the_others_stop(tmp_path):
+@pytest.mark.parametrize("backend", ["gloo", "gloo-tcp"])
+def test_a_gloo_rank_killed_mid_collective_raises_rank_died_and_the_others_stop(backend, tmp_path):
     start = time.monotonic()
     with pytest.raises(RankDiedError, match="rank 1 of 3 .* died: killed by signal SIGKILL"):
-        launch(killed_mid_collective, 3, "gloo", timeout=60, args=(str(tmp_path),))
+        launch(killed_mid_collective, 3, backend, timeout=60, args=(str(tmp_path),))
     assert time.monotonic() - start < 30  # rank 0 would sleep 120 s: it was stopped
     _assert_ranks_stopped(tmp_path)
 

@@ -34,5 +34,5 @@ def check_fits(nbytes: int, what: str, hint: str) -> None:
 
 
 def rank_processes_bytes(backend: str, tp: int) -> int:
-    """The memory of the rank processes themselves: one per rank on gloo, none on threads."""
-    return tp * GLOO_RANK_BYTES if backend == "gloo" else 0
+    """The memory of the rank processes themselves: one per rank on gloo (either transport), none on threads."""
+    return tp * GLOO_RANK_BYTES if backend.startswith("gloo") else 0

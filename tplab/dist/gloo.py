@@ -2,7 +2,11 @@
 
 Each rank is a process forked from a forkserver that has imported torch (so a
 launch costs ~0.2 s); the rank program must be importable, since the
-processes import it. Results and errors come back through a queue: the first
+processes import it. With ``shared_memory`` (the default of ``backend="gloo"``
+where :func:`tplab.dist.shm.available`), all-reduce, all-gather,
+reduce-scatter and broadcast go through one shared-memory segment
+(:mod:`tplab.dist.shm`), the rest through gloo; ``backend="gloo-tcp"`` keeps
+plain gloo over loopback TCP for every collective. Results and errors come back through a queue: the first
 error that is not a peer's reaction is re-raised with the rank's traceback in
 its notes; a process that dies without reporting gives :class:`RankDiedError`;
 in every case the other processes are stopped. Never a hang.
@@ -25,6 +29,7 @@ from typing import Any, Callable
 import torch
 
 from tplab.dist.group import CollectiveTimeout, Dist, PeerFailure, first_error
+from tplab.dist import shm
 from tplab.dist.transports import TorchTransport
 
 
@@ -74,19 +79,25 @@ def _check_picklable(fn) -> None:
                         "the launch call under `if __name__ == \"__main__\":`.")
 
 
-def _gloo_rank_main(rank, world_size, port, fn, args, kwargs, timeout, threads_per_rank, results):
+def _gloo_rank_main(rank, world_size, port, fn, args, kwargs, timeout, threads_per_rank, results, shm_name):
     torch.set_num_threads(threads_per_rank)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo0" if sys.platform == "darwin" else "lo")
     import torch.distributed as td
+    transport = None
     try:
         try:
             td.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                   world_size=world_size, timeout=timedelta(seconds=timeout))
         except RuntimeError as e:
             raise RendezvousError(f"gloo could not connect rank {rank} to its peers: {e}") from None
-        dist = Dist(rank, world_size, torch.device("cpu"), TorchTransport())
+        transport = TorchTransport()
+        if shm_name is not None:
+            transport = shm.SharedMemoryTransport.open(shm_name, rank, world_size, transport, timeout)
+        dist = Dist(rank, world_size, torch.device("cpu"), transport)
         results.put(("ok", rank, pickle.dumps(fn(dist, *args, **kwargs))))
     except BaseException as e:  # noqa: BLE001
+        if isinstance(transport, shm.SharedMemoryTransport):
+            transport.abort()  # peers waiting in a shared-memory collective raise now, not at the timeout
         tb = traceback.format_exc()
         try:
             payload = pickle.dumps(e)
@@ -94,6 +105,8 @@ def _gloo_rank_main(rank, world_size, port, fn, args, kwargs, timeout, threads_p
             payload = pickle.dumps(RuntimeError(f"{type(e).__name__}: {e}"))
         results.put(("error", rank, (payload, tb)))
     finally:
+        if isinstance(transport, shm.SharedMemoryTransport):
+            transport.close()
         if td.is_initialized():
             td.destroy_process_group()
 
@@ -130,7 +143,7 @@ def _process_context(fn):
 
 
 def launch_gloo(fn: Callable[..., Any], tp: int, timeout: float, args: tuple, kwargs: dict,
-                threads_per_rank: int) -> list[Any]:
+                threads_per_rank: int, shared_memory: bool = True) -> list[Any]:
     """``fn(dist, *args, **kwargs)`` on ``tp`` gloo processes; their results in rank order (see the module docstring).
 
     A failed rendezvous (gloo's full mesh of TCP connections, seen to fail now and then at tp=8 on a busy
@@ -138,17 +151,20 @@ def launch_gloo(fn: Callable[..., Any], tp: int, timeout: float, args: tuple, kw
     """
     _check_picklable(fn)
     ctx = _process_context(fn)
+    backend = "gloo" if shared_memory else "gloo-tcp"  # as the caller named it, for the error notes
+    shared_memory = shared_memory and shm.available()
     try:
-        return _launch_once(ctx, fn, tp, timeout, args, kwargs, threads_per_rank)
+        return _launch_once(ctx, fn, tp, timeout, args, kwargs, threads_per_rank, shared_memory, backend)
     except RendezvousError:
-        return _launch_once(ctx, fn, tp, timeout, args, kwargs, threads_per_rank)
+        return _launch_once(ctx, fn, tp, timeout, args, kwargs, threads_per_rank, shared_memory, backend)
 
 
-def _launch_once(ctx, fn, tp, timeout, args, kwargs, threads_per_rank) -> list[Any]:
+def _launch_once(ctx, fn, tp, timeout, args, kwargs, threads_per_rank, shared_memory, backend) -> list[Any]:
     results_q = ctx.Queue()
     port = free_port()
+    shm_name = f"tplab-{os.getpid()}-{port}" if shared_memory else None
     procs = [ctx.Process(target=_gloo_rank_main, name=f"tplab-rank{r}", daemon=True,
-                         args=(r, tp, port, fn, args, kwargs, timeout, threads_per_rank, results_q))
+                         args=(r, tp, port, fn, args, kwargs, timeout, threads_per_rank, results_q, shm_name))
              for r in range(tp)]
     for p in procs:
         p.start()
@@ -168,7 +184,7 @@ def _launch_once(ctx, fn, tp, timeout, args, kwargs, threads_per_rank) -> list[A
             elif kind == "error":
                 exc_bytes, tb = payload
                 err = pickle.loads(exc_bytes)
-                err.add_note(f"raised on rank {rank} of {tp} (gloo backend); its traceback:\n{tb}")
+                err.add_note(f"raised on rank {rank} of {tp} ({backend} backend); its traceback:\n{tb}")
                 errors[rank] = err
             now = time.monotonic()
             for rank, p in enumerate(procs):
@@ -193,6 +209,8 @@ def _launch_once(ctx, fn, tp, timeout, args, kwargs, threads_per_rank) -> list[A
         else:
             for p in procs:
                 p.join()
+        if shm_name is not None:
+            shm.remove(shm_name)  # already gone unless rank 0 died between creating and removing it
     if errors and results and all(isinstance(e, PeerFailure) for e in errors.values()):
         raise CollectiveTimeout(f"ranks {sorted(errors)} were in a collective that ranks {sorted(results)} "
                                 "returned without joining: every rank must call the same collectives in the same order")

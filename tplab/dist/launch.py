@@ -9,8 +9,11 @@ and returns ``[result_0, ..., result_{tp-1}]``. Three ways to get ranks:
   single GPU (each collective adds the ranks' tensors there), which checks
   the TP model on CUDA without a multi-GPU node; it is not a speed test.
 * ``backend="gloo"``: tp spawned processes with torch.distributed over gloo on
-  the CPU. ``fn`` must be importable (defined in a module, not a notebook).
-  (:mod:`tplab.dist.gloo`)
+  the CPU, their all-reduce, all-gather, reduce-scatter and broadcast through
+  shared memory (:mod:`tplab.dist.shm`; Linux x86-64, else plain gloo);
+  ``backend="gloo-tcp"``: the same processes with every collective over gloo's
+  loopback TCP, to compare. ``fn`` must be importable (defined in a module,
+  not a notebook). (:mod:`tplab.dist.gloo`)
 * under ``torchrun`` (RANK and WORLD_SIZE in the environment): this process is
   one rank of the existing group (NCCL on GPUs, gloo on CPUs), whatever
   ``backend`` says. ``torchrun --nproc-per-node 8 -m tplab generate --tp 8 ...``
@@ -44,7 +47,7 @@ from tplab.dist.transports import ThreadGroup, ThreadTransport
 
 __all__ = ["BACKENDS", "RankDiedError", "check_device", "default_threads", "launch", "thread_device", "under_torchrun"]
 
-BACKENDS = ("threads", "gloo")
+BACKENDS = ("threads", "gloo", "gloo-tcp")
 PEER_GRACE_S = 1.0  # after a rank fails, how long the others get to notice before they are abandoned
 
 
@@ -76,8 +79,8 @@ def launch(fn: Callable[..., Any], tp: int, backend: str = "threads", timeout: f
     threads = threads or default_threads(tp)
     if backend == "threads":
         return _launch_threads(fn, tp, timeout, args, kwargs, thread_device(device), threads)
-    if backend == "gloo":
-        return launch_gloo(fn, tp, timeout, args, kwargs, threads)
+    if backend in ("gloo", "gloo-tcp"):
+        return launch_gloo(fn, tp, timeout, args, kwargs, threads, shared_memory=backend == "gloo")
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} "
                      "(for NCCL on GPUs, start the program with torchrun)")
 
