@@ -190,7 +190,7 @@ def generate_rank_program(dist: Dist, model: str | Path | ModelConfig, prompts: 
                           sampling: SamplingParams | None = None, dtype: torch.dtype | str | None = None,
                           eos_token_ids: tuple[int, ...] | None = None, stop_sequences: list[list[int]] = (),
                           keep_logits: bool = False, warmup: bool = False, quant: str | None = None,
-                          quant_embeddings: bool = False) -> GenerationResult:
+                          quant_embeddings: bool = False, prepack: bool = False) -> GenerationResult:
     """Load this rank's shard of ``model`` and generate: ``launch(generate_rank_program, tp, backend, kwargs=...)``.
 
     ``model``: a checkpoint directory, or its :class:`~tplab.specs.ModelConfig`
@@ -201,8 +201,9 @@ def generate_rank_program(dist: Dist, model: str | Path | ModelConfig, prompts: 
     ms/token do not include first-call costs (allocations, kernel selection).
     ``quant``: "int8" or "fp8" weight-only quantization of the decoder's linears (see
     :meth:`~tplab.model.TPCausalLM.quantize_`); ``quant_embeddings`` quantizes the embedding and the LM head too.
+    ``prepack``: the linears in oneDNN's layout (:meth:`~tplab.model.TPCausalLM.prepack_`; CPU).
     """
-    shard = from_pretrained(model, dist, dtype=dtype, quant=quant, quant_embeddings=quant_embeddings)
+    shard = from_pretrained(model, dist, dtype=dtype, quant=quant, quant_embeddings=quant_embeddings, prepack=prepack)
     directory = shard.config.directory
     eos = checkpoint_eos_ids(directory, shard) if eos_token_ids is None else eos_token_ids
     if warmup:

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tplab.errors import InputError
+
 SCHEMES = ("int8", "fp8")
 Q_MAX = {"int8": 127.0, "fp8": 448.0}
 STORAGE = {"int8": torch.int8, "fp8": torch.float8_e4m3fn}
@@ -83,6 +85,12 @@ def fp8_gemm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.
     return y if bias is None else y + bias
 
 
+def prepack_supported(weight: torch.Tensor) -> bool:
+    """Whether oneDNN can hold ``weight`` prepacked: float32 or bfloat16, on the CPU, in a build with oneDNN."""
+    return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
 class QuantizableLinear(nn.Module):
     """A parallel linear whose ``weight`` can be replaced by int8/fp8 values and per-row scales.
 
@@ -92,10 +100,13 @@ class QuantizableLinear(nn.Module):
     """
 
     scheme: str | None = None
+    packed: torch.Tensor | None = None  # the weight in oneDNN's blocked layout, after prepack_()
 
     def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """Y = X Wᵀ + b with this rank's weight: stored, dequantized, through the CPU's int8 weight-only kernel,
-        or on a GPU with FP8 tensor cores as an fp8 GEMM (:func:`fp8_gemm`)."""
+        """Y = X Wᵀ + b with this rank's weight: stored, prepacked for oneDNN, dequantized, through the CPU's int8
+        weight-only kernel, or on a GPU with FP8 tensor cores as an fp8 GEMM (:func:`fp8_gemm`)."""
+        if self.packed is not None:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, bias, "none", [], "")
         if self.scheme == "fp8" and fp8_gemm_supported(x.device):
             return fp8_gemm(x, self.qweight, self.scale, bias)
         if self.scheme == "int8" and x.device.type == "cpu" and x.dtype == torch.bfloat16:
@@ -112,8 +123,20 @@ class QuantizableLinear(nn.Module):
 
     @property
     def local_shape(self) -> torch.Size:
-        """The shape of this rank's weight, stored full or quantized."""
+        """The shape of this rank's weight, stored full, prepacked or quantized."""
+        if self.packed is not None:
+            return self.packed.shape
         return (self.weight if self.scheme is None else self.qweight).shape
+
+    def prepack_(self) -> "QuantizableLinear":
+        """Store the weight in oneDNN's blocked layout (:func:`prepack_supported`) and free the plain one: the same
+        Y = X Wᵀ + b through a kernel that streams the weight faster (the last bits may differ)."""
+        if not prepack_supported(self.weight):
+            raise InputError(f"--prepack needs unquantized float32 or bfloat16 weights on the CPU with oneDNN; "
+                             f"these are {self.weight.dtype} on {self.weight.device}: drop --prepack")
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight.data, 1)
+        self.weight.data = torch.empty(0, dtype=self.weight.dtype)
+        return self
 
     def full_row_absmax(self) -> torch.Tensor:
         """The max |W| of every row this rank's scales must cover: its own rows (row-parallel layers override)."""

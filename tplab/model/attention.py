@@ -26,7 +26,7 @@ def attention_mask(query_slots: torch.Tensor, key_valid: torch.Tensor, window: i
     return (allowed[None] & real)[:, None]
 
 
-def grouped_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
+def grouped_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
                             scale: float) -> torch.Tensor:
     """O_h = softmax(Q_h K_g^T * scale, masked) V_g for every query head h, with g = h // G.
 
@@ -35,11 +35,14 @@ def grouped_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.T
     Q'_g = [Q_{gG}; ...; Q_{gG+G-1}] of shape (G*T, d), so one attention call per KV head
     serves all G of them and K, V are never copied G times (repeat_interleave would write
     G copies of the whole cache every decode step). The mask (batch, 1, T, S) is tiled G
-    times along the query axis to match. Returns (batch, KV*G, T, d).
+    times along the query axis to match; ``mask`` None reads every key (one query over a full cache). Returns
+    (batch, KV*G, T, d).
     """
     batch, heads, tokens, head_dim = q.shape
     kv_heads = keys.shape[1]
     groups = heads // kv_heads
     stacked = q.reshape(batch, kv_heads, groups * tokens, head_dim)
-    out = F.scaled_dot_product_attention(stacked, keys, values, attn_mask=mask.repeat(1, 1, groups, 1), scale=scale)
+    if mask is not None and groups > 1:
+        mask = mask.repeat(1, 1, groups, 1)
+    out = F.scaled_dot_product_attention(stacked, keys, values, attn_mask=mask, scale=scale)
     return out.reshape(batch, heads, tokens, head_dim)

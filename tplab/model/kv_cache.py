@@ -80,10 +80,13 @@ class KVCache:
         return start + torch.arange(tokens, device=self.k.device)
 
     def mask(self, start: int | torch.Tensor, tokens: int, key_valid: torch.Tensor | None,
-             window: int | None) -> torch.Tensor:
+             window: int | None) -> torch.Tensor | None:
         """Which of the :meth:`visible` slots each new token reads (:func:`~tplab.model.attention.attention_mask`);
-        ``key_valid`` (batch, >= visible) marks the slots holding real tokens (default: all)."""
+        ``key_valid`` (batch, >= visible) marks the slots holding real tokens (default: all). None when one new
+        token reads every visible slot (a decode step without padding, within the window): no mask to apply."""
         visible = self.visible(start, tokens)
+        if key_valid is None and tokens == 1 and isinstance(start, int) and (window is None or window >= visible):
+            return None
         if key_valid is None:
             key_valid = torch.ones(self.batch, visible, dtype=torch.bool, device=self.k.device)
         return attention_mask(self.query_slots(start, tokens), key_valid[:, :visible], window)

