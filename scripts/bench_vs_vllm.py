@@ -5,14 +5,14 @@
 
 1. Checkpoints: a random Llama of 374M parameters in bf16 (hidden 1024, 24 layers, 16 heads, vocab 32000), built
    here, and the bundled tiny model (fp32).
-2. Agreement: greedy tokens of tplab (tp 1 threads, tp 2 gloo), vLLM (tp 1) and HF, in fp32, on both checkpoints.
+2. Agreement: greedy tokens of tplab (tp 1 and 2), vLLM (tp 1) and HF, in fp32, on both checkpoints.
 3. Decode ms/token at batch 1 and 8, tp 1 and 2, interleaved in rounds (vLLM, then tplab, then HF eager at tp 1);
-   the median of the rounds. tplab runs its prepacked path (oneDNN's layout) and its readable eager path; tp 2 is
-   gloo processes with the shared-memory transport. vLLM runs eager (``enforce_eager``), its threads bound to the
+   the median of the rounds. tplab runs its prepacked path (oneDNN's layout) and its readable eager path, on gloo
+   processes (shared-memory collectives); each engine, HF included, runs in processes of its own. vLLM runs eager (``enforce_eager``), its threads bound to the
    cores (VLLM_CPU_OMP_THREADS_BIND), decode time = (33 tokens - 1 token) / 32.
 4. Bandwidth: a copy of 1 GB measured in the same run, against the weight bytes a decode step streams.
 
-A timing is skipped, and says so, when the 1-minute load average exceeds half the cores. Everything is
+A timing is skipped, and says so, when other programs keep over half the CPU busy (sampled for 1 s between runs). Everything is
 appended to one JSON-lines file (default data/measurements/vs_vllm/).
 """
 from __future__ import annotations
@@ -87,7 +87,10 @@ def streamed_bytes(model: Path, element_bytes: int) -> int:
 
 
 def busy() -> bool:
-    return os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1)
+    """Whether other programs keep the CPU busy: over half of it in use for 1 s between our own runs (the load
+    average would count this benchmark's own runs)."""
+    import psutil
+    return psutil.cpu_percent(interval=1.0) > 50
 
 
 def run_vllm(python: Path, model: Path, tp: int, dtype: str, batches: list[int], steps: int) -> dict:
@@ -102,19 +105,23 @@ def run_vllm(python: Path, model: Path, tp: int, dtype: str, batches: list[int],
 
 
 def run_tplab(model: Path, tp: int, dtype: str, batch: int, steps: int, prepack: bool) -> tuple[float, list]:
-    backend = "threads" if tp == 1 else "gloo"
-    result = launch(generate_rank_program, tp, backend, timeout=600,
+    """tplab's decode on ``tp`` fresh gloo processes (shared-memory collectives): like vLLM's, a process of its own."""
+    result = launch(generate_rank_program, tp, "gloo", timeout=600,
                     kwargs=dict(model=model, prompts=PROMPTS[:batch], max_new_tokens=steps + 1, dtype=dtype,
                                 eos_token_ids=(), warmup=True, prepack=prepack))[0]
     return result.ms_per_token, result.tokens
 
 
-def run_hf(model: Path, dtype: str, batch: int, steps: int) -> float:
-    torch.set_num_threads(os.cpu_count() or 1)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(model), dtype=getattr(torch, dtype)).eval()
+def hf_decode_ms(dist, model: str, dtype: str, batch: int, steps: int) -> float:
+    """HF eager decode ms/token (its own cache, greedy), in a process of its own (launched as one gloo rank)."""
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).eval()
     with torch.no_grad():
         timing = time_hf(hf, torch.tensor(PROMPTS[:batch]), steps, repeats=2, warmup=1)
     return 1000 * statistics.median(timing.decode_step_s)
+
+
+def run_hf(model: Path, dtype: str, batch: int, steps: int) -> float:
+    return launch(hf_decode_ms, 1, "gloo", timeout=600, args=(str(model), dtype, batch, steps))[0]
 
 
 def hf_greedy_tokens(model: Path, batch: int, steps: int) -> list[list[int]]:
@@ -172,7 +179,7 @@ def main() -> int:
         for tp in (1, 2):
             for name, model, dtype in (("llama-374m bf16", big, "bfloat16"), ("tiny fp32", TINY_DIR, "float32")):
                 if busy():
-                    print(f"round {round_}: the machine is busy (load {os.getloadavg()[0]:.2f}); skipped tp={tp} {name}")
+                    print(f"round {round_}: the machine is busy (other programs); skipped tp={tp} {name}")
                     continue
                 for run in run_vllm(python, model, tp, dtype, [1, 8], args.steps)["runs"]:
                     rows.setdefault((name, run["batch"], tp, "vllm"), []).append(run["ms_per_token"])

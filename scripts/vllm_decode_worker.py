@@ -18,7 +18,7 @@ def main() -> None:
 
     started = time.perf_counter()
     llm = LLM(model=spec["model"], tensor_parallel_size=spec["tp"], dtype=spec["dtype"], skip_tokenizer_init=True,
-              enforce_eager=True, max_model_len=512, max_num_seqs=max(spec["batches"]), seed=0)
+              enforce_eager=True, max_model_len=256, max_num_seqs=max(spec["batches"]), seed=0)
     out = {"start_s": time.perf_counter() - started, "runs": []}
     for batch in spec["batches"]:
         prompts = [{"prompt_token_ids": p} for p in spec["prompts"][:batch]]

@@ -107,3 +107,30 @@ def plot_naive_vs_ring(nbytes: float, ranks: list[int], alpha_s: float, beta_byt
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+def plot_transport_sweeps(sizes_bytes: list[int], seconds: dict[str, list[float]], n: int,
+                          fits: dict[str, tuple[float, float]], where: str) -> Figure:
+    """Measured all-reduce time (left) and bus bandwidth (right) per message size for several transports, each
+    with the α-β model fitted to its own points (dashed)."""
+    sizes = np.asarray(sizes_bytes, dtype=float)
+    smooth = np.geomspace(sizes.min(), sizes.max(), 200)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for (name, times), marker in zip(seconds.items(), "osD^v"):
+        alpha, beta = fits[name]
+        line = left.loglog(sizes, np.asarray(times) * 1e6, marker, label=f"{name} (α={alpha * 1e6:.0f} µs, "
+                                                                          f"β={beta / 1e9:.2f} GB/s)")[0]
+        left.loglog(smooth, [ring_all_reduce_seconds(s, n, alpha, beta) * 1e6 for s in smooth], "--",
+                    color=line.get_color())
+        right.semilogx(sizes, [bus_bandwidth(s, t, n) / 1e9 for s, t in zip(sizes, times)], marker + "-",
+                       color=line.get_color(), label=name)
+    left.set_ylabel("time per all-reduce (µs)")
+    left.set_title(f"All-reduce latency, {where}, {n} ranks (dashed: fitted α-β)")
+    right.set_ylabel("bus bandwidth, algbw·2(n-1)/n (GB/s)")
+    right.set_title(f"All-reduce bus bandwidth, {where}, {n} ranks")
+    for ax in (left, right):
+        ax.set_xlabel("message size per rank (bytes)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
