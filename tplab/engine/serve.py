@@ -11,8 +11,7 @@ and, when a sampled request emits, the all-gathered logits of those rows (one
 more all-gather) drawn from that request's own seeded generator. So the
 ranks agree on every token without another message, and the plan is made once.
 
-A plan row is ``[request id, start, count, emits, number of blocks, blocks..., tokens[start:start+count]...]``;
-a length of 0 tells the ranks to stop.
+The plan's wire format is :mod:`tplab.engine.plan`'s.
 
 Each request gets the tokens it would get alone (:func:`tplab.engine.generate`
 with that one prompt): its rows see only its own keys, at its own positions.
@@ -24,6 +23,8 @@ from pathlib import Path
 import torch
 
 from tplab.dist.group import Dist
+from tplab.engine.plan import decode_plan, encode_plan, share_plan
+from tplab.engine.static import serve_static
 from tplab.engine.steps import paged_step
 from tplab.model.decoder import TPCausalLM
 from tplab.model.loading import from_pretrained
@@ -69,42 +70,6 @@ class RankStep:
         return {rows[b][0]: chosen[b] for b in emitting}
 
 
-def encode_plan(plan: StepPlan) -> list[int]:
-    """The plan as ints (see the module docstring)."""
-    out = [len(plan.rows)]
-    for row in plan.rows:
-        seq = row.seq
-        out += [seq.id, row.start, row.count, int(row.emits), len(seq.block_ids), *seq.block_ids,
-                *seq.tokens[row.start:row.start + row.count]]
-    return out
-
-
-def decode_plan(ints: list[int]) -> list[tuple[int, int, bool, list[int], list[int]]]:
-    """The rows of :func:`encode_plan`'s ints: (request id, start, emits, block table, tokens fed)."""
-    rows, i = [], 1
-    for _ in range(ints[0]):
-        rid, start, count, emits, blocks = ints[i:i + 5]
-        table = ints[i + 5:i + 5 + blocks]
-        rows.append((rid, start, bool(emits), table, ints[i + 5 + blocks:i + 5 + blocks + count]))
-        i += 5 + blocks + count
-    return rows
-
-
-def share_plan(dist: Dist, ints: list[int] | None) -> list[int]:
-    """Rank 0's plan on every rank: its length, then its contents (two broadcasts, tag "schedule")."""
-    stats, tag = dist.stats, dist.stats.tag
-    stats.tag = "schedule"
-    try:
-        length = dist.broadcast(torch.tensor([0 if ints is None else len(ints)], dtype=torch.long), src=0)
-        if int(length[0]) == 0:
-            return []
-        payload = torch.tensor(ints, dtype=torch.long) if ints is not None else torch.zeros(int(length[0]),
-                                                                                            dtype=torch.long)
-        return dist.broadcast(payload, src=0).tolist()
-    finally:
-        stats.tag = tag
-
-
 def serve(model: TPCausalLM, requests: list[Request], config: SchedulerConfig, eos: frozenset[int],
           slo: SLO = SLO(), warmup: bool = True) -> dict:
     """Serve ``requests`` on every rank of ``model``'s group; rank 0 returns the run (requests, summary, steps),
@@ -142,8 +107,6 @@ def serve_rank_program(dist: Dist, model: str | Path | ModelConfig, requests: li
                        eos_token_ids: tuple[int, ...] | None = None, warmup: bool = True) -> dict:
     """Load this rank's shard and serve: ``launch(serve_rank_program, tp, backend, kwargs=...)`` (threads, gloo,
     torchrun). ``config.policy`` "padded" serves static batches through the generation loop (:mod:`tplab.engine.static`)."""
-    from tplab.engine.static import serve_static  # it builds on share_plan above
-
     shard = from_pretrained(model, dist, dtype=dtype)
     eos = frozenset(shard.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
     if config.policy == "padded":

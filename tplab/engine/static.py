@@ -16,7 +16,7 @@ i-th token at the batch's start plus the first i + 1 step times.
 from __future__ import annotations
 
 from tplab.engine.generate import generate
-from tplab.engine.serve import share_plan
+from tplab.engine.plan import share_plan
 from tplab.model.decoder import TPCausalLM
 from tplab.scheduling.metrics import SLO, run_metrics
 from tplab.scheduling.requests import Request, Sequence

@@ -80,12 +80,17 @@ def plot_all_reduce_sweep(sizes_bytes: list[int], seconds: list[float], n: int, 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
     left.loglog(sizes, np.asarray(seconds) * 1e6, "o", label="measured (median)")
     left.loglog(smooth, model * 1e6, "-", label=fit_label)
-    left.set_ylabel("time per all-reduce (µs)")
-    left.set_title(f"All-reduce latency, {where}, {n} ranks")
     right.semilogx(sizes, [bus_bandwidth(s, t, n) / 1e9 for s, t in zip(sizes, seconds)], "o", label="measured")
     right.semilogx(smooth, [bus_bandwidth(s, t, n) / 1e9 for s, t in zip(smooth, model)], "-", label="fitted α-β model")
+    return _finish_sweep(fig, left, right, f"{where}, {n} ranks")
+
+
+def _finish_sweep(fig: Figure, left, right, where: str, latency_note: str = "") -> Figure:
+    """Axis labels, titles, grids and legends of a latency (left) and bus-bandwidth (right) sweep."""
+    left.set_ylabel("time per all-reduce (µs)")
+    left.set_title(f"All-reduce latency, {where}{latency_note}")
     right.set_ylabel("bus bandwidth, algbw·2(n-1)/n (GB/s)")
-    right.set_title(f"All-reduce bus bandwidth, {where}, {n} ranks")
+    right.set_title(f"All-reduce bus bandwidth, {where}")
     for ax in (left, right):
         ax.set_xlabel("message size per rank (bytes)")
         ax.grid(True, which="both", alpha=0.3)
@@ -124,13 +129,4 @@ def plot_transport_sweeps(sizes_bytes: list[int], seconds: dict[str, list[float]
                     color=line.get_color())
         right.semilogx(sizes, [bus_bandwidth(s, t, n) / 1e9 for s, t in zip(sizes, times)], marker + "-",
                        color=line.get_color(), label=name)
-    left.set_ylabel("time per all-reduce (µs)")
-    left.set_title(f"All-reduce latency, {where}, {n} ranks (dashed: fitted α-β)")
-    right.set_ylabel("bus bandwidth, algbw·2(n-1)/n (GB/s)")
-    right.set_title(f"All-reduce bus bandwidth, {where}, {n} ranks")
-    for ax in (left, right):
-        ax.set_xlabel("message size per rank (bytes)")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    return _finish_sweep(fig, left, right, f"{where}, {n} ranks", " (dashed: fitted α-β)")
