@@ -85,14 +85,16 @@ class Dist:
         return out
 
     # --- collectives -----------------------------------------------------
+    # A group of one rank moves no data: each collective is its definition for n = 1 (still recorded and counted).
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum of every rank's ``t``, returned on every rank."""
-        return self._timed("all_reduce", t, _nbytes(t), lambda: self._transport.all_reduce(t))
+        return self._timed("all_reduce", t, _nbytes(t),
+                           lambda: t if self.world_size == 1 else self._transport.all_reduce(t))
 
     def all_gather(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Every rank's ``t`` (all the same shape) concatenated along ``dim`` in rank order."""
         return self._timed("all_gather", t, _nbytes(t) * self.world_size,
-                           lambda: self._transport.all_gather(t, dim))
+                           lambda: t.clone() if self.world_size == 1 else self._transport.all_gather(t, dim))
 
     def reduce_scatter(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
         """Rank r's chunk (of n equal chunks along ``dim``) of the sum of every rank's ``t``."""
@@ -100,11 +102,12 @@ class Dist:
             raise ValueError(
                 f"reduce_scatter: size {t.shape[dim]} of dim {dim} is not divisible by world_size={self.world_size}")
         return self._timed("reduce_scatter", t, _nbytes(t),
-                           lambda: self._transport.reduce_scatter(t, dim))
+                           lambda: t.clone() if self.world_size == 1 else self._transport.reduce_scatter(t, dim))
 
     def broadcast(self, t: torch.Tensor, src: int = 0) -> torch.Tensor:
         """Rank ``src``'s ``t`` on every rank (the others pass a tensor of the same shape)."""
-        return self._timed("broadcast", t, _nbytes(t), lambda: self._transport.broadcast(t, src))
+        return self._timed("broadcast", t, _nbytes(t),
+                           lambda: t if self.world_size == 1 else self._transport.broadcast(t, src))
 
     def send(self, t: torch.Tensor, dst: int) -> None:
         """Point-to-point: give ``t`` to rank ``dst`` (which must call ``recv``)."""
