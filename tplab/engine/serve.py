@@ -65,8 +65,9 @@ class RankStep:
             for i, b in enumerate(sampled):
                 rid = rows[b][0]
                 params = self.sampling(rid)
-                generator = self.generators.setdefault(rid, params.generator())
-                chosen[b] = int(sample(logits[i:i + 1], params, generator)[0])
+                if rid not in self.generators:  # made at the request's first token, on every rank alike
+                    self.generators[rid] = params.generator()
+                chosen[b] = int(sample(logits[i:i + 1], params, self.generators[rid])[0])
         return {rows[b][0]: chosen[b] for b in emitting}
 
 
