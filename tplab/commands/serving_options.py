@@ -10,6 +10,7 @@ import argparse
 import json
 import math
 
+from tplab.scheduling.blocks import check_block_size
 from tplab.scheduling.load import bounded, parse_range, read_requests, synthetic_load
 from tplab.scheduling.metrics import METRICS, SLO
 from tplab.scheduling.requests import Request
@@ -75,8 +76,7 @@ def build_load(args: argparse.Namespace, vocab_size: int, context: int, special_
 def scheduler_config(args: argparse.Namespace, context: int, num_blocks: int | None = None) -> SchedulerConfig:
     """The scheduler of ``args``; ``num_blocks`` (else --num-blocks, else max_num_seqs full contexts)."""
     size = args.block_size
-    if size < 1 or size & (size - 1):
-        raise ValueError(f"--block-size must be a positive power of two (8, 16, 32, ...), got {size}")
+    check_block_size("--block-size", size)
     blocks = args.num_blocks or num_blocks or args.max_num_seqs * -(-context // size)
     return SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batched_tokens,
                            num_blocks=blocks, block_size=size, max_model_len=context,

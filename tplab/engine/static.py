@@ -15,6 +15,8 @@ i-th token at the batch's start plus the first i + 1 step times.
 """
 from __future__ import annotations
 
+from itertools import accumulate
+
 from tplab.engine.generate import generate
 from tplab.engine.plan import share_plan
 from tplab.model.decoder import TPCausalLM
@@ -42,12 +44,12 @@ def serve_static(model: TPCausalLM, requests: list[Request], max_num_seqs: int, 
     while waiting:
         clock.wait_until(waiting[0].arrival_s)
         now = clock.now()
-        batch = [r for r in waiting if r.arrival_s <= now][:max_num_seqs]
-        waiting = [r for r in waiting if r not in batch]
+        arrived = sum(1 for r in waiting if r.arrival_s <= now)  # a prefix: the queue is sorted by arrival
+        batch, waiting = waiting[:min(arrived, max_num_seqs)], waiting[min(arrived, max_num_seqs):]
         share_plan(dist, [r.id for r in batch])
         result = _generate_batch(model, batch, eos)
         steps += len(result.step_seconds)
-        times = [now + sum(result.step_seconds[:i + 1]) for i in range(len(result.step_seconds))]
+        times = [now + t for t in accumulate(result.step_seconds)]
         for request, tokens, reason in zip(batch, result.tokens, result.finish_reasons):
             kept = tokens[:request.max_new_tokens]
             sequences[request.id] = Sequence(

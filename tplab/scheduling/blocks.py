@@ -19,7 +19,14 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from tplab.checks import is_positive_int
 from tplab.scheduling.requests import Sequence
+
+
+def check_block_size(name: str, size: int) -> None:
+    """ValueError naming ``name`` unless ``size`` is a positive power of two (8, 16, 32, ...)."""
+    if not is_positive_int(size) or size & (size - 1):
+        raise ValueError(f"{name} must be a positive power of two (8, 16, 32, ...), got {size!r}")
 
 
 def block_hash(previous: int | None, tokens: tuple[int, ...]) -> int:
@@ -41,8 +48,7 @@ class BlockManager:
     def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True) -> None:
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
-        if block_size < 1 or block_size & (block_size - 1):
-            raise ValueError(f"block_size must be a positive power of two, got {block_size}")
+        check_block_size("block_size", block_size)
         self.num_blocks, self.block_size, self.prefix_caching = num_blocks, block_size, prefix_caching
         self.blocks = [Block(i) for i in range(num_blocks)]
         self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # oldest freed first

@@ -91,8 +91,7 @@ def summarize(rows: list[dict], span_s: float, preemptions: int, prefix_hit_rate
         "kv_utilization_max": max((u for _, u in utilization), default=None),
     }
     for metric in METRICS:
-        values = [r[metric] for r in served if r[metric] is not None]
-        summary[metric] = {f"p{q}": percentile(values, q) for q in PERCENTILES}
+        summary[metric] = percentiles_of(served, metric, PERCENTILES)
     summary["itl_ms"] = {f"p{q}": percentile(list(gaps_ms), q) for q in PERCENTILES}
     return summary
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tplab.checks import is_positive_int
+
 
 @dataclass(frozen=True)
 class Request:
@@ -38,8 +40,7 @@ class Request:
     def __post_init__(self) -> None:
         if not self.prompt:
             raise ValueError(f"request {self.id} has an empty prompt")
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
-                or self.max_new_tokens < 1:
+        if not is_positive_int(self.max_new_tokens):
             raise ValueError(f"request {self.id}: max_new_tokens must be a positive integer, "
                              f"got {self.max_new_tokens!r}")
         if not self.arrival_s >= 0:

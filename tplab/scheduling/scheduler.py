@@ -19,8 +19,10 @@ Each step (vLLM v1's unified scheme, as in nano-vllm):
 prefill chunks). ``policy="static"`` is static batching for comparison: a new
 batch of up to ``max_num_seqs`` requests starts only when the last has
 finished, each prompt prefilled whole in one step; a finished sequence leaves
-the batch (this is kinder to static batching than padded generation, whose
-finished rows keep computing).
+the batch (kinder to static batching than padded generation, whose finished
+rows keep computing). ``policy="padded"`` is that padded generation, as a
+``generate()`` call runs it: the engine runs it through the generation loop
+(:mod:`tplab.engine.static`), not through this scheduler.
 
 A request that can never run is rejected when it arrives, with its reason:
 longer than ``max_model_len``, or more blocks than the whole cache.
@@ -30,7 +32,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from tplab.scheduling.blocks import BlockManager
+from tplab.checks import check_int
+from tplab.scheduling.blocks import BlockManager, check_block_size
 from tplab.scheduling.requests import Request, Sequence
 
 POLICIES = ("continuous", "static", "padded")
@@ -50,12 +53,9 @@ class SchedulerConfig:
     policy: str = "continuous"
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "num_blocks", "block_size", "max_model_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a positive power of two (16, 32, ...), got {self.block_size}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "num_blocks", "max_model_len"):
+            check_int(name, getattr(self, name))
+        check_block_size("block_size", self.block_size)
         if self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; choose one of {POLICIES}")
         if not self.chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
