@@ -33,7 +33,7 @@ import transformers
 from tplab.bench.env import environment, hardware_slug
 from tplab.bench.records import RecordLog, run_file_name
 from tplab.bench.timing import time_hf
-from tplab.dist.launch import launch
+from tplab.comm.launch import launch
 from tplab.engine.generate import generate_rank_program
 from tplab.model.loading import check_checkpoint, checkpoint_config
 from tplab.paths import CHECKOUT_DIR, default_measurements_dir

@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from tplab.bench.env import environment, hardware_slug
 from tplab.bench.records import RecordLog, run_file_name
-from tplab.dist.launch import launch
+from tplab.comm.launch import launch
 from tplab.engine.steps import decode_step, prefill
 from tplab.model.loading import from_pretrained
 from tplab.paths import default_measurements_dir

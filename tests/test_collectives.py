@@ -9,7 +9,7 @@ import torch
 
 from tplab import launch
 from tplab.bench.comm import check_bench_args, fit_alpha_beta, measure_all_reduce
-from tplab.dist.collectives import naive_all_reduce, ring_all_reduce, ring_contributions, ring_schedule
+from tplab.comm.collectives import naive_all_reduce, ring_all_reduce, ring_contributions, ring_schedule
 from tplab.perf.comm import bus_bandwidth, naive_all_reduce_seconds, ring_all_gather_seconds, ring_all_reduce_seconds
 
 SHAPES = [(1,), (3,), (7,), (5, 6), (3, 11)]  # none divisible by every tp; (1,) and (3,) smaller than most

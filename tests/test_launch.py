@@ -269,7 +269,7 @@ def test_a_gloo_script_without_a_main_guard_is_told_what_to_add(tmp_path):
 def test_a_failed_gloo_rendezvous_is_retried_once_on_a_new_port(monkeypatch):
     import socket
 
-    from tplab.dist import gloo as launch_gloo
+    from tplab.comm import gloo as launch_gloo
     with socket.socket() as busy:  # rank 0 cannot open its store on a port someone else holds
         busy.bind(("127.0.0.1", 0))
         busy.listen()

@@ -2,6 +2,8 @@
 no file is over 300 lines, and the cost model never reaches torch.distributed or the benchmark."""
 import ast
 import re
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -38,7 +40,7 @@ def imports_of(path: Path) -> set[str]:
 
 
 def readme_floors() -> dict[str, int]:
-    """unit -> floor, from the README's map table (rows like ``| 3 | `tplab/dist/` | ... |``)."""
+    """unit -> floor, from the README's map table (rows like ``| 3 | `tplab/comm/` | ... |``)."""
     text = (ROOT / "README.md").read_text()
     section = text[text.index("## Map of the code"):]
     floors = {}
@@ -79,7 +81,7 @@ def test_the_cost_model_never_reaches_torch_distributed_or_the_benchmark():
             continue
         reached.add(module)
         todo.extend(t for t in graph.get(module, ()) if t in graph)
-    assert not {m for m in reached if unit_of(m) in ("tplab.dist", "tplab.bench")}
+    assert not {m for m in reached if unit_of(m) in ("tplab.comm", "tplab.bench")}
     assert not any(t.startswith("torch.distributed") for m in reached for t in graph[m])
 
 
@@ -108,11 +110,20 @@ def test_the_public_names_users_call_are_kept():
     import tplab.layers
     import tplab.loading
     import tplab.perf
-    from tplab.dist import collectives
+    from tplab.comm import collectives
     from tplab.model import loading
 
-    assert tplab.launch.__module__ == "tplab.dist.launch" and tplab.Dist.__module__ == "tplab.dist.group"
+    assert tplab.launch.__module__ == "tplab.comm.launch" and tplab.Dist.__module__ == "tplab.comm.group"
     assert tplab.layers.ColumnParallelLinear.__module__ == tplab.layers.RowParallelLinear.__module__ == "tplab.layers.linear"
     assert tplab.collectives.ring_all_reduce is collectives.ring_all_reduce
     assert callable(tplab.perf.estimate) and callable(tplab.perf.min_tp)
     assert tplab.loading.from_pretrained is loading.from_pretrained is tplab.from_pretrained
+
+
+def test_lint_covers_every_python_file():
+    """ruff skips folders that look like build output (``dist``, ``build``, ...): no file may hide in one."""
+    shown = subprocess.run([sys.executable, "-m", "ruff", "check", "--show-files", "."], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout
+    linted = {Path(line.strip()).resolve() for line in shown.splitlines() if line.strip().endswith(".py")}
+    ours = {p.resolve() for folder in ("tplab", "tests", "scripts") for p in (ROOT / folder).rglob("*.py")}
+    assert ours - linted == set()

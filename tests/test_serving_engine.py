@@ -2,7 +2,7 @@
 import pytest
 
 from tplab.bench.serving import serve_measured
-from tplab.dist.launch import launch
+from tplab.comm.launch import launch
 from tplab.scheduling.load import synthetic_load
 from tplab.scheduling.requests import Request
 from tplab.scheduling.scheduler import SchedulerConfig

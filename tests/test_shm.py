@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tplab import launch
-from tplab.dist import shm
+from tplab.comm import shm
 
 pytestmark = pytest.mark.skipif(not shm.available(), reason="shared memory is used on Linux x86-64 only")
 

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from tplab.dist.torchrun import report_errors_to_torchrun
+from tplab.comm.torchrun import report_errors_to_torchrun
 from tplab.testing import failing_rank
 from tplab.testing.torchrun import env_outside_torchrun, run_under_torchrun, stdout_or_raise
 

@@ -12,7 +12,7 @@ The core vocabulary:
   Hugging Face checkpoint, reading only its slices; :func:`generate` runs the
   prefill and decode loop on it.
 """
-from tplab.dist import (
+from tplab.comm import (
     CollectiveTimeout,
     CommRecord,
     CommStats,

@@ -1,6 +1,6 @@
 import sys
 
 from tplab.cli import main
-from tplab.dist.torchrun import report_errors_to_torchrun
+from tplab.comm.torchrun import report_errors_to_torchrun
 
 sys.exit(report_errors_to_torchrun(main)())

@@ -4,7 +4,7 @@
   it all-reduces a float32 tensor of S/4 elements ``warmup`` times untimed,
   then ``repeats`` times, each after a barrier so that every rank starts
   together, and returns this rank's median seconds per size. The times are
-  the ones :class:`~tplab.dist.Dist` records in ``dist.stats`` (tagged
+  the ones :class:`~tplab.comm.Dist` records in ``dist.stats`` (tagged
   ``"bench:<size>"``), so the benchmark measures exactly what tplab's layers pay.
 * :func:`measure_all_reduce` launches it and keeps, per size, the slowest
   rank's median (a collective is finished when its last rank is).
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from tplab.checks import is_positive_int
-from tplab.dist.group import Dist
-from tplab.dist.launch import launch
+from tplab.comm.group import Dist
+from tplab.comm.launch import launch
 
 FLOAT32_BYTES = 4
 

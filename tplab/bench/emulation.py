@@ -5,15 +5,15 @@ its shard's shapes: H/tp query heads, I/tp of the MLP, V/tp of the
 vocabulary. So one device can build rank 0's shard (random weights, real
 shapes) and time its prefill and decode exactly; only the collectives are
 missing. :class:`EmulatedTransport` stands in for them. It is duck-typed like
-:class:`~tplab.dist.transports.ThreadTransport`, so the unchanged model code runs on a
-plain :class:`~tplab.dist.Dist`:
+:class:`~tplab.comm.transports.ThreadTransport`, so the unchanged model code runs on a
+plain :class:`~tplab.comm.Dist`:
 
 * every collective returns a tensor of the right shape and dtype, and moves
   no data: ``all_reduce(x) -> x`` (the rank's own partial sum),
   ``all_gather(x, dim) -> cat([x] * tp, dim)``, ``reduce_scatter(x, dim) ->``
   chunk ``rank`` of x, ``broadcast(x) -> x``;
 * ``dist.stats`` still records each call's op and bytes (the nccl-tests
-  convention of :mod:`tplab.dist.stats`), so counts are exact;
+  convention of :mod:`tplab.comm.stats`), so counts are exact;
 * the *seconds* of each call come from the α-β model
   (:func:`modelled_seconds`): NCCL's base latency plus the ring formulas of
   :mod:`tplab.perf.comm` over a link of :mod:`tplab.specs.hardware`, with the link
@@ -36,8 +36,8 @@ from dataclasses import dataclass
 import torch
 
 from tplab.checks import check_int
-from tplab.dist.group import Dist
-from tplab.dist.stats import CommRecord
+from tplab.comm.group import Dist
+from tplab.comm.stats import CommRecord
 from tplab.perf.comm import ring_all_gather_seconds, ring_all_reduce_seconds
 from tplab.specs.efficiency import Efficiency
 from tplab.specs.hardware import Link

@@ -24,7 +24,7 @@ import torch
 import transformers
 
 from tplab.checkpoint.safetensors_files import SafetensorsSource
-from tplab.dist.group import Dist
+from tplab.comm.group import Dist
 from tplab.model.decoder import TPCausalLM
 from tplab.perf.shapes import rank_params
 from tplab.specs.model import ModelConfig, resolve_model

@@ -19,7 +19,7 @@ from tplab.bench.emulation import CommModel
 from tplab.bench.models import BenchModel, bench_model, rank_bytes
 from tplab.bench.timing import check_counts
 from tplab.checks import is_positive_int
-from tplab.dist.launch import BACKENDS, under_torchrun
+from tplab.comm.launch import BACKENDS, under_torchrun
 from tplab.layers.quantized import check_scheme
 from tplab.model.loading import torch_dtype
 from tplab.perf.estimate import check_link

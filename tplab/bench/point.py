@@ -26,7 +26,7 @@ from tplab.bench.emulation import CommModel
 from tplab.bench.records import SCHEMA, label, record_shapes, scale_to_full, spread, throughput
 from tplab.bench.roofline import decode_bytes
 from tplab.bench.timing import Timing, time_edges, time_tplab
-from tplab.dist.stats import CommStats
+from tplab.comm.stats import CommStats
 from tplab.model.decoder import TPCausalLM
 from tplab.perf.shapes import rank_params, step_work
 from tplab.specs.model import ModelConfig

@@ -17,7 +17,7 @@ import torch
 
 from tplab.bench.env import environment, hardware_slug
 from tplab.bench.records import RecordLog, run_file_name
-from tplab.dist.launch import launch
+from tplab.comm.launch import launch
 from tplab.engine.serve import serve_rank_program
 from tplab.scheduling.metrics import SLO, percentile, percentiles_of
 from tplab.scheduling.requests import Request

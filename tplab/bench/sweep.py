@@ -3,7 +3,7 @@
 Two ways to time a rank, each recorded with its ``kind``:
 
 * **measured**: real ranks and real collectives. On a CPU, threads or gloo
-  processes (:func:`tplab.dist.launch.launch`), for small models; on GPUs, NCCL
+  processes (:func:`tplab.comm.launch.launch`), for small models; on GPUs, NCCL
   under torchrun, one process per GPU, one tp per command (tp = processes)::
 
       torchrun --nproc-per-node 8 -m tplab bench --model llama-3-70b --tp 8 --batch 1,8,32,64 --prompt-len 128,2048
@@ -50,8 +50,8 @@ from tplab.bench.point import PointInputs, point_record, run_points
 from tplab.bench.records import RecordLog, run_file_name
 from tplab.bench.roofline import measure_copy_bandwidth, measure_matmul_tflops
 from tplab.bench.timing import time_hf
-from tplab.dist.group import Dist
-from tplab.dist.launch import launch, under_torchrun
+from tplab.comm.group import Dist
+from tplab.comm.launch import launch, under_torchrun
 from tplab.files import check_writable
 from tplab.model.loading import torch_dtype
 

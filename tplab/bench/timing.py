@@ -8,7 +8,7 @@ run first and are dropped (allocator, caches, kernel selection, graph capture).
 
 Collectives are read from ``dist.stats``: per repeat, the seconds the prefill
 and the decode steps spent in them (wall time measured by
-:class:`~tplab.dist.Dist`), and the records of the last repeat (op, bytes),
+:class:`~tplab.comm.Dist`), and the records of the last repeat (op, bytes),
 from which the emulation models their seconds.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch
 
 from tplab.bench.decoders import StaticDecoder, make_decoder, synchronize
 from tplab.checks import is_positive_int
-from tplab.dist.stats import CommRecord
+from tplab.comm.stats import CommRecord
 from tplab.model.decoder import TPCausalLM
 
 

@@ -11,8 +11,8 @@ import os
 import sys
 
 from tplab.bench.comm import fit_alpha_beta, measure_all_reduce
+from tplab.comm.launch import BACKENDS, under_torchrun
 from tplab.commands import int_list
-from tplab.dist.launch import BACKENDS, under_torchrun
 from tplab.memory import check_fits, rank_processes_bytes
 from tplab.perf.comm import bus_bandwidth, ring_all_reduce_seconds
 

@@ -8,8 +8,8 @@ import sys
 import torch
 from torch import nn
 
+from tplab.comm.launch import BACKENDS, launch, under_torchrun
 from tplab.commands import int_list
-from tplab.dist.launch import BACKENDS, launch, under_torchrun
 from tplab.lab.layer_programs import megatron_mlp_forward
 from tplab.specs.sharding import check_divisible
 

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from tplab.comm.launch import BACKENDS, check_device, launch, under_torchrun
 from tplab.commands import int_list, runtime_dtype
-from tplab.dist.launch import BACKENDS, check_device, launch, under_torchrun
 from tplab.engine.generate import check_prompts, generate_rank_program
 from tplab.errors import InputError
 from tplab.layers.quantized import SCHEMES

@@ -15,8 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from tplab.comm.launch import BACKENDS, launch
 from tplab.commands.generate import load_tokenizer
-from tplab.dist.launch import BACKENDS, launch
 from tplab.engine.quality import quality_rank_program, token_windows
 from tplab.errors import InputError
 from tplab.layers.quantized import SCHEMES

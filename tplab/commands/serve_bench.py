@@ -16,10 +16,10 @@ import sys
 from pathlib import Path
 
 from tplab.bench.serving import serve_measured, serving_record, write_serving_record
+from tplab.comm.launch import BACKENDS, under_torchrun
 from tplab.commands import runtime_dtype
 from tplab.commands import serving_options as serving
 from tplab.commands.generate import load_tokenizer, prints
-from tplab.dist.launch import BACKENDS, under_torchrun
 from tplab.files import check_writable
 from tplab.memory import check_fits, rank_processes_bytes
 from tplab.model.loading import check_checkpoint, checkpoint_config, resolve_dtype

@@ -32,8 +32,8 @@ import torch
 
 from tplab.checkpoint.sources import LoadStats
 from tplab.checks import check_int
-from tplab.dist.group import Dist
-from tplab.dist.stats import CommStats
+from tplab.comm.group import Dist
+from tplab.comm.stats import CommStats
 from tplab.engine.steps import decode_step, next_tokens, prefill
 from tplab.model.decoder import TPCausalLM
 from tplab.model.loading import from_pretrained

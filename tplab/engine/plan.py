@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from tplab.dist.group import Dist
+from tplab.comm.group import Dist
 from tplab.scheduling.scheduler import StepPlan
 
 

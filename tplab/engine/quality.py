@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tplab.dist.group import Dist
+from tplab.comm.group import Dist
 from tplab.engine.generate import generate
 from tplab.model.loading import from_pretrained
 from tplab.specs.model import ModelConfig

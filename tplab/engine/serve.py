@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from tplab.dist.group import Dist
+from tplab.comm.group import Dist
 from tplab.engine.plan import decode_plan, encode_plan, share_plan
 from tplab.engine.static import serve_static
 from tplab.engine.steps import paged_step

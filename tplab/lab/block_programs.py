@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from tplab.checkpoint.sources import StateDictSource
-from tplab.dist.group import Dist
-from tplab.dist.stats import CommStats
+from tplab.comm.group import Dist
+from tplab.comm.stats import CommStats
 from tplab.engine.generate import GenerationResult, generate, left_pad
 from tplab.layers.rope import RotaryEmbedding
 from tplab.model.attention import attention_mask

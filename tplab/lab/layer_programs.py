@@ -10,8 +10,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from tplab.dist.collectives import naive_all_reduce, ring_all_reduce
-from tplab.dist.group import Dist
+from tplab.comm.collectives import naive_all_reduce, ring_all_reduce
+from tplab.comm.group import Dist
 from tplab.layers.linear import ColumnParallelLinear, RowParallelLinear
 from tplab.layers.shards import shard_tensor
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import ipywidgets as w
 from IPython.display import display
 
-from tplab.dist.launch import BACKENDS, launch
+from tplab.comm.launch import BACKENDS, launch
 from tplab.engine.generate import generate_rank_program
 from tplab.model.loading import resolve_dtype
 from tplab.specs.model import resolve_model

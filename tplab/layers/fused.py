@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from tplab.checkpoint.sources import StateDictSource, TensorSource
-from tplab.dist.group import Dist
+from tplab.comm.group import Dist
 from tplab.layers.linear import RowParallelLinear
 from tplab.layers.quantized import QuantizableLinear
 from tplab.specs.sharding import check_divisible, gqa_heads, shard_range

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tplab.dist.group import Dist
+from tplab.comm.group import Dist
 from tplab.layers.quantized import QuantizableLinear, row_absmax
 from tplab.layers.shards import shard_tensor
 from tplab.specs.sharding import check_divisible

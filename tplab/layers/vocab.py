@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tplab.checkpoint.sources import StateDictSource, TensorSource
-from tplab.dist.group import Dist
+from tplab.comm.group import Dist
 from tplab.layers.quantized import QuantizableLinear, dequantize
 from tplab.specs.sharding import vocab_shard
 

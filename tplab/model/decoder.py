@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tplab.checkpoint.sources import LoadStats, TensorSource
-from tplab.dist.group import Dist
+from tplab.comm.group import Dist
 from tplab.layers.fused import MergedColumnParallelLinear, QKVParallelLinear, load_row_parallel
 from tplab.layers.linear import RowParallelLinear
 from tplab.layers.rope import RotaryEmbedding, apply_rope

@@ -14,7 +14,7 @@ With n ranks and an S-byte buffer per rank:
 * ring all-gather or reduce-scatter (S = the full buffer): T = (n-1)(α + S/(nβ)).
 
 Pure arithmetic: the cost model of :mod:`tplab.perf.estimate` and the teaching
-collectives of :mod:`tplab.dist.collectives` share these formulas.
+collectives of :mod:`tplab.comm.collectives` share these formulas.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
-from tplab.dist.collectives import ring_contributions, ring_schedule
+from tplab.comm.collectives import ring_contributions, ring_schedule
 from tplab.perf.comm import bus_bandwidth, naive_all_reduce_seconds, ring_all_reduce_seconds
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from tplab.dist.group import Dist
-from tplab.dist.launch import launch
-from tplab.dist.torchrun import report_errors_to_torchrun
+from tplab.comm.group import Dist
+from tplab.comm.launch import launch
+from tplab.comm.torchrun import report_errors_to_torchrun
 
 MESSAGE = "rank 1 failed on purpose"
 

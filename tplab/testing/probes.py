@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from tplab.dist.group import Dist
+from tplab.comm.group import Dist
 from tplab.engine.generate import generate
 from tplab.model.loading import from_pretrained
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tplab.dist.group import Dist
+from tplab.comm.group import Dist
 from tplab.engine.generate import generate
 from tplab.engine.serve import serve
 from tplab.model.loading import from_pretrained

@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 
-from tplab.dist.gloo import free_port
+from tplab.comm.gloo import free_port
 
 
 def env_outside_torchrun() -> dict[str, str]:

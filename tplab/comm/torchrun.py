@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 import torch
 
-from tplab.dist.group import Dist, PeerFailure
-from tplab.dist.transports import TorchTransport
+from tplab.comm.group import Dist, PeerFailure
+from tplab.comm.transports import TorchTransport
 
 
 def under_torchrun() -> bool:

@@ -10,21 +10,21 @@ and returns ``[result_0, ..., result_{tp-1}]``. Three ways to get ranks:
   the TP model on CUDA without a multi-GPU node; it is not a speed test.
 * ``backend="gloo"``: tp spawned processes with torch.distributed over gloo on
   the CPU, their all-reduce, all-gather, reduce-scatter and broadcast through
-  shared memory (:mod:`tplab.dist.shm`; Linux x86-64, else plain gloo);
+  shared memory (:mod:`tplab.comm.shm`; Linux x86-64, else plain gloo);
   ``backend="gloo-tcp"``: the same processes with every collective over gloo's
   loopback TCP, to compare. ``fn`` must be importable (defined in a module,
-  not a notebook). (:mod:`tplab.dist.gloo`)
+  not a notebook). (:mod:`tplab.comm.gloo`)
 * under ``torchrun`` (RANK and WORLD_SIZE in the environment): this process is
   one rank of the existing group (NCCL on GPUs, gloo on CPUs), whatever
   ``backend`` says. ``torchrun --nproc-per-node 8 -m tplab generate --tp 8 ...``
-  (:mod:`tplab.dist.torchrun`)
+  (:mod:`tplab.comm.torchrun`)
 
 Failure is never a hang: when a rank raises, the others are stopped and the
 original exception is re-raised here, with the rank's traceback in its notes.
 When a gloo process dies, the rest are killed and :class:`RankDiedError` is
 raised. ``timeout`` bounds how long any rank waits for its peers: a rank that
 does not join a collective in time, or returns while the others wait in one,
-gives :class:`~tplab.dist.CollectiveTimeout` naming the rank that never
+gives :class:`~tplab.comm.CollectiveTimeout` naming the rank that never
 joined. On threads, launch returns within the timeout even then: a thread
 cannot be killed, so a rank stuck in its own computation is abandoned (its
 daemon thread ends with the process) and named in the error.
@@ -40,10 +40,10 @@ from typing import Any, Callable
 import torch
 
 from tplab.checks import check_int
-from tplab.dist.group import CollectiveTimeout, Dist, first_error
-from tplab.dist.gloo import RankDiedError, launch_gloo
-from tplab.dist.torchrun import launch_torchrun, under_torchrun
-from tplab.dist.transports import ThreadGroup, ThreadTransport
+from tplab.comm.gloo import RankDiedError, launch_gloo
+from tplab.comm.group import CollectiveTimeout, Dist, first_error
+from tplab.comm.torchrun import launch_torchrun, under_torchrun
+from tplab.comm.transports import ThreadGroup, ThreadTransport
 
 __all__ = ["BACKENDS", "RankDiedError", "check_device", "default_threads", "launch", "thread_device", "under_torchrun"]
 

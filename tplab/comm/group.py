@@ -6,8 +6,8 @@ ranks there are (``world_size``), where its tensors live (``device``), and how
 to talk to the others (the collectives below).
 
 All communication goes through :class:`Dist`, which times each call and records
-it in ``dist.stats`` (a :class:`~tplab.dist.stats.CommStats`). The actual data
-movement is delegated to a *transport* (:mod:`tplab.dist.transports`): threads of
+it in ``dist.stats`` (a :class:`~tplab.comm.stats.CommStats`). The actual data
+movement is delegated to a *transport* (:mod:`tplab.comm.transports`): threads of
 one process, or ``torch.distributed`` (gloo on CPU, NCCL on GPU); and
 :mod:`tplab.bench.emulation` has one that moves no data at all.
 
@@ -28,7 +28,7 @@ from typing import Callable
 
 import torch
 
-from tplab.dist.stats import CommStats
+from tplab.comm.stats import CommStats
 
 
 class PeerFailure(RuntimeError):

@@ -6,9 +6,9 @@
 * :func:`launch` (``launch``, ``gloo``, ``torchrun``): run ``fn(dist, ...)`` on N ranks.
 * ``collectives``: the teaching all-reduces built from send/recv (naive and ring).
 """
-from tplab.dist.group import CollectiveTimeout, Dist, PeerFailure
-from tplab.dist.launch import BACKENDS, RankDiedError, launch, under_torchrun
-from tplab.dist.stats import CommRecord, CommStats
+from tplab.comm.group import CollectiveTimeout, Dist, PeerFailure
+from tplab.comm.launch import BACKENDS, RankDiedError, launch, under_torchrun
+from tplab.comm.stats import CommRecord, CommStats
 
 __all__ = ["BACKENDS", "CollectiveTimeout", "CommRecord", "CommStats", "Dist", "PeerFailure", "RankDiedError",
            "launch", "under_torchrun"]

@@ -3,9 +3,9 @@
 Each rank is a process forked from a forkserver that has imported torch (so a
 launch costs ~0.2 s); the rank program must be importable, since the
 processes import it. With ``shared_memory`` (the default of ``backend="gloo"``
-where :func:`tplab.dist.shm.available`), all-reduce, all-gather,
+where :func:`tplab.comm.shm.available`), all-reduce, all-gather,
 reduce-scatter and broadcast go through one shared-memory segment
-(:mod:`tplab.dist.shm`), the rest through gloo; ``backend="gloo-tcp"`` keeps
+(:mod:`tplab.comm.shm`), the rest through gloo; ``backend="gloo-tcp"`` keeps
 plain gloo over loopback TCP for every collective. Results and errors come back through a queue: the first
 error that is not a peer's reaction is re-raised with the rank's traceback in
 its notes; a process that dies without reporting gives :class:`RankDiedError`;
@@ -28,9 +28,9 @@ from typing import Any, Callable
 
 import torch
 
-from tplab.dist.group import CollectiveTimeout, Dist, PeerFailure, first_error
-from tplab.dist import shm
-from tplab.dist.transports import TorchTransport
+from tplab.comm import shm
+from tplab.comm.group import CollectiveTimeout, Dist, PeerFailure, first_error
+from tplab.comm.transports import TorchTransport
 
 
 class RankDiedError(RuntimeError):

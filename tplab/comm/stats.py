@@ -1,6 +1,6 @@
 """CommStats: the record of every collective a rank ran.
 
-Each call through :class:`tplab.dist.Dist` appends one :class:`CommRecord`
+Each call through :class:`tplab.comm.Dist` appends one :class:`CommRecord`
 (op, shape, dtype, bytes, seconds). Tests assert exact counts on it, notebooks
 draw timelines from it, and the generation loop reports it per step.
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tplab.dist.group import Dist
+from tplab.comm.group import Dist
 
 
 @dataclass(frozen=True)

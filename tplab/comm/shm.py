@@ -21,9 +21,9 @@ collectives in the same order) runs:
 No second wait is needed before the next collective: g + 1 writes the buffer
 of g - 1, which every rank finished reading before it posted g, and this rank
 saw them all post g. A wait that outlasts the timeout raises
-:class:`~tplab.dist.group.CollectiveTimeout` naming the ranks that never posted;
+:class:`~tplab.comm.group.CollectiveTimeout` naming the ranks that never posted;
 a peer whose process is gone, or that raised (it sets ``abort``), makes the
-waiting ranks raise :class:`~tplab.dist.group.PeerFailure` at once.
+waiting ranks raise :class:`~tplab.comm.group.PeerFailure` at once.
 
 The name is removed as soon as every rank has mapped the segment (the memory
 lives on until the last rank unmaps it), and the launcher removes it again
@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from tplab.dist.group import CollectiveTimeout, PeerFailure
+from tplab.comm.group import CollectiveTimeout, PeerFailure
 
 SHM_DIR = Path("/dev/shm")
 SLOT_BYTES = int(os.environ.get("TPLAB_SHM_SLOT_BYTES", 1 << 20))  # per rank and buffer: 1 MiB

@@ -1,4 +1,4 @@
-"""Transports: how the ranks' tensors actually move, behind :class:`tplab.dist.Dist`.
+"""Transports: how the ranks' tensors actually move, behind :class:`tplab.comm.Dist`.
 
 * :class:`ThreadTransport`: ranks are threads of one process (notebooks).
   Reductions add the ranks' tensors in rank order 0, 1, ..., n-1, so results
@@ -6,7 +6,7 @@
 * :class:`TorchTransport`: the default ``torch.distributed`` process group
   (gloo processes on CPU, NCCL under torchrun on GPUs).
 
-A transport has the collectives of :class:`~tplab.dist.Dist` without the
+A transport has the collectives of :class:`~tplab.comm.Dist` without the
 bookkeeping: ``all_reduce(t)``, ``all_gather(t, dim)``, ``reduce_scatter(t,
 dim)``, ``broadcast(t, src)``, ``send(t, dst)``, ``recv(buffer, src)``,
 ``barrier()``.
@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from tplab.dist.group import CollectiveTimeout, PeerFailure
+from tplab.comm.group import CollectiveTimeout, PeerFailure
 
 
 # --- threads: ranks inside one process ---------------------------------------
