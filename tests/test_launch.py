@@ -27,9 +27,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 @pytest.fixture(autouse=True)
 def no_shared_memory_is_left_behind():
     """Whatever a launch did (a rank raised, died, hung), no tplab segment stays in /dev/shm."""
+    before = tplab_segments()
     yield
-    if os.path.isdir("/dev/shm"):
-        assert [name for name in os.listdir("/dev/shm") if name.startswith(f"tplab-{os.getpid()}-")] == []
+    assert tplab_segments() - before == set()
+
+
+def tplab_segments() -> set[str]:
+    return {n for n in os.listdir("/dev/shm") if n.startswith("tplab-")} if os.path.isdir("/dev/shm") else set()
 
 
 # --- rank programs -------------------------------------------------------------

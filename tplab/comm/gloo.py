@@ -1,10 +1,10 @@
-"""Gloo ranks: ``tp`` processes with torch.distributed over gloo on this machine's CPU (``launch(..., "gloo")``).
+"""Gloo ranks: one process per rank of the grid, torch.distributed over gloo on this CPU (``launch(..., "gloo")``).
 
 Each rank is a process forked from a forkserver that has imported torch (so a
 launch costs ~0.2 s); the rank program must be importable, since the
 processes import it. With ``shared_memory`` (the default of ``backend="gloo"``
 where :func:`tplab.comm.shm.available`), all-reduce, all-gather,
-reduce-scatter and broadcast go through one shared-memory segment
+reduce-scatter and broadcast go through one shared-memory segment per group
 (:mod:`tplab.comm.shm`), the rest through gloo; ``backend="gloo-tcp"`` keeps
 plain gloo over loopback TCP for every collective. Results and errors come back through a queue: the first
 error that is not a peer's reaction is re-raised with the rank's traceback in
@@ -17,6 +17,7 @@ import ast
 import os
 import pickle
 import queue
+import secrets
 import signal
 import socket
 import sys
@@ -29,8 +30,8 @@ from typing import Any, Callable
 import torch
 
 from tplab.comm import shm
-from tplab.comm.group import CollectiveTimeout, Dist, PeerFailure, first_error
-from tplab.comm.transports import TorchTransport
+from tplab.comm.grid import GROUP_KINDS, GridShape, make_grid, torch_transports
+from tplab.comm.group import CollectiveTimeout, PeerFailure, first_error
 
 
 class RankDiedError(RuntimeError):
@@ -79,25 +80,28 @@ def _check_picklable(fn) -> None:
                         "the launch call under `if __name__ == \"__main__\":`.")
 
 
-def _gloo_rank_main(rank, world_size, port, fn, args, kwargs, timeout, threads_per_rank, results, shm_name):
+def _gloo_rank_main(rank, shape, port, fn, args, kwargs, timeout, threads_per_rank, results, shm_names):
     torch.set_num_threads(threads_per_rank)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo0" if sys.platform == "darwin" else "lo")
     import torch.distributed as td
-    transport = None
+    segments: list[shm.SharedMemoryTransport] = []
     try:
         try:
             td.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                  world_size=world_size, timeout=timedelta(seconds=timeout))
+                                  world_size=shape.world_size, timeout=timedelta(seconds=timeout))
         except RuntimeError as e:
             raise RendezvousError(f"gloo could not connect rank {rank} to its peers: {e}") from None
-        transport = TorchTransport()
-        if shm_name is not None:
-            transport = shm.SharedMemoryTransport.open(shm_name, rank, world_size, transport, timeout)
-        dist = Dist(rank, world_size, torch.device("cpu"), transport)
+        transports = torch_transports(shape, rank)
+        for key, name in shm_names.items():
+            if key in transports:  # one segment per group of this rank, opened in the same order by its members
+                segments.append(shm.SharedMemoryTransport.open(name, transports[key].rank,
+                                                               transports[key].world_size, transports[key], timeout))
+                transports[key] = segments[-1]
+        dist = make_grid(shape, rank, torch.device("cpu"), lambda kind, index, members: transports[(kind, index)])
         results.put(("ok", rank, pickle.dumps(fn(dist, *args, **kwargs))))
     except BaseException as e:  # noqa: BLE001
-        if isinstance(transport, shm.SharedMemoryTransport):
-            transport.abort()  # peers waiting in a shared-memory collective raise now, not at the timeout
+        for segment in segments:
+            segment.abort()  # peers waiting in a shared-memory collective raise now, not at the timeout
         tb = traceback.format_exc()
         try:
             payload = pickle.dumps(e)
@@ -105,8 +109,8 @@ def _gloo_rank_main(rank, world_size, port, fn, args, kwargs, timeout, threads_p
             payload = pickle.dumps(RuntimeError(f"{type(e).__name__}: {e}"))
         results.put(("error", rank, (payload, tb)))
     finally:
-        if isinstance(transport, shm.SharedMemoryTransport):
-            transport.close()
+        for segment in segments:
+            segment.close()
         if td.is_initialized():
             td.destroy_process_group()
 
@@ -142,9 +146,9 @@ def _process_context(fn):
     return ctx
 
 
-def launch_gloo(fn: Callable[..., Any], tp: int, timeout: float, args: tuple, kwargs: dict,
+def launch_gloo(fn: Callable[..., Any], shape: GridShape, timeout: float, args: tuple, kwargs: dict,
                 threads_per_rank: int, shared_memory: bool = True) -> list[Any]:
-    """``fn(dist, *args, **kwargs)`` on ``tp`` gloo processes; their results in rank order (see the module docstring).
+    """``fn(dist, *args, **kwargs)`` on the grid's gloo processes; their results in rank order (module docstring).
 
     A failed rendezvous (gloo's full mesh of TCP connections, seen to fail now and then at tp=8 on a busy
     2-core machine, before any rank program has run) is retried once on a new port.
@@ -154,17 +158,20 @@ def launch_gloo(fn: Callable[..., Any], tp: int, timeout: float, args: tuple, kw
     backend = "gloo" if shared_memory else "gloo-tcp"  # as the caller named it, for the error notes
     shared_memory = shared_memory and shm.available()
     try:
-        return _launch_once(ctx, fn, tp, timeout, args, kwargs, threads_per_rank, shared_memory, backend)
+        return _launch_once(ctx, fn, shape, timeout, args, kwargs, threads_per_rank, shared_memory, backend)
     except RendezvousError:
-        return _launch_once(ctx, fn, tp, timeout, args, kwargs, threads_per_rank, shared_memory, backend)
+        return _launch_once(ctx, fn, shape, timeout, args, kwargs, threads_per_rank, shared_memory, backend)
 
 
-def _launch_once(ctx, fn, tp, timeout, args, kwargs, threads_per_rank, shared_memory, backend) -> list[Any]:
+def _launch_once(ctx, fn, shape, timeout, args, kwargs, threads_per_rank, shared_memory, backend) -> list[Any]:
+    tp = shape.world_size  # the processes (named tp in the errors of a grid of one stage)
     results_q = ctx.Queue()
     port = free_port()
-    shm_name = f"tplab-{os.getpid()}-{port}" if shared_memory else None
+    # one segment per group of more than one rank, under a name nobody can guess (or plant a file at)
+    shm_names = {(kind, index): f"tplab-{secrets.token_hex(12)}" for kind in GROUP_KINDS
+                 for index, members in enumerate(shape.groups(kind)) if len(members) > 1} if shared_memory else {}
     procs = [ctx.Process(target=_gloo_rank_main, name=f"tplab-rank{r}", daemon=True,
-                         args=(r, tp, port, fn, args, kwargs, timeout, threads_per_rank, results_q, shm_name))
+                         args=(r, shape, port, fn, args, kwargs, timeout, threads_per_rank, results_q, shm_names))
              for r in range(tp)]
     for p in procs:
         p.start()
@@ -209,8 +216,8 @@ def _launch_once(ctx, fn, tp, timeout, args, kwargs, threads_per_rank, shared_me
         else:
             for p in procs:
                 p.join()
-        if shm_name is not None:
-            shm.remove(shm_name)  # already gone unless rank 0 died between creating and removing it
+        for name in shm_names.values():
+            shm.remove(name)  # already gone unless a group's rank 0 died between creating and removing it
     if errors and results and all(isinstance(e, PeerFailure) for e in errors.values()):
         raise CollectiveTimeout(f"ranks {sorted(errors)} were in a collective that ranks {sorted(results)} "
                                 "returned without joining: every rank must call the same collectives in the same order")

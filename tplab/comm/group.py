@@ -1,4 +1,4 @@
-"""Dist: one rank's view of its tensor-parallel group.
+"""Dist: one rank's view of one of its groups (tensor-parallel, pipeline or expert).
 
 Every TP function in tplab is an SPMD *rank program* ``fn(dist, ...)``: the same
 code runs on every rank, and ``dist`` tells it who it is (``rank``), how many
@@ -17,6 +17,14 @@ Collective semantics (x_r is rank r's input, n = world_size):
 * ``all_gather(x, dim)`` -> cat([x_0, ..., x_{n-1}], dim)              (every rank)
 * ``reduce_scatter(x, dim)`` -> chunk r of (x_0 + ... + x_{n-1}) along dim (rank r)
 * ``broadcast(x, src)``  -> x_src                                       (every rank)
+* ``all_to_all([c_0, ..., c_{n-1}])`` -> [c_0 of rank 0, ..., c_{n-1}'s counterpart]: rank r receives, from
+  every rank j, the chunk j addressed to it: out_r[j] = chunks_j[r]. Chunks may differ in their first
+  dimension (uneven splits, as when tokens go to the ranks of their experts).
+
+Ranks are numbered within the group (0 .. n-1); ``send``, ``recv`` and
+``broadcast`` name peers by that number. A rank program receives the Dist of
+its tensor-parallel group, and ``dist.grid`` (:class:`~tplab.comm.grid.Grid`)
+names its other groups.
 
 ``all_reduce`` and ``broadcast`` may write their result into ``x`` (as
 torch.distributed does): do not rely on ``x`` keeping its old value.
@@ -61,18 +69,22 @@ class Dist:
     """
 
     def __init__(self, rank: int, world_size: int, device: torch.device, transport,
-                 time_collectives: bool = True) -> None:
+                 time_collectives: bool = True, group: str = "tp") -> None:
         self.rank = rank
         self.world_size = world_size
         self.device = torch.device(device)
-        self.stats = CommStats()
+        self.group = group
+        self.stats = CommStats(group=group)
         self.time_collectives = time_collectives
+        self.grid = None  # set by launch: the rank's place in the tp x pp grid and its other groups
         self._transport = transport
 
     def __repr__(self) -> str:
-        return f"Dist(rank={self.rank}, world_size={self.world_size}, device={self.device}, transport={type(self._transport).__name__})"
+        return (f"Dist(group={self.group!r}, rank={self.rank}, world_size={self.world_size}, device={self.device}, "
+                f"transport={type(self._transport).__name__})")
 
-    def _timed(self, op: str, t: torch.Tensor, nbytes: int, call: Callable[[], torch.Tensor | None]):
+    def _timed(self, op: str, t: torch.Tensor, nbytes: int, call: Callable[[], object],
+               shape: tuple[int, ...] | None = None):
         sync = self.time_collectives and self.device.type == "cuda"
         if sync:
             torch.cuda.synchronize(self.device)
@@ -81,7 +93,8 @@ class Dist:
         if sync:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start if self.time_collectives else 0.0
-        self.stats.record(op, tuple(t.shape), str(t.dtype).removeprefix("torch."), nbytes, seconds)
+        shape = tuple(t.shape) if shape is None else shape
+        self.stats.record(op, shape, str(t.dtype).removeprefix("torch."), nbytes, seconds)
         return out
 
     # --- collectives -----------------------------------------------------
@@ -108,6 +121,24 @@ class Dist:
         """Rank ``src``'s ``t`` on every rank (the others pass a tensor of the same shape)."""
         return self._timed("broadcast", t, _nbytes(t),
                            lambda: t if self.world_size == 1 else self._transport.broadcast(t, src))
+
+    def all_to_all(self, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Chunk j to rank j; returns what every rank addressed to this one, in rank order (out[j] from rank j).
+
+        The chunks may differ in their first dimension, not in the others or in dtype; a rank learns the
+        sizes it receives from the call itself.
+        """
+        if len(chunks) != self.world_size:
+            raise ValueError(f"all_to_all takes one chunk per rank: {len(chunks)} chunks for world_size="
+                             f"{self.world_size}")
+        first = chunks[0]
+        if any(c.dtype != first.dtype or c.shape[1:] != first.shape[1:] for c in chunks):
+            raise ValueError("all_to_all: chunks may differ in their first dimension only, got "
+                             f"{[(tuple(c.shape), str(c.dtype)) for c in chunks]}")
+        shape = (sum(c.shape[0] for c in chunks), *first.shape[1:])
+        return self._timed("all_to_all", first, sum(_nbytes(c) for c in chunks),
+                           lambda: [chunks[0].clone()] if self.world_size == 1 else self._transport.all_to_all(chunks),
+                           shape=shape)
 
     def send(self, t: torch.Tensor, dst: int) -> None:
         """Point-to-point: give ``t`` to rank ``dst`` (which must call ``recv``)."""

@@ -41,7 +41,8 @@ import torch
 
 from tplab.checks import check_int
 from tplab.comm.gloo import RankDiedError, launch_gloo
-from tplab.comm.group import CollectiveTimeout, Dist, first_error
+from tplab.comm.grid import GROUP_KINDS, GridShape, make_grid
+from tplab.comm.group import CollectiveTimeout, first_error
 from tplab.comm.torchrun import launch_torchrun, under_torchrun
 from tplab.comm.transports import ThreadGroup, ThreadTransport
 
@@ -53,34 +54,39 @@ PEER_GRACE_S = 1.0  # after a rank fails, how long the others get to notice befo
 
 def launch(fn: Callable[..., Any], tp: int, backend: str = "threads", timeout: float = 300.0,
            args: tuple = (), kwargs: dict | None = None, device: torch.device | str | None = None,
-           threads: int | None = None) -> list[Any]:
-    """Run ``fn(dist, *args, **kwargs)`` on ``tp`` ranks; return the results in rank order.
+           threads: int | None = None, *, pp: int = 1, ep: int = 1) -> list[Any]:
+    """Run ``fn(dist, *args, **kwargs)`` on the tp x pp ranks of a grid; return the results in global rank order.
+
+    ``dist`` is the rank's TP group (:class:`Dist`), and ``dist.grid`` (:class:`~tplab.comm.grid.Grid`) its place
+    in the grid: the pipeline group ``grid.pp`` (stage s = its rank there), the expert group ``grid.ep`` (ep ranks
+    of the TP group), the stage's neighbours. Global rank g is rank g mod tp of stage g // tp. With pp = ep = 1
+    (the default) this is tensor parallelism on tp ranks.
 
     ``device``: where thread ranks compute (default the CPU; "cuda": all on one
     GPU). gloo ranks compute on the CPU; under torchrun each process takes its
     own GPU (cuda:LOCAL_RANK), or the CPU where none is visible.
 
     ``threads``: torch intra-op threads per rank (default :func:`default_threads`:
-    the cores shared out among the ranks of this machine, so tp ranks never
+    the cores shared out among the ranks of this machine, so the ranks never
     oversubscribe the CPU; more ranks than cores get one thread each).
     """
     kwargs = kwargs or {}
     if not callable(fn):
         raise TypeError(f"launch runs a rank program fn(dist, *args, **kwargs); got {fn!r}, which is not callable")
-    check_int("tp", tp)
+    shape = GridShape(tp, pp, ep)
     if not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
     if threads is not None:
         check_int("threads", threads)
     check_device(backend, device)
     if under_torchrun():
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", tp))
-        return launch_torchrun(fn, tp, timeout, args, kwargs, threads or default_threads(local))
-    threads = threads or default_threads(tp)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", shape.world_size))
+        return launch_torchrun(fn, shape, timeout, args, kwargs, threads or default_threads(local))
+    threads = threads or default_threads(shape.world_size)
     if backend == "threads":
-        return _launch_threads(fn, tp, timeout, args, kwargs, thread_device(device), threads)
+        return _launch_threads(fn, shape, timeout, args, kwargs, thread_device(device), threads)
     if backend in ("gloo", "gloo-tcp"):
-        return launch_gloo(fn, tp, timeout, args, kwargs, threads, shared_memory=backend == "gloo")
+        return launch_gloo(fn, shape, timeout, args, kwargs, threads, shared_memory=backend == "gloo")
     raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS} "
                      "(for NCCL on GPUs, start the program with torchrun)")
 
@@ -125,8 +131,10 @@ def thread_device(device: torch.device | str | None) -> torch.device:
     return device
 
 
-def _launch_threads(fn, tp, timeout, args, kwargs, device, threads):
-    group = ThreadGroup(tp, timeout)
+def _launch_threads(fn, shape: GridShape, timeout, args, kwargs, device, threads):
+    tp = shape.world_size  # the ranks to wait for (named tp in the errors of a grid of one stage)
+    groups = {(kind, index): (ThreadGroup(len(members), timeout), members)
+              for kind in GROUP_KINDS for index, members in enumerate(shape.groups(kind)) if len(members) > 1}
     results: list[Any] = [None] * tp
     errors: dict[int, BaseException] = {}  # in arrival order
     finished: queue.Queue[int] = queue.Queue()
@@ -136,11 +144,16 @@ def _launch_threads(fn, tp, timeout, args, kwargs, device, threads):
             torch.set_num_threads(threads)
             if device.type == "cuda":
                 torch.cuda.set_device(device)  # the current device is per thread
-            results[rank] = fn(Dist(rank, tp, device, ThreadTransport(group, rank)), *args, **kwargs)
-            group.rank_returned(rank)
+            dist = make_grid(shape, rank, device, lambda kind, index, members: ThreadTransport(
+                groups[(kind, index)][0], members.index(rank)))
+            results[rank] = fn(dist, *args, **kwargs)
+            for group, members in groups.values():
+                if rank in members:
+                    group.rank_returned(members.index(rank))
         except BaseException as e:  # noqa: BLE001 - every failure must reach the caller
             errors[rank] = e
-            group.abort()
+            for group, _ in groups.values():
+                group.abort()
         finally:
             finished.put(rank)
 

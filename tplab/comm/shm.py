@@ -28,7 +28,7 @@ waiting ranks raise :class:`~tplab.comm.group.PeerFailure` at once.
 The name is removed as soon as every rank has mapped the segment (the memory
 lives on until the last rank unmaps it), and the launcher removes it again
 after the ranks end, so nothing is left in /dev/shm, killed ranks included.
-Messages larger than a slot, and send, recv and barrier, go through gloo.
+Messages larger than a slot, and all-to-all, send, recv and barrier, go through gloo.
 """
 from __future__ import annotations
 
@@ -203,6 +203,9 @@ class SharedMemoryTransport:
         if self.rank != src:
             t.copy_(self._view(src, t))
         return t
+
+    def all_to_all(self, chunks: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self.fallback.all_to_all(chunks)
 
     def send(self, t: torch.Tensor, dst: int) -> None:
         self.fallback.send(t, dst)

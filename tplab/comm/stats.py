@@ -10,6 +10,7 @@ unchanged:
 * ``all_reduce``, ``broadcast``, ``send``, ``recv``: the size of the tensor.
 * ``all_gather``: the size of the gathered (full) output.
 * ``reduce_scatter``: the size of the full input, before scattering.
+* ``all_to_all``: the bytes this rank sends (the sum of its chunks, its own included).
 
 With S bytes moved in t seconds on n ranks, algbw = S / t and the bus bandwidth
 (what each link carries) is busbw = algbw * 2(n-1)/n for all-reduce and
@@ -31,6 +32,7 @@ class CommRecord:
     bytes: int
     seconds: float
     tag: str = ""
+    group: str = ""
 
 
 @dataclass
@@ -38,14 +40,17 @@ class CommStats:
     """All collective calls one rank made since the last :meth:`reset`.
 
     ``tag`` labels the records that follow (e.g. ``"prefill"`` or
-    ``"decode"``) so a caller can split the counts by phase.
+    ``"decode"``) so a caller can split the counts by phase; ``group`` names
+    the group whose collectives these are (``"tp"``, ``"pp"`` or ``"ep"``).
     """
 
     records: list[CommRecord] = field(default_factory=list)
     tag: str = ""
+    group: str = ""
 
     def record(self, op: str, shape: tuple[int, ...], dtype: str, nbytes: int, seconds: float) -> None:
-        self.records.append(CommRecord(op, tuple(shape), dtype, int(nbytes), float(seconds), self.tag))
+        self.records.append(CommRecord(op, tuple(shape), dtype, int(nbytes), float(seconds), self.tag,
+                                          self.group))
 
     def reset(self) -> None:
         self.records.clear()

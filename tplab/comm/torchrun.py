@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 import torch
 
-from tplab.comm.group import Dist, PeerFailure
-from tplab.comm.transports import TorchTransport
+from tplab.comm.grid import GridShape, make_grid, torch_transports
+from tplab.comm.group import PeerFailure
 
 
 def under_torchrun() -> bool:
@@ -70,15 +70,16 @@ def _destroy_process_group() -> None:
         td.destroy_process_group()
 
 
-def launch_torchrun(fn: Callable[..., Any], tp: int, timeout: float, args: tuple, kwargs: dict,
+def launch_torchrun(fn: Callable[..., Any], shape: GridShape, timeout: float, args: tuple, kwargs: dict,
                     threads: int) -> list[Any]:
     """``fn(dist, *args, **kwargs)`` on this process's rank; every rank's result (on the CPU), in rank order."""
     import torch.distributed as td
     torch.set_num_threads(threads)
     world_size = int(os.environ["WORLD_SIZE"])
-    if tp != world_size:
-        raise ValueError(f"tp={tp} but torchrun started WORLD_SIZE={world_size} processes; "
-                         f"run torchrun --nproc-per-node {tp}, or pass tp={world_size}")
+    if shape.world_size != world_size:
+        grid = f"tp={shape.tp}" if shape.pp == 1 else f"tp={shape.tp} x pp={shape.pp}"
+        raise ValueError(f"{grid} but torchrun started WORLD_SIZE={world_size} processes; "
+                         f"run torchrun --nproc-per-node {shape.world_size}, or pass a grid of {world_size} ranks")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
     if not td.is_initialized():
@@ -89,7 +90,8 @@ def launch_torchrun(fn: Callable[..., Any], tp: int, timeout: float, args: tuple
         # A process group left alive at interpreter exit can abort the process from its
         # C++ destructor ("terminate called without an active exception"): tear it down first.
         atexit.register(_destroy_process_group)
-    dist = Dist(td.get_rank(), world_size, device, TorchTransport())
+    transports = torch_transports(shape, td.get_rank())
+    dist = make_grid(shape, td.get_rank(), device, lambda kind, index, members: transports[(kind, index)])
     out = _to_cpu(fn(dist, *args, **kwargs))
     gathered: list[Any] = [None] * world_size
     td.all_gather_object(gathered, out)

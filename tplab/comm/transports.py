@@ -3,13 +3,13 @@
 * :class:`ThreadTransport`: ranks are threads of one process (notebooks).
   Reductions add the ranks' tensors in rank order 0, 1, ..., n-1, so results
   are deterministic and identical on every rank.
-* :class:`TorchTransport`: the default ``torch.distributed`` process group
+* :class:`TorchTransport`: a ``torch.distributed`` process group, the default one or a sub-group of the grid
   (gloo processes on CPU, NCCL under torchrun on GPUs).
 
 A transport has the collectives of :class:`~tplab.comm.Dist` without the
 bookkeeping: ``all_reduce(t)``, ``all_gather(t, dim)``, ``reduce_scatter(t,
-dim)``, ``broadcast(t, src)``, ``send(t, dst)``, ``recv(buffer, src)``,
-``barrier()``.
+dim)``, ``broadcast(t, src)``, ``all_to_all(chunks)``, ``send(t, dst)``,
+``recv(buffer, src)``, ``barrier()``; ranks are numbered within the group.
 """
 from __future__ import annotations
 
@@ -20,6 +20,20 @@ import time
 import torch
 
 from tplab.comm.group import CollectiveTimeout, PeerFailure
+
+
+class SoloTransport:
+    """A group of one rank: :class:`~tplab.comm.Dist` answers its collectives by their definition for n = 1, and
+    there is no peer to send to or wait for."""
+
+    def send(self, t, dst):
+        raise ValueError(f"send to rank {dst} in a group of one rank: there is no peer")
+
+    def recv(self, buffer, src):
+        raise ValueError(f"recv from rank {src} in a group of one rank: there is no peer")
+
+    def barrier(self):
+        pass
 
 
 # --- threads: ranks inside one process ---------------------------------------
@@ -149,6 +163,10 @@ class ThreadTransport:
     def broadcast(self, t, src):
         return self._all(t)[src].clone()
 
+    def all_to_all(self, chunks):
+        sent = self.group.exchange(self.rank, chunks)
+        return [sent[j][self.rank].clone() for j in range(self.group.world_size)]
+
     def send(self, t, dst):
         self.group.post(self.rank, dst, t)
 
@@ -182,7 +200,7 @@ class _PeerFailureOnError:
 
 
 class TorchTransport:
-    """Collectives of the default torch.distributed process group.
+    """Collectives of a torch.distributed process group: ``group`` (None: the default one) of global ranks ``members``.
 
     A RuntimeError inside a torch.distributed call (a peer that died or hung
     up) is re-raised as :class:`PeerFailure`, so ``launch`` reports the cause,
@@ -192,43 +210,57 @@ class TorchTransport:
     chunk (same result, twice the traffic); NCCL runs the real one.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, group=None, members: list[int] | None = None) -> None:
         import torch.distributed as td
         self.td = _PeerFailureOnError(td)
-        self.world_size = td.get_world_size()
-        self.rank = td.get_rank()
+        self.group = group
+        self.members = list(range(td.get_world_size())) if members is None else list(members)
+        self.world_size = len(self.members)
+        self.rank = self.members.index(td.get_rank())
         self.native_reduce_scatter = td.get_backend() == "nccl"
 
     def all_reduce(self, t):
-        self.td.all_reduce(t)
+        self.td.all_reduce(t, group=self.group)
         return t
 
     def all_gather(self, t, dim):
         t = t.contiguous()
         parts = [torch.empty_like(t) for _ in range(self.world_size)]
-        self.td.all_gather(parts, t)
+        self.td.all_gather(parts, t, group=self.group)
         return torch.cat(parts, dim=dim)
 
     def reduce_scatter(self, t, dim):
         if not self.native_reduce_scatter:
             t = t.clone()  # all_reduce works in place; the caller's tensor stays as it was
-            self.td.all_reduce(t)
+            self.td.all_reduce(t, group=self.group)
             return t.chunk(self.world_size, dim=dim)[self.rank].contiguous()
         chunks = [c.contiguous() for c in t.chunk(self.world_size, dim=dim)]
         out = torch.empty_like(chunks[0])
-        self.td.reduce_scatter(out, chunks)
+        self.td.reduce_scatter(out, chunks, group=self.group)
         return out
 
     def broadcast(self, t, src):
-        self.td.broadcast(t, src)
+        self.td.broadcast(t, self.members[src], group=self.group)
         return t
 
+    def all_to_all(self, chunks):
+        """The sizes first (one int64 per peer), then the data in one ``all_to_all_single`` of uneven splits."""
+        device = chunks[0].device
+        send_sizes = torch.tensor([c.shape[0] for c in chunks], dtype=torch.int64, device=device)
+        recv_sizes = torch.empty_like(send_sizes)
+        self.td.all_to_all_single(recv_sizes, send_sizes, group=self.group)
+        recv_sizes = recv_sizes.tolist()
+        out = torch.empty((sum(recv_sizes), *chunks[0].shape[1:]), dtype=chunks[0].dtype, device=device)
+        self.td.all_to_all_single(out, torch.cat([c.contiguous() for c in chunks]), recv_sizes,
+                                  send_sizes.tolist(), group=self.group)
+        return list(out.split(recv_sizes))
+
     def send(self, t, dst):
-        self.td.send(t.contiguous(), dst)
+        self.td.send(t.contiguous(), self.members[dst], group=self.group)
 
     def recv(self, buffer, src):
-        self.td.recv(buffer, src)
+        self.td.recv(buffer, self.members[src], group=self.group)
         return buffer
 
     def barrier(self):
-        self.td.barrier()
+        self.td.barrier(group=self.group)

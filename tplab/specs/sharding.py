@@ -6,12 +6,16 @@ over tp ranks gives rank r the contiguous block [r*D/tp, (r+1)*D/tp).
 """
 from __future__ import annotations
 
+import math
+
 from tplab.checks import check_int
 
 
 def divisors(n: int) -> list[int]:
-    """All positive divisors of n, ascending: the tp degrees that split n evenly."""
-    return [d for d in range(1, n + 1) if n % d == 0]
+    """All positive divisors of n, ascending: the tp degrees that split n evenly (sqrt(n) steps, so an absurd n
+    is answered at once)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
 
 
 def check_tp(tp: int) -> None:
