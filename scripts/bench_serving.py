@@ -31,9 +31,9 @@ from tplab.bench.env import environment, hardware_slug
 from tplab.bench.records import RecordLog, run_file_name
 from tplab.bench.serving import serve_measured, serving_record, simulator_agreement
 from tplab.paths import default_measurements_dir
-from tplab.scheduling.load import synthetic_load
-from tplab.scheduling.scheduler import SchedulerConfig
-from tplab.scheduling.step_cost import fit_step_cost
+from tplab.serving.load import synthetic_load
+from tplab.serving.scheduler import SchedulerConfig
+from tplab.serving.step_cost import fit_step_cost
 from tplab.specs.model import resolve_model
 from tplab.specs.tiny import TINY_DIR
 

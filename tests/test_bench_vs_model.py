@@ -9,8 +9,9 @@ import copy
 import pytest
 
 from tplab.bench.records import full_model_ms, load_records
-from tplab.bench.vs_model import by_gpu, modelled_for, plot_against_model
+from tplab.bench.vs_model import by_gpu, modelled_for
 from tplab.paths import DATA_DIR
+from tplab.plots.measurements import plot_against_model
 
 
 @pytest.fixture(scope="module")

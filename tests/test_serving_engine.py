@@ -3,9 +3,9 @@ import pytest
 
 from tplab.bench.serving import serve_measured
 from tplab.comm.launch import launch
-from tplab.scheduling.load import synthetic_load
-from tplab.scheduling.requests import Request
-from tplab.scheduling.scheduler import SchedulerConfig
+from tplab.serving.load import synthetic_load
+from tplab.serving.requests import Request
+from tplab.serving.scheduler import SchedulerConfig
 from tplab.specs.model import resolve_model
 from tplab.specs.tiny import TINY_DIR
 from tplab.testing import hf_greedy, make_checkpoint

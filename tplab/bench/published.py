@@ -77,7 +77,7 @@ PEER_SCORES_FILE = PUBLISHED_DIR / "peer_scores.jsonl"
 
 def peer_pairs(figures: list[dict], path: str | Path = PEER_SCORES_FILE) -> dict[tuple[str, str], list[tuple[dict, float]]]:
     """{(peer, setting): [(figure, the peer's prediction)]} for the given figures, from ``scripts/score_peers.py``'s
-    file; a figure a peer could not predict is left out of its list (see :func:`peer_refusals`)."""
+    file; a figure a peer could not predict is left out of its list (its row says why, under ``why_not``)."""
     by_id = {f["id"]: f for f in figures}
     out: dict[tuple[str, str], list[tuple[dict, float]]] = {}
     for line in Path(path).read_text().splitlines()[1:]:
@@ -86,12 +86,3 @@ def peer_pairs(figures: list[dict], path: str | Path = PEER_SCORES_FILE) -> dict
             out.setdefault((row["peer"], row["setting"]), []).append((by_id[row["figure"]], row["value"]))
     return out
 
-
-def peer_refusals(path: str | Path = PEER_SCORES_FILE) -> dict[tuple[str, str], list[str]]:
-    """{(peer, setting): [why it had no prediction, per figure]}, and the hand work of the file's first line."""
-    lines = Path(path).read_text().splitlines()
-    out: dict[tuple[str, str], list[str]] = {}
-    for row in map(json.loads, lines[1:]):
-        if row["value"] is None:
-            out.setdefault((row["peer"], row["setting"]), []).append(f"{row['figure']}: {row['why_not']}")
-    return out

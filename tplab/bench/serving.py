@@ -4,7 +4,7 @@
 * :func:`serving_record`: the run as a measurement record (environment, model, tp, backend, scheduler, load,
   summary, per request, per step), appended under ``data/measurements/serving/``.
 * :func:`simulator_agreement`: fit the step cost t = a + b·tokens + c·rows + d·attended to the run's measured
-  steps (:func:`tplab.scheduling.step_cost.fit_step_cost`), replay the same requests in the simulator, and
+  steps (:func:`tplab.serving.step_cost.fit_step_cost`), replay the same requests in the simulator, and
   compare p50 and p95 of TTFT, TPOT and latency: the relative error of each, and their median.
 """
 from __future__ import annotations
@@ -18,12 +18,12 @@ import torch
 from tplab.bench.env import environment, hardware_slug
 from tplab.bench.records import RecordLog, run_file_name
 from tplab.comm.launch import launch
-from tplab.engine.serve import serve_rank_program
-from tplab.scheduling.metrics import SLO, percentile, percentiles_of
-from tplab.scheduling.requests import Request
-from tplab.scheduling.scheduler import SchedulerConfig
-from tplab.scheduling.simulator import simulate
-from tplab.scheduling.step_cost import LinearStepCost, fit_step_cost
+from tplab.serving.engine import serve_rank_program
+from tplab.serving.metrics import SLO, percentile, percentiles_of
+from tplab.serving.requests import Request
+from tplab.serving.scheduler import SchedulerConfig
+from tplab.serving.simulator import simulate
+from tplab.serving.step_cost import LinearStepCost, fit_step_cost
 from tplab.specs.model import ModelConfig
 
 AGREEMENT_METRICS = ("ttft_ms", "tpot_ms", "latency_ms")

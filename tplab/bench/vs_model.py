@@ -14,23 +14,16 @@ built, its medians otherwise. Both sides include the
 collectives: measured on real ranks, modelled for an emulated one.
 
 The ratio measured / modelled is what calibration (:mod:`tplab.bench.calibration`)
-turns into efficiencies; here it is shown (:func:`plot_against_model`), not fitted.
+turns into efficiencies; here it is shown (:func:`tplab.plots.measurements.plot_against_model`), not fitted.
 """
 from __future__ import annotations
 
 from collections import defaultdict
 
-import matplotlib.pyplot as plt
-from matplotlib.figure import Figure
-
-from tplab.bench.records import full_model_ms, modelled_precision
+from tplab.bench.records import modelled_precision
 from tplab.perf.estimate import Estimate, estimate
-from tplab.plots.measurements import Series, plot_series
 from tplab.specs.hardware import gpu_for_device
 from tplab.specs.model import ModelConfig
-
-# the record's field (and the Estimate's attribute of the same name): its axis label
-FIELDS = {"decode_ms_per_token": "decode time per token (ms)", "ttft_ms": "time to first token (ms)"}
 
 
 def modelled_for(record: dict, efficiency=None) -> Estimate | None:
@@ -55,29 +48,3 @@ def by_gpu(records: list[dict], efficiency=None) -> dict[str, list[tuple[dict, E
         if e is not None:
             out[e.gpu].append((r, e))
     return dict(out)
-
-
-def plot_against_model(pairs: list[tuple[dict, Estimate]], title: str) -> Figure:
-    """Decode ms/token and TTFT against batch, one row per prompt length: the records (their kind) against the
-    cost model at the same points (dotted), one colour per tp."""
-    prompts = sorted({r["setting"]["prompt_len"] for r, _ in pairs})
-    tps = sorted({r["setting"]["tp"] for r, _ in pairs})
-    fig, axes = plt.subplots(len(prompts), 2, figsize=(12, 4.2 * len(prompts)), squeeze=False)
-    for row, prompt in zip(axes, prompts):
-        for ax, (field, ylabel) in zip(row, FIELDS.items()):
-            series = []
-            for i, tp in enumerate(tps):
-                at = sorted(((r, e) for r, e in pairs if r["setting"]["prompt_len"] == prompt
-                             and r["setting"]["tp"] == tp), key=lambda pair: pair[0]["setting"]["batch"])
-                for kind in ("measured", "emulated"):
-                    of_kind = [r for r, _ in at if r["kind"] == kind]
-                    if of_kind:
-                        series.append(Series(f"tp={tp}", kind, [r["setting"]["batch"] for r in of_kind],
-                                             [full_model_ms(r, field) for r in of_kind], f"C{i}"))
-                if at:
-                    series.append(Series(f"tp={tp}", "modelled", [r["setting"]["batch"] for r, _ in at],
-                                         [getattr(e, field) for _, e in at], f"C{i}"))
-            plot_series(series, "batch (sequences)", ylabel, f"prompt {prompt} tokens", ax=ax, logx=True, logy=True)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    return fig

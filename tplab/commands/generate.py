@@ -31,10 +31,6 @@ from tplab.specs.model import ModelConfig
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-class UsageError(Exception):
-    """A bad argument: printed as one line, exit status 2."""
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate from a Hugging Face checkpoint on N tensor-parallel ranks")
     p.add_argument("--model", default="tiny", help="checkpoint directory, or 'tiny' for the bundled model")
@@ -78,7 +74,7 @@ def parse_ids(text: str) -> list[int]:
     try:
         return int_list("--prompt-ids", text)
     except ValueError as e:
-        raise UsageError(str(e)) from None
+        raise InputError(str(e)) from None
 
 
 def prepare(args: argparse.Namespace) -> tuple[ModelConfig, torch.dtype, object, list[list[int]], SamplingParams]:
@@ -89,24 +85,24 @@ def prepare(args: argparse.Namespace) -> tuple[ModelConfig, torch.dtype, object,
     """
     args.tps = int_list("--tp", args.tp)
     if args.quant_embeddings and not args.quant:
-        raise UsageError("--quant-embeddings goes with --quant int8 or --quant fp8")
+        raise InputError("--quant-embeddings goes with --quant int8 or --quant fp8")
     if args.threads is not None and args.threads < 1:
-        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+        raise InputError(f"--threads must be >= 1, got {args.threads}")
     config = checkpoint_config(args.model)
     for tp in args.tps:
         config.check_tp(tp)
     parameters = check_checkpoint(config)
     dtype = resolve_dtype(args.dtype, config)
     if under_torchrun() and args.tps != [int(os.environ["WORLD_SIZE"])]:
-        raise UsageError(f"--tp {args.tp} but torchrun started {os.environ['WORLD_SIZE']} processes: pass that one tp")
+        raise InputError(f"--tp {args.tp} but torchrun started {os.environ['WORLD_SIZE']} processes: pass that one tp")
     check_device(args.backend, args.device)
     if args.prepack and (args.device or "cpu").startswith("cuda"):
-        raise UsageError("--prepack is for CPU ranks (oneDNN's layout); drop it with --device cuda")
+        raise InputError("--prepack is for CPU ranks (oneDNN's layout); drop it with --device cuda")
     if not args.prompt and not args.prompt_ids:
-        raise UsageError("give at least one --prompt TEXT or --prompt-ids 1,2,3")
+        raise InputError("give at least one --prompt TEXT or --prompt-ids 1,2,3")
     tokenizer = load_tokenizer(config.directory)
     if args.prompt and tokenizer is None:
-        raise UsageError(f"{config.directory} has no tokenizer, so --prompt TEXT cannot be encoded; "
+        raise InputError(f"{config.directory} has no tokenizer, so --prompt TEXT cannot be encoded; "
                          "use --prompt-ids 1,2,3")
     prompts = [tokenizer(text)["input_ids"] for text in args.prompt] + [parse_ids(t) for t in args.prompt_ids]
     check_prompts(prompts, config.vocab_size, args.max_new_tokens, config.max_position_embeddings)
@@ -142,7 +138,7 @@ def prints() -> bool:
 def run(args: argparse.Namespace) -> int:
     try:
         config, dtype, tokenizer, prompts, sampling = prepare(args)
-    except (UsageError, ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:
         return _usage_error(e)
     backend = "torchrun" if under_torchrun() else args.backend
     tokens_by_tp = {}

@@ -5,7 +5,7 @@
     torchrun --nproc-per-node 2 -m tplab serve-bench --tp 2 ...   # NCCL on GPUs; rank 0 reports
 
 Requests arrive by a Poisson process (or all at once, or from a file); the
-engine batches them continuously (:mod:`tplab.engine.serve`). It prints TTFT,
+engine batches them continuously (:mod:`tplab.serving.engine`). It prints TTFT,
 TPOT, latency and queueing percentiles, throughput and goodput, and appends
 the run to data/measurements/serving/ (``--out``; ``--no-save`` writes nothing).
 """

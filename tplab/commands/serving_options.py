@@ -10,11 +10,11 @@ import argparse
 import json
 import math
 
-from tplab.scheduling.blocks import check_block_size
-from tplab.scheduling.load import bounded, parse_range, read_requests, synthetic_load
-from tplab.scheduling.metrics import METRICS, SLO
-from tplab.scheduling.requests import Request
-from tplab.scheduling.scheduler import POLICIES, SchedulerConfig
+from tplab.serving.blocks import check_block_size
+from tplab.serving.load import bounded, parse_range, read_requests, synthetic_load
+from tplab.serving.metrics import METRICS, SLO
+from tplab.serving.requests import Request
+from tplab.serving.scheduler import POLICIES, SchedulerConfig
 
 
 def add_serving_options(p: argparse.ArgumentParser) -> None:

@@ -18,7 +18,7 @@ from tplab.commands import serving_options as serving
 from tplab.perf.batch import ModelledStepCost
 from tplab.perf.estimate import ENGINES, MODELLED
 from tplab.perf.shapes import KV_BYTES, WEIGHT_BYTES
-from tplab.scheduling.simulator import simulate
+from tplab.serving.simulator import simulate
 from tplab.specs.efficiency import load_efficiency
 from tplab.specs.model import resolve_model
 

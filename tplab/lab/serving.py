@@ -2,7 +2,7 @@
 
 Each function is one experiment of the notebook, small enough to run in seconds
 on two cores; the engine, the scheduler and the simulator they call are the
-package's own (:mod:`tplab.engine.serve`, :mod:`tplab.scheduling`).
+package's own (:mod:`tplab.serving.engine`, :mod:`tplab.serving`).
 :class:`ServingExplorer` puts the simulated deployment behind widgets: every
 change reruns :func:`simulate_deployment` and keeps its ``result`` (or
 ``error``) on the object, so tests can set a widget's value and assert on it.
@@ -17,12 +17,12 @@ import ipywidgets as w
 from tplab.bench.serving import serve_measured, simulator_agreement
 from tplab.perf.batch import ModelledStepCost
 from tplab.perf.estimate import MODELLED
-from tplab.scheduling.load import synthetic_load
-from tplab.scheduling.metrics import percentiles_of
-from tplab.scheduling.requests import Request
-from tplab.scheduling.scheduler import SchedulerConfig
-from tplab.scheduling.simulator import simulate
-from tplab.scheduling.step_cost import fit_step_cost
+from tplab.serving.load import synthetic_load
+from tplab.serving.metrics import percentiles_of
+from tplab.serving.requests import Request
+from tplab.serving.scheduler import SchedulerConfig
+from tplab.serving.simulator import simulate
+from tplab.serving.step_cost import fit_step_cost
 from tplab.specs.model import resolve_model
 from tplab.specs.tiny import TINY_DIR
 

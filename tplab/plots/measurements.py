@@ -18,6 +18,8 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
+from tplab.bench.records import full_model_ms
+
 KINDS = ("measured", "emulated", "modelled")
 STYLES = {"measured": dict(marker="o", linestyle="-"), "emulated": dict(marker="s", linestyle="--"),
           "modelled": dict(marker=None, linestyle=":", linewidth=2)}
@@ -112,3 +114,33 @@ def plot_time_split(labels: list[str], compute_ms: list[float], comm_ms: list[fl
     ax.tick_params(axis="x", labelsize=7)
     ax.legend(fontsize=7)
     return ax.figure
+
+
+# the record's field (and the Estimate's attribute of the same name): its axis label
+RECORD_FIELDS = {"decode_ms_per_token": "decode time per token (ms)", "ttft_ms": "time to first token (ms)"}
+
+
+def plot_against_model(pairs: list[tuple[dict, object]], title: str) -> Figure:
+    """Decode ms/token and TTFT against batch, one row per prompt length: the records (their kind) against the
+    cost model at the same points (dotted), one colour per tp."""
+    prompts = sorted({r["setting"]["prompt_len"] for r, _ in pairs})
+    tps = sorted({r["setting"]["tp"] for r, _ in pairs})
+    fig, axes = plt.subplots(len(prompts), 2, figsize=(12, 4.2 * len(prompts)), squeeze=False)
+    for row, prompt in zip(axes, prompts):
+        for ax, (field, ylabel) in zip(row, RECORD_FIELDS.items()):
+            series = []
+            for i, tp in enumerate(tps):
+                at = sorted(((r, e) for r, e in pairs if r["setting"]["prompt_len"] == prompt
+                             and r["setting"]["tp"] == tp), key=lambda pair: pair[0]["setting"]["batch"])
+                for kind in ("measured", "emulated"):
+                    of_kind = [r for r, _ in at if r["kind"] == kind]
+                    if of_kind:
+                        series.append(Series(f"tp={tp}", kind, [r["setting"]["batch"] for r in of_kind],
+                                             [full_model_ms(r, field) for r in of_kind], f"C{i}"))
+                if at:
+                    series.append(Series(f"tp={tp}", "modelled", [r["setting"]["batch"] for r, _ in at],
+                                         [getattr(e, field) for _, e in at], f"C{i}"))
+            plot_series(series, "batch (sequences)", ylabel, f"prompt {prompt} tokens", ax=ax, logx=True, logy=True)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return fig

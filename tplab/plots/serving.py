@@ -4,7 +4,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
-from tplab.scheduling.metrics import percentiles_of
+from tplab.serving.metrics import percentiles_of
 
 
 def grouped_bars(ax, groups: dict[str, list[float]], labels: list[str]) -> None:

@@ -5,11 +5,11 @@ from pathlib import Path
 
 from tplab.comm.group import Dist
 from tplab.engine.generate import generate
-from tplab.engine.serve import serve
 from tplab.model.loading import from_pretrained
 from tplab.model.sampling import SamplingParams
-from tplab.scheduling.requests import Request
-from tplab.scheduling.scheduler import SchedulerConfig
+from tplab.serving.engine import serve
+from tplab.serving.requests import Request
+from tplab.serving.scheduler import SchedulerConfig
 
 
 def serve_then_alone(dist: Dist, model: str | Path, requests: list[Request], config: SchedulerConfig,

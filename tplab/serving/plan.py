@@ -3,7 +3,7 @@
 A plan is one int64 tensor: the number of rows, then per row
 ``[request id, start, count, emits, number of blocks, blocks..., tokens[start:start+count]...]``.
 :func:`share_plan` sends its length, then its contents (two broadcasts, under the tag "schedule"); a length of 0
-tells the ranks to stop. The static-batching baseline (:mod:`tplab.engine.static`) shares its batches' request
+tells the ranks to stop. The static-batching baseline (:mod:`tplab.serving.static`) shares its batches' request
 ids the same way.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from tplab.comm.group import Dist
-from tplab.scheduling.scheduler import StepPlan
+from tplab.serving.scheduler import StepPlan
 
 
 def encode_plan(plan: StepPlan) -> list[int]:

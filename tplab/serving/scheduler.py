@@ -11,7 +11,7 @@ Each step (vLLM v1's unified scheme, as in nano-vllm):
    later recomputes its prompt and outputs. The engine never deadlocks on a full cache.
 2. **Then waiting**, first come first served, while fewer than
    ``max_num_seqs`` run (admission control) and budget and blocks remain:
-   its cached prefix blocks are reused (:mod:`tplab.scheduling.blocks`) and it
+   its cached prefix blocks are reused (:mod:`tplab.serving.blocks`) and it
    feeds as much of the rest as the budget allows. A preemption this step
    stops admissions.
 
@@ -22,7 +22,7 @@ finished, each prompt prefilled whole in one step; a finished sequence leaves
 the batch (kinder to static batching than padded generation, whose finished
 rows keep computing). ``policy="padded"`` is that padded generation, as a
 ``generate()`` call runs it: the engine runs it through the generation loop
-(:mod:`tplab.engine.static`), not through this scheduler.
+(:mod:`tplab.serving.static`), not through this scheduler.
 
 A request that can never run is rejected when it arrives, with its reason:
 longer than ``max_model_len``, or more blocks than the whole cache.
@@ -33,8 +33,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from tplab.checks import check_int
-from tplab.scheduling.blocks import BlockManager, check_block_size
-from tplab.scheduling.requests import Request, Sequence
+from tplab.serving.blocks import BlockManager, check_block_size
+from tplab.serving.requests import Request, Sequence
 
 POLICIES = ("continuous", "static", "padded")
 

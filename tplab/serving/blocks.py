@@ -20,7 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from tplab.checks import is_positive_int
-from tplab.scheduling.requests import Sequence
+from tplab.serving.requests import Sequence
 
 
 def check_block_size(name: str, size: int) -> None:

@@ -19,7 +19,7 @@ import random
 from pathlib import Path
 from typing import Callable
 
-from tplab.scheduling.requests import Request
+from tplab.serving.requests import Request
 
 
 def parse_range(flag: str, text: str) -> tuple[int, int]:

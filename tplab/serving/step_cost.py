@@ -6,13 +6,13 @@ GEMMs' work and the all-reduces' bytes grow with it), a part per row c
 (sampling, per-sequence bookkeeping), and a part per query-key pair d
 (attention: a row feeding n tokens after c cached ones attends n·c + n(n+1)/2
 pairs). :func:`fit_step_cost` finds a, b, c, d by least squares over the steps
-an engine run recorded (:class:`tplab.scheduling.runner.ServeRun`), in pure Python.
+an engine run recorded (:class:`tplab.serving.loop.ServeRun`), in pure Python.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tplab.scheduling.runner import attended_keys
+from tplab.serving.loop import attended_keys
 
 FEATURES = ("fixed", "tokens", "rows", "attended")
 

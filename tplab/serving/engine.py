@@ -1,6 +1,6 @@
 """The serving engine: continuous batching on tp ranks, every rank running the plan rank 0's scheduler made.
 
-Rank 0 runs the serving loop (:func:`tplab.scheduling.runner.run_load`) on a
+Rank 0 runs the serving loop (:func:`tplab.serving.loop.run_load`) on a
 wall clock: requests arrive at their times, the scheduler plans each step,
 and the plan is **broadcast** to every rank as one int64 tensor (two
 broadcasts per step, its length then its contents, under the tag
@@ -11,7 +11,7 @@ and, when a sampled request emits, the all-gathered logits of those rows (one
 more all-gather) drawn from that request's own seeded generator. So the
 ranks agree on every token without another message, and the plan is made once.
 
-The plan's wire format is :mod:`tplab.engine.plan`'s.
+The plan's wire format is :mod:`tplab.serving.plan`'s.
 
 Each request gets the tokens it would get alone (:func:`tplab.engine.generate`
 with that one prompt): its rows see only its own keys, at its own positions.
@@ -23,17 +23,17 @@ from pathlib import Path
 import torch
 
 from tplab.comm.group import Dist
-from tplab.engine.plan import decode_plan, encode_plan, share_plan
-from tplab.engine.static import serve_static
 from tplab.engine.steps import paged_step
 from tplab.model.decoder import TPCausalLM
 from tplab.model.loading import from_pretrained
 from tplab.model.paged_cache import PagedKVCache
 from tplab.model.sampling import SamplingParams, sample
-from tplab.scheduling.metrics import SLO
-from tplab.scheduling.requests import Request
-from tplab.scheduling.runner import WallClock, run_load
-from tplab.scheduling.scheduler import SchedulerConfig, StepPlan
+from tplab.serving.loop import WallClock, run_load
+from tplab.serving.metrics import SLO
+from tplab.serving.plan import decode_plan, encode_plan, share_plan
+from tplab.serving.requests import Request
+from tplab.serving.scheduler import SchedulerConfig, StepPlan
+from tplab.serving.static import serve_static
 from tplab.specs.model import ModelConfig
 
 WARMUP = Request(-1, tuple(range(2, 18)), 4)  # one short request served untimed before the run
@@ -107,7 +107,7 @@ def serve_rank_program(dist: Dist, model: str | Path | ModelConfig, requests: li
                        config: SchedulerConfig, dtype: torch.dtype | str | None = None, slo: SLO = SLO(),
                        eos_token_ids: tuple[int, ...] | None = None, warmup: bool = True) -> dict:
     """Load this rank's shard and serve: ``launch(serve_rank_program, tp, backend, kwargs=...)`` (threads, gloo,
-    torchrun). ``config.policy`` "padded" serves static batches through the generation loop (:mod:`tplab.engine.static`)."""
+    torchrun). ``config.policy`` "padded" serves static batches through the generation loop (:mod:`tplab.serving.static`)."""
     shard = from_pretrained(model, dist, dtype=dtype)
     eos = frozenset(shard.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
     if config.policy == "padded":

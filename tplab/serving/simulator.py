@@ -1,10 +1,10 @@
 """The simulator: the engine's scheduler and metrics on a virtual clock, each step priced instead of run.
 
-:func:`simulate` runs :func:`tplab.scheduling.runner.run_load`, the loop the
-engine runs, with a :class:`~tplab.scheduling.runner.VirtualClock` that a step
+:func:`simulate` runs :func:`tplab.serving.loop.run_load`, the loop the
+engine runs, with a :class:`~tplab.serving.loop.VirtualClock` that a step
 advances by ``step_cost(rows)``, rows being [(context, new tokens), ...]. The
 cost is modelled for GPUs (:class:`tplab.perf.batch.ModelledStepCost`) or
-fitted to an engine's measured steps (:func:`tplab.scheduling.step_cost.fit_step_cost`).
+fitted to an engine's measured steps (:func:`tplab.serving.step_cost.fit_step_cost`).
 No model runs, so no token is known: every request runs to its
 ``max_new_tokens`` (no EOS), and a simulated run's outputs are placeholders.
 """
@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Callable
 
-from tplab.scheduling.metrics import SLO
-from tplab.scheduling.requests import Request
-from tplab.scheduling.runner import ServeRun, VirtualClock, run_load
-from tplab.scheduling.scheduler import SchedulerConfig, StepPlan
+from tplab.serving.loop import ServeRun, VirtualClock, run_load
+from tplab.serving.metrics import SLO
+from tplab.serving.requests import Request
+from tplab.serving.scheduler import SchedulerConfig, StepPlan
 
 PLACEHOLDER_TOKEN = -1
 

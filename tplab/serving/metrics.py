@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tplab.scheduling.requests import Request, Sequence
+from tplab.serving.requests import Request, Sequence
 
 PERCENTILES = (50, 90, 99)
 METRICS = ("ttft_ms", "tpot_ms", "latency_ms", "queue_ms")

@@ -18,11 +18,11 @@ from __future__ import annotations
 from itertools import accumulate
 
 from tplab.engine.generate import generate
-from tplab.engine.plan import share_plan
 from tplab.model.decoder import TPCausalLM
-from tplab.scheduling.metrics import SLO, run_metrics
-from tplab.scheduling.requests import Request, Sequence
-from tplab.scheduling.runner import ServeRun, WallClock
+from tplab.serving.loop import ServeRun, WallClock
+from tplab.serving.metrics import SLO, run_metrics
+from tplab.serving.plan import share_plan
+from tplab.serving.requests import Request, Sequence
 
 
 def _generate_batch(model: TPCausalLM, batch: list[Request], eos: frozenset[int]):

@@ -7,8 +7,8 @@
         scheduler.update(plan, new tokens, now)
 
 The engine passes a :class:`WallClock` and a step that runs the plan on real
-ranks (:mod:`tplab.engine.serve`); the simulator a :class:`VirtualClock`,
-advanced by each step's modelled or fitted time (:mod:`tplab.scheduling.simulator`).
+ranks (:mod:`tplab.serving.engine`); the simulator a :class:`VirtualClock`,
+advanced by each step's modelled or fitted time (:mod:`tplab.serving.simulator`).
 Everything else, and so every metric, is the same code.
 """
 from __future__ import annotations
@@ -18,9 +18,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable
 
-from tplab.scheduling.metrics import SLO, run_metrics
-from tplab.scheduling.requests import Request
-from tplab.scheduling.scheduler import Scheduler, SchedulerConfig, StepPlan
+from tplab.serving.metrics import SLO, run_metrics
+from tplab.serving.requests import Request
+from tplab.serving.scheduler import Scheduler, SchedulerConfig, StepPlan
 
 
 class WallClock:
@@ -54,7 +54,7 @@ class VirtualClock:
 
 @dataclass
 class ServeRun:
-    """A finished run: ``requests`` in input order (see :func:`~tplab.scheduling.metrics.request_metrics`),
+    """A finished run: ``requests`` in input order (see :func:`~tplab.serving.metrics.request_metrics`),
     the ``summary``, and per step (time, rows, tokens, decodes, attended keys, seconds) for calibration."""
 
     requests: list[dict]
