@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from tplab.bench.decoders import synchronize
 from tplab.bench.env import environment, hardware_slug
+from tplab.bench.timing import synchronize
 from tplab.commands import int_list
 from tplab.model.attention import attention_mask, grouped_query_attention
 from tplab.paths import DATA_DIR

@@ -20,7 +20,7 @@ from torch.profiler import ProfilerActivity, profile
 from tplab.bench.env import environment, hardware_slug
 from tplab.bench.records import RecordLog, run_file_name
 from tplab.comm.launch import launch
-from tplab.engine.steps import decode_step, prefill
+from tplab.engine.runner import ModelRunner
 from tplab.model.loading import from_pretrained
 from tplab.paths import default_measurements_dir
 
@@ -33,19 +33,20 @@ GROUPS = {"linears": ("_linear_pointwise", "aten::mm", "aten::addmm"), "attentio
 def profile_rank(dist, model: str, steps: int = 20) -> dict:
     shard = from_pretrained(model, dist, dtype=torch.bfloat16, prepack=True)
     ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
-    cache = shard.new_cache(1, 8 + 2 * steps + 20)
-    token, start = shard.greedy(prefill(shard, ids, cache))[:, None], 8
+    runner = ModelRunner(shard)
+    runner.start(1, 8 + 2 * steps + 20)
+    token, start = shard.greedy(runner.prefill(ids))[:, None], 8
     for _ in range(5):
-        token, start = shard.greedy(decode_step(shard, token, cache, start))[:, None], start + 1
+        token, start = shard.greedy(runner.decode(token, start))[:, None], start + 1
     t0 = time.perf_counter()
     for _ in range(steps):
-        token, start = shard.greedy(decode_step(shard, token, cache, start))[:, None], start + 1
+        token, start = shard.greedy(runner.decode(token, start))[:, None], start + 1
     wall_ms = 1000 * (time.perf_counter() - t0) / steps
     first = len(dist.stats.records)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         t0 = time.perf_counter()
         for _ in range(10):
-            token, start = shard.greedy(decode_step(shard, token, cache, start))[:, None], start + 1
+            token, start = shard.greedy(runner.decode(token, start))[:, None], start + 1
         profiled_wall_ms = 1000 * (time.perf_counter() - t0) / 10
     comm_ms = 1000 * sum(r.seconds for r in dist.stats.records[first:]) / 10
     events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]

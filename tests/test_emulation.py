@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from tplab import launch
-from tplab.bench.decoders import EagerDecoder
 from tplab.bench.emulation import CommModel, EmulatedTransport, emulated_dist, modelled_seconds
 from tplab.bench.models import bench_model, build_hf_shard, build_shard, hf_shard_config
+from tplab.engine.generate import generate
 from tplab.perf.estimate import collective_seconds
 from tplab.perf.shapes import step_work
 from tplab.specs.efficiency import load_efficiency
@@ -80,10 +80,7 @@ def test_alpha_beta_seconds_match_hand_calculation_and_the_cost_model():
 def _work_of_rank0(model, dist, ids):
     """Parameter shapes and the collectives of one prefill and two decode steps."""
     shard = build_shard(model, dist, torch.float32, seed=1)
-    decoder = EagerDecoder(shard, ids.shape[0], ids.shape[1] + 2)
-    decoder.prefill(ids)
-    decoder.step()
-    decoder.step()
+    generate(shard, ids.tolist(), 3, eos_token_ids=())  # one prefill and two decode steps
     shapes = {name: tuple(p.shape) for name, p in shard.named_parameters()}
     return shapes, [(r.op, r.shape, r.dtype, r.bytes) for r in dist.stats.records]
 

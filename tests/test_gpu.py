@@ -34,12 +34,12 @@ import pytest
 import torch
 
 from tplab import launch
-from tplab.bench.decoders import DECODE_MODES, make_decoder
 from tplab.bench.emulation import emulated_dist
 from tplab.bench.roofline import measure_copy_bandwidth, measure_matmul_tflops
 from tplab.bench.sweep import BenchSpec, run_bench
 from tplab.cli import main
 from tplab.engine.generate import generate
+from tplab.engine.runner import DECODE_MODES, ModelRunner
 from tplab.model.loading import from_hf_model
 from tplab.testing import SPECS, build_hf_model, distinct_prompts, hf_config, hf_greedy
 from tplab.testing.probes import expected_greedy_comm, generation_comm
@@ -85,15 +85,9 @@ def test_tp_ranks_sharing_one_gpu_give_hf_greedy_tokens(name):
 
 
 def decode_tokens(model, prompts, mode: str, steps: int, requests: int = 2) -> list[list[list[int]]]:
-    """The tokens of ``requests`` identical requests through one decoder (a graph is captured once, replayed)."""
-    ids = torch.tensor(prompts, device=model.device)
-    decoder = make_decoder(model, len(prompts), ids.shape[1] + steps, mode)
-    out = []
-    with torch.no_grad():
-        for _ in range(requests):
-            tokens = [decoder.prefill(ids).clone()] + [decoder.step().clone() for _ in range(steps - 1)]
-            out.append(torch.cat(tokens, dim=1).tolist())
-    return out
+    """The tokens of ``requests`` identical requests through one runner (a graph is captured once, replayed)."""
+    runner = ModelRunner(model, mode)
+    return [generate(runner, prompts, steps, eos_token_ids=()).tokens for _ in range(requests)]
 
 
 @pytest.mark.parametrize("name", ["llama31", "mistral"])
@@ -123,15 +117,16 @@ def test_a_captured_decode_step_replays_a_partial_rank_exactly():
 def test_a_cuda_graph_records_one_step_of_collectives_at_capture():
     hf = build_hf_model("llama31", seed=6)
     model = from_hf_model(hf, emulated_dist(2, DEVICE))
-    decoder = make_decoder(model, 2, 12, "graph")
-    with torch.no_grad():
-        decoder.prefill(torch.tensor(distinct_prompts(hf.config.vocab_size, [6, 6], seed=6), device=DEVICE))
-    captured = [r.op for r in model.dist.stats.records[decoder.captured_from:] if r.tag == "graph-capture"]
-    assert Counter(captured) == {"all_reduce": 2 * hf.config.num_hidden_layers + 1, "all_gather": 1}
+    runner = ModelRunner(model, "graph")
+    prompts = distinct_prompts(hf.config.vocab_size, [6, 6], seed=6)
+    generate(runner, prompts, 2, eos_token_ids=())  # the prefill, then the first decode step captures the graph
+    captured = [r.op for r in runner.captured_records]
+    assert Counter(captured) == {"all_reduce": 2 * hf.config.num_hidden_layers + 1}  # the forward pass
     before = len(model.dist.stats.records)
-    with torch.no_grad():
-        decoder.step()
-    assert len(model.dist.stats.records) == before  # a replay runs no Python, so records nothing
+    generate(runner, prompts, 2, eos_token_ids=())
+    after = [r.op for r in model.dist.stats.records[before:]]
+    # the prefill's collectives and both LM-head picks run eagerly; the replayed step records nothing
+    assert Counter(after) == {"all_reduce": 2 * hf.config.num_hidden_layers + 1, "all_gather": 2}
 
 
 @needs_cuda

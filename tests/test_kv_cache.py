@@ -34,7 +34,7 @@ def test_each_rank_caches_only_its_kv_heads():
     def rank(dist):
         model = from_hf_model(hf, dist)
         cache = model.new_cache(2, 4)
-        model(ids, cache)
+        model(ids, cache.step(0, 4))
         return cache.k[1], model.layers[0].attn.qkv.kv_heads
 
     for tp in (1, 2, 4):

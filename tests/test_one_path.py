@@ -5,7 +5,7 @@
 * Both spellings of a precision work at every command line (bf16 and bfloat16).
 * ``generate`` reads config.json once; the ranks get the ModelConfig, the dtype
   and the SamplingParams as they are.
-* Only the decoder walks its layers: every loop calls ``prefill``/``decode_step``.
+* Only the decoder walks its layers: every loop drives one ``ModelRunner``, whose steps are its forward pass.
 """
 import json
 import re
@@ -17,7 +17,7 @@ import torch
 from tplab import launch
 from tplab.bench import BenchSpec
 from tplab.cli import main
-from tplab.engine.steps import decode_step, prefill
+from tplab.engine.runner import ModelRunner
 from tplab.model.decoder import TPCausalLM
 from tplab.model.loading import from_hf_model
 from tplab.perf import estimate
@@ -84,22 +84,21 @@ def test_generate_reads_config_json_once_and_takes_both_spellings(tmp_path, caps
     assert tokens[0] == tokens[1]
 
 
-def test_prefill_and_decode_step_are_the_model_forward_pass():
+def test_every_step_of_the_runner_is_the_model_forward_pass():
     hf = build_hf_model("mistral", seed=4)
     prompts = torch.tensor(distinct_prompts(hf.config.vocab_size, [6, 6], seed=4))
 
     def rank(dist):
         model = from_hf_model(hf, dist)
-        cache = model.new_cache(2, 8)
-        first = prefill(model, prompts, cache)
+        eager, fixed = ModelRunner(model, "eager"), ModelRunner(model, "static")
+        eager.start(2, 8)
+        first = eager.prefill(prompts)
         token = model.greedy(first)[:, None]
-        step = decode_step(model, token, cache, 6)
+        step = eager.decode(token, 6)
         whole = model(torch.cat([prompts, token], 1))[:, -1]
-        fixed_cache = model.new_cache(2, 8)
-        prefill(model, prompts, fixed_cache)
-        slot = torch.tensor([6])
-        fixed = decode_step(model, token, fixed_cache, slot, key_valid=torch.ones(2, 8, dtype=torch.bool))
-        return first, step, whole, fixed
+        fixed.start(2, 8)
+        fixed.prefill(prompts)
+        return first, step, whole, fixed.decode(token, 6)
 
     for first, step, whole, fixed in launch(rank, 2, "threads"):
         torch.testing.assert_close(step, whole, rtol=0, atol=1e-5)

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from tplab.bench.decoders import DECODE_MODES
 from tplab.bench.emulation import CommModel
 from tplab.bench.models import BenchModel, bench_model, rank_bytes
 from tplab.bench.timing import check_counts
 from tplab.checks import is_positive_int
 from tplab.comm.launch import BACKENDS, under_torchrun
+from tplab.engine.runner import DECODE_MODES
 from tplab.layers.quantized import check_scheme
 from tplab.model.loading import torch_dtype
 from tplab.perf.estimate import check_link
@@ -113,10 +113,10 @@ def check_sweep(spec: BenchSpec) -> tuple[BenchModel, ModelConfig]:
     config = model.config.with_layers(spec.layers)
     for tp in spec.tps:
         config.check_tp(tp)
-    longest = max(spec.prompt_lens) + spec.decode_steps
+    longest = max(spec.prompt_lens) + spec.decode_steps + 1  # the prefill's token, then one per decode step
     if longest > config.max_position_embeddings:
-        raise ValueError(f"prompt_len + decode_steps = {longest} exceeds the model's max_position_embeddings="
-                         f"{config.max_position_embeddings}")
+        raise ValueError(f"prompt_len + decode_steps + 1 = {longest} tokens exceeds the model's "
+                         f"max_position_embeddings={config.max_position_embeddings}")
     return model, config
 
 

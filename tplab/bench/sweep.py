@@ -21,7 +21,7 @@ Each point is: ``warmup`` untimed requests, then ``repeats`` requests of
 greedy decode steps (:mod:`tplab.bench.timing`); then the same requests
 through Hugging Face's eager LlamaForCausalLM with this rank's shapes (the
 baseline). Decode runs eagerly on a CPU and as a CUDA graph on a GPU
-(:mod:`tplab.bench.decoders`). Results are appended to ``out`` as JSON lines
+(the runner's decode modes, :mod:`tplab.engine.runner`). Results are appended to ``out`` as JSON lines
 (:mod:`tplab.bench.records`).
 
 API::

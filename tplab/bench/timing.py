@@ -1,6 +1,6 @@
 """Wall-clock timings of one benchmark point: tplab's prefill and decode steps, HF's, and the model's edges.
 
-Each repeat is one request of the point: prefill ``batch`` prompts of
+Each repeat is one request of the point, run by the generation loop itself: prefill ``batch`` prompts of
 ``prompt_len`` tokens (its time is the TTFT: until the first tokens are on
 the host), then ``decode_steps`` decode steps, each timed until its tokens
 are on the host (the latency a client sees per token). ``warmup`` repeats
@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tplab.bench.decoders import StaticDecoder, make_decoder, synchronize
 from tplab.checks import is_positive_int
 from tplab.comm.stats import CommRecord
+from tplab.engine.generate import generate
+from tplab.engine.runner import ModelRunner
 from tplab.model.decoder import TPCausalLM
 
 
@@ -49,43 +50,42 @@ def _seconds(records: list[CommRecord]) -> float:
     return sum(r.seconds for r in records)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA); nothing to wait for on the CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def time_tplab(model: TPCausalLM, ids: torch.Tensor, decode_steps: int, repeats: int, warmup: int,
                mode: str = "eager") -> Timing:
-    """Time ``warmup + repeats`` requests of the prompts ``ids`` (batch, prompt_len); keep the last ``repeats``."""
+    """Time ``warmup + repeats`` requests of the prompts ``ids`` (batch, prompt_len); keep the last ``repeats``.
+
+    Each request is :func:`tplab.engine.generate` of ``decode_steps + 1`` greedy tokens with no EOS, through one
+    :class:`~tplab.engine.runner.ModelRunner` in ``mode`` (its cache, and a captured graph, serve every repeat):
+    the benchmark times the generation loop users run, not a copy of it.
+    """
     check_counts(decode_steps, repeats, warmup)
     if mode == "graph" and warmup < 1:
         raise ValueError("mode='graph' captures the CUDA graph in the first request: use warmup >= 1")
-    batch, prompt_len = ids.shape
-    decoder = make_decoder(model, batch, prompt_len + decode_steps, mode)
-    stats, device, timing = model.dist.stats, model.device, Timing()
-    old_tag = stats.tag
-    try:
-        for repeat in range(warmup + repeats):
-            stats.tag, first = "prefill", len(stats.records)
-            synchronize(device)
-            t0 = time.perf_counter()
-            decoder.prefill(ids).cpu()
-            ttft = time.perf_counter() - t0
-            prefill_records = stats.records[first:]
-            stats.tag, first = "decode", len(stats.records)
-            steps = []
-            for _ in range(decode_steps):
-                t0 = time.perf_counter()
-                decoder.step().cpu()
-                steps.append(time.perf_counter() - t0)
-            decode_records = [r for r in stats.records[first:] if r.tag == "decode"]
-            if repeat >= warmup:
-                timing.ttft_s.append(ttft)
-                timing.decode_step_s.append(statistics.fmean(steps))
-                timing.prefill_comm_s.append(_seconds(prefill_records))
-                timing.decode_comm_step_s.append(_seconds(decode_records) / decode_steps)
-                timing.prefill_records = list(prefill_records)
-                timing.decode_step_records = decode_records[:len(decode_records) // decode_steps]
-    finally:
-        stats.tag = old_tag
-    if isinstance(decoder, StaticDecoder) and decoder.graph:
-        timing.decode_step_records = [r for r in stats.records[decoder.captured_from:] if r.tag == "graph-capture"]
+    runner, prompts = ModelRunner(model, mode), ids.tolist()
+    stats, timing = model.dist.stats, Timing()
+    for repeat in range(warmup + repeats):
+        synchronize(model.device)
+        first = len(stats.records)
+        result = generate(runner, prompts, decode_steps + 1, eos_token_ids=())
+        records = stats.records[first:]
+        prefill_records = [r for r in records if r.tag == "prefill"]
+        decode_records = [r for r in records if r.tag == "decode"]
+        if repeat >= warmup:
+            timing.ttft_s.append(result.ttft_s)
+            timing.decode_step_s.append(result.decode_s / decode_steps)
+            timing.prefill_comm_s.append(_seconds(prefill_records))
+            timing.decode_comm_step_s.append(_seconds(decode_records) / decode_steps)
+            timing.prefill_records = prefill_records
+            timing.decode_step_records = decode_records[:len(decode_records) // decode_steps]
+    if mode == "graph":  # the step's collectives ran inside the replay; the LM head's pick ran outside it
+        timing.decode_step_records = list(runner.captured_records) + timing.decode_step_records
         timing.comm_timed = False
     return timing
 

@@ -40,10 +40,10 @@ import sys
 from pathlib import Path
 
 from tplab.bench.calibration import calibrate, write_efficiency
-from tplab.bench.decoders import DECODE_MODES
 from tplab.bench.records import load_records
 from tplab.comm.launch import BACKENDS, under_torchrun
 from tplab.commands import int_list, torch_dtype_name
+from tplab.engine.runner import DECODE_MODES
 from tplab.layers.quantized import SCHEMES
 from tplab.paths import default_measurements_dir
 

@@ -34,7 +34,7 @@ from tplab.checkpoint.sources import LoadStats
 from tplab.checks import check_int
 from tplab.comm.group import Dist
 from tplab.comm.stats import CommStats
-from tplab.engine.steps import decode_step, next_tokens, prefill
+from tplab.engine.runner import ModelRunner
 from tplab.model.decoder import TPCausalLM
 from tplab.model.loading import from_pretrained
 from tplab.model.sampling import SamplingParams
@@ -113,25 +113,31 @@ def left_pad(prompts: list[list[int]], extra_slots: int, device: torch.device | 
 
 
 @torch.no_grad()
-def generate(model: TPCausalLM, prompts: list[list[int]], max_new_tokens: int,
+def generate(model: TPCausalLM | ModelRunner, prompts: list[list[int]], max_new_tokens: int,
              sampling: SamplingParams | None = None, eos_token_ids: tuple[int, ...] | None = None,
              stop_sequences: list[list[int]] = (), keep_logits: bool = False) -> GenerationResult:
     """Continue every prompt (a list of token ids) by up to ``max_new_tokens`` tokens; run on every rank.
 
+    ``model``: this rank's shard (decoded eagerly), or a :class:`~tplab.engine.runner.ModelRunner` (its decode
+    mode; its cache and captured graph are kept for the next call of the same shape).
     ``sampling``: None or temperature 0 is greedy. ``eos_token_ids``: default
-    the checkpoint's. ``stop_sequences``: token-id sequences that end a row.
+    the checkpoint's; () never stops a row early. ``stop_sequences``: token-id sequences that end a row.
     ``keep_logits``: keep each step's full logits in the result; greedy
     decoding then all-gathers them for inspection only, recorded under the
     tag "inspect" so the "prefill" and "decode" counts stay those of plain
     generation.
     """
+    runner = model if isinstance(model, ModelRunner) else ModelRunner(model)
+    model = runner.model
     sampling = sampling or SamplingParams()
     eos = set(model.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
     stop_sequences = [list(s) for s in stop_sequences]
     check_prompts(prompts, model.config.vocab_size, max_new_tokens, model.config.max_position_embeddings)
     dist, device, batch = model.dist, model.device, len(prompts)
     ids, positions, key_valid = left_pad(prompts, max_new_tokens - 1, device)
-    cache = model.new_cache(batch, key_valid.shape[1])
+    runner.start(batch, key_valid.shape[1])
+    if key_valid.all():  # no row is padded: slots are positions, every key is real (and a decode needs no mask)
+        positions = key_valid = None
     generator = None if sampling.greedy else sampling.generator()
     stats, old_tag = dist.stats, dist.stats.tag
     first_record = len(stats.records)
@@ -144,10 +150,11 @@ def generate(model: TPCausalLM, prompts: list[list[int]], max_new_tokens: int,
             stats.tag = "prefill" if step == 0 else "decode"
             step_first_record, t0 = len(stats.records), time.perf_counter()
             if step == 0:
-                hidden = prefill(model, fed, cache, positions[:, :width], key_valid)
+                hidden = runner.prefill(fed, None if positions is None else positions[:, :width], key_valid)
             else:
-                hidden = decode_step(model, fed, cache, start, positions[:, start:start + 1], key_valid)
-            chosen, logits = next_tokens(model, hidden, sampling, generator)
+                hidden = runner.decode(fed, start, None if positions is None else positions[:, start:start + 1],
+                                       key_valid)
+            chosen, logits = runner.next_tokens(hidden, sampling, generator)
             chosen = chosen.tolist()  # waits for the device: the step's timing is complete
             step_seconds.append(time.perf_counter() - t0)
             records = stats.records[step_first_record:]

@@ -81,7 +81,7 @@ def decoder_block_rank(dist: Dist, config: ModelConfig, state: dict[str, torch.T
     captured, handles = _capture_outputs({"attn": block.attn, "mlp": block.mlp})
     dist.stats.reset()
     with torch.no_grad():
-        output = block(hidden.to(dist.device), cos, sin, mask, cache, 0, 0)
+        output = block(hidden.to(dist.device), cos, sin, mask, cache.step(0, tokens, positions, key_valid), 0)
     for h in handles:
         h.remove()
     qkv = block.attn.qkv
@@ -125,7 +125,7 @@ def prefill_cache_rank(dist: Dist, model_path: str | Path, prompts: list[list[in
     model = from_pretrained(model_path, dist)
     ids, positions, key_valid = left_pad(prompts, 0, dist.device)
     cache = model.new_cache(len(prompts), ids.shape[1])
-    model(ids, cache, 0, positions, key_valid)
+    model(ids, cache.step(0, ids.shape[1], positions, key_valid))
     return {"k": cache.k.cpu(), "v": cache.v.cpu(), "kv_heads": list(model.layers[0].attn.qkv.kv_heads),
             "bytes_per_token": cache.bytes_per_token, "total_bytes": cache.total_bytes,
             "parameter_bytes": model.parameter_bytes()}

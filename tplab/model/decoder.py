@@ -37,7 +37,8 @@ from tplab.layers.fused import MergedColumnParallelLinear, QKVParallelLinear, lo
 from tplab.layers.linear import RowParallelLinear
 from tplab.layers.rope import RotaryEmbedding, apply_rope
 from tplab.layers.vocab import ParallelLMHead, VocabParallelEmbedding
-from tplab.model.kv_cache import KVCache
+from tplab.model.kv_cache import KVCache, StaticStep
+from tplab.model.paged_cache import PagedBatch
 from tplab.specs.model import ModelConfig
 
 
@@ -72,11 +73,10 @@ class TPAttention(nn.Module):
         self.qkv.load(source, f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj")
         load_row_parallel(self.o_proj, source, f"{prefix}.o_proj")
 
-    def forward(self, x, cos, sin, mask, cache: KVCache, layer: int, start: int | torch.Tensor) -> torch.Tensor:
+    def forward(self, x, cos, sin, mask, step: StaticStep | PagedBatch, layer: int) -> torch.Tensor:
         batch, tokens, _ = x.shape
         q, k, v = (t.view(batch, tokens, -1, self.head_dim).transpose(1, 2) for t in self.qkv(x))
-        out = cache.attend(layer, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, start, mask,
-                           self.head_dim ** -0.5)
+        out = step.attend(layer, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask, self.head_dim ** -0.5)
         return self.o_proj(out.transpose(1, 2).reshape(batch, tokens, -1))
 
 
@@ -115,8 +115,8 @@ class TPDecoderLayer(nn.Module):
         self.attn.load(source, f"{prefix}.self_attn")
         self.mlp.load(source, f"{prefix}.mlp")
 
-    def forward(self, x, cos, sin, mask, cache: KVCache, layer: int, start: int | torch.Tensor) -> torch.Tensor:
-        h = x + self.attn(self.input_norm(x), cos, sin, mask, cache, layer, start)
+    def forward(self, x, cos, sin, mask, step: StaticStep | PagedBatch, layer: int) -> torch.Tensor:
+        h = x + self.attn(self.input_norm(x), cos, sin, mask, step, layer)
         return h + self.mlp(self.post_attention_norm(h))
 
 
@@ -204,27 +204,23 @@ class TPCausalLM(nn.Module):
                                  self.dtype, self.device)
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None, start: int | torch.Tensor = 0,
-                positions: torch.Tensor | None = None, key_valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-norm hidden states (batch, T, hidden) for tokens at cache slots [start, start+T).
+    def forward(self, input_ids: torch.Tensor, step: StaticStep | PagedBatch | None = None) -> torch.Tensor:
+        """Final-norm hidden states (batch, T, hidden) of the new tokens ``input_ids`` (batch, T).
 
-        ``cache``: a :class:`~tplab.model.kv_cache.KVCache`, or one step's view of the paged cache
-        (:class:`~tplab.model.paged_cache.PagedBatch`: sequences packed in one row, ``start`` and ``key_valid``
-        unused). Either one says where the new tokens sit (``query_slots``), which keys each query reads
-        (``mask``), and runs attention over what it holds (``attend``).
-        ``start``: an int, or a one-element device tensor for fixed-shape steps (see :mod:`tplab.model.kv_cache`).
-        ``positions`` (batch, T): RoPE positions (default: the slots).
-        ``key_valid`` (batch, >= the slots attention reads) bool: slots holding real tokens (default: all).
+        ``step``: the cache as this pass sees it, which says where the new tokens sit (``positions``), which keys
+        each query reads (``mask``), and runs attention over what the cache holds (``attend``): a
+        :class:`~tplab.model.kv_cache.StaticStep` (rows at slots [start, start + T)) or a
+        :class:`~tplab.model.paged_cache.PagedBatch` (sequences packed in one row, ``input_ids`` (1, N)).
+        None: a fresh cache, the tokens at positions [0, T).
         Collectives: 2 * layers + 1 all-reduces.
         """
         batch, tokens = input_ids.shape
-        cache = cache if cache is not None else self.new_cache(batch, start + tokens)
-        positions = cache.query_slots(start, tokens).expand(batch, tokens) if positions is None else positions
-        cos, sin = self.rotary(positions, self.dtype)
-        masks = {w: cache.mask(start, tokens, key_valid, w) for w in set(self.config.layer_windows)}
+        step = self.new_cache(batch, tokens).step(0, tokens) if step is None else step
+        cos, sin = self.rotary(step.positions, self.dtype)
+        masks = {w: step.mask(w) for w in set(self.config.layer_windows)}
         h = self.embed(input_ids)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, masks[layer.attn.window], cache, i, start)
+            h = layer(h, cos, sin, masks[layer.attn.window], step, i)
         return self.norm(h)
 
     @torch.no_grad()

@@ -9,7 +9,9 @@ exceeds the number of KV heads; from there every rank holds one head.
 
 Layout: ``k`` and ``v`` are (layers, batch, local_kv_heads, max_len, head_dim),
 allocated once for (batch, max_len). Prefill writes slots [0, T), each decode
-step writes one slot. ``start`` is an int, and attention then sees slots
+step writes one slot. One forward pass sees the cache through a
+:class:`StaticStep` (:meth:`KVCache.step`): T new tokens per row at slots
+[start, start + T). ``start`` is an int, and attention then sees slots
 [0, start + T); or a one-element device tensor, for decode steps whose shapes
 never change (a CUDA graph replays them): the write lands at that slot
 (``index_copy_``) and attention sees every slot, the causal mask hiding those
@@ -75,27 +77,10 @@ class KVCache:
         """bytes_per_token * batch * max_len: what this rank allocated."""
         return self.bytes_per_token * self.batch * self.max_len
 
-    def query_slots(self, start: int | torch.Tensor, tokens: int) -> torch.Tensor:
-        """The slots the ``tokens`` new positions are written to, (T,): the same for every row."""
-        return start + torch.arange(tokens, device=self.k.device)
-
-    def mask(self, start: int | torch.Tensor, tokens: int, key_valid: torch.Tensor | None,
-             window: int | None) -> torch.Tensor | None:
-        """Which of the :meth:`visible` slots each new token reads (:func:`~tplab.model.attention.attention_mask`);
-        ``key_valid`` (batch, >= visible) marks the slots holding real tokens (default: all). None when one new
-        token reads every visible slot (a decode step without padding, within the window): no mask to apply."""
-        visible = self.visible(start, tokens)
-        if key_valid is None and tokens == 1 and isinstance(start, int) and (window is None or window >= visible):
-            return None
-        if key_valid is None:
-            key_valid = torch.ones(self.batch, visible, dtype=torch.bool, device=self.k.device)
-        return attention_mask(self.query_slots(start, tokens), key_valid[:, :visible], window)
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int | torch.Tensor,
-               mask: torch.Tensor, scale: float) -> torch.Tensor:
-        """Store k, v at ``start`` (:meth:`write`), then attention of q over every visible slot, (batch, H, T, d)."""
-        keys, values = self.write(layer, k, v, start)
-        return grouped_query_attention(q, keys, values, mask, scale)
+    def step(self, start: int | torch.Tensor, tokens: int, positions: torch.Tensor | None = None,
+             key_valid: torch.Tensor | None = None) -> "StaticStep":
+        """One forward pass's view: ``tokens`` new tokens per row at slots [start, start + tokens)."""
+        return StaticStep(self, start, tokens, positions, key_valid)
 
     def visible(self, start: int | torch.Tensor, tokens: int) -> int:
         """How many slots attention reads after writing ``tokens`` at ``start``: start + tokens, or every slot."""
@@ -116,3 +101,39 @@ class KVCache:
         self.k[layer, :, :, start:stop] = k
         self.v[layer, :, :, start:stop] = v
         return self.k[layer, :, :, :stop], self.v[layer, :, :, :stop]
+
+
+class StaticStep:
+    """One forward pass over the static cache: what :meth:`tplab.model.TPCausalLM.forward` asks of its step.
+
+    ``positions`` (batch, T): the RoPE positions of the new tokens (default: their slots). ``key_valid`` (batch,
+    >= the slots attention reads) bool: the slots holding real tokens (default: all), e.g. not a row's left
+    padding. The paged cache's :class:`~tplab.model.paged_cache.PagedBatch` answers the same three questions:
+    where the new tokens sit (``positions``), which keys each query reads (:meth:`mask`), and attention over what
+    the cache holds (:meth:`attend`).
+    """
+
+    def __init__(self, cache: KVCache, start: int | torch.Tensor, tokens: int, positions: torch.Tensor | None = None,
+                 key_valid: torch.Tensor | None = None) -> None:
+        self.cache, self.start, self.tokens, self.key_valid = cache, start, tokens, key_valid
+        self.slots = start + torch.arange(tokens, device=cache.k.device)
+        self.positions = self.slots.expand(cache.batch, tokens) if positions is None else positions
+
+    def mask(self, window: int | None) -> torch.Tensor | None:
+        """Which of the visible slots each new token reads (:func:`~tplab.model.attention.attention_mask`); None
+        when one new token reads every visible slot (a decode step without padding, within the window)."""
+        visible = self.cache.visible(self.start, self.tokens)
+        key_valid = self.key_valid
+        if key_valid is None and self.tokens == 1 and isinstance(self.start, int) and (window is None or
+                                                                                        window >= visible):
+            return None
+        if key_valid is None:
+            key_valid = torch.ones(self.cache.batch, visible, dtype=torch.bool, device=self.cache.k.device)
+        return attention_mask(self.slots, key_valid[:, :visible], window)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+               scale: float) -> torch.Tensor:
+        """Store k, v at the step's slots (:meth:`KVCache.write`), then attention of q over every visible slot,
+        (batch, H, T, d)."""
+        keys, values = self.cache.write(layer, k, v, self.start)
+        return grouped_query_attention(q, keys, values, mask, scale)

@@ -81,9 +81,9 @@ class PagedKVCache:
 class PagedBatch:
     """One step's sequences, packed in one row, read and written through their block tables.
 
-    It is the ``cache`` argument of :meth:`tplab.model.TPCausalLM.forward` with
-    ``input_ids`` of shape (1, N): the model asks it for the new tokens'
-    positions (:meth:`query_slots`) and the attention masks (:meth:`mask`), and
+    It is the ``step`` of :meth:`tplab.model.TPCausalLM.forward` with
+    ``input_ids`` of shape (1, N): the model reads the new tokens'
+    ``positions`` (1, N), asks it for the attention masks (:meth:`mask`), and
     has it store each layer's keys and values and attend over them (:meth:`attend`).
     """
 
@@ -106,7 +106,7 @@ class PagedBatch:
         first = new.cumsum(0) - new  # each sequence's first token in the packed row
         positions = torch.tensor(context_lens, device=device)[query_seq] + torch.arange(len(query_seq), device=device) \
             - first[query_seq]  # (N,): context_b + i for the i-th new token of sequence b
-        self.positions = positions[None]
+        self.positions = positions[None]  # (1, N): the new tokens' positions, sequence after sequence
         self.write_slots = table[query_seq, positions // size] * size + positions % size
         self.last_index = new.cumsum(0) - 1  # each sequence's last new token
 
@@ -126,11 +126,7 @@ class PagedBatch:
                         torch.arange(context_lens[b], ends[b], device=device))
                        for b, n in enumerate(new_lens) if n > 1]  # (first token, stop, key slots, positions)
 
-    def query_slots(self, start: int, tokens: int) -> torch.Tensor:
-        """(1, N): the new tokens' positions, sequence after sequence."""
-        return self.positions
-
-    def mask(self, start: int, tokens: int, key_valid: torch.Tensor | None, window: int | None) -> dict:
+    def mask(self, window: int | None) -> dict:
         """The masks :meth:`attend` reads: the decodes' (each query at the last slot of its left-padded row) and
         each chunk's (causal over its own keys), within ``window`` for a sliding layer."""
         decode = None
@@ -142,7 +138,7 @@ class PagedBatch:
                                  window) for _, _, _, pos in self.chunks]
         return {"decode": decode, "chunks": chunks}
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, mask: dict,
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: dict,
                scale: float) -> torch.Tensor:
         """Store the new tokens' k, v (1, local_kv_heads, N, head_dim) in their blocks, then attention of every
         query q (1, H, N, head_dim) over its own sequence's keys; (1, H, N, head_dim)."""

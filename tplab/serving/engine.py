@@ -5,7 +5,7 @@ wall clock: requests arrive at their times, the scheduler plans each step,
 and the plan is **broadcast** to every rank as one int64 tensor (two
 broadcasts per step, its length then its contents, under the tag
 "schedule"). Every rank then runs the same step on its shard: a forward pass
-over the planned rows through the paged KV cache (:func:`~tplab.engine.steps.paged_step`:
+over the planned rows through the paged KV cache (:meth:`~tplab.engine.runner.ModelRunner.paged`:
 2·layers + 1 all-reduces), the vocab-parallel greedy argmax (one all-gather),
 and, when a sampled request emits, the all-gathered logits of those rows (one
 more all-gather) drawn from that request's own seeded generator. So the
@@ -23,10 +23,9 @@ from pathlib import Path
 import torch
 
 from tplab.comm.group import Dist
-from tplab.engine.steps import paged_step
+from tplab.engine.runner import ModelRunner
 from tplab.model.decoder import TPCausalLM
 from tplab.model.loading import from_pretrained
-from tplab.model.paged_cache import PagedKVCache
 from tplab.model.sampling import SamplingParams, sample
 from tplab.serving.loop import WallClock, run_load
 from tplab.serving.metrics import SLO
@@ -42,8 +41,8 @@ WARMUP = Request(-1, tuple(range(2, 18)), 4)  # one short request served untimed
 class RankStep:
     """What every rank does with a plan: build the step's batch, run the forward pass, pick each emitting row's token."""
 
-    def __init__(self, model: TPCausalLM, cache: PagedKVCache, requests: list[Request]) -> None:
-        self.model, self.cache = model, cache
+    def __init__(self, runner: ModelRunner, requests: list[Request]) -> None:
+        self.runner, self.model = runner, runner.model
         self.requests = {r.id: r for r in [*requests, WARMUP]}
         self.generators: dict[int, torch.Generator] = {}
 
@@ -55,8 +54,7 @@ class RankStep:
         """rows: (request id, start, emits, block table, tokens fed); {request id: next token} for the rows that emit."""
         device = self.model.device
         ids = torch.tensor([[t for row in rows for t in row[4]]], device=device)  # (1, N): packed, no padding
-        batch = self.cache.batch([row[3] for row in rows], [row[1] for row in rows], [len(row[4]) for row in rows])
-        hidden = paged_step(self.model, ids, batch)
+        hidden = self.runner.paged(ids, [row[3] for row in rows], [row[1] for row in rows], [len(row[4]) for row in rows])
         chosen = self.model.greedy(hidden).tolist()
         emitting = [b for b, row in enumerate(rows) if row[2]]
         sampled = [b for b in emitting if not self.sampling(rows[b][0]).greedy]
@@ -77,9 +75,9 @@ def serve(model: TPCausalLM, requests: list[Request], config: SchedulerConfig, e
     the others their cache size. Collectives are recorded under "serve" (the steps) and "schedule" (the plans);
     ``warmup`` first serves one short request untimed, under "warmup"."""
     dist = model.dist
-    cache = PagedKVCache.for_model(model.config, dist.world_size, config.num_blocks, config.block_size,
-                                   model.dtype, model.device)
-    ranks = RankStep(model, cache, requests)
+    runner = ModelRunner(model)
+    cache = runner.start_paged(config.num_blocks, config.block_size)
+    ranks = RankStep(runner, requests)
     stats, old_tag = dist.stats, dist.stats.tag
 
     def step(plan: StepPlan) -> dict[int, int]:

@@ -1,0 +1,166 @@
+"""ModelRunner: one rank's model shard, its cache and its steps, the one thing every loop drives.
+
+The generation loop (:func:`tplab.engine.generate`), the serving engine (:mod:`tplab.serving.engine`) and the
+benchmark (:mod:`tplab.bench.timing`, through ``generate``) all run the model through a runner, and every step is
+the model's one forward pass, :meth:`tplab.model.TPCausalLM.forward`, over one view of a cache:
+
+* :meth:`ModelRunner.prefill`: the prompts (batch, T) at slots [0, T) of the static cache. Its time is the TTFT.
+* :meth:`ModelRunner.decode`: one new token per row (batch, 1) at slot ``start``, in one of three variants
+  (``mode``, :data:`DECODE_MODES`):
+
+  - ``"eager"``: the model called on the step's tensors; attention reads slots [0, start + 1), so the shapes
+    grow by one each step;
+  - ``"static"``: the same shapes at every step: the tokens, positions, slot and valid keys are copied into
+    buffers the runner owns, the slot is a one-element device tensor, and attention reads every slot of the
+    cache, the causal mask hiding those not written yet;
+  - ``"graph"``: the static step captured once in a CUDA graph and replayed, one launch per token, as gpt-fast
+    and vLLM decode. NOT RUN IN THIS REPOSITORY'S TESTS where no GPU is visible; the static step runs eagerly
+    on the CPU there. Under a graph the step's collectives are captured too (NCCL supports capture): ``stats``
+    records them once, at capture (:attr:`ModelRunner.captured_records`), and their seconds cannot be timed.
+
+* :meth:`ModelRunner.paged`: the serving engine's step, sequences at their own positions packed in one row over
+  the paged cache (decodes and prefill chunks in one pass, no padding, :mod:`tplab.model.paged_cache`).
+* :meth:`ModelRunner.next_tokens`: the LM head's vocab-parallel argmax, or a seeded draw from the gathered logits.
+"""
+from __future__ import annotations
+
+import torch
+
+from tplab.errors import InputError
+from tplab.model.decoder import TPCausalLM
+from tplab.model.paged_cache import PagedKVCache
+from tplab.model.sampling import SamplingParams, sample
+
+DECODE_MODES = ("eager", "static", "graph")
+
+
+class ModelRunner:
+    """This rank's shard, its static cache (:meth:`start`) or paged cache (:meth:`start_paged`), and its steps."""
+
+    def __init__(self, model: TPCausalLM, mode: str = "eager") -> None:
+        if mode not in DECODE_MODES:
+            raise ValueError(f"unknown decode mode {mode!r}; choose one of {DECODE_MODES}")
+        if mode == "graph" and model.device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device; the model is on {model.device}: use mode 'static'")
+        self.model, self.mode = model, mode
+        self.cache = self.paged_cache = None
+        self.captured_records: list = []  # the collectives of the captured step (mode "graph")
+        self._graph = None
+
+    def __repr__(self) -> str:
+        return f"ModelRunner(mode={self.mode!r}, rank={self.model.dist.rank}, device={self.model.device})"
+
+    # --- the static cache: generate and the benchmark --------------------------------------------------------
+    def start(self, batch: int, max_len: int) -> None:
+        """A static cache for ``batch`` rows of up to ``max_len`` positions; kept (with a captured graph) when the
+        next request has the same shape. Nothing needs clearing: prefill writes slots [0, T), and each step
+        writes its slot before attention reads it."""
+        if self.cache is not None and (self.cache.batch, self.cache.max_len) == (batch, max_len):
+            return
+        model, device = self.model, self.model.device
+        self.cache, self._graph = model.new_cache(batch, max_len), None
+        if self.mode != "eager":
+            self._slot = torch.zeros(1, dtype=torch.long, device=device)
+            self._tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
+            self._positions = torch.zeros(batch, 1, dtype=torch.long, device=device)
+            self._key_valid = torch.ones(batch, max_len, dtype=torch.bool, device=device)
+
+    @torch.no_grad()
+    def prefill(self, ids: torch.Tensor, positions: torch.Tensor | None = None,
+                key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Fill slots [0, T) with the prompts ``ids`` (batch, T); the last position's hidden state (batch, hidden).
+
+        :class:`~tplab.errors.InputError` when that state is not finite although every weight was (activations
+        overflowed in the model's dtype).
+        """
+        hidden = self.model(ids, self.cache.step(0, ids.shape[1], positions, key_valid))[:, -1]
+        if not torch.isfinite(hidden).all():
+            raise InputError(f"the prefill's last hidden state is not finite on rank {self.model.dist.rank} although "
+                             f"every weight was finite: activations overflowed in {hidden.dtype}; try --dtype "
+                             "float32 or bfloat16")
+        return hidden
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor, start: int, positions: torch.Tensor | None = None,
+               key_valid: torch.Tensor | None = None) -> torch.Tensor:
+        """One new token per row, ``tokens`` (batch, 1), at slot ``start``; its hidden state (batch, hidden).
+
+        ``positions`` (batch, 1): RoPE positions (default: the slot); ``key_valid`` (batch, max_len): the slots
+        holding real tokens (default: all). In modes "static" and "graph" the result is the runner's own buffer,
+        overwritten by the next step.
+        """
+        if self.mode == "eager":
+            return self.model(tokens, self.cache.step(start, 1, positions, key_valid))[:, -1]
+        self._tokens.copy_(tokens)
+        self._slot.fill_(start)
+        self._positions.copy_(self._slot.expand(tokens.shape[0], 1) if positions is None else positions)
+        if key_valid is None:
+            self._key_valid.fill_(True)
+        else:
+            self._key_valid.copy_(key_valid[:, :self.cache.max_len])
+        if self.mode == "static":
+            self._fixed_step()
+        else:
+            if self._graph is None:
+                self._capture()
+            self._graph.replay()
+        return self._hidden
+
+    def _fixed_step(self) -> None:
+        """One step with fixed shapes from the runner's buffers; its hidden state lands in ``_hidden``."""
+        step = self.cache.step(self._slot, 1, self._positions, self._key_valid)
+        self._hidden = self.model(self._tokens, step)[:, -1]
+
+    def _capture(self) -> None:
+        """Warm up on a side stream, then capture one step (the warm-up writes the same slot the step will).
+
+        ``dist.time_collectives`` is off meanwhile (timing synchronizes the device, which a capture forbids) and
+        restored after, so the eager prefills around the graph still time their collectives.
+        """
+        dist, device = self.model.dist, self.model.device
+        stats = dist.stats
+        timed, tag, dist.time_collectives = dist.time_collectives, stats.tag, False
+        try:
+            stream = torch.cuda.Stream(device)
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream), torch.no_grad():
+                for _ in range(2):
+                    self._fixed_step()
+            torch.cuda.current_stream(device).wait_stream(stream)
+            stats.tag, first = "graph-capture", len(stats.records)
+            self._graph = torch.cuda.CUDAGraph()
+            # thread_local: only this thread's unsafe calls break the capture, not those of other threads
+            # (NCCL's watchdog querying events of earlier collectives, in torch versions before 2.7)
+            with torch.cuda.graph(self._graph, capture_error_mode="thread_local"), torch.no_grad():
+                self._fixed_step()
+            self.captured_records = stats.records[first:]
+        finally:
+            dist.time_collectives, stats.tag = timed, tag
+
+    # --- the paged cache: the serving engine -----------------------------------------------------------------
+    def start_paged(self, num_blocks: int, block_size: int) -> PagedKVCache:
+        """This rank's slice of ``num_blocks`` KV blocks of ``block_size`` tokens."""
+        model = self.model
+        self.paged_cache = PagedKVCache.for_model(model.config, model.dist.world_size, num_blocks, block_size,
+                                                  model.dtype, model.device)
+        return self.paged_cache
+
+    @torch.no_grad()
+    def paged(self, ids: torch.Tensor, tables: list[list[int]], context_lens: list[int],
+              new_lens: list[int]) -> torch.Tensor:
+        """Feed sequence b its ``new_lens[b]`` tokens, packed in one row ``ids`` (1, N), after its
+        ``context_lens[b]`` cached ones (block table ``tables[b]``); the hidden state of each sequence's last new
+        token (sequences, hidden)."""
+        batch = self.paged_cache.batch(tables, context_lens, new_lens)
+        return self.model(ids, batch)[0, batch.last_index]
+
+    # --- the next token ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def next_tokens(self, hidden: torch.Tensor, sampling: SamplingParams,
+                    generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(token ids (batch,), the full logits when they were gathered): greedy by the LM head's vocab-parallel
+        argmax (no full logits), else a seeded draw from the all-gathered logits, the same on every rank."""
+        if sampling.greedy:
+            return self.model.greedy(hidden), None
+        logits = self.model.logits(hidden)
+        return sample(logits, sampling, generator), logits
