@@ -160,7 +160,7 @@ def test_roofline_inputs(config_path):
 
     model = build_shard(bench_model(config_path), emulated_dist(2), torch.bfloat16)
     got = decode_bytes(model, batch=3, context=10)
-    assert got["weights"] == model.parameter_bytes() - model.embed.weight.numel() * 2
+    assert got["weights"] == model.parameter_bytes() - model.embed.weight.nbytes
     assert got["kv_cache"] == 2 * 2 * 1 * 8 * 2 * 3 * 10  # K and V, 2 layers, 1 KV head at tp=2, head_dim 8, bf16
     copy = measure_copy_bandwidth("cpu", 1 << 20, repeats=2)
     assert copy["gb_s"] > 0 and "read plus the bytes written" in copy["method"]

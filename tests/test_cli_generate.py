@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchrun_helpers import run_under_torchrun, stdout_or_raise
 from transformers import AutoTokenizer
 
 from tplab.cli import main
 from tplab.specs import tiny
 from tplab.testing import hf_greedy, make_checkpoint
-from tplab.testing.torchrun import run_under_torchrun, stdout_or_raise
 
 PROMPT_IDS = ["1,5,9,12,40", "1,7"]
 

@@ -32,6 +32,8 @@ from collections import Counter
 
 import pytest
 import torch
+from probes import expected_greedy_comm, generation_comm
+from torchrun_helpers import run_under_torchrun, stdout_or_raise
 
 from tplab import launch
 from tplab.bench.emulation import emulated_dist
@@ -42,8 +44,6 @@ from tplab.engine.generate import generate
 from tplab.engine.runner import DECODE_MODES, ModelRunner
 from tplab.model.loading import from_hf_model
 from tplab.testing import SPECS, build_hf_model, distinct_prompts, hf_config, hf_greedy
-from tplab.testing.probes import expected_greedy_comm, generation_comm
-from tplab.testing.torchrun import run_under_torchrun, stdout_or_raise
 
 DEVICE = os.environ.get("TPLAB_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else None)
 ON_CUDA = DEVICE is not None and torch.device(DEVICE).type == "cuda"
@@ -196,7 +196,7 @@ def test_torchrun_with_one_process_generates_and_benchmarks(config_path, tmp_pat
 
 @needs_cuda
 def test_the_fp8_gemm_matches_the_dequantized_weights_on_a_gpu_with_fp8_tensor_cores():
-    from tplab.layers.quantized import dequantize, fp8_gemm, fp8_gemm_supported, quantize_rows
+    from tplab.layers.weights import dequantize, fp8_gemm, fp8_gemm_supported, quantize_rows
 
     if not fp8_gemm_supported(torch.device(DEVICE)):
         pytest.skip("this GPU has no FP8 tensor cores (compute capability < 8.9)")

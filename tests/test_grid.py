@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from grid_probe import grid_exchanges  # a module of this folder, importable by every rank
+from torchrun_helpers import run_under_torchrun, stdout_or_raise
 
 from tplab import launch
 from tplab.comm.grid import GridShape
-from tplab.testing.grid_probe import grid_exchanges
-from tplab.testing.torchrun import run_under_torchrun, stdout_or_raise
 
-REPO = str(Path(__file__).resolve().parent.parent)
+HERE = str(Path(__file__).resolve().parent)
 
 
 def test_the_grid_numbers_tp_ranks_within_a_stage_and_stages_across():
@@ -68,7 +68,7 @@ def test_a_two_by_two_grid_on_each_backend(backend):
 
 
 def test_a_two_by_two_grid_under_torchrun():
-    out = stdout_or_raise(run_under_torchrun(4, ["tplab.testing.grid_probe", "2", "2", "2"], cwd=REPO, timeout=240))
+    out = stdout_or_raise(run_under_torchrun(4, ["grid_probe", "2", "2", "2"], cwd=HERE, timeout=240))
     check_two_by_two(json.loads(out.strip().splitlines()[-1]))
 
 

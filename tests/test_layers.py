@@ -94,9 +94,9 @@ def test_from_linear_takes_this_ranks_block_and_keeps_the_dtype():
     column = ColumnParallelLinear.from_linear(dense, _dist(2, rank=1))
     row = RowParallelLinear.from_linear(nn.Linear(8, 6), _dist(4, rank=3))
     assert column.weight.dtype == column.bias.dtype == torch.bfloat16
-    assert torch.equal(column.weight, dense.weight[4:]) and torch.equal(column.bias, dense.bias[4:])
+    assert torch.equal(column.weight.tensor, dense.weight[4:]) and torch.equal(column.bias, dense.bias[4:])
     assert row.weight.shape == (6, 2) and row.bias.shape == (6,)
-    assert not column.weight.requires_grad and "local 4" in repr(column) and "local 2" in repr(row)
+    assert not column.weight.tensor.requires_grad and "local 4" in repr(column) and "local 2" in repr(row)
 
 
 # --- bits that depend on the kernel, bits that do not ---------------------------------------

@@ -4,6 +4,7 @@ import shutil
 
 import pytest
 import torch
+from probes import load_memory_probe
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -12,7 +13,6 @@ from tplab.errors import CheckpointError
 from tplab.model.loading import from_hf_model, from_pretrained
 from tplab.specs.model import ModelConfig
 from tplab.testing import make_checkpoint, write_random_checkpoint
-from tplab.testing.probes import load_memory_probe
 
 MB = 1 << 20
 

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from probes import equivalence_probe, expected_greedy_comm, generation_comm
 
 from tplab import launch
 from tplab.testing import SPECS, build_hf_model, distinct_prompts, hf_greedy, make_checkpoint
-from tplab.testing.probes import equivalence_probe, expected_greedy_comm, generation_comm
 
 TPS = (1, 2, 4, 8)
 LENGTHS = [5, 11, 8]  # a different length in every row

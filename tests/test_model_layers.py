@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tplab import launch
-from tplab.layers.fused import MergedColumnParallelLinear, QKVParallelLinear
+from tplab.layers.linear import MergedColumnParallelLinear, QKVParallelLinear
 from tplab.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from tplab.model.attention import attention_mask, grouped_query_attention
 from tplab.specs.sharding import gqa_heads

@@ -5,7 +5,7 @@ import torch
 from tplab import launch
 from tplab.engine.generate import generate
 from tplab.errors import InputError
-from tplab.layers.quantized import prepack_supported
+from tplab.layers.weights import prepack_supported
 from tplab.model.loading import from_pretrained
 from tplab.specs.tiny import TINY_DIR
 

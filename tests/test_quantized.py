@@ -9,7 +9,7 @@ import torch
 from tplab import launch
 from tplab.cli import main
 from tplab.engine.generate import generate_rank_program
-from tplab.layers.quantized import Q_MAX, dequantize, quantize_rows
+from tplab.layers.weights import Q_MAX, dequantize, quantize_rows
 from tplab.model.loading import from_hf_model, from_pretrained
 from tplab.specs.tiny import TINY_DIR
 from tplab.testing import build_hf_model, distinct_prompts
@@ -35,7 +35,7 @@ def _dequantized_layers(hf, scheme):
     def rank(dist):
         model = from_hf_model(hf, dist).quantize_(scheme)
         layer = model.layers[0]
-        parts = {name: dequantize(m.qweight, m.scale, torch.float32)
+        parts = {name: dequantize(m.weight.qweight, m.weight.scale, torch.float32)
                  for name, m in (("qkv", layer.attn.qkv), ("o", layer.attn.o_proj),
                                  ("gate_up", layer.mlp.gate_up), ("down", layer.mlp.down))}
         gathers = model.dist.stats.counts("quantize")
@@ -139,10 +139,10 @@ def test_the_int8_kernel_path_matches_the_dequantized_weights_within_bf16_roundi
     linear = torch.nn.Linear(256, 96, bias=True).to(torch.bfloat16)
     x = torch.randn(3, 5, 256, dtype=torch.bfloat16)
     kernel = launch(lambda dist: ColumnParallelLinear.from_linear(linear, dist).quantize_("int8"), 1, "threads")[0]
-    dense = torch.nn.functional.linear(x.float(), dequantize(kernel.qweight, kernel.scale, torch.float32),
+    dense = torch.nn.functional.linear(x.float(), kernel.weight.dequantized(torch.float32),
                                        linear.bias.float())
     got = kernel(x).float()
-    bound = 2 * 2 ** -8 * (x.float().abs() @ dequantize(kernel.qweight, kernel.scale, torch.float32).abs().T + 1)
+    bound = 2 * 2 ** -8 * (x.float().abs() @ kernel.weight.dequantized(torch.float32).abs().T + 1)
     assert (got - dense).abs().le(bound).all()  # bf16 output and accumulation: a few units of 2^-8 relative
 
 

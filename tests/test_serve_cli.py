@@ -3,9 +3,9 @@ import json
 from pathlib import Path
 
 import pytest
+from torchrun_helpers import run_under_torchrun, stdout_or_raise
 
 from tplab.cli import main
-from tplab.testing.torchrun import run_under_torchrun, stdout_or_raise
 
 REPO = str(Path(__file__).resolve().parent.parent)
 

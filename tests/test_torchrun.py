@@ -7,12 +7,14 @@ import sys
 import time
 from pathlib import Path
 
+import failing_rank
+from torchrun_helpers import env_outside_torchrun, run_under_torchrun, stdout_or_raise
+
 from tplab.comm.torchrun import report_errors_to_torchrun
-from tplab.testing import failing_rank
-from tplab.testing.torchrun import env_outside_torchrun, run_under_torchrun, stdout_or_raise
 
 BACKENDS = ("threads", "gloo")
 REPO = str(Path(__file__).resolve().parent.parent)
+HERE = str(Path(__file__).resolve().parent)
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess:
@@ -42,7 +44,7 @@ def test_demo_under_torchrun_uses_the_torchrun_processes():
 def test_under_torchrun_a_failing_rank_stops_the_group_and_torchrun_names_its_error():
     """Rank 1 raises while rank 0 waits in an all-reduce: torchrun ends both, and its root cause is rank 1's error."""
     start = time.monotonic()
-    done = run_under_torchrun(2, ["tplab.testing.failing_rank"], timeout=120, cwd=REPO)
+    done = run_under_torchrun(2, ["failing_rank"], timeout=120, cwd=HERE)
     assert done.returncode != 0 and time.monotonic() - start < 60, done.stderr[-2000:]
     root_cause = done.stderr[done.stderr.index("Root Cause"):]
     assert "rank      : 1" in root_cause and f"RuntimeError: {failing_rank.MESSAGE}" in root_cause, root_cause

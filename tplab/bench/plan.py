@@ -20,7 +20,7 @@ from tplab.bench.timing import check_counts
 from tplab.checks import is_positive_int
 from tplab.comm.launch import BACKENDS, under_torchrun
 from tplab.engine.runner import DECODE_MODES
-from tplab.layers.quantized import check_scheme
+from tplab.layers.weights import check_scheme
 from tplab.model.loading import torch_dtype
 from tplab.perf.estimate import check_link
 from tplab.specs.dtypes import torch_name

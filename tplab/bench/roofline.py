@@ -89,7 +89,7 @@ def decode_bytes(model: TPCausalLM, batch: int, context: float) -> dict[str, flo
     """
     embedding = model.embed.weight
     tied = model.lm_head.weight is embedding
-    weights = model.parameter_bytes() - (0 if tied else embedding.numel() * embedding.element_size())
+    weights = model.parameter_bytes() - (0 if tied else embedding.nbytes)
     layers, heads, dim = model.config.num_layers, len(model.layers[0].attn.qkv.kv_heads), model.config.head_dim
     element = torch.empty((), dtype=model.dtype).element_size()
     return {"weights": float(weights), "kv_cache": 2.0 * layers * heads * dim * element * batch * context}

@@ -86,10 +86,6 @@ class Grid:
         return f"Grid(rank={self.rank}, stage={self.stage}, tp_rank={self.tp.rank}, shape={self.shape})"
 
     @property
-    def world_size(self) -> int:
-        return self.shape.world_size
-
-    @property
     def stage(self) -> int:
         return self.pp.rank
 

@@ -44,7 +44,7 @@ from tplab.bench.records import load_records
 from tplab.comm.launch import BACKENDS, under_torchrun
 from tplab.commands import int_list, torch_dtype_name
 from tplab.engine.runner import DECODE_MODES
-from tplab.layers.quantized import SCHEMES
+from tplab.layers.weights import SCHEMES
 from tplab.paths import default_measurements_dir
 
 COLUMNS = [("kind", 8), ("tp", 3), ("batch", 5), ("prompt", 6), ("TTFT ms", 10), ("decode ms/tok", 13),

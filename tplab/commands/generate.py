@@ -22,7 +22,7 @@ from tplab.comm.launch import BACKENDS, check_device, launch, under_torchrun
 from tplab.commands import int_list, runtime_dtype
 from tplab.engine.generate import check_prompts, generate_rank_program
 from tplab.errors import InputError
-from tplab.layers.quantized import SCHEMES
+from tplab.layers.weights import SCHEMES
 from tplab.memory import check_fits, rank_processes_bytes
 from tplab.model.loading import check_checkpoint, checkpoint_config, resolve_dtype
 from tplab.model.sampling import SamplingParams

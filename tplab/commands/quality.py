@@ -19,7 +19,7 @@ from tplab.comm.launch import BACKENDS, launch
 from tplab.commands.generate import load_tokenizer
 from tplab.engine.quality import quality_rank_program, token_windows
 from tplab.errors import InputError
-from tplab.layers.quantized import SCHEMES
+from tplab.layers.weights import SCHEMES
 from tplab.model.loading import checkpoint_config
 from tplab.specs.tiny import CORPUS_FILE, validation_texts
 

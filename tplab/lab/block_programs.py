@@ -88,7 +88,7 @@ def decoder_block_rank(dist: Dist, config: ModelConfig, state: dict[str, torch.T
     return {
         "attn": captured["attn"].cpu(), "mlp": captured["mlp"].cpu(), "output": output.cpu(),
         "q_heads": list(qkv.q_heads), "kv_heads": list(qkv.kv_heads),
-        "weights": {name: tuple(p.shape) for name, p in block.named_parameters()},
+        "weights": {name.removesuffix(".tensor"): tuple(p.shape) for name, p in block.named_parameters()},
         "weight_bytes": sum(p.numel() * p.element_size() for p in block.parameters()),
         "cache_k": cache.k[0].cpu(), "cache_v": cache.v[0].cpu(),
         "comm": dist.stats.summary(),

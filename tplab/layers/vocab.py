@@ -23,29 +23,28 @@ z_r = h E_r^T, shape (..., V'/tp), with no communication. Then either
   exactly as torch.argmax does on the full logits.
 
 With tied embeddings (``tie_word_embeddings``) the head reuses the
-embedding's shard: the same rows, so the same tensor.
+embedding's shard: the same rows, so the same weight (its format included:
+a quantized embedding gives a quantized head).
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from tplab.checkpoint.sources import StateDictSource, TensorSource
 from tplab.comm.group import Dist
-from tplab.layers.quantized import QuantizableLinear, dequantize
+from tplab.layers.linear import ParallelLinear
+from tplab.layers.weights import DenseWeight
 from tplab.specs.sharding import vocab_shard
 
 
-class _VocabShard(QuantizableLinear):
+class _VocabShard(ParallelLinear):
     """A (V'/tp, hidden) block of rows of a vocabulary matrix; padding rows are zero."""
 
     def __init__(self, vocab_size: int, hidden_size: int, dist: Dist, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.vocab_size, self.hidden_size, self.dist = vocab_size, hidden_size, dist
         self.start, self.stop, self.real_stop = vocab_shard(vocab_size, dist.world_size, dist.rank)
-        self.weight = nn.Parameter(torch.zeros(self.stop - self.start, hidden_size, dtype=dtype, device=dist.device),
-                                   requires_grad=False)
+        self.weight = DenseWeight(self.stop - self.start, hidden_size, dtype, dist.device, fill=0.0)
 
     @property
     def num_real(self) -> int:
@@ -55,7 +54,7 @@ class _VocabShard(QuantizableLinear):
     def load(self, source: TensorSource, name: str):
         """Fill the real rows [start, real_stop) of ``name`` (a (V, hidden) tensor); padding stays zero."""
         if self.num_real:  # a rank of a tiny vocabulary may own padding only
-            source.copy_into(self.weight.data[:self.num_real], name, 0, self.start, self.real_stop)
+            self.weight.load_block(source, name, slice(0, self.num_real), 0, self.start, self.real_stop)
         return self
 
     @classmethod
@@ -76,11 +75,7 @@ class VocabParallelEmbedding(_VocabShard):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         owned = (ids >= self.start) & (ids < self.real_stop)
         local = torch.where(owned, ids - self.start, torch.zeros_like(ids))
-        if self.scheme is None:
-            rows = F.embedding(local, self.weight)
-        else:  # dequantize the looked-up rows only: s_t · Q_t
-            rows = dequantize(self.qweight[local], self.scale[local], self.compute_dtype)
-        partial = rows.masked_fill(~owned[..., None], 0)
+        partial = self.weight.rows(local).masked_fill(~owned[..., None], 0)
         return self.dist.all_reduce(partial)
 
 
@@ -88,19 +83,16 @@ class ParallelLMHead(_VocabShard):
     """z_r = h E_r^T, this rank's vocabulary block of the logits; gathered, or reduced to a greedy argmax."""
 
     def tie_to(self, embedding: VocabParallelEmbedding) -> "ParallelLMHead":
-        """Share the embedding's shard (tied embeddings): the same rows of the same matrix."""
+        """Share the embedding's shard (tied embeddings): the same rows of the same matrix, in the same format
+        (tie again after the embedding's format changed)."""
         if (embedding.start, embedding.stop) != (self.start, self.stop):
             raise ValueError("tied embedding and LM head must own the same vocabulary rows")
         self.weight = embedding.weight
         return self
 
-    def share_quantized(self, embedding: VocabParallelEmbedding) -> "ParallelLMHead":
-        """A tied LM head after its embedding was quantized: the same int8/fp8 rows and scales."""
-        return self._store(embedding.qweight, embedding.scale, embedding.scheme)
-
     def local_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """z_r, shape (..., V'/tp); padding columns are 0 (not -inf)."""
-        return self.matmul(hidden)
+        return self.weight.matmul(hidden)
 
     def gather_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The full logits (..., V) on every rank: one all-gather, padding columns dropped."""

@@ -6,7 +6,7 @@ intermediate size I and vocabulary V, rank r holds:
 * embedding: rows [r V'/tp, (r+1) V'/tp) of the (padded) vocabulary;
   one all-reduce assembles each token's embedding (:mod:`tplab.layers.vocab`);
 * per layer, attention: its H/tp query heads and their KV heads
-  (QKV column parallel, :class:`~tplab.layers.fused.QKVParallelLinear`), the
+  (QKV column parallel, :class:`~tplab.layers.linear.QKVParallelLinear`), the
   matching H/tp * head_dim columns of o_proj (row parallel): one all-reduce;
 * per layer, MLP: I/tp rows of gate and up (merged, column parallel) and I/tp
   columns of down (row parallel): one all-reduce;
@@ -33,10 +33,10 @@ from torch import nn
 
 from tplab.checkpoint.sources import LoadStats, TensorSource
 from tplab.comm.group import Dist
-from tplab.layers.fused import MergedColumnParallelLinear, QKVParallelLinear, load_row_parallel
-from tplab.layers.linear import RowParallelLinear
+from tplab.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear, load_row_parallel
 from tplab.layers.rope import RotaryEmbedding, apply_rope
 from tplab.layers.vocab import ParallelLMHead, VocabParallelEmbedding
+from tplab.layers.weights import DenseWeight, WeightFormat
 from tplab.model.kv_cache import KVCache, StaticStep
 from tplab.model.paged_cache import PagedBatch
 from tplab.specs.model import ModelConfig
@@ -159,18 +159,21 @@ class TPCausalLM(nn.Module):
         return self
 
     def parameter_bytes(self) -> int:
-        """Bytes of this rank's weights (a tied matrix counted once), quantized values, scales, prepacked weights."""
-        quantized = [b for name, b in self.named_buffers() if name.endswith((".qweight", ".scale"))]
-        packed = [m.packed for m in self.modules() if getattr(m, "packed", None) is not None]
-        return sum(t.numel() * t.element_size() for t in [*self.parameters(), *quantized, *packed])
+        """Bytes of this rank's weights as stored, in whatever format (a tied matrix counted once): every weight
+        format's bytes, and the norms and biases."""
+        formats = {id(m): m for m in self.modules() if isinstance(m, WeightFormat)}
+        inside = {id(t) for m in formats.values() for t in [*m.parameters(), *m.buffers()]}
+        rest = [p for p in self.parameters() if id(p) not in inside]
+        return sum(m.nbytes for m in formats.values()) + sum(p.numel() * p.element_size() for p in rest)
 
     def prepack_(self) -> "TPCausalLM":
-        """Every unquantized decoder linear, and an untied LM head, in oneDNN's blocked layout (CPU, float32 or
-        bfloat16): the same forward pass through faster GEMMs (:meth:`~tplab.layers.quantized.QuantizableLinear.prepack_`).
+        """Every dense decoder linear, and an untied dense LM head, in oneDNN's blocked layout (CPU, float32 or
+        bfloat16): the same forward pass through faster GEMMs (:class:`~tplab.layers.weights.PrepackedWeight`).
         The readable path stays the default; this one must give the same tokens."""
-        head = [] if self.config.tie_word_embeddings or self.lm_head.scheme else [self.lm_head]
-        for linear in [m for m in self.quantizable() if m.scheme is None] + head:
-            linear.prepack_()
+        head = [] if self.config.tie_word_embeddings else [self.lm_head]
+        for linear in self.quantizable() + head:
+            if isinstance(linear.weight, DenseWeight):
+                linear.prepack_()
         return self
 
     def quantizable(self) -> list:
@@ -179,7 +182,7 @@ class TPCausalLM(nn.Module):
 
     def quantize_(self, scheme: str, embeddings: bool = False) -> "TPCausalLM":
         """Weight-only int8 or fp8 for every decoder linear (q/k/v, o, gate/up, down) of this rank's shard, with
-        per-row scales that do not depend on tp (:mod:`tplab.layers.quantized`). The embedding and the LM head
+        per-row scales that do not depend on tp (:mod:`tplab.layers.weights`). The embedding and the LM head
         keep the model's dtype unless ``embeddings`` (one scale per vocabulary row); the norms always do. The
         row-parallel layers' scale maxima are all-gathered under the tag "quantize"."""
         stats, tag = self.dist.stats, self.dist.stats.tag
@@ -190,7 +193,7 @@ class TPCausalLM(nn.Module):
             if embeddings:
                 self.embed.quantize_(scheme)
                 if self.config.tie_word_embeddings:
-                    self.lm_head.share_quantized(self.embed)
+                    self.lm_head.tie_to(self.embed)
                 else:
                     self.lm_head.quantize_(scheme)
         finally:

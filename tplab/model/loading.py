@@ -24,7 +24,7 @@ import torch
 from tplab.checkpoint.safetensors_files import SafetensorsSource
 from tplab.checkpoint.sources import StateDictSource
 from tplab.comm.group import Dist
-from tplab.layers.quantized import check_scheme
+from tplab.layers.weights import check_scheme
 from tplab.model.decoder import TPCausalLM
 from tplab.specs.dtypes import torch_name
 from tplab.specs.model import ModelConfig, resolve_model

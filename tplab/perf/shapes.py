@@ -16,7 +16,7 @@ One forward pass needs 2 all-reduces per layer (after o and after down), one
 after the vocab-parallel embedding, and one all-gather of the logits.
 
 Precisions: weights bf16/fp16 (2 B), fp8 and int8 (1 B plus one fp32 scale per
-output row of every linear, the layout of :mod:`tplab.layers.quantized`), int4
+output row of every linear, the layout of :mod:`tplab.layers.weights`), int4
 (0.5 B plus one fp16 scale per group of 128 weights, an AWQ/GPTQ-style layout, assumed).
 Only the linear layers of the decoder blocks are quantized; embedding, lm_head
 and norms stay 16-bit, as in common fp8/int4 checkpoints. Activations and

@@ -1,4 +1,4 @@
-"""A TP group in which one rank fails: ``torchrun --nproc-per-node 2 -m tplab.testing.failing_rank``.
+"""A TP group in which one rank fails: ``torchrun --nproc-per-node 2 -m failing_rank``, from this folder.
 
 Rank 1 raises while rank 0 waits for it in an all-reduce. Tests use it to
 check that under torchrun too a failure stops every rank (torchrun ends the

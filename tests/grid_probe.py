@@ -1,6 +1,6 @@
 """A rank program that exercises every group of a tp x pp grid, for the tests of every backend.
 
-``python -m tplab.testing.grid_probe TP PP EP`` runs it under torchrun (one process per rank) and prints, on
+``python -m grid_probe TP PP EP``, from this folder, runs it under torchrun (one process per rank) and prints, on
 global rank 0, every rank's result as JSON.
 """
 from __future__ import annotations
