@@ -30,10 +30,17 @@ $(STAMP): pyproject.toml constraints.txt
 lint: setup
 	$(BIN)/ruff check .
 
+# Every pass runs, whatever the one before it did; a summary names each pass's result, and the target fails at
+# the end if any pass failed.
 test: setup
-	$(BIN)/python -m pytest tests notebooks --nbmake -q
-	$(OTHER_GEMM_PATH) $(BIN)/python -m pytest tests/test_layers.py tests/test_rounding.py tests/test_model_layers.py notebooks --nbmake -q
-	$(MAKE) render
+	@status=0; summary=""; \
+	run() { name=$$1; shift; echo "== $$name: $$*"; if "$$@"; then summary="$$summary\n  passed: $$name"; \
+	        else summary="$$summary\n  FAILED: $$name"; status=1; fi; }; \
+	run "unit tests and notebooks" $(BIN)/python -m pytest tests notebooks --nbmake -q; \
+	run "another GEMM path ($(OTHER_GEMM_PATH))" env $(OTHER_GEMM_PATH) $(BIN)/python -m pytest tests/test_layers.py \
+	    tests/test_rounding.py tests/test_model_layers.py notebooks --nbmake -q; \
+	run "notebook 06 rendered" $(MAKE) --no-print-directory render; \
+	printf "make test:$$summary\n"; exit $$status
 
 # Notebook 06 (the widget explorer) rendered the way a reader publishes it. It takes ~10 s; a widget cell that
 # stalls headless executors (they wait on a reply they already got) would take the per-cell timeout, so the

@@ -1,15 +1,21 @@
-"""Prepacked linears (oneDNN's blocked layout): the same model, the same tokens, the same bytes, a faster kernel."""
+"""Prepacked linears (oneDNN's blocked layout): the same model, the same tokens, the same bytes, a faster kernel;
+refused in one line where the CPU cannot hold them (bfloat16 without AVX-512 BW/VL/DQ or AVX-NE-CONVERT)."""
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from tplab import launch
 from tplab.engine.generate import generate
 from tplab.errors import InputError
-from tplab.layers.weights import prepack_supported
+from tplab.layers.weights import prepack_problem
 from tplab.model.loading import from_pretrained
+from tplab.specs import cpu
 from tplab.specs.tiny import TINY_DIR
 
-pytestmark = pytest.mark.skipif(not prepack_supported(torch.ones(1)), reason="this torch build has no oneDNN")
+pytestmark = pytest.mark.skipif(prepack_problem(torch.float32) is not None, reason="this torch build has no oneDNN")
+NO_BF16_PREPACK = "avx512bw,avx_ne_convert"  # what tplab's capability check removes to take an AVX2 CPU's side
 PROMPTS = [[5, 9, 31, 7, 2, 11], [40, 41], [100, 7, 7, 8, 300, 12, 14, 15, 16]]
 
 
@@ -25,6 +31,8 @@ def eager_and_prepacked(dist, dtype: str, quant: str | None = None) -> dict:
 
 @pytest.mark.parametrize("tp,dtype", [(1, "float32"), (2, "float32"), (2, "bfloat16")])
 def test_prepacked_linears_give_the_same_tokens_and_bytes(tp, dtype):
+    if dtype == "bfloat16" and not cpu.bf16_prepack():
+        pytest.skip(f"this CPU cannot prepack bfloat16 ({cpu.describe()}): the refusal is tested below")
     for rank in launch(eager_and_prepacked, tp, "threads", args=(dtype,)):
         assert rank["tokens"][0] == rank["tokens"][1]
         assert rank["packed"] == 4 * 4 + 1  # q/k/v, o, gate/up, down in each of 4 layers, and the LM head
@@ -45,3 +53,20 @@ def test_prepack_refuses_what_it_cannot_hold():
         return from_pretrained(TINY_DIR, dist, dtype="float16", prepack=True)
     with pytest.raises(InputError, match="--prepack needs unquantized float32 or bfloat16"):
         launch(program, 1, "threads")
+
+
+def test_bf16_prepacking_is_refused_in_one_line_where_the_cpu_lacks_it(monkeypatch):
+    monkeypatch.setenv(cpu.FORCE_OFF, NO_BF16_PREPACK)
+    assert not cpu.bf16_prepack() and prepack_problem(torch.float32) is None  # float32 prepacks on any x86 CPU
+    with pytest.raises(InputError, match="--prepack in bfloat16 needs a CPU with AVX-512"):
+        launch(lambda dist: from_pretrained(TINY_DIR, dist, dtype="bfloat16", prepack=True), 1, "threads")
+    done = subprocess.run([sys.executable, "-m", "tplab", "generate", "--dtype", "bf16", "--prepack", "--prompt-ids",
+                           "1,2,3", "--max-new-tokens", "2"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert done.stderr.count("\n") == 1 and "use --dtype float32 with --prepack" in done.stderr
+
+
+def test_libraries_capped_at_avx2_count_as_a_cpu_without_avx512(monkeypatch):
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert cpu.capped_to_avx2() == "ONEDNN_MAX_CPU_ISA=AVX2"
+    assert not cpu.native_bf16() and not cpu.bf16_prepack() and "capped" in cpu.describe()

@@ -67,13 +67,28 @@ def measure_copy_bandwidth(device: torch.device | str, nbytes: int | None = None
 
 
 def measure_matmul_tflops(device: torch.device | str, dtype: torch.dtype, size: int | None = None,
-                          repeats: int = 3) -> dict:
-    """{"tflops", "size", "method"}: the best throughput of a (size x size) @ (size x size) matmul, 2·size³ FLOPs."""
+                          repeats: int = 3, budget_s: float = 2.0) -> dict:
+    """{"tflops", "size", "method"}: the best throughput of a (size x size) @ (size x size) matmul, 2·size³ FLOPs.
+
+    Without ``size`` the measurement is bounded by time, not by a size: from 256 the side doubles (8 times the
+    work) while the next size's ``repeats + 1`` runs still fit ``budget_s``, up to 8192 on a GPU and 4096 on a CPU.
+    A CPU that emulates the dtype (bfloat16 without AVX-512 BF16) thus stops at a small matrix in about
+    ``budget_s`` seconds instead of minutes.
+    """
     device = torch.device(device)
-    size = size or (8192 if device.type == "cuda" else 4096)
     generator = torch.Generator(device).manual_seed(0)  # random data: a GPU runs constant data faster
-    a = torch.randn(size, size, dtype=dtype, device=device, generator=generator)
-    b = torch.randn(size, size, dtype=dtype, device=device, generator=generator)
+
+    def operands(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(torch.randn(n, n, dtype=dtype, device=device, generator=generator) for _ in range(2))
+
+    if size is None:
+        size, largest = 256, 8192 if device.type == "cuda" else 4096
+        while size < largest:
+            a, b = operands(size)
+            if 8 * _time_best(lambda: a @ b, device, 1) * (repeats + 1) > budget_s:
+                break
+            size *= 2
+    a, b = operands(size)
     seconds = _time_best(lambda: a @ b, device, repeats)
     return {"tflops": 2 * size ** 3 / seconds / 1e12, "size": size,
             "method": f"best of {repeats} {size}x{size} {str(dtype).removeprefix('torch.')} matmuls of random "

@@ -96,6 +96,13 @@ def default_threads(ranks_here: int) -> int:
     return max(1, (os.cpu_count() or 1) // ranks_here)
 
 
+def rank_device_type(device: torch.device | str | None) -> str:
+    """Where the ranks will compute: the device asked for, else "cuda" under torchrun with a GPU visible, else "cpu"."""
+    if device is not None:
+        return torch.device(device).type
+    return "cuda" if under_torchrun() and torch.cuda.is_available() else "cpu"
+
+
 def check_device(backend: str, device: torch.device | str | None) -> None:
     """ValueError, saying what to do, unless ranks of ``backend`` can compute on ``device`` (None: their default)."""
     if device is None or backend not in BACKENDS:

@@ -41,11 +41,12 @@ from pathlib import Path
 
 from tplab.bench.calibration import calibrate, write_efficiency
 from tplab.bench.records import load_records
-from tplab.comm.launch import BACKENDS, under_torchrun
+from tplab.comm.launch import BACKENDS, rank_device_type, under_torchrun
 from tplab.commands import int_list, torch_dtype_name
 from tplab.engine.runner import DECODE_MODES
 from tplab.layers.weights import SCHEMES
 from tplab.paths import default_measurements_dir
+from tplab.specs import cpu
 
 COLUMNS = [("kind", 8), ("tp", 3), ("batch", 5), ("prompt", 6), ("TTFT ms", 10), ("decode ms/tok", 13),
            ("p10-p90", 15), ("comm %", 6), ("tok/s", 8), ("mem GB", 7), ("BW % copy", 9), ("vs HF", 6)]
@@ -65,8 +66,9 @@ def register(subparsers) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed requests first (default 1)")
     p.add_argument("--quant", choices=SCHEMES, default=None,
                    help="weight-only int8 or fp8 for the decoder's linears (the HF baseline stays unquantized)")
-    p.add_argument("--dtype", type=torch_dtype_name, default="bfloat16",
-                   help="weights and KV cache: bfloat16/bf16, float16/fp16 or float32/fp32")
+    p.add_argument("--dtype", type=torch_dtype_name, default=None,
+                   help="weights and KV cache: bfloat16/bf16, float16/fp16 or float32/fp32 (default: bfloat16, or "
+                        "float32 on a CPU without native bf16 matmul, said in one line)")
     p.add_argument("--emulate-rank", action="store_true",
                    help="time rank 0 alone on one device with real shapes; collectives modelled (alpha-beta)")
     p.add_argument("--layers", type=int, default=None,
@@ -104,12 +106,25 @@ def spec_from_args(args: argparse.Namespace):
     """The :class:`tplab.bench.sweep.BenchSpec` the flags describe (checked later by tplab.bench.plan)."""
     from tplab.bench.sweep import BenchSpec  # imports transformers: only when benchmarking
 
+    dtype = args.dtype or ("bfloat16" if args.dry_run else default_dtype(args.device))  # a dry run models a GPU
     return BenchSpec(model=args.model, tps=int_list("--tp", args.tp), batches=int_list("--batch", args.batch),
                      prompt_lens=int_list("--prompt-len", args.prompt_len), decode_steps=args.decode_steps,
-                     repeats=args.repeats, warmup=args.warmup, dtype=args.dtype, quant=args.quant, emulate=args.emulate_rank,
+                     repeats=args.repeats, warmup=args.warmup, dtype=dtype, quant=args.quant, emulate=args.emulate_rank,
                      layers=args.layers, backend=args.backend, device=args.device, decode_mode=args.decode,
                      gpu=args.gpu, interconnect=args.interconnect, efficiency=args.efficiency,
                      baseline=not args.no_baseline, threads=args.threads, quick_roofline=args.quick_roofline)
+
+
+def default_dtype(device: str | None) -> str:
+    """bfloat16, or float32 on a CPU whose bf16 matmul is emulated (said in one line on stderr)."""
+    import torch
+
+    on = device or ("cuda" if torch.cuda.is_available() or rank_device_type(None) == "cuda" else "cpu")
+    if torch.device(on).type == "cpu" and not cpu.native_bf16():
+        print(f"note: this CPU has no native bf16 matmul ({cpu.describe()}): benchmarking in float32; pass "
+              "--dtype bfloat16 to insist", file=sys.stderr)
+        return "float32"
+    return "bfloat16"
 
 
 def _row(r: dict) -> list[str]:

@@ -18,13 +18,13 @@ from pathlib import Path
 
 import torch
 
-from tplab.comm.launch import BACKENDS, check_device, launch, under_torchrun
+from tplab.comm.launch import BACKENDS, check_device, launch, rank_device_type, under_torchrun
 from tplab.commands import int_list, runtime_dtype
 from tplab.engine.generate import check_prompts, generate_rank_program
 from tplab.errors import InputError
-from tplab.layers.weights import SCHEMES
+from tplab.layers.weights import SCHEMES, prepack_problem
 from tplab.memory import check_fits, rank_processes_bytes
-from tplab.model.loading import check_checkpoint, checkpoint_config, resolve_dtype
+from tplab.model.loading import check_checkpoint, checkpoint_config, dtype_note, resolve_dtype
 from tplab.model.sampling import SamplingParams
 from tplab.specs.model import ModelConfig
 
@@ -92,12 +92,14 @@ def prepare(args: argparse.Namespace) -> tuple[ModelConfig, torch.dtype, object,
     for tp in args.tps:
         config.check_tp(tp)
     parameters = check_checkpoint(config)
-    dtype = resolve_dtype(args.dtype, config)
+    dtype = resolve_dtype(args.dtype, config, rank_device_type(args.device))
+    if (note := dtype_note(args.dtype, config, dtype)) and prints():
+        print(note, file=sys.stderr)
     if under_torchrun() and args.tps != [int(os.environ["WORLD_SIZE"])]:
         raise InputError(f"--tp {args.tp} but torchrun started {os.environ['WORLD_SIZE']} processes: pass that one tp")
     check_device(args.backend, args.device)
-    if args.prepack and (args.device or "cpu").startswith("cuda"):
-        raise InputError("--prepack is for CPU ranks (oneDNN's layout); drop it with --device cuda")
+    if args.prepack and (problem := prepack_problem(dtype, rank_device_type(args.device))):
+        raise InputError(problem)
     if not args.prompt and not args.prompt_ids:
         raise InputError("give at least one --prompt TEXT or --prompt-ids 1,2,3")
     tokenizer = load_tokenizer(config.directory)

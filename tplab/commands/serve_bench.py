@@ -16,13 +16,13 @@ import sys
 from pathlib import Path
 
 from tplab.bench.serving import serve_measured, serving_record, write_serving_record
-from tplab.comm.launch import BACKENDS, under_torchrun
+from tplab.comm.launch import BACKENDS, rank_device_type, under_torchrun
 from tplab.commands import runtime_dtype
 from tplab.commands import serving_options as serving
 from tplab.commands.generate import load_tokenizer, prints
 from tplab.files import check_writable
 from tplab.memory import check_fits, rank_processes_bytes
-from tplab.model.loading import check_checkpoint, checkpoint_config, resolve_dtype
+from tplab.model.loading import check_checkpoint, checkpoint_config, dtype_note, resolve_dtype
 from tplab.paths import default_measurements_dir
 
 
@@ -45,7 +45,9 @@ def run(args: argparse.Namespace) -> int:
         config = checkpoint_config(args.model)
         config.check_tp(args.tp)
         parameters = check_checkpoint(config)
-        dtype = resolve_dtype(args.dtype, config)
+        dtype = resolve_dtype(args.dtype, config, rank_device_type(None))
+        if (note := dtype_note(args.dtype, config, dtype)) and prints():
+            print(note, file=sys.stderr)
         context = config.max_position_embeddings
         tokenizer = load_tokenizer(config.directory)
         tokenize = (lambda text: tokenizer(text)["input_ids"]) if tokenizer is not None else None

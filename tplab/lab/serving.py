@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import statistics
 
 import ipywidgets as w
 
@@ -43,15 +44,22 @@ def with_(config: SchedulerConfig, **changes) -> SchedulerConfig:
     return dataclasses.replace(config, **changes)
 
 
+def serve_tiny(requests: list[Request], config: SchedulerConfig, tp: int = 1) -> dict:
+    """The tiny model serving ``requests`` on ``tp`` thread ranks of one torch thread each (measured): a step of the
+    tiny model is too small to share among threads, and a rank of one thread is never stalled waiting for a
+    team-mate that a busy machine has descheduled."""
+    return serve_measured(TINY_DIR, requests, config, tp, threads=1)
+
+
 def measured_policies(requests: list[Request], config: SchedulerConfig, tp: int = 1,
                       policies: tuple[str, ...] = ("padded", "static", "continuous")) -> dict[str, dict]:
     """The same requests served by each batching policy on ``tp`` thread ranks (measured)."""
-    return {policy: serve_measured(TINY_DIR, requests, with_(config, policy=policy), tp) for policy in policies}
+    return {policy: serve_tiny(requests, with_(config, policy=policy), tp) for policy in policies}
 
 
 def cap_sweep(requests: list[Request], config: SchedulerConfig, caps: list[int], tp: int = 1) -> dict[int, dict]:
     """The same requests under each admission cap ``max_num_seqs`` (measured)."""
-    return {cap: serve_measured(TINY_DIR, requests, with_(config, max_num_seqs=cap), tp) for cap in caps}
+    return {cap: serve_tiny(requests, with_(config, max_num_seqs=cap), tp) for cap in caps}
 
 
 def long_prompt_burst(short: int = 4, long: int = 3, long_len: int = 200) -> list[Request]:
@@ -65,20 +73,25 @@ def long_prompt_burst(short: int = 4, long: int = 3, long_len: int = 200) -> lis
 
 def chunking_comparison(requests: list[Request], config: SchedulerConfig, chunk: int, tp: int = 1) -> dict[str, dict]:
     """Whole-prompt prefill (one step per prompt) against chunks of ``chunk`` tokens batched with the decodes."""
-    return {"whole prompts": serve_measured(TINY_DIR, requests, with_(config, chunked_prefill=False,
-                                                                      max_num_batched_tokens=config.max_model_len), tp),
-            f"chunks of {chunk}": serve_measured(TINY_DIR, requests, with_(config, max_num_batched_tokens=chunk), tp)}
+    return {"whole prompts": serve_tiny(requests, with_(config, chunked_prefill=False,
+                                                    max_num_batched_tokens=config.max_model_len), tp),
+            f"chunks of {chunk}": serve_tiny(requests, with_(config, max_num_batched_tokens=chunk), tp)}
 
 
-def simulator_check(config: SchedulerConfig, rates: list[float], num_requests: int = 32, tp: int = 1) -> dict:
+def simulator_check(config: SchedulerConfig, loads: list[float], num_requests: int = 32, tp: int = 1) -> dict:
     """Fit the step cost to one measured run (all requests at once), then compare the simulator with the engine
-    at each Poisson rate: {"cost", "rates": {rate: agreement}} (see :func:`~tplab.bench.serving.simulator_agreement`)."""
-    calibration = serve_measured(TINY_DIR, tiny_load(num_requests, None, seed=100), config, tp)
+    at Poisson rates of ``loads`` times the requests/s that run served: {"cost", "rates": {rate: agreement}} (see
+    :func:`~tplab.bench.serving.simulator_agreement`). Rates set by the machine's own measured pace stay below
+    saturation on a slow or busy machine too, where a queue would amplify every difference of timing."""
+    at_once = tiny_load(num_requests, None, seed=100)
+    calibration = serve_tiny(at_once, config, tp)
     cost = fit_step_cost(calibration["steps"])
+    served = calibration["summary"]["throughput_tok_s"] / statistics.fmean(r.max_new_tokens for r in at_once)
     out = {}
-    for rate in rates:
-        requests = tiny_load(num_requests, rate, seed=int(rate))
-        out[rate] = simulator_agreement(serve_measured(TINY_DIR, requests, config, tp), requests, config, cost)
+    for i, load in enumerate(loads):
+        rate = round(load * served, 1)
+        requests = tiny_load(num_requests, rate, seed=i)
+        out[rate] = simulator_agreement(serve_tiny(requests, config, tp), requests, config, cost)
     return {"cost": cost, "rates": out}
 
 

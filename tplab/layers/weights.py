@@ -44,6 +44,7 @@ from torch import nn
 
 from tplab.checkpoint.sources import TensorSource
 from tplab.errors import InputError
+from tplab.specs import cpu
 
 SCHEMES = ("int8", "fp8")
 Q_MAX = {"int8": 127.0, "fp8": 448.0}
@@ -100,10 +101,21 @@ def fp8_gemm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.
     return y if bias is None else y + bias
 
 
-def prepack_supported(weight: torch.Tensor) -> bool:
-    """Whether oneDNN can hold ``weight`` prepacked: float32 or bfloat16, on the CPU, in a build with oneDNN."""
-    return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
-            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+def prepack_problem(dtype: torch.dtype, device: torch.device | str = "cpu") -> str | None:
+    """Why oneDNN cannot hold weights of ``dtype`` on ``device`` prepacked here (one line, what to do), or None.
+
+    It needs float32 or bfloat16 on the CPU, a torch build with oneDNN, and for bfloat16 a CPU whose oneDNN can
+    reorder it (AVX-512 BW/VL/DQ or AVX-NE-CONVERT, :func:`tplab.specs.cpu.bf16_prepack`).
+    """
+    if torch.device(device).type != "cpu" or dtype not in (torch.float32, torch.bfloat16):
+        return (f"--prepack needs unquantized float32 or bfloat16 weights on the CPU; these are "
+                f"{str(dtype).removeprefix('torch.')} on {device}: drop --prepack")
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return "--prepack needs a torch build with oneDNN, and this one has none: drop --prepack"
+    if dtype == torch.bfloat16 and not cpu.bf16_prepack():
+        return ("--prepack in bfloat16 needs a CPU with AVX-512 (BW, VL, DQ) or AVX-NE-CONVERT, and this one has "
+                f"neither ({cpu.describe()}): use --dtype float32 with --prepack, or drop --prepack")
+    return None
 
 
 class WeightFormat(nn.Module):
@@ -160,9 +172,8 @@ class DenseWeight(WeightFormat):
 
     def prepacked(self) -> "PrepackedWeight":
         """This weight in oneDNN's blocked layout; :class:`~tplab.errors.InputError` where oneDNN cannot hold it."""
-        if not prepack_supported(self.tensor):
-            raise InputError(f"--prepack needs unquantized float32 or bfloat16 weights on the CPU with oneDNN; "
-                             f"these are {self.dtype} on {self.tensor.device}: drop --prepack")
+        if problem := prepack_problem(self.dtype, self.tensor.device):
+            raise InputError(problem)
         return PrepackedWeight(torch.ops.mkldnn._reorder_linear_weight(self.tensor.data, 1), self.dtype)
 
 

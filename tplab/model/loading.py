@@ -26,6 +26,7 @@ from tplab.checkpoint.sources import StateDictSource
 from tplab.comm.group import Dist
 from tplab.layers.weights import check_scheme
 from tplab.model.decoder import TPCausalLM
+from tplab.specs import cpu
 from tplab.specs.dtypes import torch_name
 from tplab.specs.model import ModelConfig, resolve_model
 
@@ -35,13 +36,27 @@ def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, torch_name(name))
 
 
-def resolve_dtype(dtype: torch.dtype | str | None, config: ModelConfig) -> torch.dtype:
+def resolve_dtype(dtype: torch.dtype | str | None, config: ModelConfig, device: torch.device | str = "cpu"
+                  ) -> torch.dtype:
     """An explicit dtype (a torch.dtype, or a name in either spelling: "bf16" or "bfloat16"); None or "auto":
-    the checkpoint's, else float32."""
+    the checkpoint's, else float32, and float32 for a bfloat16 checkpoint on a CPU that has no native bf16 matmul
+    (:func:`tplab.specs.cpu.native_bf16`: emulated, it takes several times the float32 time)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     name = config.dtype if dtype in (None, "auto") else dtype
-    return torch.float32 if name is None else torch_dtype(name)
+    resolved = torch.float32 if name is None else torch_dtype(name)
+    if dtype in (None, "auto") and resolved == torch.bfloat16 and torch.device(device).type == "cpu" \
+            and not cpu.native_bf16():
+        return torch.float32
+    return resolved
+
+
+def dtype_note(requested: str | None, config: ModelConfig, resolved: torch.dtype) -> str | None:
+    """One line when the default dtype is not the checkpoint's (a CPU without native bf16), else None."""
+    if requested not in (None, "auto") or config.dtype is None or torch_dtype(config.dtype) == resolved:
+        return None
+    return (f"note: the checkpoint is {config.dtype} and this CPU has no native bf16 matmul ({cpu.describe()}): "
+            f"computing in {str(resolved).removeprefix('torch.')}; pass --dtype {config.dtype} to insist")
 
 
 def checkpoint_config(model: str | Path | ModelConfig) -> ModelConfig:
@@ -93,7 +108,7 @@ def from_pretrained(model: str | Path | ModelConfig, dist: Dist, dtype: torch.dt
         if config.quantization and quant != config.quantization:
             raise ValueError(f"{config.directory} is stored in {config.quantization}: load it as it is (no --quant, "
                              f"or --quant {config.quantization}), not as {quant}")
-    shard = TPCausalLM(config, dist, resolve_dtype(dtype, config))
+    shard = TPCausalLM(config, dist, resolve_dtype(dtype, config, dist.device))
     shard.load(SafetensorsSource(config.directory)).eval()
     if quant_embeddings and not quant:
         raise ValueError("quantizing the embeddings needs a scheme: pass quant='int8' or 'fp8' with it")
@@ -105,5 +120,5 @@ def from_pretrained(model: str | Path | ModelConfig, dist: Dist, dtype: torch.dt
 def from_hf_model(hf_model: torch.nn.Module, dist: Dist, dtype: torch.dtype | str | None = None) -> TPCausalLM:
     """This rank's shard of an in-memory transformers model (e.g. LlamaForCausalLM), same slicing as on disk."""
     config = ModelConfig.from_hf_config(hf_model.config)
-    dtype = next(hf_model.parameters()).dtype if dtype is None else resolve_dtype(dtype, config)
+    dtype = next(hf_model.parameters()).dtype if dtype is None else resolve_dtype(dtype, config, dist.device)
     return TPCausalLM(config, dist, dtype).load(StateDictSource(hf_model.state_dict())).eval()
