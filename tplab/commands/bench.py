@@ -106,7 +106,8 @@ def spec_from_args(args: argparse.Namespace):
     """The :class:`tplab.bench.sweep.BenchSpec` the flags describe (checked later by tplab.bench.plan)."""
     from tplab.bench.sweep import BenchSpec  # imports transformers: only when benchmarking
 
-    dtype = args.dtype or ("bfloat16" if args.dry_run else default_dtype(args.device))  # a dry run models a GPU
+    dtype, args.dtype_note = (args.dtype, None) if args.dtype else \
+        ("bfloat16", None) if args.dry_run else default_dtype(args.device)  # a dry run models a GPU
     return BenchSpec(model=args.model, tps=int_list("--tp", args.tp), batches=int_list("--batch", args.batch),
                      prompt_lens=int_list("--prompt-len", args.prompt_len), decode_steps=args.decode_steps,
                      repeats=args.repeats, warmup=args.warmup, dtype=dtype, quant=args.quant, emulate=args.emulate_rank,
@@ -115,16 +116,15 @@ def spec_from_args(args: argparse.Namespace):
                      baseline=not args.no_baseline, threads=args.threads, quick_roofline=args.quick_roofline)
 
 
-def default_dtype(device: str | None) -> str:
-    """bfloat16, or float32 on a CPU whose bf16 matmul is emulated (said in one line on stderr)."""
+def default_dtype(device: str | None) -> tuple[str, str | None]:
+    """(bfloat16, None), or float32 and the line that says why on a CPU whose bf16 matmul is emulated."""
     import torch
 
     on = device or ("cuda" if torch.cuda.is_available() or rank_device_type(None) == "cuda" else "cpu")
     if torch.device(on).type == "cpu" and not cpu.native_bf16():
-        print(f"note: this CPU has no native bf16 matmul ({cpu.describe()}): benchmarking in float32; pass "
-              "--dtype bfloat16 to insist", file=sys.stderr)
-        return "float32"
-    return "bfloat16"
+        return "float32", (f"note: this CPU has no native bf16 matmul ({cpu.describe()}): benchmarked in float32; "
+                           "pass --dtype bfloat16 to insist")
+    return "bfloat16", None
 
 
 def _row(r: dict) -> list[str]:
@@ -203,6 +203,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if under_torchrun() and int(os.environ["RANK"]) != 0:
         return 0
+    if args.dtype_note:
+        print(args.dtype_note, file=sys.stderr)
     if args.json:
         for r in records:
             print(json.dumps(r))

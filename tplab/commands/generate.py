@@ -92,12 +92,10 @@ def prepare(args: argparse.Namespace) -> tuple[ModelConfig, torch.dtype, object,
     for tp in args.tps:
         config.check_tp(tp)
     parameters = check_checkpoint(config)
-    dtype = resolve_dtype(args.dtype, config, rank_device_type(args.device))
-    if (note := dtype_note(args.dtype, config, dtype)) and prints():
-        print(note, file=sys.stderr)
     if under_torchrun() and args.tps != [int(os.environ["WORLD_SIZE"])]:
         raise InputError(f"--tp {args.tp} but torchrun started {os.environ['WORLD_SIZE']} processes: pass that one tp")
     check_device(args.backend, args.device)
+    dtype = resolve_dtype(args.dtype, config, rank_device_type(args.device))
     if args.prepack and (problem := prepack_problem(dtype, rank_device_type(args.device))):
         raise InputError(problem)
     if not args.prompt and not args.prompt_ids:
@@ -112,6 +110,8 @@ def prepare(args: argparse.Namespace) -> tuple[ModelConfig, torch.dtype, object,
         for tp in args.tps:
             check_host_memory(config, parameters, dtype, prompts, tp, args)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    if (note := dtype_note(args.dtype, config, dtype)) and prints():  # every check passed: one line, then the run
+        print(note, file=sys.stderr)
     return config, dtype, tokenizer, prompts, sampling
 
 

@@ -46,8 +46,6 @@ def run(args: argparse.Namespace) -> int:
         config.check_tp(args.tp)
         parameters = check_checkpoint(config)
         dtype = resolve_dtype(args.dtype, config, rank_device_type(None))
-        if (note := dtype_note(args.dtype, config, dtype)) and prints():
-            print(note, file=sys.stderr)
         context = config.max_position_embeddings
         tokenizer = load_tokenizer(config.directory)
         tokenize = (lambda text: tokenizer(text)["input_ids"]) if tokenizer is not None else None
@@ -61,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
         if out is not None and out.suffix == ".jsonl" and not out.exists():
             check_writable(out)
         backend = "torchrun" if under_torchrun() else args.backend
+        if (note := dtype_note(args.dtype, config, dtype)) and prints():  # every check passed: one line, then the run
+            print(note, file=sys.stderr)
         run_ = {**serve_measured(config, requests, sched, args.tp, args.backend, dtype, serving.slo_of(args), args.threads),
                 "backend": backend}
     except (ValueError, FileNotFoundError) as e:  # InputError too, found inside a rank (a damaged file)
