@@ -120,10 +120,15 @@ def check_sweep(spec: BenchSpec) -> tuple[BenchModel, ModelConfig]:
     return model, config
 
 
+def default_device(device: str | None) -> torch.device:
+    """The device a sweep runs on: the one asked for, else a GPU where one is visible, else the CPU."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def plan(spec: BenchSpec) -> Plan:
     """Every check that needs no weights: ValueError with what to do, before anything large is allocated."""
     model, config = check_sweep(spec)
-    device = torch.device(spec.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(spec.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("no CUDA device is visible: run on a GPU machine, or pass --device cpu")
     if device.type == "cuda" and device.index is None:

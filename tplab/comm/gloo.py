@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 from tplab.comm import shm
-from tplab.comm.grid import GROUP_KINDS, GridShape, make_grid, torch_transports
+from tplab.comm.grid import GridShape, make_grid, torch_transports
 from tplab.comm.group import CollectiveTimeout, PeerFailure, first_error
 
 
@@ -168,8 +168,8 @@ def _launch_once(ctx, fn, shape, timeout, args, kwargs, threads_per_rank, shared
     results_q = ctx.Queue()
     port = free_port()
     # one segment per group of more than one rank, under a name nobody can guess (or plant a file at)
-    shm_names = {(kind, index): f"tplab-{secrets.token_hex(12)}" for kind in GROUP_KINDS
-                 for index, members in enumerate(shape.groups(kind)) if len(members) > 1} if shared_memory else {}
+    shm_names = {(kind, index): f"tplab-{secrets.token_hex(12)}"
+                 for kind, index, _ in shape.exchanging_groups()} if shared_memory else {}
     procs = [ctx.Process(target=_gloo_rank_main, name=f"tplab-rank{r}", daemon=True,
                          args=(r, shape, port, fn, args, kwargs, timeout, threads_per_rank, results_q, shm_names))
              for r in range(tp)]

@@ -68,6 +68,12 @@ class GridShape:
             return [[s * tp + e * ep + k for k in range(ep)] for s in range(pp) for e in range(tp // ep)]
         raise ValueError(f"unknown group kind {kind!r}; one of {GROUP_KINDS}")
 
+    def exchanging_groups(self) -> list[tuple[str, int, list[int]]]:
+        """(kind, index, members) of every group of more than one rank, in one fixed order: the groups a backend
+        must build (a group of one moves no data)."""
+        return [(kind, index, members) for kind in GROUP_KINDS
+                for index, members in enumerate(self.groups(kind)) if len(members) > 1]
+
     def group_of(self, kind: str, rank: int) -> tuple[int, list[int]]:
         """(index among the groups of ``kind``, members) of the group of ``kind`` that holds ``rank``."""
         return next((i, members) for i, members in enumerate(self.groups(kind)) if rank in members)
@@ -136,11 +142,8 @@ def torch_transports(shape: GridShape, rank: int) -> dict[tuple[str, int], Torch
     """
     import torch.distributed as td
     mine = {}
-    for kind in GROUP_KINDS:
-        for index, members in enumerate(shape.groups(kind)):
-            if len(members) == 1:
-                continue
-            group = None if len(members) == shape.world_size else td.new_group(members)
-            if rank in members:
-                mine[(kind, index)] = TorchTransport(group, members)
+    for kind, index, members in shape.exchanging_groups():
+        group = None if len(members) == shape.world_size else td.new_group(members)
+        if rank in members:
+            mine[(kind, index)] = TorchTransport(group, members)
     return mine

@@ -41,7 +41,7 @@ import torch
 
 from tplab.checks import check_int
 from tplab.comm.gloo import RankDiedError, launch_gloo
-from tplab.comm.grid import GROUP_KINDS, GridShape, make_grid
+from tplab.comm.grid import GridShape, make_grid
 from tplab.comm.group import CollectiveTimeout, first_error
 from tplab.comm.torchrun import launch_torchrun, under_torchrun
 from tplab.comm.transports import ThreadGroup, ThreadTransport
@@ -141,7 +141,7 @@ def thread_device(device: torch.device | str | None) -> torch.device:
 def _launch_threads(fn, shape: GridShape, timeout, args, kwargs, device, threads):
     tp = shape.world_size  # the ranks to wait for (named tp in the errors of a grid of one stage)
     groups = {(kind, index): (ThreadGroup(len(members), timeout), members)
-              for kind in GROUP_KINDS for index, members in enumerate(shape.groups(kind)) if len(members) > 1}
+              for kind, index, members in shape.exchanging_groups()}
     results: list[Any] = [None] * tp
     errors: dict[int, BaseException] = {}  # in arrival order
     finished: queue.Queue[int] = queue.Queue()

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from tplab.bench.calibration import calibrate, write_efficiency
 from tplab.bench.records import load_records
-from tplab.comm.launch import BACKENDS, rank_device_type, under_torchrun
+from tplab.comm.launch import BACKENDS, under_torchrun
 from tplab.commands import int_list, torch_dtype_name
 from tplab.engine.runner import DECODE_MODES
 from tplab.layers.weights import SCHEMES
@@ -118,10 +118,9 @@ def spec_from_args(args: argparse.Namespace):
 
 def default_dtype(device: str | None) -> tuple[str, str | None]:
     """(bfloat16, None), or float32 and the line that says why on a CPU whose bf16 matmul is emulated."""
-    import torch
+    from tplab.bench.plan import default_device  # imports transformers: only when benchmarking
 
-    on = device or ("cuda" if torch.cuda.is_available() or rank_device_type(None) == "cuda" else "cpu")
-    if torch.device(on).type == "cpu" and not cpu.native_bf16():
+    if default_device(device).type == "cpu" and not cpu.native_bf16():
         return "float32", (f"note: this CPU has no native bf16 matmul ({cpu.describe()}): benchmarked in float32; "
                            "pass --dtype bfloat16 to insist")
     return "bfloat16", None
