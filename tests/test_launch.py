@@ -282,3 +282,33 @@ def test_a_failed_gloo_rendezvous_is_retried_once_on_a_new_port(monkeypatch):
         start = time.monotonic()
         assert [r["value"] for r in launch(identify, 2, "gloo", timeout=20, args=(10,))] == [10, 11]
         assert time.monotonic() - start < 15
+
+
+def every_rank_busy(dist, seconds):
+    """Every rank computes for ``seconds`` and calls no collective."""
+    time.sleep(seconds)
+
+
+def rank_0_reduces_rank_1_receives(dist):
+    """Rank 0 waits in an all-reduce, rank 1 in a recv from rank 0: neither is outside a collective."""
+    if dist.rank == 0:
+        return dist.all_reduce(torch.ones(2))
+    return dist.recv(torch.empty(2), 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_launch_whose_every_rank_is_stuck_outside_a_collective_ends_within_the_timeout(backend):
+    start = time.monotonic()
+    with pytest.raises(CollectiveTimeout, match=r"no rank made progress for 2 s: rank\(s\) \[0, 1\] of 2 stayed "
+                                                 r"outside any collective.*rank 1: outside any collective for"):
+        launch(every_rank_busy, 2, backend, timeout=2.0, args=(1000,))
+    assert time.monotonic() - start < 10  # though every rank would sleep 1000 s
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_rank_waiting_in_recv_is_named_as_such(backend):
+    with pytest.raises(Exception) as info:
+        launch(rank_0_reduces_rank_1_receives, 2, backend, timeout=2.0)
+    text = "\n".join([str(info.value), *getattr(info.value, "__notes__", [])])
+    assert "rank 1: in recv of the tp group" in text or "rank 0: in all_reduce of the tp group" in text, text
+    assert "outside any collective" not in text

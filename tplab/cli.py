@@ -1,8 +1,14 @@
-"""``python -m tplab <command>``: the command-line entry point."""
+"""``python -m tplab <command>``: the command-line entry point.
+
+Ctrl-C ends any command the same way: the launcher stops every rank, one line says so, and the process exits with
+status 130 (128 + SIGINT), before any record is written (records are written whole, at the end of a run).
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import threading
 
 from tplab.commands import HelpFormatter, bench, comm_bench, demo, generate, plan, quality, serve_bench, simulate
 
@@ -17,7 +23,15 @@ def main(argv: list[str] | None = None) -> int:
     for sub in subparsers.choices.values():  # every option's help shows its default
         sub.formatter_class = HelpFormatter
     args = parser.parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print(f"interrupted: tplab {args.command} stopped every rank; nothing was recorded", file=sys.stderr)
+        if any(t.name.startswith("tplab-rank") and t.is_alive() for t in threading.enumerate()):
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)  # a thread rank still in a kernel must not run into the interpreter's shutdown
+        return 130
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import torch
 from tplab.comm import shm
 from tplab.comm.grid import GridShape, make_grid, torch_transports
 from tplab.comm.group import CollectiveTimeout, PeerFailure, first_error
+from tplab.comm.progress import LaunchProgress
 
 
 class RankDiedError(RuntimeError):
@@ -80,7 +81,8 @@ def _check_picklable(fn) -> None:
                         "the launch call under `if __name__ == \"__main__\":`.")
 
 
-def _gloo_rank_main(rank, shape, port, fn, args, kwargs, timeout, threads_per_rank, results, shm_names):
+def _gloo_rank_main(rank, shape, port, fn, args, kwargs, timeout, threads_per_rank, results, shm_names, progress):
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle: it stops every rank
     torch.set_num_threads(threads_per_rank)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo0" if sys.platform == "darwin" else "lo")
     import torch.distributed as td
@@ -97,8 +99,13 @@ def _gloo_rank_main(rank, shape, port, fn, args, kwargs, timeout, threads_per_ra
                 segments.append(shm.SharedMemoryTransport.open(name, transports[key].rank,
                                                                transports[key].world_size, transports[key], timeout))
                 transports[key] = segments[-1]
-        dist = make_grid(shape, rank, torch.device("cpu"), lambda kind, index, members: transports[(kind, index)])
-        results.put(("ok", rank, pickle.dumps(fn(dist, *args, **kwargs))))
+        watch = progress.watch(rank)
+        dist = make_grid(shape, rank, torch.device("cpu"), lambda kind, index, members: transports[(kind, index)],
+                         watch=watch)
+        watch.started()
+        result = pickle.dumps(fn(dist, *args, **kwargs))
+        watch.returned()
+        results.put(("ok", rank, result))
     except BaseException as e:  # noqa: BLE001
         for segment in segments:
             segment.abort()  # peers waiting in a shared-memory collective raise now, not at the timeout
@@ -170,14 +177,16 @@ def _launch_once(ctx, fn, shape, timeout, args, kwargs, threads_per_rank, shared
     # one segment per group of more than one rank, under a name nobody can guess (or plant a file at)
     shm_names = {(kind, index): f"tplab-{secrets.token_hex(12)}"
                  for kind, index, _ in shape.exchanging_groups()} if shared_memory else {}
+    progress = LaunchProgress(tp, ctx.RawArray("d", 3 * tp))  # every rank's state, in shared memory
     procs = [ctx.Process(target=_gloo_rank_main, name=f"tplab-rank{r}", daemon=True,
-                         args=(r, shape, port, fn, args, kwargs, timeout, threads_per_rank, results_q, shm_names))
+                         args=(r, shape, port, fn, args, kwargs, timeout, threads_per_rank, results_q, shm_names,
+                               progress))
              for r in range(tp)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
     errors: dict[int, BaseException] = {}  # in arrival order
-    first_done_at = first_error_at = None
+    first_error_at = None
     exited_at: dict[int, float] = {}  # ranks seen exited with code 0 before their result arrived
     try:
         while len(results) + len(errors) < tp:
@@ -187,7 +196,6 @@ def _launch_once(ctx, fn, shape, timeout, args, kwargs, threads_per_rank, shared
                 kind = None
             if kind == "ok":
                 results[rank] = pickle.loads(payload)
-                first_done_at = first_done_at or time.monotonic()
             elif kind == "error":
                 exc_bytes, tb = payload
                 err = pickle.loads(exc_bytes)
@@ -207,9 +215,8 @@ def _launch_once(ctx, fn, shape, timeout, args, kwargs, threads_per_rank, shared
                 # A peer's connection error often arrives before the cause: wait briefly for it.
                 if any(not isinstance(e, PeerFailure) for e in errors.values()) or now - first_error_at > 2.0:
                     break
-            elif first_done_at and now - first_done_at > timeout:
-                missing = sorted(set(range(tp)) - set(results))
-                raise CollectiveTimeout(f"ranks {missing} did not finish within {timeout:g} s of the first rank")
+            elif stalled := progress.stalled(sorted(set(range(tp)) - set(results)), timeout):
+                raise CollectiveTimeout(f"{stalled}; every rank was stopped")
     finally:
         if errors or len(results) < tp:
             _stop(procs)
@@ -226,7 +233,9 @@ def _launch_once(ctx, fn, shape, timeout, args, kwargs, threads_per_rank, shared
         silent = sorted(set(range(tp)) - set(results) - set(errors))
         if isinstance(err, CollectiveTimeout) and silent:
             raise CollectiveTimeout(f"rank(s) {silent} of {tp} never joined the collective that rank {rank} waited "
-                                    f"{timeout:g} s in (stuck outside a collective); every rank was stopped") from err
+                                    f"{timeout:g} s in [{progress.states(silent)}]; every rank was stopped") from err
+        if others := progress.others(rank):
+            err.add_note(f"the other ranks: {others}")
         raise err
     return [results[r] for r in range(tp)]
 

@@ -27,6 +27,7 @@ import torch
 
 from tplab.checks import check_int
 from tplab.comm.group import Dist
+from tplab.comm.progress import RankWatch
 from tplab.comm.stats import CommStats
 from tplab.comm.transports import SoloTransport, TorchTransport
 from tplab.specs.sharding import divisors
@@ -123,14 +124,17 @@ class Grid:
 
 
 def make_grid(shape: GridShape, rank: int, device: torch.device,
-              transport_for: Callable[[str, int, list[int]], object], time_collectives: bool = True) -> Dist:
+              transport_for: Callable[[str, int, list[int]], object], time_collectives: bool = True,
+              watch: RankWatch | None = None) -> Dist:
     """Rank ``rank``'s three groups, built with ``transport_for(kind, index, members)`` for each group of more than
-    one rank (a group of one needs none); returns the TP group's Dist, with ``.grid`` set."""
+    one rank (a group of one needs none); returns the TP group's Dist, with ``.grid`` set. ``watch``: where every
+    group reports its collectives for the launcher (:mod:`tplab.comm.progress`)."""
     dists = {}
     for kind in GROUP_KINDS:
         index, members = shape.group_of(kind, rank)
         transport = transport_for(kind, index, members) if len(members) > 1 else SoloTransport()
         dists[kind] = Dist(members.index(rank), len(members), device, transport, time_collectives, group=kind)
+        dists[kind].watch = watch
     return Grid(shape, rank, **dists).tp
 
 

@@ -77,6 +77,7 @@ class Dist:
         self.stats = CommStats(group=group)
         self.time_collectives = time_collectives
         self.grid = None  # set by launch: the rank's place in the tp x pp grid and its other groups
+        self.watch = None  # set by launch: a RankWatch that the launcher reads (tplab.comm.progress)
         self._transport = transport
 
     def __repr__(self) -> str:
@@ -88,8 +89,12 @@ class Dist:
         sync = self.time_collectives and self.device.type == "cuda"
         if sync:
             torch.cuda.synchronize(self.device)
+        if self.watch is not None:
+            self.watch.enter(op, self.group)
         start = time.perf_counter()
         out = call()
+        if self.watch is not None:
+            self.watch.leave()
         if sync:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start if self.time_collectives else 0.0
@@ -150,4 +155,8 @@ class Dist:
 
     def barrier(self) -> None:
         """Wait until every rank has reached this point (not recorded: it moves no data)."""
+        if self.watch is not None:
+            self.watch.enter("barrier", self.group)
         self._transport.barrier()
+        if self.watch is not None:
+            self.watch.leave()

@@ -25,9 +25,14 @@ When a gloo process dies, the rest are killed and :class:`RankDiedError` is
 raised. ``timeout`` bounds how long any rank waits for its peers: a rank that
 does not join a collective in time, or returns while the others wait in one,
 gives :class:`~tplab.comm.CollectiveTimeout` naming the rank that never
-joined. On threads, launch returns within the timeout even then: a thread
+joined and what it was doing. It also bounds a launch in which every rank is
+outside any collective and none changes state for ``timeout`` seconds
+(:mod:`tplab.comm.progress`): all stuck, or computing without a collective for
+longer than that. On threads, launch returns within the timeout even then: a thread
 cannot be killed, so a rank stuck in its own computation is abandoned (its
-daemon thread ends with the process) and named in the error.
+daemon thread ends with the process) and named in the error. Ctrl-C stops
+every rank (gloo processes are terminated; thread ranks in a collective are
+woken) and re-raises KeyboardInterrupt here.
 """
 from __future__ import annotations
 
@@ -43,6 +48,7 @@ from tplab.checks import check_int
 from tplab.comm.gloo import RankDiedError, launch_gloo
 from tplab.comm.grid import GridShape, make_grid
 from tplab.comm.group import CollectiveTimeout, first_error
+from tplab.comm.progress import LaunchProgress
 from tplab.comm.torchrun import launch_torchrun, under_torchrun
 from tplab.comm.transports import ThreadGroup, ThreadTransport
 
@@ -142,6 +148,7 @@ def _launch_threads(fn, shape: GridShape, timeout, args, kwargs, device, threads
     tp = shape.world_size  # the ranks to wait for (named tp in the errors of a grid of one stage)
     groups = {(kind, index): (ThreadGroup(len(members), timeout), members)
               for kind, index, members in shape.exchanging_groups()}
+    progress = LaunchProgress(tp)
     results: list[Any] = [None] * tp
     errors: dict[int, BaseException] = {}  # in arrival order
     finished: queue.Queue[int] = queue.Queue()
@@ -152,8 +159,10 @@ def _launch_threads(fn, shape: GridShape, timeout, args, kwargs, device, threads
             if device.type == "cuda":
                 torch.cuda.set_device(device)  # the current device is per thread
             dist = make_grid(shape, rank, device, lambda kind, index, members: ThreadTransport(
-                groups[(kind, index)][0], members.index(rank)))
+                groups[(kind, index)][0], members.index(rank)), watch=progress.watch(rank))
+            dist.watch.started()
             results[rank] = fn(dist, *args, **kwargs)
+            dist.watch.returned()
             for group, members in groups.values():
                 if rank in members:
                     group.rank_returned(members.index(rank))
@@ -168,39 +177,39 @@ def _launch_threads(fn, shape: GridShape, timeout, args, kwargs, device, threads
     for r in range(tp):
         threading.Thread(target=run_rank, args=(r,), name=f"tplab-rank{r}", daemon=True).start()
     try:
-        return _collect(tp, timeout, results, errors, finished)
+        return _collect(tp, timeout, results, errors, finished, progress)
+    except KeyboardInterrupt:
+        for group, _ in groups.values():
+            group.abort()  # ranks waiting in a collective stop; the caller exits (a computing thread cannot be stopped)
+        raise
     finally:
         torch.set_num_threads(callers_threads)
 
 
-def _collect(tp, timeout, results, errors, finished):
-    """Wait for the thread ranks: their results, or the first error; never longer than the timeout allows."""
+def _collect(tp, timeout, results, errors, finished, progress: LaunchProgress):
+    """Wait for the thread ranks: their results, or the first error; never longer than ``timeout`` without
+    progress (:mod:`tplab.comm.progress`), and a short grace for the others after a failure."""
     done: set[int] = set()
-    deadline = None  # set once some rank is done: the others get `timeout` (or a grace after a failure)
+    error_deadline = None
     while len(done) < tp:
-        wait = None if deadline is None else deadline - time.monotonic()
-        if wait is not None and wait <= 0:
-            break
         try:
-            done.add(finished.get(timeout=wait))
+            done.add(finished.get(timeout=0.05))
+            continue
         except queue.Empty:
-            break
+            pass
         now = time.monotonic()
         if errors:  # a timed-out rank already waited for the stuck ones: no grace then
             grace = 0.0 if isinstance(first_error(errors)[1], CollectiveTimeout) else PEER_GRACE_S
-            deadline = min(deadline or now + grace, now + grace)
-        elif deadline is None:
-            deadline = now + timeout
+            error_deadline = error_deadline or now + grace
+            if now >= error_deadline:
+                break
+        elif stalled := progress.stalled(sorted(set(range(tp)) - done), timeout):
+            raise CollectiveTimeout(f"{stalled}; they were abandoned (a thread cannot be stopped)")
     stuck = sorted(set(range(tp)) - done)
     if errors:
         rank, err = first_error(errors)
         err.add_note(f"raised on rank {rank} of {tp} (threads backend)")
-        if stuck:
-            err.add_note(f"rank(s) {stuck} were still running outside a collective and were abandoned")
+        if others := progress.others(rank):
+            err.add_note(f"the other ranks: {others}" + (f"; rank(s) {stuck} were abandoned" if stuck else ""))
         raise err
-    if stuck:
-        raise CollectiveTimeout(f"rank(s) {stuck} of {tp} did not finish within {timeout:g} s of rank(s) "
-                                f"{sorted(done)}, and called no collective in that time (stuck outside a "
-                                "collective); they were abandoned")
     return results
-

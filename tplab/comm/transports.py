@@ -98,7 +98,7 @@ class ThreadGroup:
                     self._cond.notify_all()
                     missing = sorted(set(range(self.world_size)) - self._arrived)
                     raise CollectiveTimeout(f"rank {rank} waited more than {self.timeout:g} s in a collective for "
-                                            f"rank(s) {missing}, which never joined it (stuck outside a collective)")
+                                            f"rank(s) {missing}, which never joined it")
                 self._cond.wait(remaining)
 
     def exchange(self, rank: int, value: object) -> list[object]:

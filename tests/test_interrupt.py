@@ -1,0 +1,46 @@
+"""Ctrl-C: every rank stops, one line is printed, the exit status is 130, and nothing is left behind."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+STARTUP_S = 8.0  # torch imported and the ranks serving, even on a busy 2-core machine
+
+
+def _tplab_segments() -> set[str]:
+    shm = Path("/dev/shm")
+    return {p.name for p in shm.glob("tplab-*")} if shm.is_dir() else set()
+
+
+@pytest.mark.parametrize("backend", ["threads", "gloo"])
+def test_ctrl_c_stops_every_rank_prints_one_line_and_exits_130(backend, tmp_path):
+    before = _tplab_segments()
+    # a terminal's Ctrl-C signals the whole foreground process group: the command, its rank processes and the
+    # forkserver; a session of its own gives the test that group
+    proc = subprocess.Popen([sys.executable, "-m", "tplab", "serve-bench", "--tp", "2", "--backend", backend,
+                             "--num-requests", "20000", "--out", str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    time.sleep(STARTUP_S)
+    assert proc.poll() is None, proc.communicate()
+    started = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert time.monotonic() - started < 15
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["interrupted: tplab serve-bench stopped every rank; nothing was recorded"]
+    assert out == "" and not any(tmp_path.rglob("*.jsonl"))
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:  # the rank processes and the forkserver end with the command
+        try:
+            os.killpg(proc.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"processes of the interrupted {backend} run are still alive")
+    assert _tplab_segments() <= before
