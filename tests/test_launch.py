@@ -270,18 +270,40 @@ def test_a_gloo_script_without_a_main_guard_is_told_what_to_add(tmp_path):
     assert done.returncode == 0 and done.stdout.strip() == "[0, 1]", done.stderr
 
 
-def test_a_failed_gloo_rendezvous_is_retried_once_on_a_new_port(monkeypatch):
-    import socket
-
+def test_a_failed_gloo_rendezvous_is_retried_once_with_a_new_store(monkeypatch, tmp_path):
     from tplab.comm import gloo as launch_gloo
-    with socket.socket() as busy:  # rank 0 cannot open its store on a port someone else holds
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        ports = iter([busy.getsockname()[1], launch_gloo.free_port()])
-        monkeypatch.setattr(launch_gloo, "free_port", lambda: next(ports))
-        start = time.monotonic()
-        assert [r["value"] for r in launch(identify, 2, "gloo", timeout=20, args=(10,))] == [10, 11]
-        assert time.monotonic() - start < 15
+    files = iter([str(tmp_path), None])  # the first store cannot be created: its path is a folder
+    real = launch_gloo.rendezvous_file
+    monkeypatch.setattr(launch_gloo, "rendezvous_file", lambda folder: next(files) or real(folder))
+    start = time.monotonic()
+    assert [r["value"] for r in launch(identify, 2, "gloo", timeout=20, args=(10,))] == [10, 11]
+    assert time.monotonic() - start < 15
+
+
+def listening_addresses(dist) -> list[str]:
+    """The local addresses of the TCP sockets this rank's process listens on (/proc/net/tcp and tcp6)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    out = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                out.append(fields[1].split(":")[0])
+    return out
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/net/tcp"), reason="reads Linux's socket tables")
+def test_gloo_ranks_accept_connections_from_this_host_only():
+    loopback = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1 and ::1, as /proc writes them
+    for addresses in launch(listening_addresses, 2, "gloo-tcp", timeout=60):
+        assert addresses and set(addresses) <= loopback, addresses
 
 
 def every_rank_busy(dist, seconds):

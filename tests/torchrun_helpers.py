@@ -8,10 +8,16 @@ torchrun's default port 29500 and nothing depends on how the machine resolves it
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
-from tplab.comm.gloo import free_port
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that no one holds at the moment of the call."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def env_outside_torchrun() -> dict[str, str]:

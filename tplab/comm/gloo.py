@@ -18,9 +18,10 @@ import os
 import pickle
 import queue
 import secrets
+import shutil
 import signal
-import socket
 import sys
+import tempfile
 import time
 import traceback
 from datetime import timedelta
@@ -40,17 +41,19 @@ class RankDiedError(RuntimeError):
 
 
 class RendezvousError(RuntimeError):
-    """gloo could not connect the ranks (before any rank program ran): the launch is retried once on a new port."""
+    """gloo could not connect the ranks (before any rank program ran): the launch is retried once with a new store."""
 
 
 EXIT_GRACE_S = 0.5  # a rank that exited with code 0 may still have its result in the pipe: read it first
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that no one holds at the moment of the call."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def rendezvous_file(directory: str) -> str:
+    """The file through which the ranks of one launch find each other (a torch.distributed FileStore).
+
+    A file in a private folder (mode 0700) rather than a TCP store: torch's TCP store listens on every network
+    interface whatever address it is given, and a single-host launch must accept connections from this host only.
+    """
+    return os.path.join(directory, "store")
 
 
 def _has_main_guard(script: str) -> bool:
@@ -81,7 +84,7 @@ def _check_picklable(fn) -> None:
                         "the launch call under `if __name__ == \"__main__\":`.")
 
 
-def _gloo_rank_main(rank, shape, port, fn, args, kwargs, timeout, threads_per_rank, results, shm_names, progress):
+def _gloo_rank_main(rank, shape, store_file, fn, args, kwargs, timeout, threads_per_rank, results, shm_names, progress):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle: it stops every rank
     torch.set_num_threads(threads_per_rank)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo0" if sys.platform == "darwin" else "lo")
@@ -89,8 +92,9 @@ def _gloo_rank_main(rank, shape, port, fn, args, kwargs, timeout, threads_per_ra
     segments: list[shm.SharedMemoryTransport] = []
     try:
         try:
-            td.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                  world_size=shape.world_size, timeout=timedelta(seconds=timeout))
+            store = td.FileStore(store_file, shape.world_size)
+            td.init_process_group("gloo", store=store, rank=rank, world_size=shape.world_size,
+                                  timeout=timedelta(seconds=timeout))
         except RuntimeError as e:
             raise RendezvousError(f"gloo could not connect rank {rank} to its peers: {e}") from None
         transports = torch_transports(shape, rank)
@@ -123,6 +127,7 @@ def _gloo_rank_main(rank, shape, port, fn, args, kwargs, timeout, threads_per_ra
 
 
 def _stop(procs) -> None:
+    procs = [p for p in procs if p.pid is not None]  # the started ones
     for p in procs:
         if p.is_alive():
             p.terminate()
@@ -158,7 +163,8 @@ def launch_gloo(fn: Callable[..., Any], shape: GridShape, timeout: float, args: 
     """``fn(dist, *args, **kwargs)`` on the grid's gloo processes; their results in rank order (module docstring).
 
     A failed rendezvous (gloo's full mesh of TCP connections, seen to fail now and then at tp=8 on a busy
-    2-core machine, before any rank program has run) is retried once on a new port.
+    2-core machine, before any rank program has run) is retried once with a new store. The ranks' own sockets
+    (gloo's pairs) listen on the loopback interface only.
     """
     _check_picklable(fn)
     ctx = _process_context(fn)
@@ -173,22 +179,23 @@ def launch_gloo(fn: Callable[..., Any], shape: GridShape, timeout: float, args: 
 def _launch_once(ctx, fn, shape, timeout, args, kwargs, threads_per_rank, shared_memory, backend) -> list[Any]:
     tp = shape.world_size  # the processes (named tp in the errors of a grid of one stage)
     results_q = ctx.Queue()
-    port = free_port()
+    rendezvous = tempfile.mkdtemp(prefix="tplab-rendezvous-")  # mode 0700: this user's processes only
+    store_file = rendezvous_file(rendezvous)
     # one segment per group of more than one rank, under a name nobody can guess (or plant a file at)
     shm_names = {(kind, index): f"tplab-{secrets.token_hex(12)}"
                  for kind, index, _ in shape.exchanging_groups()} if shared_memory else {}
     progress = LaunchProgress(tp, ctx.RawArray("d", 3 * tp))  # every rank's state, in shared memory
     procs = [ctx.Process(target=_gloo_rank_main, name=f"tplab-rank{r}", daemon=True,
-                         args=(r, shape, port, fn, args, kwargs, timeout, threads_per_rank, results_q, shm_names,
+                         args=(r, shape, store_file, fn, args, kwargs, timeout, threads_per_rank, results_q, shm_names,
                                progress))
              for r in range(tp)]
-    for p in procs:
-        p.start()
     results: dict[int, Any] = {}
     errors: dict[int, BaseException] = {}  # in arrival order
     first_error_at = None
     exited_at: dict[int, float] = {}  # ranks seen exited with code 0 before their result arrived
     try:
+        for p in procs:
+            p.start()
         while len(results) + len(errors) < tp:
             try:
                 kind, rank, payload = results_q.get(timeout=0.05)
@@ -225,6 +232,7 @@ def _launch_once(ctx, fn, shape, timeout, args, kwargs, threads_per_rank, shared
                 p.join()
         for name in shm_names.values():
             shm.remove(name)  # already gone unless a group's rank 0 died between creating and removing it
+        shutil.rmtree(rendezvous, ignore_errors=True)
     if errors and results and all(isinstance(e, PeerFailure) for e in errors.values()):
         raise CollectiveTimeout(f"ranks {sorted(errors)} were in a collective that ranks {sorted(results)} "
                                 "returned without joining: every rank must call the same collectives in the same order")
