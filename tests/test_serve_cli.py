@@ -13,7 +13,10 @@ SMALL = ["--num-requests", "6", "--prompt-len", "4:24", "--output-len", "2:6", "
 
 
 def run_cli(capsys, *argv):
-    code = main(list(argv))
+    try:
+        code = main(list(argv))
+    except SystemExit as e:  # argparse's own checks
+        code = e.code
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -30,8 +33,9 @@ def test_serve_bench_json_lists_requests_in_input_order_and_writes_a_record(caps
         assert row["latency_ms"] >= row["ttft_ms"] >= row["queue_ms"] >= 0
     summary = report["summary"]
     for metric in ("ttft_ms", "tpot_ms", "latency_ms", "queue_ms"):
-        assert set(summary[metric]) == {"p50", "p90", "p99"}
+        assert set(summary[metric]) == {"p50", "p90", "p95", "p99"}
     assert summary["goodput_req_s"] == summary["throughput_req_s"] > 0 and summary["preemptions"] == 0
+    assert 0 < summary["concurrency_mean"] <= 3  # --max-num-seqs 3 in flight at most
     files = list((tmp_path / "serving").glob("*.jsonl"))
     assert len(files) == 1
     record = json.loads(files[0].read_text())
@@ -57,6 +61,18 @@ def test_serve_bench_replays_a_requests_file(capsys, tmp_path):
     (["--prompt-len", "9:3"], "LOW:HIGH"),
     (["--tp", "3"], "valid tp"),
     (["--prefix-share", "1.5"], "--prefix-share"),
+    (["--num-requests", "1000000000000000000"], "is more than 1,000,000"),
+    (["--num-requests", "1e18"], "--num-requests takes an integer"),
+    (["--prompt-len", "1000000000"], "more than the model's context"),
+    (["--num-blocks", "0"], "--num-blocks must be a positive integer, got 0"),
+    (["--threads", "100000"], "--threads=100000 is more than"),
+    (["--slo-ttft-ms", "nan"], "--slo-ttft-ms must be a finite number > 0, got nan"),
+    (["--slo-tpot-ms", "-1"], "--slo-tpot-ms must be a finite number > 0"),
+    (["--rate", "nan"], "--rate must be > 0"),
+    (["--duration", "inf"], "--duration must be a finite number > 0"),
+    (["--percentiles", "50,101"], "--percentiles takes numbers in (0, 100]"),
+    (["--concurrency", "0"], "--concurrency must be a positive integer"),
+    (["--concurrency", "2", "--policy", "padded"], "--concurrency needs continuous or static"),
 ])
 def test_serve_bench_bad_input_exits_2_with_one_line(capsys, argv, message):
     code, out, err = run_cli(capsys, "serve-bench", "--no-save", *argv)
@@ -94,6 +110,11 @@ def test_simulate_labels_every_figure_modelled(capsys):
     (["--tp", "4", "--block-size", "48"], "power of two"),
     (["--tp", "4", "--prompt-len", "8000", "--output-len", "500"], "more than the model's context"),
     (["--tp", "4", "--gpu", "h900"], "h900"),
+    (["--tp", "4", "--max-model-len", "0"], "--max-model-len must be a positive integer, got 0"),
+    (["--tp", "4", "--block-size", "0"], "power of two"),
+    (["--tp", "4", "--num-blocks", "1"], "the longest request needs"),
+    (["--tp", "4", "--num-requests", "1000000000000000000"], "is more than 1,000,000"),
+    (["--tp", "4", "--prompt-len", "1000000000"], "more than the model's context"),
 ])
 def test_simulate_bad_input_exits_2_with_one_line(capsys, argv, message):
     base = ["simulate", "--model", "llama-3-70b", "--gpu", "h100-sxm"]

@@ -5,18 +5,28 @@ status 130 (128 + SIGINT), before any record is written (records are written who
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import threading
 
-from tplab.commands import HelpFormatter, bench, comm_bench, demo, generate, plan, quality, serve_bench, simulate
+from tplab.commands import (
+    HelpFormatter,
+    OneLineParser,
+    bench,
+    comm_bench,
+    demo,
+    generate,
+    plan,
+    quality,
+    serve_bench,
+    simulate,
+)
 
 COMMANDS = [demo, generate, plan, bench, comm_bench, quality, serve_bench, simulate]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tplab", description="tensor parallelism for LLM inference")
+    parser = OneLineParser(prog="python -m tplab", description="tensor parallelism for LLM inference")
     subparsers = parser.add_subparsers(dest="command", required=True)
     for command in COMMANDS:
         command.register(subparsers)

@@ -31,10 +31,12 @@ AGREEMENT_METRICS = ("ttft_ms", "tpot_ms", "latency_ms")
 
 def serve_measured(model: str | Path | ModelConfig, requests: list[Request], config: SchedulerConfig, tp: int,
                    backend: str = "threads", dtype: torch.dtype | str | None = None, slo: SLO = SLO(),
-                   threads: int | None = None, timeout: float = 600.0) -> dict:
-    """Serve ``requests`` on ``tp`` real ranks; rank 0's run (requests, summary, steps, comm)."""
+                   threads: int | None = None, timeout: float = 600.0, concurrency: int | None = None) -> dict:
+    """Serve ``requests`` on ``tp`` real ranks; rank 0's run (requests, summary, steps, comm). ``concurrency``: a
+    closed loop of that many requests in flight."""
     results = launch(serve_rank_program, tp, backend, timeout=timeout, threads=threads,
-                     kwargs=dict(model=model, requests=requests, config=config, dtype=dtype, slo=slo))
+                     kwargs=dict(model=model, requests=requests, config=config, dtype=dtype, slo=slo,
+                                 concurrency=concurrency))
     return {**results[0], "backend": backend}
 
 

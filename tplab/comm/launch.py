@@ -44,7 +44,7 @@ from typing import Any, Callable
 
 import torch
 
-from tplab.checks import check_int
+from tplab.checks import check_threads
 from tplab.comm.gloo import RankDiedError, launch_gloo
 from tplab.comm.grid import GridShape, make_grid
 from tplab.comm.group import CollectiveTimeout, first_error
@@ -82,8 +82,7 @@ def launch(fn: Callable[..., Any], tp: int, backend: str = "threads", timeout: f
     shape = GridShape(tp, pp, ep)
     if not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
-    if threads is not None:
-        check_int("threads", threads)
+    check_threads(threads)
     check_device(backend, device)
     if under_torchrun():
         local = int(os.environ.get("LOCAL_WORLD_SIZE", shape.world_size))

@@ -2,8 +2,22 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from typing import Callable
 
+from tplab.checks import check_at_most, check_int, check_number, check_threads
 from tplab.specs.dtypes import precision, torch_name
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad argument prints one line (no usage block) and exits with status 2."""
+
+    def error(self, message: str):
+        flag, _, rest = message.partition(": ")  # "argument --x: --x must be ..." says --x once
+        if flag.startswith("argument ") and rest.startswith(flag.removeprefix("argument ").split("/")[0]):
+            message = rest
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -52,3 +66,37 @@ def precision_of(allowed: tuple[str, ...]):
             raise argparse.ArgumentTypeError(str(e)) from None
     parse.__name__ = "dtype"
     return parse
+
+
+def checked(name: str, parse: Callable, check: Callable[[object], object]) -> Callable[[str], object]:
+    """An argparse type: ``parse(text)``, then ``check(value)``; either's failure is one line naming the flag."""
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"{name} takes {'an integer' if parse is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        try:
+            check(value)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return value
+    convert.__name__ = name
+    return convert
+
+
+def count(flag: str, high: int | None = None, why: str = "", low: int = 1) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high] (``why``: what the upper bound protects)."""
+    def check(value):
+        check_int(flag, value, low)
+        if high is not None:
+            check_at_most(flag, value, high, why)
+    return checked(flag, int, check)
+
+
+def positive(flag: str, allow_zero: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number > 0 (>= 0 with ``allow_zero``); NaN and infinities are refused."""
+    return checked(flag, float, lambda value: check_number(flag, value, strict=not allow_zero))
+
+
+threads_per_rank = checked("--threads", int, lambda threads: check_threads(threads, "--threads"))

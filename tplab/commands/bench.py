@@ -42,7 +42,7 @@ from pathlib import Path
 from tplab.bench.calibration import calibrate, write_efficiency
 from tplab.bench.records import load_records
 from tplab.comm.launch import BACKENDS, under_torchrun
-from tplab.commands import int_list, torch_dtype_name
+from tplab.commands import count, int_list, threads_per_rank, torch_dtype_name
 from tplab.engine.runner import DECODE_MODES
 from tplab.layers.weights import SCHEMES
 from tplab.paths import default_measurements_dir
@@ -61,9 +61,9 @@ def register(subparsers) -> None:
     p.add_argument("--tp", default="1", help="comma-separated TP degrees (default 1)")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
     p.add_argument("--prompt-len", default="128", help="comma-separated prompt lengths in tokens (default 128)")
-    p.add_argument("--decode-steps", type=int, default=16, help="decode steps per request (default 16)")
-    p.add_argument("--repeats", type=int, default=5, help="timed requests per point (default 5)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed requests first (default 1)")
+    p.add_argument("--decode-steps", type=count("--decode-steps"), default=16, help="decode steps per request (default 16)")
+    p.add_argument("--repeats", type=count("--repeats"), default=5, help="timed requests per point (default 5)")
+    p.add_argument("--warmup", type=count("--warmup", low=0), default=1, help="untimed requests first (default 1)")
     p.add_argument("--quant", choices=SCHEMES, default=None,
                    help="weight-only int8 or fp8 for the decoder's linears (the HF baseline stays unquantized)")
     p.add_argument("--dtype", type=torch_dtype_name, default=None,
@@ -71,10 +71,10 @@ def register(subparsers) -> None:
                         "float32 on a CPU without native bf16 matmul, said in one line)")
     p.add_argument("--emulate-rank", action="store_true",
                    help="time rank 0 alone on one device with real shapes; collectives modelled (alpha-beta)")
-    p.add_argument("--layers", type=int, default=None,
+    p.add_argument("--layers", type=count("--layers"), default=None,
                    help="build only the first N decoder layers; results are also extrapolated to all layers")
     p.add_argument("--backend", choices=BACKENDS, default="threads", help="real CPU ranks: threads or gloo processes")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=threads_per_rank, default=None,
                    help="torch intra-op threads per rank (CPU); 1 gives steadier timings on a shared machine")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when a GPU is visible)")
     p.add_argument("--decode", choices=DECODE_MODES, default=None,

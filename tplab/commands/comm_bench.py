@@ -12,7 +12,7 @@ import sys
 
 from tplab.bench.comm import fit_alpha_beta, measure_all_reduce
 from tplab.comm.launch import BACKENDS, under_torchrun
-from tplab.commands import int_list
+from tplab.commands import count, int_list
 from tplab.memory import check_fits, rank_processes_bytes
 from tplab.perf.comm import bus_bandwidth, ring_all_reduce_seconds
 
@@ -31,8 +31,8 @@ def register(subparsers) -> None:
     p.add_argument("--backend", default="gloo", choices=BACKENDS, help="default gloo; ignored under torchrun")
     p.add_argument("--sizes", default=DEFAULT_SIZES, help="comma-separated bytes per rank, multiples of 4 "
                                                           "(default 4 B to 16 MiB in steps of 4x)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed calls per size (default 3)")
-    p.add_argument("--repeats", type=int, default=10, help="timed calls per size (default 10)")
+    p.add_argument("--warmup", type=count("--warmup", low=0), default=3, help="untimed calls per size (default 3)")
+    p.add_argument("--repeats", type=count("--repeats"), default=10, help="timed calls per size (default 10)")
     p.set_defaults(run=run)
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from tplab.comm.launch import BACKENDS, check_device, launch, rank_device_type, under_torchrun
-from tplab.commands import int_list, runtime_dtype
+from tplab.commands import count, int_list, runtime_dtype, threads_per_rank
 from tplab.engine.generate import check_prompts, generate_rank_program
 from tplab.errors import InputError
 from tplab.layers.weights import SCHEMES, prepack_problem
@@ -43,8 +43,8 @@ def register(subparsers) -> None:
                         "not a speed-up); under torchrun each process takes its own GPU")
     p.add_argument("--prompt", action="append", default=[], help="prompt text; repeat for a batch")
     p.add_argument("--prompt-ids", action="append", default=[], help="prompt token ids, e.g. 1,5,9; repeat for a batch")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per prompt (fewer at EOS)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--max-new-tokens", type=count("--max-new-tokens"), default=32, help="tokens to generate per prompt (fewer at EOS)")
+    p.add_argument("--threads", type=threads_per_rank, default=None,
                    help="torch threads per rank (default: the cores shared out among the ranks, at least 1)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
@@ -86,8 +86,6 @@ def prepare(args: argparse.Namespace) -> tuple[ModelConfig, torch.dtype, object,
     args.tps = int_list("--tp", args.tp)
     if args.quant_embeddings and not args.quant:
         raise InputError("--quant-embeddings goes with --quant int8 or --quant fp8")
-    if args.threads is not None and args.threads < 1:
-        raise InputError(f"--threads must be >= 1, got {args.threads}")
     config = checkpoint_config(args.model)
     for tp in args.tps:
         config.check_tp(tp)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tplab.commands import int_list, precision_of
+from tplab.commands import int_list, positive, precision_of
 from tplab.perf.estimate import ENGINES, MODELLED, Estimate, engine_overheads_us, estimate, max_batch, min_tp
 from tplab.perf.shapes import KV_BYTES, WEIGHT_BYTES
 from tplab.specs.efficiency import load_efficiency
@@ -32,7 +32,7 @@ def register(subparsers) -> None:
     p.add_argument("--kv-dtype", default="bf16", type=precision_of(tuple(KV_BYTES)),
                    help=f"KV-cache precision: {', '.join(KV_BYTES)}")
     p.add_argument("--interconnect", default=None, help="nvlink, pcie or a network (default: the fastest that reaches tp GPUs)")
-    p.add_argument("--price", type=float, default=None, help="your price in USD per GPU-hour (no default: enables the cost column)")
+    p.add_argument("--price", type=positive("--price", allow_zero=True), default=None, help="your price in USD per GPU-hour (no default: enables the cost column)")
     p.add_argument("--efficiency", default=None, help="JSON file overriding data/efficiency.json")
     p.add_argument("--engine", default="graph", choices=ENGINES,
                    help="graph: CUDA graphs / compiled; served: the same behind an HTTP server, timed at the client; "

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from tplab.comm.launch import BACKENDS, launch
+from tplab.commands import count
 from tplab.commands.generate import load_tokenizer
 from tplab.engine.quality import quality_rank_program, token_windows
 from tplab.errors import InputError
@@ -33,7 +34,7 @@ def register(subparsers) -> None:
     p.add_argument("--prompts", default=None, help="a text file, one golden prompt per line (default: the held-out "
                                                    "topics of the tiny model's corpus)")
     p.add_argument("--prompt-len", type=int, default=16, help="tokens of each corpus prompt")
-    p.add_argument("--max-new-tokens", type=int, default=24, help="greedy tokens per prompt")
+    p.add_argument("--max-new-tokens", type=count("--max-new-tokens"), default=24, help="greedy tokens per prompt")
     p.add_argument("--windows", type=int, default=12, help="held-out windows of the model's context to score")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from tplab.bench.serving import serve_measured, serving_record, write_serving_record
 from tplab.comm.launch import BACKENDS, rank_device_type, under_torchrun
-from tplab.commands import runtime_dtype
+from tplab.commands import count, runtime_dtype, threads_per_rank
 from tplab.commands import serving_options as serving
 from tplab.commands.generate import load_tokenizer, prints
 from tplab.files import check_writable
@@ -29,10 +29,10 @@ from tplab.paths import default_measurements_dir
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve-bench", help="a continuous-batching engine under load on N ranks, measured")
     p.add_argument("--model", default="tiny", help="checkpoint directory, or 'tiny' for the bundled model")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+    p.add_argument("--tp", type=count("--tp"), default=1, help="tensor-parallel degree")
     p.add_argument("--backend", choices=BACKENDS, default="threads", help="threads or gloo processes")
     p.add_argument("--dtype", type=runtime_dtype, default="auto", help="weights dtype: auto (the checkpoint's), ...")
-    p.add_argument("--threads", type=int, default=None, help="torch threads per rank (default: cores shared out)")
+    p.add_argument("--threads", type=threads_per_rank, default=None, help="torch threads per rank (default: cores shared out)")
     p.add_argument("--out", default=None, help="folder (a run file goes to FOLDER/serving/) or .jsonl file to "
                                                "append to (default: data/measurements in a checkout)")
     p.add_argument("--no-save", action="store_true", help="print only; write no record")
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer = load_tokenizer(config.directory)
         tokenize = (lambda text: tokenizer(text)["input_ids"]) if tokenizer is not None else None
         requests = serving.build_load(args, config.vocab_size, context, frozenset(config.eos_token_ids) | {0}, tokenize)
-        sched = serving.scheduler_config(args, context)
+        sched = serving.scheduler_config(args, context, requests)
         kv = args.tp * sched.num_blocks * sched.block_size * config.kv_bytes_per_token(args.tp, dtype)
         check_fits(parameters * dtype.itemsize + kv + rank_processes_bytes(args.backend, args.tp),
                    f"serving at tp={args.tp} with {sched.num_blocks} KV blocks per rank",
@@ -61,8 +61,8 @@ def run(args: argparse.Namespace) -> int:
         backend = "torchrun" if under_torchrun() else args.backend
         if (note := dtype_note(args.dtype, config, dtype)) and prints():  # every check passed: one line, then the run
             print(note, file=sys.stderr)
-        run_ = {**serve_measured(config, requests, sched, args.tp, args.backend, dtype, serving.slo_of(args), args.threads),
-                "backend": backend}
+        run_ = {**serve_measured(config, requests, sched, args.tp, args.backend, dtype, serving.slo_of(args), args.threads,
+                                 concurrency=args.concurrency), "backend": backend, "concurrency": args.concurrency}
     except (ValueError, FileNotFoundError) as e:  # InputError too, found inside a rank (a damaged file)
         if prints():
             print(f"error: {e}", file=sys.stderr)
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     where = None
     if out is not None:
         load = {k: getattr(args, k) for k in ("rate", "num_requests", "prompt_len", "output_len", "prefix_share",
-                                               "requests", "duration", "seed")}
+                                               "requests", "duration", "seed", "concurrency")}
         where = write_serving_record(serving_record(run_, str(args.model), sched, load, str(dtype)), out)
     if args.json:
         serving.print_json(run_, tp=args.tp, backend=backend, record=str(where) if where else None)

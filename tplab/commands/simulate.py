@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tplab.commands import precision_of
+from tplab.commands import count, precision_of
 from tplab.commands import serving_options as serving
 from tplab.perf.batch import ModelledStepCost
 from tplab.perf.estimate import ENGINES, MODELLED
@@ -27,12 +27,12 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("simulate", help="the serving scheduler on modelled GPUs (every figure modelled)")
     p.add_argument("--model", required=True, help="shipped model name (e.g. llama-3-70b) or path to a config.json")
     p.add_argument("--gpu", required=True, help="shipped GPU name (e.g. h100-sxm)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+    p.add_argument("--tp", type=count("--tp"), default=1, help="tensor-parallel degree")
     p.add_argument("--dtype", default="bf16", type=precision_of(tuple(WEIGHT_BYTES)), help="weights precision")
     p.add_argument("--kv-dtype", default="bf16", type=precision_of(tuple(KV_BYTES)), help="KV cache precision")
     p.add_argument("--interconnect", default=None, help="nvlink, pcie or a network (default: the fastest)")
     p.add_argument("--engine", default="graph", choices=ENGINES, help="the engine profile of the fixed overheads")
-    p.add_argument("--max-model-len", type=int, default=None,
+    p.add_argument("--max-model-len", type=count("--max-model-len"), default=None,
                    help="longest request in positions (default: the model's context)")
     p.add_argument("--efficiency", default=None, help="JSON file overriding data/efficiency.json")
     serving.add_serving_options(p)
@@ -44,17 +44,18 @@ def run(args: argparse.Namespace) -> int:
         model = resolve_model(args.model, strict=False)
         cost = ModelledStepCost(model, args.gpu, args.tp, args.dtype, args.kv_dtype, args.interconnect, args.engine,
                                 load_efficiency(args.efficiency))
-        context = args.max_model_len or model.max_position_embeddings
-        if context > model.max_position_embeddings or context < 1:
+        context = model.max_position_embeddings if args.max_model_len is None else args.max_model_len
+        if context > model.max_position_embeddings:
             raise ValueError(f"--max-model-len must be in [1, {model.max_position_embeddings}], got {context}")
         requests = serving.build_load(args, model.vocab_size, context, frozenset(model.eos_token_ids))
-        blocks = None if args.num_blocks else cost.kv_blocks(args.block_size, args.max_num_seqs,
+        blocks = None if args.num_blocks is not None else cost.kv_blocks(args.block_size, args.max_num_seqs,
                                                              args.max_batched_tokens)
-        config = serving.scheduler_config(args, context, blocks)
+        config = serving.scheduler_config(args, context, requests, blocks)
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result = simulate(requests, config, cost, serving.slo_of(args)).to_dict()
+    result = {**simulate(requests, config, cost, serving.slo_of(args), args.concurrency).to_dict(),
+              "concurrency": args.concurrency}
     setting = {"model": model.name, "gpu": cost.gpu.name, "tp": args.tp, "dtype": args.dtype,
                "kv_dtype": args.kv_dtype, "interconnect": cost.link.name, "engine": args.engine,
                "num_blocks": config.num_blocks, "notes": list(cost.notes)}

@@ -70,10 +70,11 @@ class RankStep:
 
 
 def serve(model: TPCausalLM, requests: list[Request], config: SchedulerConfig, eos: frozenset[int],
-          slo: SLO = SLO(), warmup: bool = True) -> dict:
+          slo: SLO = SLO(), warmup: bool = True, concurrency: int | None = None) -> dict:
     """Serve ``requests`` on every rank of ``model``'s group; rank 0 returns the run (requests, summary, steps),
     the others their cache size. Collectives are recorded under "serve" (the steps) and "schedule" (the plans);
-    ``warmup`` first serves one short request untimed, under "warmup"."""
+    ``warmup`` first serves one short request untimed, under "warmup"; ``concurrency``: a closed loop of that many
+    requests in flight (:func:`~tplab.serving.loop.run_load`)."""
     dist = model.dist
     runner = ModelRunner(model)
     cache = runner.start_paged(config.num_blocks, config.block_size)
@@ -88,7 +89,7 @@ def serve(model: TPCausalLM, requests: list[Request], config: SchedulerConfig, e
         for phase, load in [*([("warmup", [WARMUP])] if warmup else []), ("serve", requests)]:
             stats.tag = phase
             if dist.rank == 0:
-                run = run_load(load, config, step, WallClock(), eos, slo)
+                run = run_load(load, config, step, WallClock(), eos, slo, concurrency if phase == "serve" else None)
                 share_plan(dist, None)
             else:
                 while rows := share_plan(dist, None):
@@ -103,18 +104,22 @@ def serve(model: TPCausalLM, requests: list[Request], config: SchedulerConfig, e
 
 def serve_rank_program(dist: Dist, model: str | Path | ModelConfig, requests: list[Request],
                        config: SchedulerConfig, dtype: torch.dtype | str | None = None, slo: SLO = SLO(),
-                       eos_token_ids: tuple[int, ...] | None = None, warmup: bool = True) -> dict:
+                       eos_token_ids: tuple[int, ...] | None = None, warmup: bool = True,
+                       concurrency: int | None = None) -> dict:
     """Load this rank's shard and serve: ``launch(serve_rank_program, tp, backend, kwargs=...)`` (threads, gloo,
     torchrun). ``config.policy`` "padded" serves static batches through the generation loop (:mod:`tplab.serving.static`)."""
     shard = from_pretrained(model, dist, dtype=dtype)
     eos = frozenset(shard.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
     if config.policy == "padded":
+        if concurrency is not None:
+            raise ValueError("policy 'padded' serves fixed batches in arrival order: a closed loop (--concurrency) "
+                             "needs 'continuous' or 'static'")
         if warmup:
             serve_static(shard, [WARMUP], 1, eos)
         run = serve_static(shard, requests, config.max_num_seqs, eos, slo)
         result = {} if run is None else {**run.to_dict(), "steps": [], "utilization": [], "cache_bytes_per_rank": 0}
     else:
-        result = serve(shard, requests, config, eos, slo, warmup)
+        result = serve(shard, requests, config, eos, slo, warmup, concurrency)
     if dist.rank == 0:
         result.update(tp=dist.world_size, device=str(dist.device), threads=torch.get_num_threads(),
                       comm=dist.stats.summary("serve"), schedule_comm=dist.stats.summary("schedule"))

@@ -1,7 +1,7 @@
 """The serving loop, one for the engine and the simulator: arrivals in, a plan per step, metrics out.
 
     while requests are pending or running:
-        admit the requests that have arrived by now
+        admit the requests that have arrived by now (closed loop: while fewer than N are in flight)
         plan = scheduler.schedule(now)        # rows: (sequence, first token, count)
         new tokens = step(plan)               # the engine runs it on tp ranks; the simulator prices it
         scheduler.update(plan, new tokens, now)
@@ -10,14 +10,20 @@ The engine passes a :class:`WallClock` and a step that runs the plan on real
 ranks (:mod:`tplab.serving.engine`); the simulator a :class:`VirtualClock`,
 advanced by each step's modelled or fitted time (:mod:`tplab.serving.simulator`).
 Everything else, and so every metric, is the same code.
+
+Open or closed loop. By default a request is sent when it arrives (``arrival_s``: all at once, a Poisson process
+or a replayed trace). With ``concurrency`` N the client keeps at most N requests in flight, as genai-perf and
+``vllm bench serve --max-concurrency`` do: a request that has arrived waits on the client until one in flight
+finishes, and its times (TTFT, latency) count from when it is sent, not from its arrival.
 """
 from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
+from tplab.checks import check_int
 from tplab.serving.metrics import SLO, run_metrics
 from tplab.serving.requests import Request
 from tplab.serving.scheduler import Scheduler, SchedulerConfig, StepPlan
@@ -72,15 +78,23 @@ def attended_keys(start: int, count: int) -> int:
 
 
 def run_load(requests: list[Request], config: SchedulerConfig, step: Callable[[StepPlan], dict[int, int]],
-             clock: WallClock | VirtualClock, eos: frozenset[int] = frozenset(), slo: SLO = SLO()) -> ServeRun:
-    """Serve ``requests`` (arriving at their ``arrival_s``) with ``step`` running each plan; the metrics."""
+             clock: WallClock | VirtualClock, eos: frozenset[int] = frozenset(), slo: SLO = SLO(),
+             concurrency: int | None = None) -> ServeRun:
+    """Serve ``requests`` (arriving at their ``arrival_s``) with ``step`` running each plan; the metrics.
+    ``concurrency``: at most that many requests in flight (closed loop; see the module docstring)."""
+    if concurrency is not None:
+        check_int("concurrency", concurrency)
     scheduler = Scheduler(config)
     pending = deque(sorted(requests, key=lambda r: (r.arrival_s, r.id)))
+    sent = {}  # closed loop: each request as sent, its arrival_s the time it was sent
     sequences, steps, utilization = {}, [], []
     while pending or scheduler.has_work:
         now = clock.now()
-        while pending and pending[0].arrival_s <= now:
+        while pending and pending[0].arrival_s <= now and (
+                concurrency is None or len(scheduler.waiting) + len(scheduler.running) < concurrency):
             request = pending.popleft()
+            if concurrency is not None:
+                request = sent[request.id] = replace(request, arrival_s=now)
             sequences[request.id] = scheduler.add(request, now)
         if not scheduler.has_work:
             if pending:
@@ -96,6 +110,6 @@ def run_load(requests: list[Request], config: SchedulerConfig, step: Callable[[S
         scheduler.update(plan, tokens, done, eos)
         utilization.append((done, scheduler.blocks.used / config.num_blocks))
     blocks = scheduler.blocks
-    rows, summary = run_metrics(requests, sequences, scheduler.preemptions,
+    rows, summary = run_metrics([sent.get(r.id, r) for r in requests], sequences, scheduler.preemptions,
                                 blocks.hits / blocks.lookups if blocks.lookups else None, utilization, slo, len(steps))
     return ServeRun(rows, summary, steps, utilization)

@@ -8,11 +8,12 @@ Per request (times from its arrival):
 * queueing delay: first scheduled - arrival;
 * the longest gap between two of its outputs (inter-token latency, ITL): a stall, e.g. behind a long prefill.
 
-Over the run: p50, p90 and p99 of each (linear interpolation between order
-statistics) and of every gap between consecutive outputs (ITL), output tokens/s and requests/s over the run's span (first
-arrival to last output), goodput (requests/s meeting both SLOs, TTFT and
-TPOT), preemptions, the prefix-cache hit rate (tokens found among tokens
-looked up) and KV-block utilization over time.
+Over the run: p50, p90, p95 and p99 of each (or the percentiles the SLO names; linear interpolation between
+order statistics) and of every gap between consecutive outputs (ITL), output tokens/s and requests/s over the
+run's span (first arrival to last output), goodput (requests/s meeting the SLO's bounds on TTFT and TPOT; None
+when it has none: every request would meet it), the mean concurrency (requests in flight on average, from being
+sent to the last output: the sum of latencies over the span, Little's law), preemptions, the prefix-cache hit
+rate (tokens found among tokens looked up) and KV-block utilization over time.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 
 from tplab.serving.requests import Request, Sequence
 
-PERCENTILES = (50, 90, 99)
+PERCENTILES = (50, 90, 95, 99)  # as vllm bench serve and genai-perf report them; deployment guides quote p95
 METRICS = ("ttft_ms", "tpot_ms", "latency_ms", "queue_ms")
 
 
@@ -35,10 +36,14 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def percentiles_of(rows: list[dict], metric: str, qs: tuple[int, ...] = (50, 95)) -> dict[str, float | None]:
+def percentiles_of(rows: list[dict], metric: str, qs: tuple[float, ...] = (50, 95)) -> dict[str, float | None]:
     """{"p50": ..., "p95": ...} of ``metric`` over the requests ``rows`` that have it."""
-    values = [r[metric] for r in rows if r[metric] is not None]
-    return {f"p{q}": percentile(values, q) for q in qs}
+    return percentile_table([r[metric] for r in rows if r[metric] is not None], qs)
+
+
+def percentile_table(values: list[float], qs: tuple[float, ...]) -> dict[str, float | None]:
+    """{"p50": ..., "p99.9": ...}: each percentile of ``values``."""
+    return {f"p{q:g}": percentile(values, q) for q in qs}
 
 
 def request_metrics(seq: Sequence) -> dict:
@@ -60,10 +65,16 @@ def request_metrics(seq: Sequence) -> dict:
 
 @dataclass(frozen=True)
 class SLO:
-    """A request meets the SLO when its TTFT and its TPOT are within these (None: no bound)."""
+    """A request meets the SLO when its TTFT and its TPOT are within these (None: no bound); ``percentiles``: the
+    ones the run's summary reports (an SLO is stated at a percentile, e.g. "p95 TTFT under 500 ms")."""
 
     ttft_ms: float | None = None
     tpot_ms: float | None = None
+    percentiles: tuple[float, ...] = PERCENTILES
+
+    @property
+    def bounded(self) -> bool:
+        return self.ttft_ms is not None or self.tpot_ms is not None
 
     def met(self, row: dict) -> bool:
         if row["ttft_ms"] is None:
@@ -78,21 +89,23 @@ def summarize(rows: list[dict], span_s: float, preemptions: int, prefix_hit_rate
     ``gaps_ms`` every gap between consecutive outputs of a request."""
     served = [r for r in rows if r["ttft_ms"] is not None]
     outputs = sum(len(r["output_ids"]) for r in served)
+    met = sum(map(slo.met, served)) if slo.bounded else None
     summary = {
         "requests": len(rows), "completed": len(served), "rejected": len(rows) - len(served),
         "duration_s": span_s, "output_tokens": outputs,
         "throughput_tok_s": outputs / span_s if span_s > 0 else None,
         "throughput_req_s": len(served) / span_s if span_s > 0 else None,
-        "goodput_req_s": sum(map(slo.met, served)) / span_s if span_s > 0 else None,
-        "slo_met_fraction": sum(map(slo.met, served)) / len(served) if served else None,
+        "goodput_req_s": met / span_s if met is not None and span_s > 0 else None,
+        "slo_met_fraction": met / len(served) if met is not None and served else None,
+        "concurrency_mean": sum(r["latency_ms"] for r in served) / 1000 / span_s if span_s > 0 else None,
         "slo": {"ttft_ms": slo.ttft_ms, "tpot_ms": slo.tpot_ms},
         "preemptions": preemptions, "prefix_hit_rate": prefix_hit_rate,
         "kv_utilization_mean": sum(u for _, u in utilization) / len(utilization) if utilization else None,
         "kv_utilization_max": max((u for _, u in utilization), default=None),
     }
     for metric in METRICS:
-        summary[metric] = percentiles_of(served, metric, PERCENTILES)
-    summary["itl_ms"] = {f"p{q}": percentile(list(gaps_ms), q) for q in PERCENTILES}
+        summary[metric] = percentiles_of(served, metric, slo.percentiles)
+    summary["itl_ms"] = percentile_table(list(gaps_ms), slo.percentiles)
     return summary
 
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 from tplab.checks import is_positive_int
 
+MAX_ARRIVAL_S = 86_400.0  # a load replays at most a day: a later arrival is a typo or a unit error
+
 
 @dataclass(frozen=True)
 class Request:
@@ -43,8 +45,9 @@ class Request:
         if not is_positive_int(self.max_new_tokens):
             raise ValueError(f"request {self.id}: max_new_tokens must be a positive integer, "
                              f"got {self.max_new_tokens!r}")
-        if not self.arrival_s >= 0:
-            raise ValueError(f"request {self.id}: arrival_s must be >= 0, got {self.arrival_s!r}")
+        if not 0 <= self.arrival_s <= MAX_ARRIVAL_S:  # NaN and infinity too
+            raise ValueError(f"request {self.id}: arrival_s must be in [0, {MAX_ARRIVAL_S:g}] s (a day), got "
+                             f"{self.arrival_s!r}")
 
     @property
     def max_tokens(self) -> int:

@@ -21,12 +21,13 @@ PLACEHOLDER_TOKEN = -1
 
 
 def simulate(requests: list[Request], config: SchedulerConfig, step_cost: Callable[[list[tuple[int, int]]], float],
-             slo: SLO = SLO()) -> ServeRun:
-    """Serve ``requests`` on a virtual clock; each step takes ``step_cost([(start, count), ...])`` seconds."""
+             slo: SLO = SLO(), concurrency: int | None = None) -> ServeRun:
+    """Serve ``requests`` on a virtual clock; each step takes ``step_cost([(start, count), ...])`` seconds.
+    ``concurrency``: a closed loop of that many requests in flight (:func:`~tplab.serving.loop.run_load`)."""
     clock = VirtualClock()
 
     def step(plan: StepPlan) -> dict[int, int]:
         clock.advance(step_cost([(r.start, r.count) for r in plan.rows]))
         return {r.seq.id: PLACEHOLDER_TOKEN for r in plan.rows if r.emits}
 
-    return run_load(requests, config, step, clock, frozenset(), slo)
+    return run_load(requests, config, step, clock, frozenset(), slo, concurrency)
