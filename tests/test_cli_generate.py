@@ -162,12 +162,15 @@ def _damaged_checkpoints(checkpoints, root) -> dict[str, tuple[Path, str]]:
         out[name] = (broken, message)
     more = copy("more_layers")
     config = json.loads((more / "config.json").read_text())
-    (more / "config.json").write_text(json.dumps({**config, "num_hidden_layers": config["num_hidden_layers"] + 1}))
+    extra = {"num_hidden_layers": config["num_hidden_layers"] + 1}
+    if "layer_types" in config:  # consistent, so that what is missing is the layer's tensors
+        extra["layer_types"] = config["layer_types"] + config["layer_types"][-1:]
+    (more / "config.json").write_text(json.dumps({**config, **extra}))
     out["more_layers"] = (more, f"'model.layers.{config['num_hidden_layers']}.")
     bad_json = copy("bad_json")
     (bad_json / "config.json").write_text("{not json")
     out["bad_json"] = (bad_json, f"{bad_json / 'config.json'} is not valid JSON")
-    for name, value, message in [("no_heads", None, "config.json lacks num_attention_heads"),
+    for name, value, message in [("no_heads", None, "config.json: lacks num_attention_heads"),
                                  ("zero_heads", 0, "num_attention_heads must be a positive integer, got 0")]:
         broken = copy(name)
         fields = {k: v for k, v in config.items() if k != "num_attention_heads"}
@@ -176,6 +179,38 @@ def _damaged_checkpoints(checkpoints, root) -> dict[str, tuple[Path, str]]:
     as_list = copy("list_config")
     (as_list / "config.json").write_text("[1, 2]")
     out["list_config"] = (as_list, "must hold a JSON object, got a list")
+    for name, length in [("absurd_header_length", 1 << 62), ("random_bytes", None)]:
+        broken = copy(name)
+        head = (length.to_bytes(8, "little") + b"{}") if length else bytes(range(256)) * 4
+        (broken / "model.safetensors").write_bytes(head)
+        out[name] = (broken, "is not a readable safetensors file")
+    outside = copy("index_outside")
+    (outside / "model.safetensors").rename(outside / "model-00001-of-00001.safetensors")
+    (outside / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {name: "../model-00001-of-00001.safetensors" for name in weights}}))
+    out["index_outside"] = (outside, "maps tensors to files outside")
+    for name, fields, message in [  # malformed fields, each refused by name (not replaced, not left to crash later)
+        ("negative_head_dim", {"head_dim": -8}, "head_dim must be a positive integer, got -8"),
+        ("string_head_dim", {"head_dim": "8"}, "head_dim must be a positive integer, got '8'"),
+        ("list_rope", {"rope_parameters": [1]}, "rope_parameters must be a JSON object"),
+        ("number_rope_scaling", {"rope_scaling": 5}, "rope_scaling must be a JSON object"),
+        ("negative_rope_factor", {"rope_parameters": {"rope_type": "linear", "factor": -2.0}},
+         "factor must be a finite number > 0, got -2.0"),
+        ("list_quantization", {"quantization_config": 3}, "quantization_config must be a JSON object"),
+        ("float_eos", {"eos_token_id": 1.5}, "eos_token_id must be a token id"),
+        ("null_eps", {"rms_norm_eps": None}, "rms_norm_eps must be a finite number > 0, got None"),
+        ("string_bool", {"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
+        ("layer_types_length", {"layer_types": ["full_attention"]}, "layer_types must list one of"),
+        ("zero_context", {"max_position_embeddings": 0}, "max_position_embeddings must be a positive integer, got 0"),
+        ("absurd_layers", {"num_hidden_layers": 10**9}, "num_hidden_layers=1,000,000,000 is more than 10,000"),
+        ("absurd_heads", {"num_attention_heads": 10**12}, "num_attention_heads=1,000,000,000,000 is more than"),
+    ]:
+        broken = copy(name)
+        (broken / "config.json").write_text(json.dumps({**config, **fields}))
+        out[name] = (broken, message)
+    fp8 = copy("fp8_without_scales")
+    (fp8 / "config.json").write_text(json.dumps({**config, "quantization_config": {"quant_method": "fp8"}}))
+    out["fp8_without_scales"] = (fp8, "weight_scale' is missing from the checkpoint")
     return out
 
 

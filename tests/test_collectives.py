@@ -130,7 +130,7 @@ def test_fit_and_benchmark_reject_bad_input():
         fit_alpha_beta([4, 8], [1.0, 2.0], 1)
     with pytest.raises(ValueError, match="at least 2 different sizes"):
         fit_alpha_beta([4, 4], [1.0, 2.0], 2)
-    with pytest.raises(ValueError, match="does not grow with message size"):
+    with pytest.raises(ValueError, match="do not grow with message size"):
         fit_alpha_beta([4, 4096], [2.0, 1.0], 2)
     with pytest.raises(ValueError, match=r"multiples of 4 bytes.*\[6, 0\]"):
         check_bench_args([4, 6, 0], warmup=1, repeats=1)

@@ -1,4 +1,8 @@
-"""Writing a user's files safely: check the target first, never replace a file silently, replace atomically.
+"""A user's files: read only what is a readable regular file of a sane size; write safely: check the target
+first, never replace a file silently, replace atomically.
+
+* :func:`read_user_text`: a file named by a flag, refused in one line when it is missing, a folder, a pipe or a
+  device, unreadable, too large or not text.
 
 * :func:`check_writable`: before any work, that a file can be created at a
   path (its folder exists or can be made, and accepts a new file), so a long
@@ -11,9 +15,30 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Callable
+
+USER_FILE_LIMIT = 100_000_000  # bytes: a prompt list, a load trace or a config is far smaller
+
+
+def read_user_text(path: str | Path, what: str, limit: int = USER_FILE_LIMIT) -> str:
+    """The text of the file ``path`` (named by ``what``, e.g. "--prompts"); a ValueError in one line otherwise."""
+    path = Path(path)
+    try:
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(f"{what} {path} is not a regular file (a folder, a pipe or a device): give a file")
+        if info.st_size > limit:
+            raise ValueError(f"{what} {path} holds {info.st_size:,} bytes, more than {limit:,}: is it the right file?")
+        return path.read_text()
+    except FileNotFoundError:
+        raise ValueError(f"{what} {path}: no such file") from None
+    except OSError as e:
+        raise ValueError(f"{what} {path} cannot be read: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{what} {path} is not UTF-8 text") from None
 
 
 def check_writable(path: str | Path) -> Path:

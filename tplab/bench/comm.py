@@ -91,5 +91,6 @@ def fit_alpha_beta(sizes_bytes: list[float], seconds: list[float], n: int) -> tu
         alpha = 0.0
         inv_beta = float(columns[:, 1] @ ones / (columns[:, 1] @ columns[:, 1]))
     if inv_beta <= 0:
-        raise ValueError("the measured time does not grow with message size: measure larger messages")
+        raise ValueError("the measured times do not grow with message size (noise is larger than the differences), "
+                         "so no α + S/β fits them: measure larger --sizes")
     return float(alpha), float(1 / inv_beta)

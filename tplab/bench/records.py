@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tplab.files import check_writable, read_user_text
 from tplab.perf.shapes import KV_BYTES, WEIGHT_BYTES
 from tplab.specs.dtypes import canonical
 from tplab.specs.model import ModelConfig
@@ -121,6 +122,28 @@ def label(record: dict) -> str:
 def run_file_name(env: dict, kind: str, run_id: str, slug: str) -> str:
     """``<date>_<hardware>_<kind>_<run id>.jsonl``."""
     return f"{env['date'][:10]}_{slug}_{kind}_{run_id}.jsonl"
+
+
+def check_record_target(out: str | Path) -> Path:
+    """Before anything is measured, that records can go to ``out``: a .jsonl file (new, or already holding tplab
+    records only, which it appends to) or a folder (a new run file inside it). A ValueError in one line otherwise:
+    a measurement that cannot be written is lost, and a user's other file is never appended to."""
+    out = Path(out)
+    if out.suffix != ".jsonl":
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file, not a folder: give a folder or a .jsonl record file")
+        check_writable(out / ".tplab-write-check")
+        return out
+    if out.exists():
+        try:
+            lines = [json.loads(line) for line in read_user_text(out, "--out").splitlines() if line.strip()]
+        except json.JSONDecodeError:
+            lines = [None]
+        if not all(isinstance(r, dict) and "schema" in r and "kind" in r for r in lines):
+            raise ValueError(f"--out {out} exists and holds other things than tplab records: give a new .jsonl file "
+                             "or a folder")
+    check_writable(out)
+    return out
 
 
 class RecordLog:

@@ -47,12 +47,11 @@ from tplab.bench.env import environment, hardware_slug
 from tplab.bench.models import bench_model, build_hf_shard, build_shard, describe
 from tplab.bench.plan import QUICK_COPY_BYTES, QUICK_MATMUL_SIZE, BenchSpec, Plan, plan, ranks_per_device
 from tplab.bench.point import PointInputs, point_record, run_points
-from tplab.bench.records import RecordLog, run_file_name
+from tplab.bench.records import RecordLog, check_record_target, run_file_name
 from tplab.bench.roofline import measure_copy_bandwidth, measure_matmul_tflops
 from tplab.bench.timing import time_hf
 from tplab.comm.group import Dist
 from tplab.comm.launch import launch, under_torchrun
-from tplab.files import check_writable
 from tplab.model.loading import torch_dtype
 
 __all__ = ["BenchSpec", "plan", "run_bench", "bench_rank_program"]
@@ -96,9 +95,8 @@ def _release(device: torch.device) -> None:
 def run_bench(spec: BenchSpec, out: str | Path | None = None, progress: bool | None = None) -> list[dict]:
     """Run the sweep; append each record to ``out`` (a .jsonl file, or a folder for a new run file); return them."""
     p = plan(spec)
-    if out is not None:  # before anything is measured: a record that cannot be written is a lost measurement
-        out = Path(out)
-        check_writable(out if out.suffix == ".jsonl" else out / ".tplab-write-check")
+    if out is not None:
+        out = check_record_target(out)
     threads = torch.get_num_threads()
     if spec.threads is not None:
         torch.set_num_threads(spec.threads)

@@ -19,6 +19,7 @@ from tplab.errors import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit on a header
 
 
 class SafetensorsSource(TensorSource):
@@ -45,6 +46,10 @@ class SafetensorsSource(TensorSource):
             except (ValueError, KeyError, TypeError, AttributeError):
                 raise CheckpointError(f"{index} is not a safetensors index (a JSON object with a weight_map of "
                                       "tensor name -> file)") from None
+            outside = sorted({str(f) for f in weight_map.values() if Path(f).name != f or f in (".", "..")})
+            if outside:
+                raise CheckpointError(f"{index} maps tensors to files outside {directory} ({', '.join(outside)}): "
+                                      "an index names shard files in its own folder")
             missing = sorted({f.name for f in files.values() if not f.is_file()})
             if missing:
                 raise CheckpointError(f"{index} lists {len(missing)} file(s) that are not in {directory}: "
@@ -59,7 +64,7 @@ class SafetensorsSource(TensorSource):
     def has(self, name: str) -> bool:
         return name in self._shapes
 
-    def shape(self, name: str) -> tuple[int, ...]:
+    def _shape(self, name: str) -> tuple[int, ...]:
         return self._shapes[name]
 
     @contextmanager
@@ -80,6 +85,9 @@ def _read_header(file: Path) -> dict[str, tuple[int, ...]]:
     try:
         with open(file, "rb") as raw:
             (length,) = struct.unpack("<Q", raw.read(8))
+            if length > min(file.stat().st_size - 8, MAX_HEADER_BYTES):  # read nothing an absurd length asks for
+                raise ValueError(f"its header length field says {length:,} bytes, more than the file or "
+                                 f"{MAX_HEADER_BYTES:,} bytes holds")
             header = json.loads(raw.read(length))
         data_end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     except (OSError, ValueError, struct.error, KeyError, TypeError, AttributeError, IndexError) as e:

@@ -47,9 +47,16 @@ class TensorSource(ABC):
     def has(self, name: str) -> bool:
         """Whether the source holds a tensor called ``name``."""
 
-    @abstractmethod
     def shape(self, name: str) -> tuple[int, ...]:
-        """The full shape of tensor ``name``."""
+        """The full shape of tensor ``name``; :class:`CheckpointError` when the source lacks it."""
+        if not self.has(name):
+            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint at {self.where}: the checkpoint "
+                                  "does not match its config.json (fewer layers stored? a file missing?)")
+        return self._shape(name)
+
+    @abstractmethod
+    def _shape(self, name: str) -> tuple[int, ...]:
+        """The full shape of tensor ``name``, which the source holds."""
 
     @abstractmethod
     def _view(self, name: str, dim: int, start: int, stop: int) -> AbstractContextManager[torch.Tensor]:
@@ -64,9 +71,6 @@ class TensorSource(ABC):
         the meta device is only checked, nothing is read (see
         :func:`tplab.model.loading.check_checkpoint`).
         """
-        if not self.has(name):
-            raise CheckpointError(f"tensor {name!r} is missing from the checkpoint at {self.where}: the checkpoint "
-                                  "does not match its config.json (fewer layers stored? a file missing?)")
         full = self.shape(name)
         if not full:  # a scalar (a per-tensor scale) is read whole
             start = stop = 0
@@ -96,7 +100,7 @@ class StateDictSource(TensorSource):
     def has(self, name: str) -> bool:
         return name in self.state_dict
 
-    def shape(self, name: str) -> tuple[int, ...]:
+    def _shape(self, name: str) -> tuple[int, ...]:
         return tuple(self.state_dict[name].shape)
 
     @contextmanager

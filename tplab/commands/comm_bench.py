@@ -50,7 +50,12 @@ def run(args: argparse.Namespace) -> int:
     if under_torchrun() and os.environ["RANK"] != "0":
         return 0
     n = args.tp
-    fit = fit_alpha_beta(sizes, seconds, n) if n > 1 and len(set(sizes)) > 1 else None
+    fit, why_no_fit = None, "it needs tp >= 2 and at least two sizes"
+    if n > 1 and len(set(sizes)) > 1:
+        try:
+            fit = fit_alpha_beta(sizes, seconds, n)
+        except ValueError as e:  # the measurements stand; only the model of them is impossible
+            why_no_fit = str(e)
     where = "torchrun" if under_torchrun() else args.backend
     print(f"all-reduce on {n} ranks ({where}), measured: median of {args.repeats}, slowest rank")
     print(f"{'bytes/rank':>11} {'time (µs)':>11} {'algbw (GB/s)':>13} {'busbw (GB/s)':>13} {'fitted model (µs)':>18}")
@@ -61,5 +66,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"fitted to these measurements: α = {fit[0] * 1e6:.1f} µs, β = {fit[1] / 1e9:.3f} GB/s "
               "(effective values of the ring formula, not a hardware spec)")
     else:
-        print("no α-β fit: it needs tp >= 2 and at least two sizes")
+        print(f"no α-β fit: {why_no_fit}")
     return 0

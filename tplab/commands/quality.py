@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from tplab.comm.launch import BACKENDS, launch
 from tplab.commands import count
 from tplab.commands.generate import load_tokenizer
 from tplab.engine.quality import quality_rank_program, token_windows
 from tplab.errors import InputError
+from tplab.files import read_user_text
 from tplab.layers.weights import SCHEMES
 from tplab.model.loading import checkpoint_config
 from tplab.specs.tiny import CORPUS_FILE, validation_texts
@@ -48,7 +48,7 @@ def _inputs(args: argparse.Namespace):
         raise ValueError(f"{config.directory} has no tokenizer: quality needs text prompts")
     texts = validation_texts(config.directory) if (config.directory / CORPUS_FILE).is_file() else []
     if args.prompts:
-        lines = [line for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+        lines = [line for line in read_user_text(args.prompts, "--prompts").splitlines() if line.strip()]
         if not lines:
             raise ValueError(f"{args.prompts} holds no prompt: write one per line")
         prompts = [tokenizer(line).input_ids for line in lines]

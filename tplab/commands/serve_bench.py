@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
+from tplab.bench.records import check_record_target
 from tplab.bench.serving import serve_measured, serving_record, write_serving_record
 from tplab.comm.launch import BACKENDS, rank_device_type, under_torchrun
 from tplab.commands import count, runtime_dtype, threads_per_rank
 from tplab.commands import serving_options as serving
 from tplab.commands.generate import load_tokenizer, prints
-from tplab.files import check_writable
 from tplab.memory import check_fits, rank_processes_bytes
 from tplab.model.loading import check_checkpoint, checkpoint_config, dtype_note, resolve_dtype
 from tplab.paths import default_measurements_dir
@@ -55,9 +54,7 @@ def run(args: argparse.Namespace) -> int:
         check_fits(parameters * dtype.itemsize + kv + rank_processes_bytes(args.backend, args.tp),
                    f"serving at tp={args.tp} with {sched.num_blocks} KV blocks per rank",
                    "use fewer --num-blocks or a smaller model")
-        out = None if args.no_save else Path(args.out) if args.out else default_measurements_dir()
-        if out is not None and out.suffix == ".jsonl" and not out.exists():
-            check_writable(out)
+        out = None if args.no_save else check_record_target(args.out or default_measurements_dir())
         backend = "torchrun" if under_torchrun() else args.backend
         if (note := dtype_note(args.dtype, config, dtype)) and prints():  # every check passed: one line, then the run
             print(note, file=sys.stderr)

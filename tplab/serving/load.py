@@ -19,6 +19,7 @@ import random
 from pathlib import Path
 from typing import Callable
 
+from tplab.files import read_user_text
 from tplab.serving.requests import Request
 
 
@@ -76,9 +77,7 @@ def read_requests(path: str | Path, rate: float | None = None, seed: int = 0,
                   tokenize: Callable[[str], list[int]] | None = None, max_requests: int | None = None) -> list[Request]:
     """Requests replayed from a JSON-lines file; ValueError naming the line for anything malformed."""
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"--requests {path}: no such file")
-    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    lines = [(n, line) for n, line in enumerate(read_user_text(path, "--requests").splitlines(), 1) if line.strip()]
     if not lines:
         raise ValueError(f"--requests {path} holds no request")
     if max_requests is not None and len(lines) > max_requests:

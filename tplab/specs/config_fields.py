@@ -7,6 +7,7 @@ layer) and Qwen2 (``use_sliding_window``, from ``max_window_layers`` on, or
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -16,6 +17,44 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 REQUIRED_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+# Larger than any published decoder by 10x or more: a bigger value is a typo, refused before anything is sized by it.
+SIZE_LIMITS = {"vocab_size": 10**7, "hidden_size": 10**6, "intermediate_size": 10**7, "num_hidden_layers": 10**4,
+               "num_attention_heads": 10**5, "num_key_value_heads": 10**5, "head_dim": 10**5,
+               "max_position_embeddings": 10**8, "sliding_window": 10**8, "max_window_layers": 10**4,
+               "original_max_position_embeddings": 10**8}
+
+
+def size_field(d: Mapping, key: str, default: int | None = None) -> int | None:
+    """``d[key]`` as a size: a positive integer (not a string, a float or a bool) within SIZE_LIMITS; ``default``
+    when it is absent or null. ValueError naming the field otherwise."""
+    value = d.get(key)
+    if value is None:
+        return default
+    if not is_positive_int(value):
+        raise ValueError(f"{key} must be a positive integer, got {value!r}")
+    if value > SIZE_LIMITS.get(key, math.inf):
+        raise ValueError(f"{key}={value:,} is more than {SIZE_LIMITS[key]:,}: larger than any model")
+    return value
+
+
+def number_field(d: Mapping, key: str, default: float) -> float:
+    """``d[key]`` as a finite number > 0 (``default`` when absent); ValueError naming the field otherwise (null,
+    a string, NaN, an infinity, zero or a negative number)."""
+    value = d.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{key} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def bool_field(d: Mapping, key: str, default: bool = False) -> bool:
+    """``d[key]`` as true or false (``default`` when absent or null); a string such as "false" is refused."""
+    value = d.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ValueError(f"{key} must be true or false, got {value!r}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -30,16 +69,16 @@ class RopeConfig:
     original_max_position_embeddings: int | None = None
 
 
-def check_sizes(d: Mapping, source: str) -> None:
-    """ValueError naming ``source`` and every required size that is absent or not a positive integer; MoE refused."""
+def check_sizes(d: Mapping) -> None:
+    """ValueError naming every required size that is absent, and the first that is not a sensible positive
+    integer; MoE refused."""
     missing = [k for k in REQUIRED_SIZES if k not in d]
     if missing:
-        raise ValueError(f"{source} lacks {', '.join(missing)}: tplab describes Llama/Mistral/Qwen2-style decoders")
+        raise ValueError(f"lacks {', '.join(missing)}: tplab describes Llama/Mistral/Qwen2-style decoders")
     for key in REQUIRED_SIZES:
-        if not is_positive_int(d[key]):
-            raise ValueError(f"{source}: {key} must be a positive integer, got {d[key]!r}")
+        size_field(d, key)
     if any(d.get(k) for k in MOE_KEYS):
-        raise ValueError(f"{source} describes a mixture-of-experts model, which tplab does not model")
+        raise ValueError("describes a mixture-of-experts model, which tplab does not model")
 
 
 def unsupported(d: Mapping) -> str | None:
@@ -67,6 +106,8 @@ def parse_quantization(d: Mapping) -> tuple[str | None, str | None]:
     q = d.get("quantization_config")
     if not q:
         return None, None
+    if not isinstance(q, Mapping):
+        raise ValueError(f"quantization_config must be a JSON object, got {q!r}")
     method = q.get("quant_method")
     if method != "fp8" or q.get("weight_block_size"):
         return None, (f"unsupported quantization_config (quant_method={method!r}"
@@ -76,45 +117,53 @@ def parse_quantization(d: Mapping) -> tuple[str | None, str | None]:
 
 
 def as_ids(value: Any) -> tuple[int, ...]:
-    """An ``eos_token_id`` field (None, one id or a list) as a tuple of ids."""
-    if value is None:
-        return ()
-    return tuple(int(v) for v in value) if isinstance(value, (list, tuple)) else (int(value),)
+    """An ``eos_token_id`` field (null, one id or a list of ids) as a tuple of ids; ValueError for anything else."""
+    ids = [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
+    if not all(is_positive_int(i, low=0) for i in ids):
+        raise ValueError(f"eos_token_id must be a token id or a list of them, got {value!r}")
+    return tuple(ids)
 
 
 def _rope_params(d: Mapping) -> dict:
+    for key in ("rope_parameters", "rope_scaling"):
+        if d.get(key) is not None and not isinstance(d[key], Mapping):
+            raise ValueError(f"{key} must be a JSON object, got {d[key]!r}")
     return dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
 
 
 def parse_rope(d: Mapping) -> RopeConfig:
-    """The RoPE parameters of either spelling (per-layer-type parameters read as the default)."""
+    """The RoPE parameters of either spelling (per-layer-type parameters read as the default); every number finite
+    and positive."""
     params = _rope_params(d)
     if params and all(isinstance(v, dict) for v in params.values()):
         params = {}
     rope_type = params.get("rope_type", params.get("type", "default"))
-    original = params.get("original_max_position_embeddings")
+    original = size_field(params, "original_max_position_embeddings")
     if rope_type == "llama3" and original is None:
-        original = d.get("max_position_embeddings")
+        original = size_field(d, "max_position_embeddings")
     return RopeConfig(
-        theta=float(params.get("rope_theta", d.get("rope_theta", 10000.0))),
+        theta=number_field(params, "rope_theta", number_field(d, "rope_theta", 10000.0)),
         type=str(rope_type),
-        factor=float(params.get("factor", 1.0)),
-        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=None if original is None else int(original),
+        factor=number_field(params, "factor", 1.0),
+        low_freq_factor=number_field(params, "low_freq_factor", 1.0),
+        high_freq_factor=number_field(params, "high_freq_factor", 4.0),
+        original_max_position_embeddings=original,
     )
 
 
 def parse_windows(d: Mapping, num_layers: int) -> tuple[int | None, ...]:
     """Per layer: the sliding attention window (keys with q_pos - k_pos < window), or None for full attention."""
-    model_type = d.get("model_type")
-    window = d.get("sliding_window") if model_type in ("mistral", "qwen2") else None
-    if model_type == "qwen2" and not d.get("use_sliding_window", False):
+    model_type, layer_types = d.get("model_type"), d.get("layer_types")
+    if layer_types is not None and (not isinstance(layer_types, list) or len(layer_types) != num_layers
+                                    or not set(layer_types) <= set(LAYER_TYPES)):
+        raise ValueError(f"layer_types must list one of {LAYER_TYPES} for each of the {num_layers} layers, got "
+                         f"{layer_types!r}")
+    window = size_field(d, "sliding_window") if model_type in ("mistral", "qwen2") else None
+    if model_type == "qwen2" and not bool_field(d, "use_sliding_window"):
         window = None
     if window is None:
         return (None,) * num_layers
-    layer_types = d.get("layer_types")
     if not layer_types:  # older configs: Mistral slides every layer, Qwen2 the layers from max_window_layers on
-        first = int(d.get("max_window_layers", 0)) if model_type == "qwen2" else 0
+        first = size_field(d, "max_window_layers", 0) if model_type == "qwen2" else 0
         layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
-    return tuple(int(window) if t == "sliding_attention" else None for t in layer_types)
+    return tuple(window if t == "sliding_attention" else None for t in layer_types)

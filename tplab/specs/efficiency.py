@@ -5,10 +5,13 @@ Overridable by a dict or a JSON file of the same shape.
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from tplab.files import read_user_text
 from tplab.paths import DATA_DIR
 from tplab.specs.reading import read_json, unknown_name
 
@@ -55,17 +58,24 @@ def load_efficiency(override: Mapping[str, float] | str | Path | Efficiency | No
         return override
     values = {k: v["value"] for k, v in read_json(EFFICIENCY_FILE).items() if isinstance(v, dict)}
     if isinstance(override, (str, Path)):
-        override = read_json(Path(override))
+        try:
+            override = json.loads(read_user_text(override, "--efficiency"))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--efficiency {override} is not JSON ({e.msg})") from None
+        if not isinstance(override, dict):
+            raise ValueError(f"--efficiency takes a JSON object of data/efficiency.json's shape, got a "
+                             f"{type(override).__name__}")
     known = [f.name for f in dataclasses.fields(Efficiency)]
     for key, value in (override or {}).items():
         if key == "about":
             continue
         if key not in known:
             raise unknown_name("efficiency", key, known)
-        values[key] = value["value"] if isinstance(value, dict) else value
+        values[key] = value.get("value") if isinstance(value, dict) else value
     for key in known:
         value = values[key]
-        if not isinstance(value, (int, float)) or value < 0 or (key in _FRACTIONS and not 0 < value <= 1):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 or (
+                key in _FRACTIONS and not 0 < value <= 1):
             bound = "a fraction in (0, 1]" if key in _FRACTIONS else "a number >= 0"
             raise ValueError(f"efficiency {key}={value!r} must be {bound}")
     values["prefill_chunk_tokens"] = max(1, int(values["prefill_chunk_tokens"]))

@@ -28,10 +28,13 @@ from tplab.specs import tiny
 from tplab.specs.config_fields import (
     RopeConfig,
     as_ids,
+    bool_field,
     check_sizes,
+    number_field,
     parse_quantization,
     parse_rope,
     parse_windows,
+    size_field,
     unsupported,
 )
 from tplab.specs.dtypes import element_bytes
@@ -81,23 +84,31 @@ class ModelConfig:
         """Parse a config.json dictionary; ValueError for what it lacks, and (strict) for what tplab cannot run."""
         if not isinstance(d, Mapping):
             raise ValueError(f"{source} must hold a JSON object, got a {type(d).__name__}")
-        check_sizes(d, source)
+        try:
+            return cls._parse(d, strict, name, source, directory)
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    @classmethod
+    def _parse(cls, d: Mapping[str, Any], strict: bool, name: str, source: str,
+               directory: Path | None) -> "ModelConfig":
+        check_sizes(d)
         why_not = unsupported(d)
         if strict and why_not:
-            raise ValueError(f"{source}: {why_not}")
-        num_layers, num_heads = int(d["num_hidden_layers"]), int(d["num_attention_heads"])
+            raise ValueError(why_not)
+        num_layers, num_heads = d["num_hidden_layers"], d["num_attention_heads"]
         model_type = str(d.get("model_type"))
-        attention_bias = bool(d.get("attention_bias", False))
+        attention_bias = bool_field(d, "attention_bias")
         return cls(
-            name=name, model_type=model_type, vocab_size=int(d["vocab_size"]), hidden_size=int(d["hidden_size"]),
-            intermediate_size=int(d["intermediate_size"]), num_layers=num_layers, num_heads=num_heads,
-            num_kv_heads=int(d.get("num_key_value_heads") or num_heads),
-            head_dim=int(d.get("head_dim") or d["hidden_size"] // num_heads),
-            max_position_embeddings=int(d.get("max_position_embeddings") or 2048),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)), rope=parse_rope(d),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            name=name, model_type=model_type, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"], num_layers=num_layers, num_heads=num_heads,
+            num_kv_heads=size_field(d, "num_key_value_heads", num_heads),
+            head_dim=size_field(d, "head_dim") or _default_head_dim(d["hidden_size"], num_heads),
+            max_position_embeddings=size_field(d, "max_position_embeddings", 2048),
+            rms_norm_eps=number_field(d, "rms_norm_eps", 1e-6), rope=parse_rope(d),
+            tie_word_embeddings=bool_field(d, "tie_word_embeddings"),
             qkv_bias=model_type == "qwen2" or attention_bias, o_bias=attention_bias and model_type != "qwen2",
-            mlp_bias=bool(d.get("mlp_bias", False)), layer_windows=parse_windows(d, num_layers),
+            mlp_bias=bool_field(d, "mlp_bias"), layer_windows=parse_windows(d, num_layers),
             eos_token_ids=as_ids(d.get("eos_token_id")), dtype=d.get("dtype") or d.get("torch_dtype"),
             quantization=parse_quantization(d)[0],
             unsupported=why_not, source=str(d.get("_source", source)), directory=directory)
@@ -179,6 +190,14 @@ class ModelConfig:
         """
         layers = self.num_layers if layers is None else layers
         return int(2 * layers * self.kv_heads_per_rank(tp) * self.head_dim * element_bytes(dtype))
+
+
+def _default_head_dim(hidden_size: int, num_heads: int) -> int:
+    """hidden_size // num_heads (as transformers takes it) where config.json gives no head_dim; at least 1."""
+    if hidden_size < num_heads:
+        raise ValueError(f"no head_dim, and hidden_size={hidden_size} is smaller than num_attention_heads="
+                         f"{num_heads}: give head_dim")
+    return hidden_size // num_heads
 
 
 def model_names() -> list[str]:
