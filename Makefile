@@ -54,8 +54,8 @@ DEMO_PROMPTS := --prompt "The with statement" --prompt "An object is"
 demo: setup
 	$(BIN)/python -m tplab generate --tp 1,2,4,8 --max-new-tokens 24 $(DEMO_PROMPTS)
 
-lab: setup
-	$(BIN)/jupyter lab notebooks/
+lab: setup  # containers often run as root, which Jupyter refuses without --allow-root
+	$(BIN)/jupyter lab notebooks/ $(if $(filter 0,$(shell id -u)),--allow-root)
 
 strip: setup
 	$(BIN)/nbstripout notebooks/*.ipynb

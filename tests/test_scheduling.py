@@ -207,3 +207,16 @@ def test_the_simulator_is_deterministic_and_labels_nothing_measured():
     first, second = simulate(load, config, cost), simulate(load, config, cost)
     assert first.summary == second.summary
     assert all(len(r["output_ids"]) == q.max_new_tokens for r, q in zip(first.requests, load))
+
+
+def test_a_closed_loop_keeps_at_most_n_requests_in_flight_and_times_them_from_sending():
+    """All 12 requests arrive at 0; with concurrency 3 the client sends a new one only when one finishes."""
+    requests = [Request(i, tuple(range(1, 9)), 4) for i in range(12)]
+    config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, num_blocks=64, block_size=8, max_model_len=64)
+    run = simulate(requests, config, lambda rows: 0.01, concurrency=3)
+    assert run.summary["completed"] == 12
+    for row in run.requests:  # each request's clock starts when it is sent, and it is scheduled at once
+        assert row["ttft_ms"] > 0 and row["queue_ms"] == 0
+    assert 2.5 < run.summary["concurrency_mean"] <= 3
+    open_loop = simulate(requests, config, lambda rows: 0.01)
+    assert max(r["ttft_ms"] for r in open_loop.requests) > max(r["ttft_ms"] for r in run.requests)

@@ -103,6 +103,24 @@ def test_simulate_labels_every_figure_modelled(capsys):
     assert code == 0 and out.startswith("[MODELLED, not measured: llama-3-70b on 8 x")
 
 
+@pytest.mark.parametrize("gpu, seqs, tokens", [("h100-sxm", 1024, 8192), ("a100-sxm-80gb", 256, 2048)])
+def test_simulate_defaults_to_vllms_scheduler_for_the_gpu_and_says_so(capsys, gpu, seqs, tokens):
+    """A 20,000-token prompt on a 128K-context Llama 3.1 70B, a closed loop of 4, and vLLM's batch defaults."""
+    code, out, _ = run_cli(capsys, "simulate", "--model", "llama-3.1-70b", "--gpu", gpu, "--tp", "4", "--num-requests",
+                           "8", "--prompt-len", "20000", "--output-len", "16", "--concurrency", "4", "--json")
+    assert code == 0
+    report = json.loads(out)
+    setting, summary = report["setting"], report["summary"]
+    assert (setting["max_num_seqs"], setting["max_num_batched_tokens"]) == (seqs, tokens)
+    assert "EngineArgs.get_batch_defaults" in setting["scheduler_defaults"]
+    assert summary["completed"] == 8 and 1 < summary["concurrency_mean"] <= 4
+    assert set(summary["ttft_ms"]) == {"p50", "p90", "p95", "p99"} and summary["goodput_req_s"] is None
+    code, out, _ = run_cli(capsys, "simulate", "--model", "llama-3.1-70b", "--gpu", gpu, "--tp", "4", "--num-requests",
+                           "2", "--max-num-seqs", "2", "--max-batched-tokens", "512")
+    assert code == 0 and "scheduler: max_num_seqs 2, max_num_batched_tokens 512 (given)" in out
+    assert "goodput n/a (no SLO" in out and "p95" in out
+
+
 @pytest.mark.parametrize("argv,message", [
     (["--tp", "3"], "valid tp"),
     (["--tp", "1", "--dtype", "bf16"], "no memory for a KV cache"),

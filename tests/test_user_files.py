@@ -58,3 +58,15 @@ def test_comm_bench_reports_its_measurements_when_no_fit_is_possible(capsys, mon
     code, out, err = run_cli(capsys, "comm-bench", "--tp", "2", "--sizes", "1024,65536,1048576")
     assert code == 0 and err == ""
     assert out.count("\n") == 6 and "no α-β fit: the measured times do not grow with message size" in out
+
+
+def test_command_line_records_go_where_git_ignores_them():
+    import subprocess
+
+    from tplab.paths import DATA_DIR, in_checkout, local_records_dir
+    if not in_checkout():
+        pytest.skip("an installed wheel writes to the current directory")
+    assert local_records_dir() == DATA_DIR / "measurements" / "local"
+    probe = local_records_dir() / "serving" / "2026-01-01_cpu_serving_0.jsonl"
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(probe)], cwd=DATA_DIR.parent)
+    assert ignored.returncode == 0, "data/measurements/local/ must be ignored by git"

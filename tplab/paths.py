@@ -4,8 +4,9 @@ The repository keeps one ``data/`` at its top (the tiny model, the hardware and
 model specs, efficiency.json, the measurement records). A wheel carries the
 part the package reads, mapped to ``tplab/data`` by pyproject.toml's
 ``package-dir`` (no second copy in git): the measurement records stay in the
-repository. What tplab writes goes to ``data/measurements`` in a checkout and
-to the current directory elsewhere, never into site-packages.
+repository. What the command line records goes to ``data/measurements/local`` in a checkout (ignored by git: a
+run leaves the checkout clean; commit a record by moving it up) and to the current directory elsewhere, never
+into site-packages. The repository's measurement scripts write to ``data/measurements`` itself.
 """
 from __future__ import annotations
 
@@ -25,5 +26,11 @@ def in_checkout() -> bool:
 
 
 def default_measurements_dir() -> Path:
-    """Where benchmark records go unless ``--out`` says: data/measurements in a checkout, else the current directory."""
+    """Where the repository's measurement scripts write: data/measurements in a checkout, else the current directory."""
     return DATA_DIR / "measurements" if in_checkout() else Path.cwd()
+
+
+def local_records_dir() -> Path:
+    """Where ``bench`` and ``serve-bench`` records go unless ``--out`` says: data/measurements/local in a checkout
+    (ignored by git), else the current directory."""
+    return DATA_DIR / "measurements" / "local" if in_checkout() else Path.cwd()

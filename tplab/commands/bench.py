@@ -23,7 +23,7 @@ Size a sweep before running it (allocates nothing; times modelled for --gpu)::
 
     python -m tplab bench --emulate-rank --model llama-3-70b --gpu h200 --layers 20 --tp 2,4,8 --dry-run
 
-Records are appended to --out (data/measurements/ in a checkout, else the current directory) as JSON lines; the table
+Records are appended to --out (data/measurements/local/ in a checkout, ignored by git, else the current directory) as JSON lines; the table
 printed says for every row whether it was measured or emulated.
 
 The GPU paths (CUDA-graph decode, NCCL under torchrun, CUDA-event roofline)
@@ -45,7 +45,7 @@ from tplab.comm.launch import BACKENDS, under_torchrun
 from tplab.commands import count, int_list, threads_per_rank, torch_dtype_name
 from tplab.engine.runner import DECODE_MODES
 from tplab.layers.weights import SCHEMES
-from tplab.paths import default_measurements_dir
+from tplab.paths import local_records_dir
 from tplab.specs import cpu
 
 COLUMNS = [("kind", 8), ("tp", 3), ("batch", 5), ("prompt", 6), ("TTFT ms", 10), ("decode ms/tok", 13),
@@ -87,7 +87,7 @@ def register(subparsers) -> None:
     p.add_argument("--quick-roofline", action="store_true",
                    help="measure the copy and matmul roofs on small buffers (fast, but lower roofs)")
     p.add_argument("--out", default=None,
-                   help="folder for a new run file, or a .jsonl file to append to (default: data/measurements in a "
+                   help="folder for a new run file, or a .jsonl file to append to (default: data/measurements/local in a "
                         "checkout of tplab, else the current directory)")
     p.add_argument("--no-save", action="store_true", help="print only; write no record")
     p.add_argument("--dry-run", action="store_true",
@@ -194,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         from tplab.bench.sweep import run_bench
 
-        out = None if args.no_save else Path(args.out) if args.out else default_measurements_dir()
+        out = None if args.no_save else Path(args.out) if args.out else local_records_dir()
         records = run_bench(spec_from_args(args), out=out,
                             progress=False if args.quiet else None)
     except (ValueError, FileNotFoundError) as e:

@@ -7,7 +7,7 @@
 Requests arrive by a Poisson process (or all at once, or from a file); the
 engine batches them continuously (:mod:`tplab.serving.engine`). It prints TTFT,
 TPOT, latency and queueing percentiles, throughput and goodput, and appends
-the run to data/measurements/serving/ (``--out``; ``--no-save`` writes nothing).
+the run to data/measurements/local/serving/ in a checkout, ignored by git (``--out``; ``--no-save`` writes nothing).
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from tplab.commands import serving_options as serving
 from tplab.commands.generate import load_tokenizer, prints
 from tplab.memory import check_fits, rank_processes_bytes
 from tplab.model.loading import check_checkpoint, checkpoint_config, dtype_note, resolve_dtype
-from tplab.paths import default_measurements_dir
+from tplab.paths import local_records_dir
 
 
 def register(subparsers) -> None:
@@ -33,7 +33,7 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", type=runtime_dtype, default="auto", help="weights dtype: auto (the checkpoint's), ...")
     p.add_argument("--threads", type=threads_per_rank, default=None, help="torch threads per rank (default: cores shared out)")
     p.add_argument("--out", default=None, help="folder (a run file goes to FOLDER/serving/) or .jsonl file to "
-                                               "append to (default: data/measurements in a checkout)")
+                                               "append to (default: data/measurements/local in a checkout, ignored by git)")
     p.add_argument("--no-save", action="store_true", help="print only; write no record")
     serving.add_serving_options(p)
     p.set_defaults(run=run)
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         check_fits(parameters * dtype.itemsize + kv + rank_processes_bytes(args.backend, args.tp),
                    f"serving at tp={args.tp} with {sched.num_blocks} KV blocks per rank",
                    "use fewer --num-blocks or a smaller model")
-        out = None if args.no_save else check_record_target(args.out or default_measurements_dir())
+        out = None if args.no_save else check_record_target(args.out or local_records_dir())
         backend = "torchrun" if under_torchrun() else args.backend
         if (note := dtype_note(args.dtype, config, dtype)) and prints():  # every check passed: one line, then the run
             print(note, file=sys.stderr)

@@ -35,7 +35,13 @@ def _check_rate(rate: float) -> None:
         raise ValueError(f"--rate must be > 0 requests/s (inf: all at once), got {rate}")
 
 
-def add_serving_options(p: argparse.ArgumentParser) -> None:
+ENGINE_SCHEDULER = {"max_num_seqs": 8, "max_batched_tokens": 256,
+                    "num_blocks": "--max-num-seqs sequences of the full context"}  # tplab's engine on CPU ranks
+
+
+def add_serving_options(p: argparse.ArgumentParser, scheduler: dict = ENGINE_SCHEDULER) -> None:
+    """The shared options; ``scheduler``: the defaults of --max-num-seqs and --max-batched-tokens (None: chosen
+    by the command) and what --num-blocks defaults to, in words."""
     load = p.add_argument_group("load")
     load.add_argument("--rate", type=checked("--rate", float, _check_rate), default=math.inf,
                       help="Poisson arrivals at this many requests/s; inf: all at once (default)")
@@ -53,11 +59,13 @@ def add_serving_options(p: argparse.ArgumentParser) -> None:
                       default=None, help="closed loop: at most N requests in flight, the next sent as one finishes "
                                          "(times count from sending); default: open loop, sent at arrival")
     sched = p.add_argument_group("scheduler")
-    sched.add_argument("--max-num-seqs", type=count("--max-num-seqs"), default=8, help="admission control: sequences running at once")
-    sched.add_argument("--max-batched-tokens", type=count("--max-batched-tokens"), default=256, help="token budget of one step")
+    sched.add_argument("--max-num-seqs", type=count("--max-num-seqs"), default=scheduler["max_num_seqs"],
+                       help="admission control: sequences running at once")
+    sched.add_argument("--max-batched-tokens", type=count("--max-batched-tokens"), default=scheduler["max_batched_tokens"],
+                       help="token budget of one step")
     sched.add_argument("--block-size", type=checked("--block-size", int, partial(check_block_size, "--block-size")), default=16, help="tokens per KV block (a power of two)")
     sched.add_argument("--num-blocks", type=count("--num-blocks"), default=None,
-                       help="KV blocks per rank (default: --max-num-seqs sequences of the full context)")
+                       help=f"KV blocks per rank (default: {scheduler['num_blocks']})")
     sched.add_argument("--policy", choices=POLICIES, default="continuous",
                        help="continuous batching, or static batches (a new batch when the last has finished)")
     sched.add_argument("--no-prefix-cache", action="store_true", help="compute every prompt in full")

@@ -6,7 +6,9 @@
 The same load, scheduler and SLO options as ``serve-bench``; each step's
 time comes from the cost model (:class:`tplab.perf.batch.ModelledStepCost`)
 instead of real ranks, and the KV blocks from what the GPU's memory leaves
-after the weights (``--num-blocks`` to set them).
+after the weights (``--num-blocks`` to set them). The scheduler defaults to what
+the modelled engine would run: vLLM's defaults for its OpenAI server
+(:data:`VLLM_BATCH_DEFAULTS`), printed with the run.
 """
 from __future__ import annotations
 
@@ -20,7 +22,18 @@ from tplab.perf.estimate import ENGINES, MODELLED
 from tplab.perf.shapes import KV_BYTES, WEIGHT_BYTES
 from tplab.serving.simulator import simulate
 from tplab.specs.efficiency import load_efficiency
+from tplab.specs.hardware import GpuSpec
 from tplab.specs.model import resolve_model
+
+VLLM_BATCH_DEFAULTS = ("vLLM's OpenAI-server defaults (EngineArgs.get_batch_defaults, vllm/engine/arg_utils.py): "
+                       "max_num_seqs 1024 and max_num_batched_tokens 8192 on a GPU of 70 GiB or more other than "
+                       "A100, else 256 and 2048")
+
+
+def vllm_batch_defaults(gpu: GpuSpec) -> tuple[int, int]:
+    """(max_num_seqs, max_num_batched_tokens) that vLLM's server would take on ``gpu`` (:data:`VLLM_BATCH_DEFAULTS`)."""
+    large = gpu.memory_gb * 1e9 >= 70 * 2**30 and "a100" not in gpu.name.lower()
+    return (1024, 8192) if large else (256, 2048)
 
 
 def register(subparsers) -> None:
@@ -35,7 +48,10 @@ def register(subparsers) -> None:
     p.add_argument("--max-model-len", type=count("--max-model-len"), default=None,
                    help="longest request in positions (default: the model's context)")
     p.add_argument("--efficiency", default=None, help="JSON file overriding data/efficiency.json")
-    serving.add_serving_options(p)
+    serving.add_serving_options(p, {"max_num_seqs": None, "max_batched_tokens": None,
+                                    "num_blocks": "what each GPU's memory leaves after the weights, the activations "
+                                                  "and the runtime, as vLLM sizes its cache; --max-num-seqs and "
+                                                  "--max-batched-tokens default to vLLM's for the GPU"})
     p.set_defaults(run=run)
 
 
@@ -48,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
         if context > model.max_position_embeddings:
             raise ValueError(f"--max-model-len must be in [1, {model.max_position_embeddings}], got {context}")
         requests = serving.build_load(args, model.vocab_size, context, frozenset(model.eos_token_ids))
+        seqs, tokens = vllm_batch_defaults(cost.gpu)
+        chosen = "given" if args.max_num_seqs is not None and args.max_batched_tokens is not None else VLLM_BATCH_DEFAULTS
+        args.max_num_seqs = args.max_num_seqs or seqs
+        args.max_batched_tokens = args.max_batched_tokens or tokens
         blocks = None if args.num_blocks is not None else cost.kv_blocks(args.block_size, args.max_num_seqs,
                                                              args.max_batched_tokens)
         config = serving.scheduler_config(args, context, requests, blocks)
@@ -58,12 +78,17 @@ def run(args: argparse.Namespace) -> int:
               "concurrency": args.concurrency}
     setting = {"model": model.name, "gpu": cost.gpu.name, "tp": args.tp, "dtype": args.dtype,
                "kv_dtype": args.kv_dtype, "interconnect": cost.link.name, "engine": args.engine,
-               "num_blocks": config.num_blocks, "notes": list(cost.notes)}
+               "num_blocks": config.num_blocks, "max_num_seqs": config.max_num_seqs,
+               "max_num_batched_tokens": config.max_num_batched_tokens, "scheduler_defaults": chosen,
+               "notes": list(cost.notes)}
     if args.json:
         serving.print_json(result, label=MODELLED, setting=setting)
         return 0
     serving.print_report(result, f"MODELLED, not measured: {model.name} on {args.tp} x {cost.gpu.name} over {cost.link.name}, "
                          f"{args.dtype} weights, {config.num_blocks} KV blocks of {config.block_size} per GPU")
+    print(f"  scheduler: max_num_seqs {config.max_num_seqs}, max_num_batched_tokens {config.max_num_batched_tokens} "
+          f"({chosen}), chunked prefill {'on' if config.chunked_prefill else 'off'}, prefix caching "
+          f"{'on' if config.prefix_caching else 'off'}")
     for note in cost.notes:
         print(f"  note: {note}")
     return 0

@@ -107,17 +107,21 @@ class BlockManager:
             seq.block_ids.append(block_id)
 
     def register_full(self, seq: Sequence) -> None:
-        """Name ``seq``'s computed full blocks by their prefix hash, so later requests can share them."""
+        """Name ``seq``'s computed full blocks by their prefix hash, so later requests can share them: only those
+        that filled since the last call (``seq.registered_blocks``), so a step costs its new blocks, not the
+        sequence's length."""
         if not self.prefix_caching:
             return
-        previous = None
-        for j in range(seq.num_computed // self.block_size):
+        first = seq.registered_blocks
+        previous = self.blocks[seq.block_ids[first - 1]].hash if first else None
+        for j in range(first, seq.num_computed // self.block_size):
             block = self.blocks[seq.block_ids[j]]
             if block.hash is None:
                 block.tokens = tuple(seq.tokens[j * self.block_size:(j + 1) * self.block_size])
                 block.hash = block_hash(previous, block.tokens)
                 self.by_hash.setdefault(block.hash, block.id)
             previous = block.hash
+        seq.registered_blocks = max(first, seq.num_computed // self.block_size)
 
     def release(self, seq: Sequence) -> None:
         """Drop ``seq``'s references; blocks nobody holds go to the end of the free list (contents kept)."""
@@ -126,4 +130,4 @@ class BlockManager:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self.free[block_id] = None
-        seq.block_ids = []
+        seq.block_ids, seq.registered_blocks = [], 0

@@ -61,7 +61,7 @@ def synthetic_load(num_requests: int, rate: float | None, prompt_len: tuple[int,
     for i, arrival in enumerate(arrival_times(num_requests, rate, rng)):
         length = rng.randint(*prompt_len)
         head = shared[:int(prefix_share * length)]
-        prompt = tuple(head + [rng.choice(ids) for _ in range(length - len(head))])
+        prompt = tuple(head + rng.choices(ids, k=length - len(head)))
         requests.append(Request(i, prompt, rng.randint(*output_len), arrival))
     return bounded(requests, duration_s)
 

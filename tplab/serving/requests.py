@@ -63,6 +63,7 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)
     num_computed: int = 0
     block_ids: list[int] = field(default_factory=list)
+    registered_blocks: int = 0  # leading blocks already named by their prefix hash (BlockManager.register_full)
     finish_reason: str | None = None  # "eos", "stop", "length", or "rejected: ..."
     first_scheduled_s: float | None = None
     token_times_s: list[float] = field(default_factory=list)
