@@ -174,13 +174,21 @@ def _roofline(record: dict, raw: dict, roofline: dict) -> dict:
     return {"copy_gb_s": roofline["copy"]["gb_s"], "copy_method": roofline["copy"]["method"],
             "matmul_tflops": roofline["matmul"]["tflops"], "matmul_method": roofline["matmul"]["method"],
             "decode_bytes_per_step": step_bytes, "decode_achieved_gb_s": achieved_gb_s,
-            "decode_fraction_of_copy": achieved_gb_s / roofline["copy"]["gb_s"],
+            "decode_fraction_of_copy": _below_roof(achieved_gb_s / roofline["copy"]["gb_s"]),
             "prefill_flops": flops, "prefill_achieved_tflops": achieved_tflops,
-            "prefill_fraction_of_matmul": achieved_tflops / roofline["matmul"]["tflops"],
+            "prefill_fraction_of_matmul": _below_roof(achieved_tflops / roofline["matmul"]["tflops"]),
             "ranks_sharing_memory": ranks,
             "note": "bytes: the rank's weights but the embedding, plus the KV cache attended; time: the step's "
                     "compute part (collectives excluded where they were timed or modelled); x ranks sharing the "
-                    "device's memory"}
+                    "device's memory; a fraction is None where the step beat the measured roof (served from "
+                    "caches: the roof does not bound it)"}
+
+
+def _below_roof(fraction: float) -> float | None:
+    """A fraction of a measured roof, or None above it: a step faster than the device's copy (or matmul) roof was
+    not bounded by it (weights small enough to stay in the CPU's caches, or a roof measured on a buffer too small
+    to exceed them, as with --quick-roofline), so a fraction over 100% would be no figure at all."""
+    return fraction if fraction <= 1 else None
 
 
 def _baseline(record: dict, hf: Timing) -> dict:

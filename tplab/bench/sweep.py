@@ -34,6 +34,7 @@ from __future__ import annotations
 import gc
 import os
 import sys
+import time
 import uuid
 from dataclasses import asdict
 from pathlib import Path
@@ -51,7 +52,7 @@ from tplab.bench.records import RecordLog, check_record_target, run_file_name
 from tplab.bench.roofline import measure_copy_bandwidth, measure_matmul_tflops
 from tplab.bench.timing import time_hf
 from tplab.comm.group import Dist
-from tplab.comm.launch import launch, under_torchrun
+from tplab.comm.launch import default_threads, launch, under_torchrun
 from tplab.model.loading import torch_dtype
 
 __all__ = ["BenchSpec", "plan", "run_bench", "bench_rank_program"]
@@ -75,15 +76,48 @@ def _baseline(plan: Plan, tp: int, bar) -> list:
         return [None] * len(plan.points)
     config = plan.model.config.with_layers(spec.layers)
     hf = build_hf_shard(config, tp, plan.dtype, plan.device, spec.seed)
+    bar.set_postfix_str(f"tp={tp}: HF's baseline")
+    # the threads one rank had: the baseline runs rank 0's shapes on rank 0's share of the CPU, so the ratio
+    # compares code, not thread counts (the process's setting is restored after)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(spec.threads or default_threads(ranks_per_device(spec, plan.device, tp)))
     out = []
-    for batch, prompt_len in plan.points:
-        generator = torch.Generator().manual_seed(spec.seed)
-        ids = torch.randint(0, hf.config.vocab_size, (batch, prompt_len), generator=generator).to(plan.device)
-        out.append(time_hf(hf, ids, spec.decode_steps, spec.repeats, spec.warmup))
-        bar.update()
+    try:
+        for batch, prompt_len in plan.points:
+            generator = torch.Generator().manual_seed(spec.seed)
+            ids = torch.randint(0, hf.config.vocab_size, (batch, prompt_len), generator=generator).to(plan.device)
+            out.append(time_hf(hf, ids, spec.decode_steps, spec.repeats, spec.warmup))
+            bar.update()
+    finally:
+        torch.set_num_threads(threads)
     del hf
     _release(plan.device)
     return out
+
+
+class ProgressLines:
+    """Progress where no terminal shows a bar (a log, a pipe, CI): one line per finished unit, with the elapsed
+    time, to stderr."""
+
+    def __init__(self, total: int, label: str, show: bool) -> None:
+        self.total, self.label, self.show, self.done = total, label, show, 0
+        self.started, self.stage = time.monotonic(), ""
+
+    def _line(self) -> None:
+        if self.show:
+            print(f"{self.label}: {self.done}/{self.total} done, {time.monotonic() - self.started:.0f} s"
+                  f"{'; ' + self.stage if self.stage else ''}", file=sys.stderr, flush=True)
+
+    def set_postfix_str(self, stage: str) -> None:
+        self.stage = stage
+        self._line()
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        self._line()
+
+    def close(self) -> None:
+        pass
 
 
 def _release(device: torch.device) -> None:
@@ -112,18 +146,20 @@ def _run(p: Plan, out: str | Path | None, progress: bool | None) -> list[dict]:
         torch.cuda.set_device(p.device)
     env = environment(p.device)
     run_id = uuid.uuid4().hex[:8]
+    kind = "emulated" if spec.emulate else "measured"
+    rank0 = not under_torchrun() or int(os.environ["RANK"]) == 0
+    units = len(spec.tps) * len(p.points) * (2 if spec.baseline else 1)
+    show = progress is not False and rank0  # a bar on a terminal, a line per step elsewhere (a log, a pipe, CI)
+    bar = tqdm(total=units, desc=f"bench {spec.model}") if show and sys.stderr.isatty() \
+        else ProgressLines(units, f"bench {spec.model}", show)
+    bar.set_postfix_str("measuring the device's copy and matmul roofs")
     quick = dict(nbytes=QUICK_COPY_BYTES, size=QUICK_MATMUL_SIZE) if spec.quick_roofline else {}
     roofline = {"copy": measure_copy_bandwidth(p.device, quick.get("nbytes")),
                 "matmul": measure_matmul_tflops(p.device, p.dtype, quick.get("size"))}
-    kind = "emulated" if spec.emulate else "measured"
-    rank0 = not under_torchrun() or int(os.environ["RANK"]) == 0
     log = None
     if out is not None and rank0:
         out = Path(out)
         log = RecordLog(out if out.suffix == ".jsonl" else out / run_file_name(env, kind, run_id, hardware_slug(env)))
-    units = len(spec.tps) * len(p.points) * (2 if spec.baseline else 1)
-    show = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(total=units, desc=f"bench {spec.model}", disable=not (show and rank0))
     inputs = asdict(PointInputs(spec.decode_steps, spec.repeats, spec.warmup, p.mode, spec.seed, spec.threads))
     records = []
     for tp in spec.tps:

@@ -135,7 +135,12 @@ def _row(r: dict) -> list[str]:
     return [r["kind"], str(s["tp"]), str(s["batch"]), str(s["prompt_len"]), f"{ttft['median']:.1f}",
             f"{decode['median']:.2f}", f"{decode['p10']:.2f}-{decode['p90']:.2f}", share,
             f"{r['throughput_tok_s']:.0f}", f"{memory:.2f}",
-            f"{100 * r['roofline']['decode_fraction_of_copy']:.0f}", vs_hf]
+            _percent(r["roofline"]["decode_fraction_of_copy"]), vs_hf]
+
+
+def _percent(fraction: float | None) -> str:
+    """A fraction of a roof as a percentage; "cache" where the step beat the roof (no memory bound applies)."""
+    return "cache" if fraction is None else f"{100 * fraction:.0f}"
 
 
 GPU_NOTE = ("note: tplab's GPU paths (CUDA graphs, NCCL, CUDA-event timing) were written without a GPU to test "
