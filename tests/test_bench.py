@@ -247,6 +247,15 @@ def test_a_dry_run_sizes_a_sweep_without_allocating(capsys, tmp_path):
     built = resolve_model("llama-3-70b").with_layers(20)
     e = estimate(model=built, gpu="h200", tp=2, batch=64, prompt_len=2048, output_len=8)
     assert by[2, 64].seconds == pytest.approx(2 * 4 * (e.ttft_ms + 8 * e.decode_ms_per_token) / 1e3)
+    assert (by[2, 64].total_gb, by[2, 64].usable_gb) == (e.memory_per_gpu_gb, e.usable_memory_gb)
+
+    # one sizing rule: the dry run refuses what plan refuses (Llama-3-70B bf16 at tp 2 on an H100: weights alone fit)
+    tight = preview(BenchSpec(model="llama-3-70b", tps=[2, 4], batches=[1], prompt_lens=[3840], decode_steps=256,
+                              gpu="h100-sxm")).points
+    for point in tight:
+        planned = estimate(model="llama-3-70b", gpu="h100-sxm", tp=point.tp, batch=1, prompt_len=3840, output_len=256)
+        assert point.fits == planned.fits and point.total_gb == pytest.approx(planned.memory_per_gpu_gb)
+    assert [p.fits for p in tight] == [False, True] and tight[0].weights_gb + tight[0].kv_cache_gb < tight[0].usable_gb
 
     whole = preview(BenchSpec(model="llama-3-70b", tps=[2], batches=[64], prompt_lens=[2048], gpu="h100-sxm",
                               dtype="float32"))

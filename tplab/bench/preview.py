@@ -4,9 +4,13 @@
 way to size a sweep to the GPU time you have (or a bill) before paying for it. It runs
 anywhere, e.g. on a laptop preparing a GPU run.
 
-* Memory is exact arithmetic on shapes, what the harness will allocate on
-  rank 0: weights + KV cache (:func:`tplab.bench.models.rank_bytes`),
-  checked against ``MEMORY_USE_LIMIT`` of the GPU's memory (``spec.gpu``).
+* Memory: rank 0's weights and KV cache, exact arithmetic on shapes
+  (:func:`tplab.bench.models.rank_bytes`); whether the point fits is decided by
+  the one sizing rule ``plan`` uses (:func:`tplab.perf.estimate`: weights, KV
+  cache, one forward pass's activations and the runtime's overhead within the
+  usable memory, the GPU's less its headroom), so ``plan`` and ``--dry-run``
+  agree. For float32, which the cost model lacks, weights + KV cache are held
+  against ``MEMORY_USE_LIMIT`` of the GPU's memory.
 * Times are MODELLED by :func:`tplab.perf.estimate` for ``spec.gpu`` and the
   layers that will be built. A point runs ``warmup + repeats`` requests, each
   one prefill (TTFT) and ``decode_steps`` decode steps, then the same again
@@ -38,7 +42,9 @@ class PointPreview:
     prompt_len: int
     weights_gb: float
     kv_cache_gb: float
-    fits: bool  # weights + KV cache within MEMORY_USE_LIMIT of the GPU's memory
+    total_gb: float  # what the sizing rule counts: + activations and runtime overhead (float32: weights + KV only)
+    usable_gb: float
+    fits: bool
     ttft_ms: float | None  # modelled; None for a dtype the cost model lacks (float32)
     decode_ms_per_token: float | None
     seconds: float | None  # the point's modelled duration, baseline included
@@ -72,15 +78,16 @@ def preview(spec: BenchSpec) -> SweepPreview:
             for prompt_len in spec.prompt_lens:
                 need = rank_bytes(config, tp, torch_dtype(spec.dtype), batch, prompt_len + spec.decode_steps)
                 ttft = step = seconds = None
+                total, usable = sum(need.values()) / 1e9, MEMORY_USE_LIMIT * gpu.memory_gb
                 if dtype is not None:
                     e = estimate(model=config, gpu=gpu, tp=tp, dtype=dtype, kv_dtype=dtype, batch=batch,
                                  prompt_len=prompt_len, output_len=spec.decode_steps,
                                  interconnect=spec.interconnect, efficiency=spec.efficiency)
                     ttft, step = e.ttft_ms, e.decode_ms_per_token
                     seconds = copies * requests * (ttft + spec.decode_steps * step) / 1e3
-                fits = sum(need.values()) <= MEMORY_USE_LIMIT * gpu.memory_gb * 1e9
-                out.append(PointPreview(tp, batch, prompt_len, need["weights"] / 1e9, need["kv_cache"] / 1e9, fits,
-                                        ttft, step, seconds))
+                    total, usable = e.memory_per_gpu_gb, e.usable_memory_gb
+                out.append(PointPreview(tp, batch, prompt_len, need["weights"] / 1e9, need["kv_cache"] / 1e9, total,
+                                        usable, total <= usable, ttft, step, seconds))
     return SweepPreview(gpu.label, gpu.memory_gb, config.num_layers, model.config.num_layers, out)
 
 
@@ -89,18 +96,21 @@ def print_preview(spec: BenchSpec, sweep: SweepPreview) -> None:
     print(f"DRY RUN: nothing allocated, nothing measured. Memory: rank 0's weights + KV cache, exact; times: "
           f"{MODELLED} on one {sweep.gpu_label} per rank, {sweep.layers_built} of {sweep.layers_full} layers "
           f"built, {spec.warmup}+{spec.repeats} requests per point{' and the HF baseline' if spec.baseline else ''}")
-    print(f"{'tp':>3} {'batch':>5} {'prompt':>6} {'weights GB':>10} {'KV GB':>7} {'fits':>5} {'TTFT ms':>9} "
-          f"{'decode ms/tok':>13} {'point s':>8}")
+    print(f"{'tp':>3} {'batch':>5} {'prompt':>6} {'weights GB':>10} {'KV GB':>7} {'total/usable GB':>16} {'fits':>5} "
+          f"{'TTFT ms':>9} {'decode ms/tok':>13} {'point s':>8}")
     for p in sweep.points:
         times = ("-", "-", "-") if p.seconds is None else (
             f"{p.ttft_ms:.1f}", f"{p.decode_ms_per_token:.2f}", f"{p.seconds:.1f}")
         print(f"{p.tp:>3} {p.batch:>5} {p.prompt_len:>6} {p.weights_gb:>10.2f} {p.kv_cache_gb:>7.2f} "
-              f"{'yes' if p.fits else 'NO':>5} {times[0]:>9} {times[1]:>13} {times[2]:>8}")
+              f"{f'{p.total_gb:.1f}/{p.usable_gb:.1f}':>16} {'yes' if p.fits else 'NO':>5} {times[0]:>9} {times[1]:>13} "
+              f"{times[2]:>8}")
     if sweep.seconds is not None:
         print(f"modelled total: {sweep.seconds:.0f} s ({sweep.seconds / 60:.1f} min) of timed requests, plus "
               "building the weights, graph capture and the roofline")
     else:
         print(f"no modelled times: the cost model has no {spec.dtype} (use bfloat16 or float16)")
+    print("total: weights + KV cache + one forward pass's activations + runtime overhead, as `plan` counts them; "
+          "usable: the GPU's memory less its headroom")
     if not all(p.fits for p in sweep.points):
-        print(f"NO: more than {MEMORY_USE_LIMIT:.0%} of a {sweep.gpu_label}'s {sweep.gpu_memory_gb:.0f} GB; "
+        print(f"NO: a point needs more than the usable memory of a {sweep.gpu_label} ({sweep.gpu_memory_gb:.0f} GB); "
               "build fewer layers (--layers N), use a larger tp or a smaller batch")
