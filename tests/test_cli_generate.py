@@ -274,7 +274,8 @@ def test_several_tp_degrees_are_compared_and_the_prompt_is_marked_off(checkpoint
                        "--prompt", "abc", "--max-new-tokens", "4")
     assert code == 0
     lines = out.splitlines()
-    assert lines[-1] == "identical tokens at tp 1, 2, 4: every row, every token"
+    assert lines[-2] == "identical tokens at tp 1, 2, 4: every row, every token"
+    assert lines[-1].startswith("what this compares: the tokens.") and "is not what tp buys" in lines[-1]
     assert sum(line == "[prompt]    hello world" for line in lines) == 3 and sum(l.startswith("[generated] ") for l in lines) == 6
     per_rank = max(1, (os.cpu_count() or 1) // 2)  # the cores shared out among 2 ranks
     assert f"tp=2 (threads, cpu, {per_rank} thread(s) per rank; timed after a warm-up)" in out

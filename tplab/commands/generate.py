@@ -164,6 +164,12 @@ def run(args: argparse.Namespace) -> int:
     same = compare_tokens({tp: r.tokens for tp, r in tokens_by_tp.items()})
     if not args.json:
         print(same or f"identical tokens at tp {', '.join(map(str, tokens_by_tp))}: every row, every token")
+        if backend != "torchrun":
+            print(f"what this compares: the tokens. The times are one run per tp, every rank on this machine's "
+                  f"{os.cpu_count()} cores (threads per rank: {', '.join(str(r.threads) for r in tokens_by_tp.values())}"
+                  "): the ranks share those cores and their memory, and other work on the machine moves each run, so "
+                  "a difference between tps here is not what tp buys. For speed, `python -m tplab bench` (repeats, spreads); for what tp "
+                  "buys on GPUs, `python -m tplab plan` (modelled)")
     return 1 if same else 0
 
 
