@@ -48,3 +48,18 @@ def test_no_segment_outlives_its_launch():
     before = {n for n in os.listdir(shm.SHM_DIR) if n.startswith("tplab-")}
     launch(collectives, 2, "gloo")
     assert {n for n in os.listdir(shm.SHM_DIR) if n.startswith("tplab-")} - before == set()
+
+
+@pytest.mark.skipif(not shm.available(), reason="shared memory needs Linux x86-64")
+def test_a_planted_segment_name_stops_the_launch_in_one_line_and_is_left_alone(monkeypatch):
+    from tplab.comm import gloo
+    from tplab.errors import InputError
+    monkeypatch.setattr(gloo.secrets, "token_hex", lambda n: "planted" + "0" * 17)
+    planted = shm.SHM_DIR / ("tplab-planted" + "0" * 17)
+    planted.write_bytes(b"someone else's")
+    try:
+        with pytest.raises(InputError, match="already exists, though its name was drawn at random"):
+            launch(collectives, 2, "gloo", timeout=30)
+        assert planted.read_bytes() == b"someone else's"
+    finally:
+        planted.unlink()

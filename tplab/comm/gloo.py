@@ -178,12 +178,15 @@ def launch_gloo(fn: Callable[..., Any], shape: GridShape, timeout: float, args: 
 
 def _launch_once(ctx, fn, shape, timeout, args, kwargs, threads_per_rank, shared_memory, backend) -> list[Any]:
     tp = shape.world_size  # the processes (named tp in the errors of a grid of one stage)
-    results_q = ctx.Queue()
-    rendezvous = tempfile.mkdtemp(prefix="tplab-rendezvous-")  # mode 0700: this user's processes only
-    store_file = rendezvous_file(rendezvous)
     # one segment per group of more than one rank, under a name nobody can guess (or plant a file at)
     shm_names = {(kind, index): f"tplab-{secrets.token_hex(12)}"
                  for kind, index, _ in shape.exchanging_groups()} if shared_memory else {}
+    for name in shm_names.values():
+        if (shm.SHM_DIR / name).exists():
+            raise shm.clash(shm.SHM_DIR / name)
+    results_q = ctx.Queue()
+    rendezvous = tempfile.mkdtemp(prefix="tplab-rendezvous-")  # mode 0700: this user's processes only
+    store_file = rendezvous_file(rendezvous)
     progress = LaunchProgress(tp, ctx.RawArray("d", 3 * tp))  # every rank's state, in shared memory
     procs = [ctx.Process(target=_gloo_rank_main, name=f"tplab-rank{r}", daemon=True,
                          args=(r, shape, store_file, fn, args, kwargs, timeout, threads_per_rank, results_q, shm_names,

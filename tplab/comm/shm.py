@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from tplab.comm.group import CollectiveTimeout, PeerFailure
+from tplab.errors import InputError
 
 SHM_DIR = Path("/dev/shm")
 SLOT_BYTES = int(os.environ.get("TPLAB_SHM_SLOT_BYTES", 1 << 20))  # per rank and buffer: 1 MiB
@@ -60,6 +61,13 @@ def segment_bytes(world_size: int, slot_bytes: int = SLOT_BYTES) -> int:
 
 def _header_bytes(world_size: int) -> int:
     return -(-8 * (2 * world_size + 1) // ALIGN) * ALIGN
+
+
+def clash(path: Path) -> InputError:
+    """The one-line error for a segment name that exists already: never opened, never removed (not ours)."""
+    return InputError(f"{path} already exists, though its name was drawn at random for this launch: another program "
+                      "holds or planted it; the launch was stopped and the file left alone: run it again (a new "
+                      "name is drawn)")
 
 
 def remove(name: str) -> None:
@@ -95,7 +103,10 @@ class SharedMemoryTransport:
         """Rank 0 creates ``/dev/shm/name``; the others map it; then the name is removed (see the module docstring)."""
         path, size = SHM_DIR / name, segment_bytes(world_size, slot_bytes)
         if rank == 0:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+            except FileExistsError:
+                raise clash(path) from None
             os.ftruncate(fd, size)
         fallback.barrier()
         if rank != 0:
