@@ -35,7 +35,9 @@ def test_serve_bench_json_lists_requests_in_input_order_and_writes_a_record(caps
     for metric in ("ttft_ms", "tpot_ms", "latency_ms", "queue_ms"):
         assert set(summary[metric]) == {"p50", "p90", "p95", "p99"}
     assert summary["goodput_req_s"] == summary["throughput_req_s"] > 0 and summary["preemptions"] == 0
-    assert 0 < summary["concurrency_mean"] <= 3  # --max-num-seqs 3 in flight at most
+    # Little's law: requests in flight (sent, queued or running) on average = the latencies over the span
+    in_flight = sum(r["latency_ms"] for r in report["requests"]) / 1000 / summary["duration_s"]
+    assert summary["concurrency_mean"] == pytest.approx(in_flight) and 0 < in_flight <= 6
     files = list((tmp_path / "serving").glob("*.jsonl"))
     assert len(files) == 1
     record = json.loads(files[0].read_text())
