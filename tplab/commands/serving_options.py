@@ -128,8 +128,8 @@ def slo_of(args: argparse.Namespace) -> SLO:
     return SLO(args.slo_ttft_ms, args.slo_tpot_ms, args.percentiles)
 
 
-def _fmt(value, unit: str = "") -> str:
-    return "n/a" if value is None else f"{value:.1f}{unit}"
+def _fmt(value, unit: str = "", digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}{unit}"
 
 
 def print_report(run: dict, label: str) -> None:
@@ -139,7 +139,7 @@ def print_report(run: dict, label: str) -> None:
           f"{s['duration_s']:.2f} s, {s['steps']} steps")
     goodput = ("n/a (no SLO: give --slo-ttft-ms and/or --slo-tpot-ms)" if s["goodput_req_s"] is None else
                f"{s['goodput_req_s']:.2f} req/s ({100 * s['slo_met_fraction']:.0f}% within the SLO)")
-    print(f"  throughput {_fmt(s['throughput_tok_s'])} output tok/s, {_fmt(s['throughput_req_s'])} req/s; "
+    print(f"  throughput {_fmt(s['throughput_tok_s'])} output tok/s, {_fmt(s['throughput_req_s'], digits=2)} req/s; "
           f"goodput {goodput}")
     print(f"  concurrency: {_fmt(s['concurrency_mean'])} requests in flight on average"
           + ("" if run.get("concurrency") is None else f" (closed loop of {run['concurrency']})"))
