@@ -61,3 +61,11 @@ def test_the_module_entry_point_exits_2_without_a_traceback():
                          capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.startswith("error: unknown GPU 'tpu'") and len(bad.stderr.splitlines()) == 1
+
+
+@pytest.mark.parametrize("price", ["nan", "-1", "inf"])
+def test_a_price_that_is_not_a_finite_number_is_refused_not_replaced(capsys, price):
+    with pytest.raises(SystemExit) as exit_:
+        main(ARGS + ["--price", price])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and "--price must be a finite number >= 0" in err

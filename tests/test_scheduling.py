@@ -163,7 +163,10 @@ def test_replayed_requests_and_their_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     for text, message in [("{", "load.jsonl|bad.jsonl:1 is not JSON"), ('{"prompt_ids": [1]}', "needs max_new_tokens"),
                           ('{"prompt_ids": [1.5], "max_new_tokens": 2}', "list of integers"),
-                          ('{"prompt_ids": [1], "max_new_tokens": 0}', "positive integer")]:
+                          ('{"prompt_ids": [1], "max_new_tokens": 0}', "positive integer"),
+                          ('{"prompt_ids": [1], "max_new_tokens": 2, "arrival_s": 1e9}', r"arrival_s must be in \[0, 86400\]"),
+                          ('{"prompt_ids": [1], "max_new_tokens": 2, "arrival_s": Infinity}', "arrival_s must be"),
+                          ('{"prompt_ids": [1], "max_new_tokens": 2, "arrival_s": NaN}', "arrival_s must be")]:
         bad.write_text(text + "\n")
         with pytest.raises(ValueError, match=message.split("|")[-1]):
             read_requests(bad)

@@ -124,6 +124,8 @@ class ModelConfig:
             d = json.loads(file.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{file} is not valid JSON: {e}") from None
+        except OSError as e:  # permission denied, a device, ...
+            raise ValueError(f"{file} cannot be read: {e.strerror or e}") from None
         return cls.from_dict(d, strict=strict, name=file.parent.name or str(path), source=str(file),
                              directory=file.parent if path.is_dir() else None)
 
