@@ -33,7 +33,7 @@ import torch
 from tplab.comm import shm
 from tplab.comm.grid import GridShape, make_grid, torch_transports
 from tplab.comm.group import CollectiveTimeout, PeerFailure, first_error
-from tplab.comm.progress import LaunchProgress
+from tplab.comm.stats import LaunchProgress
 
 
 class RankDiedError(RuntimeError):

@@ -27,8 +27,7 @@ import torch
 
 from tplab.checks import check_int
 from tplab.comm.group import Dist
-from tplab.comm.progress import RankWatch
-from tplab.comm.stats import CommStats
+from tplab.comm.stats import CommStats, RankWatch
 from tplab.comm.transports import SoloTransport, TorchTransport
 from tplab.specs.sharding import divisors
 
@@ -128,7 +127,7 @@ def make_grid(shape: GridShape, rank: int, device: torch.device,
               watch: RankWatch | None = None) -> Dist:
     """Rank ``rank``'s three groups, built with ``transport_for(kind, index, members)`` for each group of more than
     one rank (a group of one needs none); returns the TP group's Dist, with ``.grid`` set. ``watch``: where every
-    group reports its collectives for the launcher (:mod:`tplab.comm.progress`)."""
+    group reports its collectives for the launcher (the progress part of :mod:`tplab.comm.stats`)."""
     dists = {}
     for kind in GROUP_KINDS:
         index, members = shape.group_of(kind, rank)

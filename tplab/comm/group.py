@@ -77,7 +77,7 @@ class Dist:
         self.stats = CommStats(group=group)
         self.time_collectives = time_collectives
         self.grid = None  # set by launch: the rank's place in the tp x pp grid and its other groups
-        self.watch = None  # set by launch: a RankWatch that the launcher reads (tplab.comm.progress)
+        self.watch = None  # set by launch: a RankWatch that the launcher reads (tplab.comm.stats)
         self._transport = transport
 
     def __repr__(self) -> str:

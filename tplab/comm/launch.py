@@ -27,7 +27,7 @@ does not join a collective in time, or returns while the others wait in one,
 gives :class:`~tplab.comm.CollectiveTimeout` naming the rank that never
 joined and what it was doing. It also bounds a launch in which every rank is
 outside any collective and none changes state for ``timeout`` seconds
-(:mod:`tplab.comm.progress`): all stuck, or computing without a collective for
+(the progress part of :mod:`tplab.comm.stats`): all stuck, or computing without a collective for
 longer than that. On threads, launch returns within the timeout even then: a thread
 cannot be killed, so a rank stuck in its own computation is abandoned (its
 daemon thread ends with the process) and named in the error. Ctrl-C stops
@@ -48,7 +48,7 @@ from tplab.checks import check_threads
 from tplab.comm.gloo import RankDiedError, launch_gloo
 from tplab.comm.grid import GridShape, make_grid
 from tplab.comm.group import CollectiveTimeout, first_error
-from tplab.comm.progress import LaunchProgress
+from tplab.comm.stats import LaunchProgress
 from tplab.comm.torchrun import launch_torchrun, under_torchrun
 from tplab.comm.transports import ThreadGroup, ThreadTransport
 
@@ -187,7 +187,7 @@ def _launch_threads(fn, shape: GridShape, timeout, args, kwargs, device, threads
 
 def _collect(tp, timeout, results, errors, finished, progress: LaunchProgress):
     """Wait for the thread ranks: their results, or the first error; never longer than ``timeout`` without
-    progress (:mod:`tplab.comm.progress`), and a short grace for the others after a failure."""
+    progress (the progress part of :mod:`tplab.comm.stats`), and a short grace for the others after a failure."""
     done: set[int] = set()
     error_deadline = None
     while len(done) < tp:
