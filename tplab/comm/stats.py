@@ -149,7 +149,7 @@ class LaunchProgress:
             return None
         return (f"no rank made progress for {timeout:g} s: rank(s) {unfinished} of {self.world_size} stayed "
                 f"outside any collective (stuck, or computing without a collective for longer than the timeout: "
-                f"raise timeout= for that) [{'; '.join(self.describe(r) for r in unfinished)}]")
+                f"raise timeout= for that) [{self.states(unfinished)}]")
 
     def states(self, ranks: list[int]) -> str:
         return "; ".join(self.describe(r) for r in ranks)

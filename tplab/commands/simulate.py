@@ -64,8 +64,10 @@ def run(args: argparse.Namespace) -> int:
         if context > model.max_position_embeddings:
             raise ValueError(f"--max-model-len must be in [1, {model.max_position_embeddings}], got {context}")
         requests = serving.build_load(args, model.vocab_size, context, frozenset(model.eos_token_ids))
+        defaulted = [flag for flag, value in (("--max-num-seqs", args.max_num_seqs),
+                                              ("--max-batched-tokens", args.max_batched_tokens)) if value is None]
+        chosen = f"{' and '.join(defaulted)} from {VLLM_BATCH_DEFAULTS}" if defaulted else "given"
         seqs, tokens = vllm_batch_defaults(cost.gpu)
-        chosen = "given" if args.max_num_seqs is not None and args.max_batched_tokens is not None else VLLM_BATCH_DEFAULTS
         args.max_num_seqs = args.max_num_seqs or seqs
         args.max_batched_tokens = args.max_batched_tokens or tokens
         blocks = None if args.num_blocks is not None else cost.kv_blocks(args.block_size, args.max_num_seqs,
