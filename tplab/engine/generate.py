@@ -20,6 +20,14 @@ rank takes the same branches and issues the same collectives.
 
 Communication is labelled: ``dist.stats.tag`` is "prefill" then "decode",
 and the result keeps a per-step digest.
+
+Pipeline stages (``launch(..., pp=P)``): every stage runs this same loop. The batch is cut into m micro-batches of
+contiguous rows (:func:`micro_batch_rows`, each with its own runner and cache), fed one after another, so that
+stage s works on micro-batch j while stage s+1 works on j-1. The last stage chooses every row's token at the end of
+the step, and one broadcast returns them to every stage. So each step fills and drains the pipeline: with p stages
+of equal time t per micro-batch, a step takes (m + p - 1) t of which a stage computes m t, an idle share (the
+bubble) of (p - 1) / (m + p - 1). A stage's idle time is what it spends blocked in its pipeline group (recv, send,
+the token return): ``GenerationResult.bubble`` measures it.
 """
 from __future__ import annotations
 
@@ -53,6 +61,11 @@ class GenerationResult:
     comm: dict[str, dict[str, dict[str, float]]]  # {"prefill"/"decode": CommStats.summary()}
     step_comm: list[dict] = field(default_factory=list)  # per step: phase, seconds, {op: count}, bytes
     tp: int = 1
+    pp: int = 1
+    stage: int = 0  # this rank's pipeline stage
+    micro_batches: int = 1
+    pipeline_comm: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # the pp group's, per phase
+    step_pipeline_s: list[float] = field(default_factory=list)  # per step: seconds blocked in the pipeline group
     device: str = "cpu"  # where the rank computed, e.g. "cuda:0"
     threads: int = 1  # torch intra-op threads of the rank
     weight_bytes: int = 0  # this rank's weights as stored (quantized values and scales included)
@@ -68,10 +81,18 @@ class GenerationResult:
         """Mean decode step time in ms (one new token per row per step); None when no decode step ran."""
         return 1000 * self.decode_s / self.decode_steps if self.decode_steps else None
 
+    @property
+    def bubble(self) -> float | None:
+        """The share of the decode steps' time this stage spent blocked in its pipeline group (recv, send, the
+        token return): idle, waiting for the other stages. None at pp = 1 or without a decode step."""
+        if self.pp == 1 or not self.decode_steps:
+            return None
+        return sum(self.step_pipeline_s[1:]) / self.decode_s
+
     def to_dict(self) -> dict:
         """A JSON-ready dict (with ``ttft_ms`` and ``ms_per_token``)."""
         out = {k: v for k, v in asdict(self).items() if k != "logits"}
-        return {**out, "ttft_ms": 1000 * self.ttft_s, "ms_per_token": self.ms_per_token}
+        return {**out, "ttft_ms": 1000 * self.ttft_s, "ms_per_token": self.ms_per_token, "bubble": self.bubble}
 
 
 def check_prompts(prompts: list[list[int]], vocab_size: int, max_new_tokens: int, context: int) -> None:
@@ -97,6 +118,17 @@ def _stopped(row: list[int], eos: set[int], stop_sequences: list[list[int]]) -> 
     return None
 
 
+def micro_batch_rows(batch: int, micro_batches: int) -> list[slice]:
+    """The rows of each of ``micro_batches`` micro-batches: contiguous, in order, sizes differing by at most one
+    (the first ones larger). 5 rows in 2: [0, 3), [3, 5)."""
+    check_int("micro_batches", micro_batches)
+    if micro_batches > batch:
+        raise ValueError(f"micro_batches={micro_batches} is more than the batch of {batch} prompt(s): a micro-batch "
+                         f"needs at least one row; valid: 1 to {batch}")
+    sizes = [batch // micro_batches + (j < batch % micro_batches) for j in range(micro_batches)]
+    return [slice(sum(sizes[:j]), sum(sizes[:j + 1])) for j in range(micro_batches)]
+
+
 def left_pad(prompts: list[list[int]], extra_slots: int, device: torch.device | str = "cpu"
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ids, positions, key_valid) for prompts left-padded to the longest, T, plus ``extra_slots`` to decode into.
@@ -115,17 +147,19 @@ def left_pad(prompts: list[list[int]], extra_slots: int, device: torch.device | 
 @torch.no_grad()
 def generate(model: TPCausalLM | ModelRunner, prompts: list[list[int]], max_new_tokens: int,
              sampling: SamplingParams | None = None, eos_token_ids: tuple[int, ...] | None = None,
-             stop_sequences: list[list[int]] = (), keep_logits: bool = False) -> GenerationResult:
+             stop_sequences: list[list[int]] = (), keep_logits: bool = False,
+             micro_batches: int | None = None) -> GenerationResult:
     """Continue every prompt (a list of token ids) by up to ``max_new_tokens`` tokens; run on every rank.
 
     ``model``: this rank's shard (decoded eagerly), or a :class:`~tplab.engine.runner.ModelRunner` (its decode
     mode; its cache and captured graph are kept for the next call of the same shape).
     ``sampling``: None or temperature 0 is greedy. ``eos_token_ids``: default
     the checkpoint's; () never stops a row early. ``stop_sequences``: token-id sequences that end a row.
-    ``keep_logits``: keep each step's full logits in the result; greedy
+    ``keep_logits``: keep each step's full logits in the result (on the last pipeline stage); greedy
     decoding then all-gathers them for inspection only, recorded under the
     tag "inspect" so the "prefill" and "decode" counts stay those of plain
-    generation.
+    generation. ``micro_batches``: how many pieces the batch is cut into on its way through the pipeline
+    stages (default: as many as stages, at most one per row; 1 without stages).
     """
     runner = model if isinstance(model, ModelRunner) else ModelRunner(model)
     model = runner.model
@@ -133,36 +167,48 @@ def generate(model: TPCausalLM | ModelRunner, prompts: list[list[int]], max_new_
     eos = set(model.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
     stop_sequences = [list(s) for s in stop_sequences]
     check_prompts(prompts, model.config.vocab_size, max_new_tokens, model.config.max_position_embeddings)
-    dist, device, batch = model.dist, model.device, len(prompts)
+    dist, pipe, device, batch = model.dist, model.pipe, model.device, len(prompts)
+    pp = 1 if pipe is None else pipe.world_size
+    parts = micro_batch_rows(batch, min(pp, batch) if micro_batches is None else micro_batches)
+    runners = [runner] + [ModelRunner(model, runner.mode) for _ in parts[1:]]
     ids, positions, key_valid = left_pad(prompts, max_new_tokens - 1, device)
-    runner.start(batch, key_valid.shape[1])
+    for part_runner, rows in zip(runners, parts):
+        part_runner.start(rows.stop - rows.start, key_valid.shape[1])
     if key_valid.all():  # no row is padded: slots are positions, every key is real (and a decode needs no mask)
         positions = key_valid = None
     generator = None if sampling.greedy else sampling.generator()
-    stats, old_tag = dist.stats, dist.stats.tag
-    first_record = len(stats.records)
+    groups = [dist] if pipe is None else [dist, pipe]
+    old_tags = [g.stats.tag for g in groups]
+    first_records = [len(g.stats.records) for g in groups]
     tokens: list[list[int]] = [[] for _ in prompts]
     reasons: list[str | None] = [None] * batch
-    step_seconds, step_comm, kept_logits = [], [], []
+    step_seconds, step_comm, step_pipeline_s, kept_logits = [], [], [], []
     start, width, fed = 0, ids.shape[1], ids
     try:
         for step in range(max_new_tokens):
-            stats.tag = "prefill" if step == 0 else "decode"
-            step_first_record, t0 = len(stats.records), time.perf_counter()
-            if step == 0:
-                hidden = runner.prefill(fed, None if positions is None else positions[:, :width], key_valid)
-            else:
-                hidden = runner.decode(fed, start, None if positions is None else positions[:, start:start + 1],
-                                       key_valid)
-            chosen, logits = runner.next_tokens(hidden, sampling, generator)
+            for g in groups:
+                g.stats.tag = "prefill" if step == 0 else "decode"
+            step_first = [len(g.stats.records) for g in groups]
+            t0 = time.perf_counter()
+            cols = slice(0, width) if step == 0 else slice(start, start + 1)
+            hiddens = []
+            for part_runner, rows in zip(runners, parts):
+                at = None if positions is None else positions[rows, cols]
+                valid = None if key_valid is None else key_valid[rows]
+                hiddens.append(part_runner.prefill(fed[rows], at, valid) if step == 0 else
+                               part_runner.decode(fed[rows], start, at, valid))
+            hidden = None if hiddens[0] is None else hiddens[0] if len(hiddens) == 1 else torch.cat(hiddens)
+            chosen, logits = runner.next_tokens(hidden, sampling, generator, batch)
             chosen = chosen.tolist()  # waits for the device: the step's timing is complete
             step_seconds.append(time.perf_counter() - t0)
-            records = stats.records[step_first_record:]
-            step_comm.append({"phase": stats.tag, "seconds": step_seconds[-1],
+            records = dist.stats.records[step_first[0]:]
+            step_comm.append({"phase": dist.stats.tag, "seconds": step_seconds[-1],
                               "counts": CommStats(records=records).counts(),
                               "bytes": sum(r.bytes for r in records)})
-            if keep_logits:
-                stats.tag = "inspect"
+            if pipe is not None:
+                step_pipeline_s.append(sum(r.seconds for r in pipe.stats.records[step_first[1]:]))
+            if keep_logits and model.is_last_stage:
+                dist.stats.tag = "inspect"
                 kept_logits.append((model.logits(hidden) if logits is None else logits).cpu())
             for b, token in enumerate(chosen):
                 if reasons[b] is None:
@@ -173,14 +219,19 @@ def generate(model: TPCausalLM | ModelRunner, prompts: list[list[int]], max_new_
             start += width if step == 0 else 1
             fed = torch.tensor(chosen, device=device)[:, None]
     finally:
-        stats.tag = old_tag
-    records = CommStats(records=stats.records[first_record:])
+        for g, tag in zip(groups, old_tags):
+            g.stats.tag = tag
+    summaries = [CommStats(records=g.stats.records[first:]) for g, first in zip(groups, first_records)]
+    phases = ("prefill", "decode")
     return GenerationResult(
         tokens=tokens, finish_reasons=[r or "length" for r in reasons],
         ttft_s=step_seconds[0], decode_s=sum(step_seconds[1:]), step_seconds=step_seconds,
-        comm={phase: records.summary(phase) for phase in ("prefill", "decode")},
-        step_comm=step_comm, tp=dist.world_size, device=str(dist.device),
-        logits=kept_logits if keep_logits else None)
+        comm={phase: summaries[0].summary(phase) for phase in phases},
+        step_comm=step_comm, tp=dist.world_size, pp=pp, stage=0 if pipe is None else pipe.rank,
+        micro_batches=len(parts),
+        pipeline_comm={} if pipe is None else {phase: summaries[1].summary(phase) for phase in phases},
+        step_pipeline_s=step_pipeline_s, device=str(dist.device),
+        logits=kept_logits if keep_logits and model.is_last_stage else None)
 
 
 def checkpoint_eos_ids(path: str | Path, model: TPCausalLM) -> tuple[int, ...]:
@@ -197,7 +248,8 @@ def generate_rank_program(dist: Dist, model: str | Path | ModelConfig, prompts: 
                           sampling: SamplingParams | None = None, dtype: torch.dtype | str | None = None,
                           eos_token_ids: tuple[int, ...] | None = None, stop_sequences: list[list[int]] = (),
                           keep_logits: bool = False, warmup: bool = False, quant: str | None = None,
-                          quant_embeddings: bool = False, prepack: bool = False) -> GenerationResult:
+                          quant_embeddings: bool = False, prepack: bool = False, pp_layers: list[int] | None = None,
+                          micro_batches: int | None = None) -> GenerationResult:
     """Load this rank's shard of ``model`` and generate: ``launch(generate_rank_program, tp, backend, kwargs=...)``.
 
     ``model``: a checkpoint directory, or its :class:`~tplab.specs.ModelConfig`
@@ -209,12 +261,15 @@ def generate_rank_program(dist: Dist, model: str | Path | ModelConfig, prompts: 
     ``quant``: "int8" or "fp8" weight-only quantization of the decoder's linears (see
     :meth:`~tplab.model.TPCausalLM.quantize_`); ``quant_embeddings`` quantizes the embedding and the LM head too.
     ``prepack``: the linears in oneDNN's layout (:meth:`~tplab.model.TPCausalLM.prepack_`; CPU).
+    Launched with ``pp=P``: this rank's stage of ``pp_layers`` layers per stage (default the even split), the batch
+    in ``micro_batches`` (see :func:`generate`).
     """
-    shard = from_pretrained(model, dist, dtype=dtype, quant=quant, quant_embeddings=quant_embeddings, prepack=prepack)
+    shard = from_pretrained(model, dist, dtype=dtype, quant=quant, quant_embeddings=quant_embeddings, prepack=prepack,
+                            pp_layers=pp_layers)
     directory = shard.config.directory
     eos = checkpoint_eos_ids(directory, shard) if eos_token_ids is None else eos_token_ids
     if warmup:
-        generate(shard, prompts, min(2, max_new_tokens), sampling, eos, stop_sequences)
-    result = generate(shard, prompts, max_new_tokens, sampling, eos, stop_sequences, keep_logits)
+        generate(shard, prompts, min(2, max_new_tokens), sampling, eos, stop_sequences, micro_batches=micro_batches)
+    result = generate(shard, prompts, max_new_tokens, sampling, eos, stop_sequences, keep_logits, micro_batches)
     result.load, result.threads, result.weight_bytes = shard.load_stats, torch.get_num_threads(), shard.parameter_bytes()
     return result

@@ -21,6 +21,12 @@ the model's one forward pass, :meth:`tplab.model.TPCausalLM.forward`, over one v
 * :meth:`ModelRunner.paged`: the serving engine's step, sequences at their own positions packed in one row over
   the paged cache (decodes and prefill chunks in one pass, no padding, :mod:`tplab.model.paged_cache`).
 * :meth:`ModelRunner.next_tokens`: the LM head's vocab-parallel argmax, or a seeded draw from the gathered logits.
+
+On a pipeline stage (``launch(..., pp=P)``) the runner holds that stage's layers and their cache; the model's forward
+pass receives from the stage before and sends to the next, and :meth:`~ModelRunner.prefill` and
+:meth:`~ModelRunner.decode` return the hidden states on the last stage only (None elsewhere). The last stage
+chooses the tokens, and :meth:`~ModelRunner.next_tokens` returns them to every stage (one broadcast of the
+pipeline group). A stage is eager: the static and graph variants run one group's step as one piece.
 """
 from __future__ import annotations
 
@@ -42,6 +48,8 @@ class ModelRunner:
             raise ValueError(f"unknown decode mode {mode!r}; choose one of {DECODE_MODES}")
         if mode == "graph" and model.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; the model is on {model.device}: use mode 'static'")
+        if mode != "eager" and model.pipe is not None:
+            raise ValueError(f"decode mode {mode!r} runs the whole model as one step; with pipeline stages use 'eager'")
         self.model, self.mode = model, mode
         self.cache = self.paged_cache = None
         self.captured_records: list = []  # the collectives of the captured step (mode "graph")
@@ -67,13 +75,17 @@ class ModelRunner:
 
     @torch.no_grad()
     def prefill(self, ids: torch.Tensor, positions: torch.Tensor | None = None,
-                key_valid: torch.Tensor | None = None) -> torch.Tensor:
-        """Fill slots [0, T) with the prompts ``ids`` (batch, T); the last position's hidden state (batch, hidden).
+                key_valid: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Fill slots [0, T) with the prompts ``ids`` (batch, T); the last position's hidden state (batch, hidden)
+        (None on a pipeline stage before the last).
 
         :class:`~tplab.errors.InputError` when that state is not finite although every weight was (activations
         overflowed in the model's dtype).
         """
-        hidden = self.model(ids, self.cache.step(0, ids.shape[1], positions, key_valid))[:, -1]
+        hidden = self.model(ids, self.cache.step(0, ids.shape[1], positions, key_valid))
+        if hidden is None:  # a pipeline stage before the last: its states went to the next stage
+            return None
+        hidden = hidden[:, -1]
         if not torch.isfinite(hidden).all():
             raise InputError(f"the prefill's last hidden state is not finite on rank {self.model.dist.rank} although "
                              f"every weight was finite: activations overflowed in {hidden.dtype}; try --dtype "
@@ -82,7 +94,7 @@ class ModelRunner:
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor, start: int, positions: torch.Tensor | None = None,
-               key_valid: torch.Tensor | None = None) -> torch.Tensor:
+               key_valid: torch.Tensor | None = None) -> torch.Tensor | None:
         """One new token per row, ``tokens`` (batch, 1), at slot ``start``; its hidden state (batch, hidden).
 
         ``positions`` (batch, 1): RoPE positions (default: the slot); ``key_valid`` (batch, max_len): the slots
@@ -90,7 +102,8 @@ class ModelRunner:
         overwritten by the next step.
         """
         if self.mode == "eager":
-            return self.model(tokens, self.cache.step(start, 1, positions, key_valid))[:, -1]
+            hidden = self.model(tokens, self.cache.step(start, 1, positions, key_valid))
+            return None if hidden is None else hidden[:, -1]
         self._tokens.copy_(tokens)
         self._slot.fill_(start)
         self._positions.copy_(self._slot.expand(tokens.shape[0], 1) if positions is None else positions)
@@ -156,11 +169,23 @@ class ModelRunner:
 
     # --- the next token ----------------------------------------------------------------------------------------
     @torch.no_grad()
-    def next_tokens(self, hidden: torch.Tensor, sampling: SamplingParams,
-                    generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(token ids (batch,), the full logits when they were gathered): greedy by the LM head's vocab-parallel
-        argmax (no full logits), else a seeded draw from the all-gathered logits, the same on every rank."""
-        if sampling.greedy:
-            return self.model.greedy(hidden), None
-        logits = self.model.logits(hidden)
-        return sample(logits, sampling, generator), logits
+    def next_tokens(self, hidden: torch.Tensor | None, sampling: SamplingParams, generator: torch.Generator | None,
+                    rows: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(token ids (rows,), the full logits when they were gathered): greedy by the LM head's vocab-parallel
+        argmax (no full logits), else a seeded draw from the all-gathered logits, the same on every rank.
+
+        With pipeline stages the last stage chooses (``hidden``: its states; None on the other stages) and one
+        broadcast of the pipeline group, the token return, gives the ids to every stage; logits stay on the last.
+        """
+        model, chosen, logits = self.model, None, None
+        if model.is_last_stage:
+            if sampling.greedy:
+                chosen = model.greedy(hidden)
+            else:
+                logits = model.logits(hidden)
+                chosen = sample(logits, sampling, generator)
+        if model.pipe is None:
+            return chosen, logits
+        if chosen is None:
+            chosen = torch.empty(rows, dtype=torch.long, device=model.device)
+        return model.pipe.broadcast(chosen, model.pipe.world_size - 1), logits

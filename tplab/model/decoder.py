@@ -17,6 +17,14 @@ intermediate size I and vocabulary V, rank r holds:
 So one forward pass runs exactly 2 * layers + 1 all-reduces, each of
 (batch, tokens, hidden) elements, and one all-gather in the LM head.
 
+Pipeline stages (``launch(..., pp=P)``): stage s of the grid holds a contiguous range of decoder layers
+(:func:`tplab.specs.sharding.stage_layers`), each split over its own tp ranks as above; the first stage also holds
+the embedding, the last the final norm and the LM head (with tied embeddings, the last stage reads the embedding
+matrix as its head). The forward pass is the same one: a stage after the first receives the hidden states
+(batch, T, hidden) from the stage before, instead of embedding, and a stage before the last sends its own to the
+next, one send/recv of the pipeline group, instead of the norm. So stage s runs 2 * layers_s all-reduces (+1 for the
+embedding on the first stage) and one hop of batch * T * hidden elements.
+
 Left-padded batches: each row has its own positions, and ``key_valid`` marks
 the cache slots holding real tokens; a query attends to the valid slots at or
 before its own (and within the sliding window, for Mistral/Qwen2 layers that
@@ -40,6 +48,7 @@ from tplab.layers.weights import DenseWeight, WeightFormat
 from tplab.model.kv_cache import KVCache, StaticStep
 from tplab.model.paged_cache import PagedBatch
 from tplab.specs.model import ModelConfig
+from tplab.specs.sharding import stage_layers
 
 
 class RMSNorm(nn.Module):
@@ -123,19 +132,30 @@ class TPDecoderLayer(nn.Module):
 class TPCausalLM(nn.Module):
     """One rank's shard of a Llama-family causal LM. Build it with :mod:`tplab.model.loading`."""
 
-    def __init__(self, config: ModelConfig, dist: Dist, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, config: ModelConfig, dist: Dist, dtype: torch.dtype = torch.float32,
+                 pp_layers: list[int] | None = None) -> None:
+        """``pp_layers``: decoder layers per pipeline stage (default: the even split); read only when
+        ``dist.grid`` has more than one stage."""
         super().__init__()
         config.check_runnable()
         config.check_tp(dist.world_size)
         self.config, self.dist, self.dtype = config, dist, dtype
+        self.pipe = None if dist.grid is None or dist.grid.num_stages == 1 else dist.grid.pp
+        stage, stages = (0, 1) if self.pipe is None else (self.pipe.rank, self.pipe.world_size)
+        self.layer_ids = stage_layers(config.num_layers, stages, pp_layers)[stage]
+        self.is_first_stage, self.is_last_stage = stage == 0, stage == stages - 1
         self.load_stats: LoadStats | None = None  # set by load(): what this rank read, and how long it took
         self.quant: str | None = None  # set by quantize_(): "int8" or "fp8"
-        self.embed = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dist, dtype)
-        self.layers = nn.ModuleList(TPDecoderLayer(config, dist, w, dtype) for w in config.layer_windows)
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, dist.device)
-        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dist, dtype)
-        if config.tie_word_embeddings:
-            self.lm_head.tie_to(self.embed)
+        hidden = config.hidden_size
+        self.embed = VocabParallelEmbedding(config.vocab_size, hidden, dist, dtype) if self.is_first_stage else None
+        self.layers = nn.ModuleList(TPDecoderLayer(config, dist, config.layer_windows[i], dtype)
+                                    for i in self.layer_ids)
+        self.norm = self.lm_head = None
+        if self.is_last_stage:
+            self.norm = RMSNorm(hidden, config.rms_norm_eps, dtype, dist.device)
+            self.lm_head = ParallelLMHead(config.vocab_size, hidden, dist, dtype)
+            if config.tie_word_embeddings and self.embed is not None:
+                self.lm_head.tie_to(self.embed)
         self.rotary = RotaryEmbedding(config.rope, config.head_dim, dist.device)
         if config.quantization:  # stored quantized: load() fills qweight and scale as they are
             for linear in self.quantizable():
@@ -149,12 +169,16 @@ class TPCausalLM(nn.Module):
     def load(self, source: TensorSource) -> "TPCausalLM":
         """Fill every shard from Hugging Face tensor names (``model.layers.{i}.self_attn.q_proj.weight``, ...)."""
         started, already_read = time.perf_counter(), source.bytes_read
-        self.embed.load(source, "model.embed_tokens.weight")
-        for i, layer in enumerate(self.layers):
+        if self.embed is not None:
+            self.embed.load(source, "model.embed_tokens.weight")
+        for i, layer in zip(self.layer_ids, self.layers):
             layer.load(source, f"model.layers.{i}")
-        source.copy_into(self.norm.weight.data, "model.norm.weight")
-        if not self.config.tie_word_embeddings:
-            self.lm_head.load(source, "lm_head.weight")
+        if self.is_last_stage:
+            source.copy_into(self.norm.weight.data, "model.norm.weight")
+            if not self.config.tie_word_embeddings:
+                self.lm_head.load(source, "lm_head.weight")
+            elif self.embed is None:  # tied, on a last stage that is not the first: the head reads the embedding
+                self.lm_head.load(source, "model.embed_tokens.weight")
         self.load_stats = LoadStats(source.bytes_read - already_read, time.perf_counter() - started)
         return self
 
@@ -170,7 +194,7 @@ class TPCausalLM(nn.Module):
         """Every dense decoder linear, and an untied dense LM head, in oneDNN's blocked layout (CPU, float32 or
         bfloat16): the same forward pass through faster GEMMs (:class:`~tplab.layers.weights.PrepackedWeight`).
         The readable path stays the default; this one must give the same tokens."""
-        head = [] if self.config.tie_word_embeddings else [self.lm_head]
+        head = [] if self.config.tie_word_embeddings or self.lm_head is None else [self.lm_head]
         for linear in self.quantizable() + head:
             if isinstance(linear.weight, DenseWeight):
                 linear.prepack_()
@@ -191,10 +215,12 @@ class TPCausalLM(nn.Module):
             for linear in self.quantizable():
                 linear.quantize_(scheme)
             if embeddings:
-                self.embed.quantize_(scheme)
-                if self.config.tie_word_embeddings:
-                    self.lm_head.tie_to(self.embed)
-                else:
+                tied = self.embed is not None and self.lm_head is not None and self.lm_head.weight is self.embed.weight
+                if self.embed is not None:
+                    self.embed.quantize_(scheme)
+                if tied:
+                    self.lm_head.tie_to(self.embed)  # the embedding's new format
+                elif self.lm_head is not None:
                     self.lm_head.quantize_(scheme)
         finally:
             stats.tag = tag
@@ -204,26 +230,37 @@ class TPCausalLM(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """A KV cache for this rank's KV heads, ``batch`` rows of up to ``max_len`` positions."""
         return KVCache.for_model(self.config, self.dist.world_size, batch, max_len,
-                                 self.dtype, self.device)
+                                 self.dtype, self.device, layers=len(self.layers))
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, step: StaticStep | PagedBatch | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, step: StaticStep | PagedBatch | None = None) -> torch.Tensor | None:
         """Final-norm hidden states (batch, T, hidden) of the new tokens ``input_ids`` (batch, T).
+
+        On a pipeline stage: the first embeds ``input_ids``, the others receive the hidden states of the stage
+        before; the last returns the final-norm states, the others send theirs to the next stage and return None.
+        Every stage passes the same ``input_ids`` (for their shape), the same ``step``.
 
         ``step``: the cache as this pass sees it, which says where the new tokens sit (``positions``), which keys
         each query reads (``mask``), and runs attention over what the cache holds (``attend``): a
         :class:`~tplab.model.kv_cache.StaticStep` (rows at slots [start, start + T)) or a
         :class:`~tplab.model.paged_cache.PagedBatch` (sequences packed in one row, ``input_ids`` (1, N)).
         None: a fresh cache, the tokens at positions [0, T).
-        Collectives: 2 * layers + 1 all-reduces.
+        Collectives: 2 * layers + 1 all-reduces (a stage: 2 * its layers, +1 on the first; one recv, one send).
         """
         batch, tokens = input_ids.shape
         step = self.new_cache(batch, tokens).step(0, tokens) if step is None else step
         cos, sin = self.rotary(step.positions, self.dtype)
-        masks = {w: step.mask(w) for w in set(self.config.layer_windows)}
-        h = self.embed(input_ids)
+        masks = {w: step.mask(w) for w in {layer.attn.window for layer in self.layers}}
+        if self.is_first_stage:
+            h = self.embed(input_ids)
+        else:
+            h = torch.empty(batch, tokens, self.config.hidden_size, dtype=self.dtype, device=self.device)
+            self.pipe.recv(h, self.pipe.rank - 1)
         for i, layer in enumerate(self.layers):
             h = layer(h, cos, sin, masks[layer.attn.window], step, i)
+        if not self.is_last_stage:
+            self.pipe.send(h, self.pipe.rank + 1)
+            return None
         return self.norm(h)
 
     @torch.no_grad()

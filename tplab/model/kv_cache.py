@@ -46,12 +46,14 @@ class KVCache:
 
     @classmethod
     def for_model(cls, config: ModelConfig, tp: int, batch: int, max_len: int,
-                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "KVCache":
-        """The cache one rank of a tp-way model needs for ``batch`` sequences of up to ``max_len`` positions."""
+                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                  layers: int | None = None) -> "KVCache":
+        """The cache one rank of a tp-way model needs for ``batch`` sequences of up to ``max_len`` positions, for
+        ``layers`` decoder layers (a pipeline stage's; default all)."""
         if max_len > config.max_position_embeddings:
             raise ValueError(f"{max_len} positions (prompt + new tokens) exceed the model's context of "
                              f"max_position_embeddings={config.max_position_embeddings}")
-        return cls(config.num_layers, batch, max_len, config.kv_heads_per_rank(tp), config.head_dim,
+        return cls(layers or config.num_layers, batch, max_len, config.kv_heads_per_rank(tp), config.head_dim,
                    dtype, device)
 
     @property

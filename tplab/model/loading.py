@@ -92,7 +92,8 @@ def check_checkpoint(config: ModelConfig) -> int:
 
 
 def from_pretrained(model: str | Path | ModelConfig, dist: Dist, dtype: torch.dtype | str | None = None,
-                    quant: str | None = None, quant_embeddings: bool = False, prepack: bool = False) -> TPCausalLM:
+                    quant: str | None = None, quant_embeddings: bool = False, prepack: bool = False,
+                    pp_layers: list[int] | None = None) -> TPCausalLM:
     """This rank's shard of the checkpoint ``model`` (its directory, or its ModelConfig), on ``dist.device``.
 
     The directory holds config.json and model.safetensors, or several
@@ -100,7 +101,8 @@ def from_pretrained(model: str | Path | ModelConfig, dist: Dist, dtype: torch.dt
     :func:`resolve_dtype`. ``quant``: "int8" or "fp8" quantizes this rank's
     slices of the decoder's linears once they are read (:meth:`TPCausalLM.quantize_`), and of the embedding
     and the LM head too with ``quant_embeddings``. ``prepack``: the unquantized linears in oneDNN's layout
-    (:meth:`TPCausalLM.prepack_`; CPU only).
+    (:meth:`TPCausalLM.prepack_`; CPU only). On a pipeline stage (``dist.grid``), only that stage's layers are read:
+    ``pp_layers`` per stage, default the even split (:func:`tplab.specs.sharding.stage_layers`).
     """
     config = checkpoint_config(model)
     if quant is not None:
@@ -108,7 +110,7 @@ def from_pretrained(model: str | Path | ModelConfig, dist: Dist, dtype: torch.dt
         if config.quantization and quant != config.quantization:
             raise ValueError(f"{config.directory} is stored in {config.quantization}: load it as it is (no --quant, "
                              f"or --quant {config.quantization}), not as {quant}")
-    shard = TPCausalLM(config, dist, resolve_dtype(dtype, config, dist.device))
+    shard = TPCausalLM(config, dist, resolve_dtype(dtype, config, dist.device), pp_layers)
     shard.load(SafetensorsSource(config.directory)).eval()
     if quant_embeddings and not quant:
         raise ValueError("quantizing the embeddings needs a scheme: pass quant='int8' or 'fp8' with it")

@@ -57,9 +57,11 @@ class PagedKVCache:
 
     @classmethod
     def for_model(cls, config: ModelConfig, tp: int, num_blocks: int, block_size: int,
-                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> "PagedKVCache":
-        """The blocks one rank of a tp-way model holds: its ``kv_heads_per_rank(tp)`` heads of each."""
-        return cls(config.num_layers, num_blocks, block_size, config.kv_heads_per_rank(tp), config.head_dim,
+                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                  layers: int | None = None) -> "PagedKVCache":
+        """The blocks one rank of a tp-way model holds: its ``kv_heads_per_rank(tp)`` heads of each, for ``layers``
+        decoder layers (a pipeline stage's; default all)."""
+        return cls(layers or config.num_layers, num_blocks, block_size, config.kv_heads_per_rank(tp), config.head_dim,
                    dtype, device)
 
     @property

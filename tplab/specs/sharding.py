@@ -110,3 +110,29 @@ def gqa_heads(num_heads: int, num_kv_heads: int, tp: int, rank: int) -> tuple[ra
         return range(q0, q1), range(k0, k1)
     kv = rank // kv_replicas(num_kv_heads, tp)
     return range(q0, q1), range(kv, kv + 1)
+
+
+# --- pipeline stages: contiguous ranges of decoder layers --------------------
+def stage_layers(num_layers: int, pp: int, counts: list[int] | None = None) -> list[range]:
+    """The decoder layers of each of ``pp`` stages: contiguous ranges that cover [0, num_layers) in order.
+
+    ``counts``: layers per stage, as given (``--pp-layers 10,12,...``); they must be positive and sum to
+    ``num_layers``. Default, the even split: every stage gets floor(L/pp) layers, and the L mod pp layers left
+    over go one each to the stages just before the last, as vLLM splits them: the last stage also runs the final
+    norm and the LM head, and the first the embedding, which is cheaper. L = 5, pp = 2 gives [0, 3), [3, 5);
+    L = 10, pp = 4 gives 2, 3, 3, 2.
+    """
+    check_int("pp", pp)
+    if pp > num_layers:
+        raise ValueError(f"pp={pp} is more than the model's {num_layers} decoder layers: each stage needs at least "
+                         f"one; valid pp: 1 to {num_layers}")
+    if counts is None:
+        counts = [num_layers // pp] * pp
+        for s in range(num_layers % pp):
+            counts[-2 - s] += 1
+    elif len(counts) != pp or sum(counts) != num_layers or not all(isinstance(c, int) and c >= 1 for c in counts):
+        raise ValueError(f"layers per stage {','.join(map(str, counts))} must be {pp} positive counts (one per "
+                         f"stage) that sum to the model's {num_layers} layers, e.g. "
+                         f"{','.join(str(len(r)) for r in stage_layers(num_layers, pp))}")
+    starts = [sum(counts[:s]) for s in range(pp)]
+    return [range(start, start + n) for start, n in zip(starts, counts)]
