@@ -76,6 +76,20 @@ def test_sampling_flags_give_the_same_tokens_at_every_tp(checkpoints, capsys):
     assert tokens[0] == tokens[1] == tokens[2]
 
 
+def test_pipeline_stages_give_the_same_text_and_report_each_stage(checkpoints, capsys):
+    args = ["--model", str(checkpoints["tok"]), "--prompt", "hello world", "--prompt", "TP!", "--max-new-tokens", "5"]
+    code, out, _ = cli(capsys, *args, "--json")
+    alone = json.loads(out)
+    code, out, _ = cli(capsys, *args, "--tp", "2", "--pp", "2", "--json")  # the checkpoint's 2 layers: 1 per stage
+    staged = json.loads(out)
+    assert code == 0 and (staged["text"], staged["tokens"]) == (alone["text"], alone["tokens"])
+    assert [s["stage"] for s in staged["stages"]] == [0, 1] and staged["micro_batches"] == 2
+    assert staged["stages"][1]["pipeline_comm"]["decode"]["recv"]["count"] == 2 * 4  # 2 micro-batches, 4 steps
+    code, out, _ = cli(capsys, *args, "--pp-layers", "1,1", "--micro-batches", "1")
+    assert code == 0 and "tp=1 x pp=2 (1 micro-batch)" in out and " stage 1: " in out
+    assert "pipeline: recv x4" in out
+
+
 def test_usage_errors_exit_2_with_one_line(checkpoints, capsys, tmp_path, monkeypatch):
     gpt2 = tmp_path / "gpt2"
     shutil.copytree(checkpoints["bare"], gpt2)
@@ -91,6 +105,10 @@ def test_usage_errors_exit_2_with_one_line(checkpoints, capsys, tmp_path, monkey
         (["--model", bare, "--prompt-ids", "1,x"], "comma-separated integers"),
         (["--model", bare, *ids, "--top-p", "0"], "top_p must be in (0, 1]"),
         (["--model", bare], "at least one --prompt"),
+        (["--model", bare, *ids, "--pp", "3"], "pp=3 is more than the model's 2 decoder layers: each stage needs"),
+        (["--model", bare, *ids, "--pp-layers", "2,1"], "must be 2 positive counts (one per stage) that sum to the "
+                                                        "model's 2 layers, e.g. 1,1"),
+        (["--model", bare, *ids, "--pp", "2", "--micro-batches", "2"], "micro_batches=2 is more than the batch of 1"),
         (["--model", bare, *ids, "--backend", "gloo", "--device", "cuda"], "backend='gloo' runs its ranks on the CPU"),
         (["--model", bare, *ids, "--device", "mps"], "thread ranks run on 'cpu' or 'cuda'"),
     ]

@@ -100,3 +100,29 @@ def positive(flag: str, allow_zero: bool = False) -> Callable[[str], float]:
 
 
 threads_per_rank = checked("--threads", int, lambda threads: check_threads(threads, "--threads"))
+
+
+def layer_counts(text: str) -> list[int]:
+    """An argparse type for --pp-layers: '10,12,10' -> [10, 12, 10], one line otherwise."""
+    try:
+        return int_list("--pp-layers", text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_pipeline_options(p: argparse.ArgumentParser) -> None:
+    """--pp (pipeline stages of tp ranks each) and --pp-layers (decoder layers per stage)."""
+    p.add_argument("--pp", type=count("--pp"), default=None,
+                   help="pipeline stages, each of tp ranks (default 1, or as many as --pp-layers gives)")
+    p.add_argument("--pp-layers", type=layer_counts, default=None,
+                   help="decoder layers per stage, e.g. 3,2 (default: the even split, leftover layers to the stages "
+                        "before the last)")
+
+
+def resolve_pp(args: argparse.Namespace, num_layers: int) -> int:
+    """The number of stages the flags ask for, checked against the model's layers (ValueError with the choices)."""
+    from tplab.specs.sharding import stage_layers
+
+    pp = args.pp or (len(args.pp_layers) if args.pp_layers else 1)
+    stage_layers(num_layers, pp, args.pp_layers)
+    return pp

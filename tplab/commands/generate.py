@@ -2,6 +2,7 @@
 
     python -m tplab generate --model PATH --tp 4 --prompt "Once upon a time" --max-new-tokens 32
     python -m tplab generate --tp 2 --backend gloo --prompt-ids 1,5,9 --prompt-ids 1,7 --json
+    python -m tplab generate --tp 2 --pp 2 --prompt "The with statement"   # 2 stages of 2 ranks
     torchrun --nproc-per-node 4 -m tplab generate --tp 4 --prompt "..."   # NCCL on GPUs; rank 0 prints
 
 Repeat --prompt or --prompt-ids to make a batch. Everything that can be
@@ -19,8 +20,8 @@ from pathlib import Path
 import torch
 
 from tplab.comm.launch import BACKENDS, check_device, launch, rank_device_type, under_torchrun
-from tplab.commands import count, int_list, runtime_dtype, threads_per_rank
-from tplab.engine.generate import check_prompts, generate_rank_program
+from tplab.commands import add_pipeline_options, count, int_list, resolve_pp, runtime_dtype, threads_per_rank
+from tplab.engine.generate import check_prompts, generate_rank_program, micro_batch_rows
 from tplab.errors import InputError
 from tplab.layers.weights import SCHEMES, prepack_problem
 from tplab.memory import check_fits, rank_processes_bytes
@@ -29,6 +30,7 @@ from tplab.model.sampling import SamplingParams
 from tplab.specs.model import ModelConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+STAGE_FIELDS = ("stage", "comm", "pipeline_comm", "bubble", "weight_bytes")
 
 
 def register(subparsers) -> None:
@@ -58,6 +60,10 @@ def register(subparsers) -> None:
                    help="with --quant: the embedding and the LM head too (one scale per vocabulary row)")
     p.add_argument("--prepack", action="store_true",
                    help="CPU ranks: the linears in oneDNN's blocked layout (faster GEMMs; the same tokens)")
+    add_pipeline_options(p)
+    p.add_argument("--micro-batches", type=count("--micro-batches"), default=None,
+                   help="with --pp: the batch's rows cut into this many micro-batches that fill the stages (default: "
+                        "one per stage, at most one per row)")
     p.add_argument("--json", action="store_true", help="print one JSON object per tp")
     p.set_defaults(run=run)
 
@@ -89,9 +95,11 @@ def prepare(args: argparse.Namespace) -> tuple[ModelConfig, torch.dtype, object,
     config = checkpoint_config(args.model)
     for tp in args.tps:
         config.check_tp(tp)
+    args.pp = resolve_pp(args, config.num_layers)
     parameters = check_checkpoint(config)
-    if under_torchrun() and args.tps != [int(os.environ["WORLD_SIZE"])]:
-        raise InputError(f"--tp {args.tp} but torchrun started {os.environ['WORLD_SIZE']} processes: pass that one tp")
+    if under_torchrun() and [tp * args.pp for tp in args.tps] != [int(os.environ["WORLD_SIZE"])]:
+        raise InputError(f"--tp {args.tp} --pp {args.pp} but torchrun started {os.environ['WORLD_SIZE']} processes: "
+                         "pass one tp with tp x pp = that many")
     check_device(args.backend, args.device)
     dtype = resolve_dtype(args.dtype, config, rank_device_type(args.device))
     if args.prepack and (problem := prepack_problem(dtype, rank_device_type(args.device))):
@@ -104,6 +112,8 @@ def prepare(args: argparse.Namespace) -> tuple[ModelConfig, torch.dtype, object,
                          "use --prompt-ids 1,2,3")
     prompts = [tokenizer(text)["input_ids"] for text in args.prompt] + [parse_ids(t) for t in args.prompt_ids]
     check_prompts(prompts, config.vocab_size, args.max_new_tokens, config.max_position_embeddings)
+    if args.micro_batches is not None:
+        micro_batch_rows(len(prompts), args.micro_batches)
     if not under_torchrun() and (args.device or "cpu").startswith("cpu"):
         for tp in args.tps:
             check_host_memory(config, parameters, dtype, prompts, tp, args)
@@ -124,9 +134,9 @@ def check_host_memory(config: ModelConfig, parameters: int, dtype, prompts: list
     """Every rank is on this machine: the weights once, each rank's KV cache, the rank processes must fit."""
     element, longest = dtype.itemsize, max(map(len, prompts))
     kv = tp * config.kv_bytes_per_token(tp, dtype) * len(prompts) * (longest + args.max_new_tokens)
-    check_fits(parameters * element + kv + rank_processes_bytes(args.backend, tp),
+    check_fits(parameters * element + kv + rank_processes_bytes(args.backend, tp * args.pp),
                f"generating {len(prompts)} prompt(s) of up to {longest} tokens + {args.max_new_tokens} "
-               f"new at tp={tp} (weights {parameters * element / 1e9:.2f} GB, KV cache {kv / 1e9:.2f} GB)",
+               f"new at tp={tp}, pp={args.pp} (weights {parameters * element / 1e9:.2f} GB, KV cache {kv / 1e9:.2f} GB)",
                "use fewer or shorter prompts, a smaller --max-new-tokens, or a smaller model")
 
 
@@ -145,20 +155,24 @@ def run(args: argparse.Namespace) -> int:
     for tp in args.tps:
         try:
             results = launch(generate_rank_program, tp, args.backend, device=args.device, threads=args.threads,
-                             kwargs=dict(model=config, prompts=prompts, max_new_tokens=args.max_new_tokens,
-                                         sampling=sampling, dtype=dtype, warmup=True, quant=args.quant,
-                                         quant_embeddings=args.quant_embeddings, prepack=args.prepack))
+                             pp=args.pp, kwargs=dict(model=config, prompts=prompts, max_new_tokens=args.max_new_tokens,
+                                                     sampling=sampling, dtype=dtype, warmup=True, quant=args.quant,
+                                                     quant_embeddings=args.quant_embeddings, prepack=args.prepack,
+                                                     pp_layers=args.pp_layers, micro_batches=args.micro_batches))
         except InputError as e:  # found inside a rank (e.g. a damaged checkpoint): still bad input, not a bug
             return _usage_error(e)
         if not prints():
             continue
         result = tokens_by_tp[tp] = results[0]
+        stages = results[::tp]  # rank 0 of each stage
         texts = [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens] if tokenizer else None
         if args.json:
             report = {**result.to_dict(), "prompt_tokens": [len(p) for p in prompts], "backend": backend}
+            if args.pp > 1:
+                report["stages"] = [{k: r.to_dict()[k] for k in STAGE_FIELDS} for r in stages]
             print(json.dumps(report if texts is None else {**report, "text": texts}))
         else:
-            _print_report(result, texts, prompts, tokenizer, backend)
+            _print_report(result, texts, prompts, tokenizer, backend, stages)
     if len(tokens_by_tp) < 2:
         return 0
     same = compare_tokens({tp: r.tokens for tp, r in tokens_by_tp.items()})
@@ -184,7 +198,11 @@ def compare_tokens(tokens_by_tp: dict[int, list[list[int]]]) -> str | None:
     return None
 
 
-def _print_report(result, texts, prompts, tokenizer, backend) -> None:
+def _comm_line(ops: dict) -> str:
+    return ", ".join(f"{op} x{int(s['count'])} ({int(s['bytes'])} B)" for op, s in ops.items()) or "no collectives"
+
+
+def _print_report(result, texts, prompts, tokenizer, backend, stages) -> None:
     for b, tokens in enumerate(result.tokens):
         print(f"--- tp={result.tp} row {b}: {len(prompts[b])} prompt tokens, {len(tokens)} new "
               f"({result.finish_reasons[b]}) ---")
@@ -195,8 +213,14 @@ def _print_report(result, texts, prompts, tokenizer, backend) -> None:
             print(f"[prompt]    {prompts[b]}")
             print(f"[generated] {tokens}")
     per_token = "n/a" if result.ms_per_token is None else f"{result.ms_per_token:.2f} ms/token"
-    print(f"tp={result.tp} ({backend}, {result.device}, {result.threads} thread(s) per rank; timed after a warm-up): "
-          f"TTFT {1000 * result.ttft_s:.1f} ms, decode {per_token}; weights {result.weight_bytes / 1e6:.2f} MB per rank")
-    for phase, ops in result.comm.items():
-        line = ", ".join(f"{op} x{int(s['count'])} ({int(s['bytes'])} B)" for op, s in ops.items())
-        print(f"  {phase}: {line or 'no collectives'}")
+    grid = f"tp={result.tp}" if result.pp == 1 else f"tp={result.tp} x pp={result.pp} ({result.micro_batches} micro-batch{'es' * (result.micro_batches > 1)})"
+    print(f"{grid} ({backend}, {result.device}, {result.threads} thread(s) per rank; timed after a warm-up): "
+          f"TTFT {1000 * result.ttft_s:.1f} ms, decode {per_token}; weights {result.weight_bytes / 1e6:.2f} MB per rank"
+          f"{' of stage 0' if result.pp > 1 else ''}")
+    for r in stages:
+        if r.pp > 1:
+            bubble = "" if r.bubble is None else f"; blocked on the other stages {100 * r.bubble:.0f}% of the decode time"
+            print(f" stage {r.stage}: weights {r.weight_bytes / 1e6:.2f} MB per rank{bubble}")
+        for phase, ops in r.comm.items():
+            pipeline = f"; pipeline: {_comm_line(r.pipeline_comm[phase])}" if r.pp > 1 else ""
+            print(f"  {phase}: {_comm_line(ops)}{pipeline}")
