@@ -115,3 +115,15 @@ def test_a_stage_runs_eager_only(checkpoints):
         return True
 
     assert launch(program, 1, pp=2) == [True, True]
+
+
+def test_the_drain_model_and_the_measured_bubble_agree_in_kind():
+    from tplab.bench.pipeline import measure_grid
+    from tplab.perf.pipeline import drain_bubble
+
+    assert [round(drain_bubble(2, m), 3) for m in (1, 2, 4)] == [0.5, 0.333, 0.2]
+    assert drain_bubble(4, 1, stage_s=1.0, hop_s=1.0) == 1 - 1 / (4 + 3)
+    prompts = distinct_prompts(300, [8] * 4, seed=1)
+    run = measure_grid("tiny", prompts, 6, pp=2, micro_batches=2, repeats=1)
+    assert run.model_bubble == pytest.approx(1 / 3) and len(run.bubble) == 2
+    assert all(0 < b < 1 for b in run.bubble)  # each stage waits on the other for part of every step

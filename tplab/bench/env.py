@@ -17,9 +17,11 @@ import torch
 import transformers
 
 from tplab.paths import CHECKOUT_DIR
+from tplab.specs import cpu
 from tplab.version import __version__
 
 REPO_DIR = CHECKOUT_DIR
+ISA_FLAG_PREFIXES = ("sse", "avx", "amx", "fma", "f16c")
 
 
 def _run(cmd: list[str], cwd: Path | None = None) -> str | None:
@@ -84,6 +86,7 @@ def environment(device: torch.device | str) -> dict:
         "device": device_info(device),
         "cpu": cpu_name(),
         "cpu_cores": os.cpu_count(),
+        "cpu_flags": sorted(f for f in cpu.cpu_flags() if f.startswith(ISA_FLAG_PREFIXES)),  # what the kernels may use
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,

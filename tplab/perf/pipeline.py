@@ -11,7 +11,9 @@ micro-batches of b = ceil(B/m). For one decode step (a token for every sequence)
                                            and each stage serves m micro-batches per round
     bubble = 1 - m·t_s / round            the share of a round each stage sits idle
 
-so per-token latency = round and throughput = B / round per pipeline. Prefill
+so per-token latency = round and throughput = B / round per pipeline. This is the schedule of a serving engine
+that keeps m batches in flight across steps (vLLM's virtual engines); a loop that drains the pipeline at the end of
+every step, as tplab's ``generate`` does, idles (p - 1)/(m + p - 1) of each step instead (:func:`drain_bubble`). Prefill
 fills the pipeline GPipe-style: TTFT = (m + pp - 1)·t_s,prefill + pp·t_hop,prefill.
 Each stage stores its layers' weights and the KV cache of all B sequences for
 those layers. The alternative, TP over all tp·pp GPUs, runs its rings over the
@@ -40,6 +42,18 @@ from tplab.perf.shapes import ACT_BYTES, check_precision, step_work
 from tplab.specs.efficiency import Efficiency, load_efficiency
 from tplab.specs.hardware import GpuSpec, Link, load_gpu
 from tplab.specs.model import ModelConfig, resolve_model
+
+
+def drain_bubble(pp: int, micro_batches: int, stage_s: float = 1.0, hop_s: float = 0.0) -> float:
+    """The idle share of each stage when every step fills and drains the pipeline, as tplab's generation loop does.
+
+    m micro-batches of t seconds per stage go through p stages, each hop taking h: the step ends when the last
+    micro-batch leaves the last stage, (m + p - 1) t + (p - 1) h after it began, and each stage computed m t of it:
+
+        bubble = 1 - m t / ((m + p - 1) t + (p - 1) h)  =  (p - 1) / (m + p - 1)  when h = 0.
+    """
+    step = (micro_batches + pp - 1) * stage_s + (pp - 1) * hop_s
+    return 1 - micro_batches * stage_s / step
 
 
 @dataclass(frozen=True)

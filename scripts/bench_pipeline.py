@@ -1,0 +1,66 @@
+"""Pipeline stages on this CPU: the bubble against the fill-and-drain model, and TP against PP against TP x PP.
+
+    .venv/bin/python scripts/bench_pipeline.py                    # the tiny model, batch 8, 24 new tokens
+    .venv/bin/python scripts/bench_pipeline.py --backend gloo --repeats 5 --out /tmp/pipeline.jsonl
+
+In one run, on the same prompts (8 rows of 16 tokens): tp 1 alone (the baseline), pp 2 with 1, 2 and 4
+micro-batches, then tp 2, pp 2 and tp 2 x pp 2. Each point is the fastest of --repeats generations, one torch thread
+per rank. It checks that every grid gave the baseline's tokens, prints each point's decode ms/token against the
+baseline's and each stage's bubble against (p - 1)/(m + p - 1), and appends one record per point, with the
+environment, to --out. Ranks share this machine's cores: with more ranks than cores (tp 2 x pp 2 on 2 cores) they
+take turns, which the figures include.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tplab.bench.env import environment, hardware_slug
+from tplab.bench.pipeline import measure_grid
+from tplab.paths import default_measurements_dir
+from tplab.testing import distinct_prompts
+
+BUBBLE_POINTS = [(1, 2, m) for m in (1, 2, 4)]
+SPLIT_POINTS = [(2, 1, None), (1, 2, None), (2, 2, None)]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backend", choices=("threads", "gloo"), default="threads")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--new-tokens", type=int, default=24)
+    p.add_argument("--out", default=None, help="JSON-lines file to append to (default: data/measurements/pipeline/)")
+    args = p.parse_args()
+    env = environment("cpu")
+    out = Path(args.out) if args.out else (default_measurements_dir() / "pipeline" /
+                                           f"{env['date'][:10]}_{hardware_slug(env)}_pipeline.jsonl")
+    prompts = distinct_prompts(300, [16] * 8, seed=1)
+    base = measure_grid("tiny", prompts, args.new_tokens, backend=args.backend, repeats=args.repeats)
+    rows = []
+    print(f"tiny model, batch {len(prompts)}, {args.new_tokens} new tokens, {args.backend}, best of {args.repeats}; "
+          f"baseline tp 1: {base.decode_ms_per_token:.2f} ms/token")
+    print(f"{'tp':>3} {'pp':>3} {'m':>3} {'ms/token':>9} {'vs tp 1':>8} {'tok/s':>7}  bubble per stage (model)")
+    for tp, pp, m in BUBBLE_POINTS + SPLIT_POINTS:
+        run = measure_grid("tiny", prompts, args.new_tokens, tp, pp, m, args.backend, args.repeats)
+        if run.tokens != base.tokens:
+            raise SystemExit(f"tp={tp} pp={pp} micro-batches={run.micro_batches} gave other tokens than tp 1")
+        bubble = "-" if run.bubble is None else (", ".join(f"{b:.3f}" for b in run.bubble) +
+                                                 f" (model {run.model_bubble:.3f})")
+        print(f"{tp:>3} {pp:>3} {run.micro_batches:>3} {run.decode_ms_per_token:>9.2f} "
+              f"{run.decode_ms_per_token / base.decode_ms_per_token:>8.2f} {run.decode_tok_s:>7.0f}  {bubble}")
+        rows.append({"kind": "measured", "benchmark": "pipeline stages: bubble and TP against PP",
+                     "model": "tiny", "backend": args.backend, "repeats": args.repeats, "new_tokens": args.new_tokens,
+                     "prompt_lens": [len(q) for q in prompts], "torch_threads_per_rank": 1, **run.to_dict(),
+                     "baseline_tp1_decode_ms_per_token": base.decode_ms_per_token,
+                     "vs_baseline": run.decode_ms_per_token / base.decode_ms_per_token, "env": env})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    print(f"recorded {len(rows)} points in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
