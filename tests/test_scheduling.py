@@ -223,3 +223,13 @@ def test_a_closed_loop_keeps_at_most_n_requests_in_flight_and_times_them_from_se
     assert 2.5 < run.summary["concurrency_mean"] <= 3
     open_loop = simulate(requests, config, lambda rows: 0.01)
     assert max(r["ttft_ms"] for r in open_loop.requests) > max(r["ttft_ms"] for r in run.requests)
+
+
+def test_a_closed_loop_is_refused_for_padded_generation_only():
+    from tplab.serving.scheduler import check_closed_loop
+
+    for policy in ("continuous", "static", "padded"):
+        check_closed_loop(policy, None)
+    check_closed_loop("static", 4)
+    with pytest.raises(ValueError, match="--concurrency needs continuous or static"):
+        check_closed_loop("padded", 4)

@@ -7,6 +7,7 @@ from typing import Callable
 
 from tplab.checks import check_at_most, check_int, check_number, check_threads
 from tplab.specs.dtypes import precision, torch_name
+from tplab.specs.sharding import stage_layers
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -121,8 +122,6 @@ def add_pipeline_options(p: argparse.ArgumentParser) -> None:
 
 def resolve_pp(args: argparse.Namespace, num_layers: int) -> int:
     """The number of stages the flags ask for, checked against the model's layers (ValueError with the choices)."""
-    from tplab.specs.sharding import stage_layers
-
     pp = args.pp or (len(args.pp_layers) if args.pp_layers else 1)
     stage_layers(num_layers, pp, args.pp_layers)
     return pp

@@ -169,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             report = {**result.to_dict(), "prompt_tokens": [len(p) for p in prompts], "backend": backend}
             if args.pp > 1:
-                report["stages"] = [{k: r.to_dict()[k] for k in STAGE_FIELDS} for r in stages]
+                report["stages"] = [{k: v for k, v in r.to_dict().items() if k in STAGE_FIELDS} for r in stages]
             print(json.dumps(report if texts is None else {**report, "text": texts}))
         else:
             _print_report(result, texts, prompts, tokenizer, backend, stages)

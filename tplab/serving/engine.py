@@ -31,7 +31,7 @@ from tplab.serving.loop import WallClock, run_load
 from tplab.serving.metrics import SLO
 from tplab.serving.plan import decode_plan, encode_plan, share_plan
 from tplab.serving.requests import Request
-from tplab.serving.scheduler import SchedulerConfig, StepPlan
+from tplab.serving.scheduler import SchedulerConfig, StepPlan, check_closed_loop
 from tplab.serving.static import serve_static
 from tplab.specs.model import ModelConfig
 
@@ -108,12 +108,10 @@ def serve_rank_program(dist: Dist, model: str | Path | ModelConfig, requests: li
                        concurrency: int | None = None) -> dict:
     """Load this rank's shard and serve: ``launch(serve_rank_program, tp, backend, kwargs=...)`` (threads, gloo,
     torchrun). ``config.policy`` "padded" serves static batches through the generation loop (:mod:`tplab.serving.static`)."""
+    check_closed_loop(config.policy, concurrency)
     shard = from_pretrained(model, dist, dtype=dtype)
     eos = frozenset(shard.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
     if config.policy == "padded":
-        if concurrency is not None:
-            raise ValueError("policy 'padded' serves fixed batches in arrival order: a closed loop (--concurrency) "
-                             "needs 'continuous' or 'static'")
         if warmup:
             serve_static(shard, [WARMUP], 1, eos)
         run = serve_static(shard, requests, config.max_num_seqs, eos, slo)

@@ -63,6 +63,14 @@ class SchedulerConfig:
                              f">= max_model_len={self.max_model_len}, or a long prompt could never be scheduled")
 
 
+def check_closed_loop(policy: str, concurrency: int | None) -> None:
+    """ValueError when a closed loop (``concurrency`` requests in flight; None: an open loop) meets a policy that has
+    none: padded generation serves fixed batches in arrival order."""
+    if concurrency is not None and policy == "padded":
+        raise ValueError("policy 'padded' serves fixed batches in arrival order: --concurrency needs continuous or "
+                         "static")
+
+
 @dataclass
 class ScheduledRow:
     """One row of a step: ``seq`` feeds ``tokens[start:start + count]``; it emits a token when that reaches its end."""
