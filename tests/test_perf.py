@@ -175,8 +175,10 @@ def test_pipeline_bubble_memory_and_reduction_to_plain_tp():
     assert all(p.stage_memory_gb < plain.memory_per_gpu_gb for p in pipes)
     with pytest.raises(ValueError, match="micro_batches must be between 1 and batch=8"):
         estimate_pipeline(tp=8, pp=2, micro_batches=9, **kw)
-    with pytest.raises(ValueError, match="pp must be between 1 and num_hidden_layers=80"):
+    with pytest.raises(ValueError, match="pp must be a positive integer, got 0"):
         estimate_pipeline(tp=8, pp=0, micro_batches=1, **kw)
+    with pytest.raises(ValueError, match="pp=81 is more than the model's 80 decoder layers.*valid pp: 1 to 80"):
+        estimate_pipeline(tp=8, pp=81, micro_batches=1, **kw)
 
 
 def test_replicas_split_the_load_and_pay_for_every_gpu():

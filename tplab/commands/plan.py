@@ -4,12 +4,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tplab.commands import int_list, positive, precision_of
+from tplab.commands import count, int_list, positive, precision_of
+from tplab.perf.batch import link_for
 from tplab.perf.estimate import ENGINES, MODELLED, Estimate, engine_overheads_us, estimate, max_batch, min_tp
+from tplab.perf.pipeline import PipelineEstimate, estimate_pipeline, max_batch_pipeline
 from tplab.perf.shapes import KV_BYTES, WEIGHT_BYTES
 from tplab.specs.efficiency import load_efficiency
 from tplab.specs.hardware import load_gpu
 from tplab.specs.model import resolve_model
+from tplab.specs.sharding import stage_layers
 
 COLUMNS = [("tp", 3), ("batch", 6), ("link", 10), ("weights GB", 11), ("KV GB", 8), ("act+rt GB", 10),
            ("total/usable GB", 16),
@@ -24,6 +27,14 @@ def register(subparsers) -> None:
     p.add_argument("--model", required=True, help="shipped model name (e.g. llama-3-70b) or path to a config.json")
     p.add_argument("--gpu", required=True, help="shipped GPU name (e.g. h100-sxm)")
     p.add_argument("--tp", default="1,2,4,8", help="comma-separated TP degrees (default 1,2,4,8)")
+    p.add_argument("--pp", default=None,
+                   help="comma-separated pipeline stages, each of tp GPUs: prints TP x PP side by side (latency, "
+                        "throughput at the largest batch that fits, memory, hops, bubble)")
+    p.add_argument("--gpus", type=count("--gpus", 4096, "a cluster of more GPUs is a typo"), default=None,
+                   help="compare every tp x pp = GPUS that the model can take, side by side (instead of --tp/--pp)")
+    p.add_argument("--stage-link", default=None,
+                   help="the link between stages (default: the node's link when tp x pp GPUs fit in one node, "
+                        "else ib-ndr-400)")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
     p.add_argument("--context", type=int, default=4096, help="tokens per sequence, prompt plus output (default 4096)")
     p.add_argument("--output", type=int, default=256, help="output tokens, part of --context (default 256)")
@@ -57,14 +68,73 @@ def _print_table(rows: list[list[str]]) -> None:
         print("  ".join(f"{cell:>{width}}" for cell, (_, width) in zip(row, COLUMNS)))
 
 
+PIPELINE_COLUMNS = [("tp", 3), ("pp", 3), ("batch", 6), ("m", 3), ("tp link", 10), ("stage link", 10),
+                    ("GB/GPU", 12), ("fits", 5), ("decode ms/tok", 14), ("TTFT ms", 9), ("tok/s", 8),
+                    ("bubble", 7), ("hops/tok", 9), ("max batch", 10), ("tok/s at max", 13), ("tok/s/GPU", 10)]
+
+
+def _grid(args: argparse.Namespace, spec) -> list[tuple[int, int]]:
+    """(tp, pp) pairs: every split of --gpus the model takes (tp divides the heads, pp at most the layers), or
+    --tp x --pp."""
+    if args.gpus is None:
+        tps, pps = int_list("--tp", args.tp), int_list("--pp", args.pp or "1")
+        for tp in tps:
+            spec.check_tp(tp)
+        for pp in pps:
+            stage_layers(spec.num_layers, pp)
+        return [(tp, pp) for tp in tps for pp in pps]
+    pairs = [(tp, args.gpus // tp) for tp in spec.valid_tp() if args.gpus % tp == 0
+             and args.gpus // tp <= spec.num_layers]
+    if not pairs:
+        raise ValueError(f"--gpus={args.gpus} splits into no tp x pp that {spec.name} takes (tp dividing its "
+                         f"{spec.num_heads} heads, pp at most its {spec.num_layers} layers); valid tp: "
+                         f"{', '.join(map(str, spec.valid_tp()))}")
+    return pairs
+
+
+def _pipeline_row(e: PipelineEstimate, tp_link: str, largest: int, at_largest: PipelineEstimate | None) -> list[str]:
+    saturated = "-" if at_largest is None else f"{at_largest.throughput_tok_s:.0f}"
+    per_gpu = "-" if at_largest is None else f"{at_largest.throughput_tok_s / e.gpus:.0f}"
+    return [str(e.tp), str(e.pp), str(e.batch), str(e.micro_batches), "-" if e.tp == 1 else tp_link, e.stage_link,
+            f"{e.stage_memory_gb:.1f}/{e.usable_memory_gb:.1f}", "yes" if e.fits else "NO",
+            f"{e.decode_ms_per_token:.2f}", f"{e.ttft_ms:.0f}", f"{e.throughput_tok_s:.0f}",
+            f"{e.bubble_fraction:.2f}", str(e.pp if e.pp > 1 else 0), str(largest), saturated, per_gpu]
+
+
+def plan_pipelines(args: argparse.Namespace, spec, hw, kw: dict) -> None:
+    """TP, PP and TP x PP side by side: per (tp, pp) and batch, m = min(pp, batch) micro-batches in flight."""
+    pairs, batches = _grid(args, spec), int_list("--batch", args.batch)
+    rows = []
+    for tp, pp in pairs:
+        tp_link = link_for(hw, args.interconnect, tp)
+        common = dict(tp=tp, pp=pp, interconnect=tp_link.name, network=args.stage_link, engine=args.engine, **kw)
+        largest = max_batch_pipeline(**common)
+        at_largest = estimate_pipeline(batch=largest, micro_batches=min(pp, largest), **common) if largest else None
+        rows += [_pipeline_row(estimate_pipeline(batch=b, micro_batches=min(pp, b), **common), tp_link.name,
+                               largest, at_largest) for b in batches]
+    print(f"MODELLED estimates, not measurements: {spec.name} on {hw.label}, {args.dtype} weights, {args.kv_dtype} KV "
+          f"cache, {args.context - args.output} prompt + {args.output} output tokens per sequence, tp x pp GPUs: each "
+          f"stage a TP group of tp GPUs")
+    print("  ".join(f"{name:>{width}}" for name, width in PIPELINE_COLUMNS))
+    for row in rows:
+        print("  ".join(f"{cell:>{width}}" for cell, (_, width) in zip(row, PIPELINE_COLUMNS)))
+    print("m: micro-batches in flight (min(pp, batch)); GB/GPU: the fullest stage (its layers' weights and KV cache, "
+          "activations, runtime) against the usable memory; bubble: the share of a round each stage idles; hops/tok: "
+          "pp - 1 activation hops and the token return per token; max batch: the largest that fits, with its tok/s")
+    print(f"all figures above are {MODELLED}")
+
+
 def plan(args: argparse.Namespace) -> None:
-    """Check every input, then print the table, the minimum tp per batch and the largest batch per tp."""
+    """Check every input, then print the table, the minimum tp per batch and the largest batch per tp (or, with
+    --pp or --gpus, TP x PP side by side)."""
     spec, hw, eff = resolve_model(args.model, strict=False), load_gpu(args.gpu), load_efficiency(args.efficiency)
-    tps, batches = int_list("--tp", args.tp), int_list("--batch", args.batch)
     if not 0 < args.output < args.context:
         raise ValueError(f"--output={args.output} must be at least 1 and less than --context={args.context}")
     kw = dict(model=spec, gpu=hw, dtype=args.dtype, prompt_len=args.context - args.output, output_len=args.output,
               kv_dtype=args.kv_dtype, efficiency=eff)
+    if args.pp is not None or args.gpus is not None:
+        return plan_pipelines(args, spec, hw, kw)
+    tps, batches = int_list("--tp", args.tp), int_list("--batch", args.batch)
     estimates = [estimate(tp=tp, batch=b, interconnect=args.interconnect, price_per_gpu_hour=args.price,
                           engine=args.engine, **kw) for tp in tps for b in batches]
     print(f"MODELLED estimates, not measurements: {spec.name} on {hw.label}, {args.dtype} weights, {args.kv_dtype} KV "

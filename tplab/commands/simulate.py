@@ -5,7 +5,7 @@
 
 The same load, scheduler and SLO options as ``serve-bench``; each step's
 time comes from the cost model (:class:`tplab.perf.batch.ModelledStepCost`)
-instead of real ranks, and the KV blocks from what the GPU's memory leaves
+instead of real ranks (with ``--pp``, each stage's share and the hops between stages, up to pp steps in flight), and the KV blocks from what the GPU's memory leaves
 after the weights (``--num-blocks`` to set them). The scheduler defaults to what
 the modelled engine would run: vLLM's defaults for its OpenAI server
 (:data:`VLLM_BATCH_DEFAULTS`), printed with the run.
@@ -44,6 +44,11 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default="bf16", type=precision_of(tuple(WEIGHT_BYTES)), help="weights precision")
     p.add_argument("--kv-dtype", default="bf16", type=precision_of(tuple(KV_BYTES)), help="KV cache precision")
     p.add_argument("--interconnect", default=None, help="nvlink, pcie or a network (default: the fastest)")
+    p.add_argument("--pp", type=count("--pp"), default=1,
+                   help="pipeline stages of tp GPUs each, with up to pp steps in flight (default 1)")
+    p.add_argument("--stage-link", default=None,
+                   help="the link between stages (default: the node's link when tp x pp GPUs fit in one node, "
+                        "else ib-ndr-400)")
     p.add_argument("--engine", default="graph", choices=ENGINES, help="the engine profile of the fixed overheads")
     p.add_argument("--max-model-len", type=count("--max-model-len"), default=None,
                    help="longest request in positions (default: the model's context)")
@@ -59,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         model = resolve_model(args.model, strict=False)
         cost = ModelledStepCost(model, args.gpu, args.tp, args.dtype, args.kv_dtype, args.interconnect, args.engine,
-                                load_efficiency(args.efficiency))
+                                load_efficiency(args.efficiency), args.pp, args.stage_link)
         context = model.max_position_embeddings if args.max_model_len is None else args.max_model_len
         if context > model.max_position_embeddings:
             raise ValueError(f"--max-model-len must be in [1, {model.max_position_embeddings}], got {context}")
@@ -76,18 +81,21 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result = {**simulate(requests, config, cost, serving.slo_of(args), args.concurrency).to_dict(),
-              "concurrency": args.concurrency}
-    setting = {"model": model.name, "gpu": cost.gpu.name, "tp": args.tp, "dtype": args.dtype,
-               "kv_dtype": args.kv_dtype, "interconnect": cost.link.name, "engine": args.engine,
+    run = simulate(requests, config, cost, serving.slo_of(args), args.concurrency, args.pp,
+                   cost.activation_hop_seconds, cost.token_return_seconds)
+    result = {**run.to_dict(), "concurrency": args.concurrency}
+    stages = "" if args.pp == 1 else f", {args.pp} stages over {cost.stage_link.name}"
+    setting = {"model": model.name, "gpu": cost.gpu.name, "tp": args.tp, "pp": args.pp, "dtype": args.dtype,
+               "kv_dtype": args.kv_dtype, "interconnect": cost.link.name,
+               "stage_link": None if cost.stage_link is None else cost.stage_link.name, "engine": args.engine,
                "num_blocks": config.num_blocks, "max_num_seqs": config.max_num_seqs,
                "max_num_batched_tokens": config.max_num_batched_tokens, "scheduler_defaults": chosen,
                "notes": list(cost.notes)}
     if args.json:
         serving.print_json(result, label=MODELLED, setting=setting)
         return 0
-    serving.print_report(result, f"MODELLED, not measured: {model.name} on {args.tp} x {cost.gpu.name} over {cost.link.name}, "
-                         f"{args.dtype} weights, {config.num_blocks} KV blocks of {config.block_size} per GPU")
+    serving.print_report(result, f"MODELLED, not measured: {model.name} on {args.tp} x {cost.gpu.name} over {cost.link.name}"
+                         f"{stages}, {args.dtype} weights, {config.num_blocks} KV blocks of {config.block_size} per GPU")
     print(f"  scheduler: max_num_seqs {config.max_num_seqs}, max_num_batched_tokens {config.max_num_batched_tokens} "
           f"({chosen}), chunked prefill {'on' if config.chunked_prefill else 'off'}, prefix caching "
           f"{'on' if config.prefix_caching else 'off'}")

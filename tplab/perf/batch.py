@@ -8,19 +8,24 @@ all-reduces are one per layer for the step's tokens, not one per row:
     W = W_row,   KV = Σ KV_i,   F_lin = Σ F_lin,i,   F_att = Σ F_att,i,   S = Σ S_i
 
 and :func:`tplab.perf.estimate.step_seconds` turns that into time with the
-fitted efficiencies. Every figure is modelled, not measured.
+fitted efficiencies. With pipeline stages, each stage does this for its own
+layers (the first also the embedding, the last the LM head), and a hop between
+stages costs α + S/β over the link between them. Every figure is modelled, not measured.
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
-from tplab.perf.estimate import GB, check_link, compute_dtype_for, step_seconds
-from tplab.perf.shapes import StepWork, activation_bytes, check_precision, step_work, weight_bytes
+from tplab.perf.estimate import GB, check_link, compute_dtype_for, memory_gb, step_seconds
+from tplab.perf.shapes import ACT_BYTES, StepWork, activation_bytes, check_precision, step_work, weight_bytes
 from tplab.specs.efficiency import Efficiency, load_efficiency
-from tplab.specs.hardware import load_gpu
+from tplab.specs.hardware import GpuSpec, Link, load_gpu
 from tplab.specs.model import ModelConfig, resolve_model
+from tplab.specs.sharding import stage_layers
+
+DEFAULT_NETWORK = "ib-ndr-400"  # between nodes, when no link is named
 
 
 def batch_work(row_works: list[StepWork]) -> StepWork:
@@ -32,43 +37,104 @@ def batch_work(row_works: list[StepWork]) -> StepWork:
                    gather_bytes=total("gather_bytes"), tokens=total("tokens"), sequences=total("sequences"))
 
 
-class ModelledStepCost:
-    """Seconds of a step of rows [(context, new tokens), ...] on ``tp`` GPUs (modelled, not measured)."""
+TOKEN_ID_BYTES = 8  # the token return: one int64 per row, from the last stage to the first
 
-    def __init__(self, model: str | Path | ModelConfig, gpu: str, tp: int, dtype: str = "bf16",
+
+@dataclass(frozen=True)
+class StageShape:
+    """What a pipeline stage runs: ``layers`` decoder layers, the embedding (first stage), the LM head (last)."""
+
+    layers: int
+    embedding: bool
+    lm_head: bool
+
+
+def stage_shapes(model: ModelConfig, pp: int) -> list[StageShape]:
+    """Each stage of the even split of :func:`tplab.specs.sharding.stage_layers` (pp = 1: the whole model)."""
+    return [StageShape(len(r), s == 0, s == pp - 1) for s, r in enumerate(stage_layers(model.num_layers, pp))]
+
+
+def link_for(gpu: GpuSpec, interconnect: str | None, gpus: int) -> Link:
+    """The link that joins ``gpus`` GPUs: the one named, else the fastest of the GPU's links that joins them in
+    one node, else :data:`DEFAULT_NETWORK` (they span nodes). Between pipeline stages, ``gpus`` = tp·pp."""
+    if interconnect is not None:
+        return gpu.link(interconnect)
+    reach = [link for link in gpu.interconnects.values() if link.max_gpus is None or link.max_gpus >= gpus]
+    return max(reach, key=lambda link: link.bandwidth_gb_s) if reach else gpu.link(DEFAULT_NETWORK)
+
+
+class ModelledStepCost:
+    """Seconds of a step of rows [(context, new tokens), ...] on ``tp`` GPUs (modelled, not measured).
+
+    With ``pp`` pipeline stages (each ``tp`` GPUs) a call prices the slowest stage's share of the step, and
+    :meth:`hop_seconds` a message between stages over ``stage_interconnect`` (:func:`link_for`): α + S/β.
+    """
+
+    def __init__(self, model: str | Path | ModelConfig, gpu: str | GpuSpec, tp: int, dtype: str = "bf16",
                  kv_dtype: str = "bf16", interconnect: str | None = None, engine: str = "graph",
-                 efficiency: Efficiency | None = None) -> None:
+                 efficiency: Efficiency | None = None, pp: int = 1, stage_interconnect: str | None = None) -> None:
         self.dtype, self.kv_dtype = check_precision(dtype, kv_dtype)
         self.model, self.gpu, self.tp, self.engine = resolve_model(model, strict=False), load_gpu(gpu), tp, engine
         self.model.check_tp(tp)
         self.link = self.gpu.link(interconnect, tp)
         check_link(self.link, self.gpu, tp)
+        self.pp, self.stages = pp, list(dict.fromkeys(stage_shapes(self.model, pp)))
+        self.stage_link = link_for(self.gpu, stage_interconnect, tp * pp) if pp > 1 else None
         self.compute_dtype, self.notes = compute_dtype_for(self.gpu, self.dtype)
         self.efficiency = efficiency or load_efficiency(None)
         self._row = lru_cache(maxsize=65536)(self._row_work)
 
-    def _row_work(self, context: int, new_tokens: int) -> StepWork:
-        return step_work(self.model, self.tp, self.dtype, self.kv_dtype, 1, new_tokens, context)
+    def _row_work(self, context: int, new_tokens: int, stage: StageShape) -> StepWork:
+        return step_work(self.model, self.tp, self.dtype, self.kv_dtype, 1, new_tokens, context, stage.layers,
+                         stage.embedding, stage.lm_head)
 
     def parts(self, rows: list[tuple[int, int]]) -> dict[str, float]:
-        """The step's parts in seconds (weights, kv_cache, compute, fixed, per_sequence, communication)."""
-        work = batch_work([self._row(c, n) for c, n in rows])
-        return step_seconds(work, self.gpu, self.link, self.tp, self.compute_dtype, self.efficiency, self.engine)
+        """The step's parts in seconds (weights, kv_cache, compute, fixed, per_sequence, communication), for the
+        slowest stage."""
+        return max((step_seconds(batch_work([self._row(c, n, stage) for c, n in rows]), self.gpu, self.link, self.tp,
+                                 self.compute_dtype, self.efficiency, self.engine) for stage in self.stages),
+                   key=lambda parts: sum(parts.values()))
 
     def __call__(self, rows: list[tuple[int, int]]) -> float:
         return sum(self.parts(rows).values())
 
+    def hop_seconds(self, nbytes: float) -> float:
+        """α + S/β for one message of ``nbytes`` between stages (0 with one stage)."""
+        if self.stage_link is None:
+            return 0.0
+        link = self.stage_link
+        return link.alpha_us * 1e-6 + nbytes / (link.bandwidth_gb_s * GB * self.efficiency.link)
+
+    def activation_hop_seconds(self, tokens: int) -> float:
+        """Sending ``tokens`` hidden states (ACT_BYTES each element) to the next stage."""
+        return self.hop_seconds(ACT_BYTES * tokens * self.model.hidden_size)
+
+    def token_return_seconds(self, rows: int) -> float:
+        """The chosen token ids of ``rows`` rows, from the last stage back to the first."""
+        return self.hop_seconds(TOKEN_ID_BYTES * rows)
+
+    def stage_memory_gb(self, batch: int, tokens_per_seq: int, micro_batch: int | None = None) -> dict[str, float]:
+        """The fullest stage's per-GPU memory parts (:func:`tplab.perf.estimate.memory_gb`)."""
+        return max((memory_gb(self.model, self.tp, self.dtype, self.kv_dtype, batch, tokens_per_seq, self.efficiency,
+                              micro_batch, layers=stage.layers, embedding=stage.embedding, lm_head=stage.lm_head)
+                    for stage in self.stages), key=lambda parts: sum(parts.values()))
+
     def kv_blocks(self, block_size: int, max_num_seqs: int, max_batched_tokens: int) -> int:
         """KV blocks of ``block_size`` tokens one GPU holds: what is left of its usable memory after the weights,
-        a full step's activations and the runtime, over one block's bytes on one rank."""
+        a full step's activations and the runtime, over one block's bytes on one rank (its stage's layers)."""
         eff = self.efficiency
         usable = self.gpu.memory_gb * (1 - eff.memory_headroom_fraction) * GB
-        taken = (weight_bytes(self.model, self.tp, self.dtype)
-                 + activation_bytes(self.model, self.tp, max_batched_tokens, max_num_seqs)
-                 + eff.runtime_overhead_gb * GB)
-        per_block = block_size * self.model.kv_bytes_per_token(self.tp, self.kv_dtype)
-        blocks = int((usable - taken) // per_block)
+        blocks = min(
+            int((usable - self._taken_bytes(stage, max_num_seqs, max_batched_tokens))
+                // (block_size * self.model.kv_bytes_per_token(self.tp, self.kv_dtype, stage.layers)))
+            for stage in self.stages)
         if blocks < 1:
-            raise ValueError(f"{self.model.name} in {self.dtype} at tp={self.tp} leaves no memory for a KV cache on "
-                             f"{self.gpu.name} ({taken / GB:.1f} GB of {usable / GB:.1f} GB usable); raise --tp")
+            raise ValueError(f"{self.model.name} in {self.dtype} at tp={self.tp}, pp={self.pp} leaves no memory for a "
+                             f"KV cache on {self.gpu.name} ({usable / GB:.1f} GB usable); raise --tp or --pp")
         return blocks
+
+    def _taken_bytes(self, stage: StageShape, max_num_seqs: int, max_batched_tokens: int) -> float:
+        return (weight_bytes(self.model, self.tp, self.dtype, layers=stage.layers, embedding=stage.embedding,
+                             lm_head=stage.lm_head)
+                + activation_bytes(self.model, self.tp, max_batched_tokens, max_num_seqs)
+                + self.efficiency.runtime_overhead_gb * GB)

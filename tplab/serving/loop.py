@@ -6,6 +6,9 @@
         new tokens = step(plan)               # the engine runs it on tp ranks; the simulator prices it
         scheduler.update(plan, new tokens, now)
 
+With pipeline stages the loop keeps up to ``depth`` plans in flight (one per stage, as vLLM's engine does): it
+submits a plan, and collects the oldest only when ``depth`` are in flight or nothing else can be scheduled.
+
 The engine passes a :class:`WallClock` and a step that runs the plan on real
 ranks (:mod:`tplab.serving.engine`); the simulator a :class:`VirtualClock`,
 advanced by each step's modelled or fitted time (:mod:`tplab.serving.simulator`).
@@ -21,7 +24,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Protocol
 
 from tplab.checks import check_int
 from tplab.serving.metrics import SLO, run_metrics
@@ -77,17 +80,47 @@ def attended_keys(start: int, count: int) -> int:
     return count * start + count * (count + 1) // 2
 
 
-def run_load(requests: list[Request], config: SchedulerConfig, step: Callable[[StepPlan], dict[int, int]],
+class StepQueue(Protocol):
+    """Where the loop's plans run: up to ``depth`` of them at once, their tokens collected in the order submitted."""
+
+    depth: int
+
+    def submit(self, plan: StepPlan) -> None: ...
+
+    def collect(self) -> dict[int, int]: ...
+
+
+class OneStepAtATime:
+    """A :class:`StepQueue` of depth 1 for ``step``, a function that runs a plan and returns its tokens."""
+
+    depth = 1
+
+    def __init__(self, step: Callable[[StepPlan], dict[int, int]]) -> None:
+        self.step, self.plan = step, None
+
+    def submit(self, plan: StepPlan) -> None:
+        self.plan = plan
+
+    def collect(self) -> dict[int, int]:
+        return self.step(self.plan)
+
+
+def run_load(requests: list[Request], config: SchedulerConfig, steps: StepQueue | Callable[[StepPlan], dict[int, int]],
              clock: WallClock | VirtualClock, eos: frozenset[int] = frozenset(), slo: SLO = SLO(),
              concurrency: int | None = None) -> ServeRun:
-    """Serve ``requests`` (arriving at their ``arrival_s``) with ``step`` running each plan; the metrics.
-    ``concurrency``: at most that many requests in flight (closed loop; see the module docstring)."""
+    """Serve ``requests`` (arriving at their ``arrival_s``) with ``steps`` running each plan; the metrics.
+
+    ``steps``: a function running one plan at a time, or a :class:`StepQueue` that holds up to ``depth`` plans in
+    flight (pipeline stages: while stage 2 runs one step, stage 1 runs the next). The loop submits plans while
+    fewer than ``depth`` are in flight and the scheduler finds rows not in flight, and otherwise collects the
+    oldest. ``concurrency``: at most that many requests in flight (closed loop; see the module docstring)."""
     if concurrency is not None:
         check_int("concurrency", concurrency)
+    queue = steps if hasattr(steps, "submit") else OneStepAtATime(steps)
     scheduler = Scheduler(config)
     pending = deque(sorted(requests, key=lambda r: (r.arrival_s, r.id)))
     sent = {}  # closed loop: each request as sent, its arrival_s the time it was sent
-    sequences, steps, utilization = {}, [], []
+    sequences, records, utilization, in_flight = {}, [], [], deque()
     while pending or scheduler.has_work:
         now = clock.now()
         while pending and pending[0].arrival_s <= now and (
@@ -100,16 +133,23 @@ def run_load(requests: list[Request], config: SchedulerConfig, step: Callable[[S
             if pending:
                 clock.wait_until(pending[0].arrival_s)
             continue
-        plan = scheduler.schedule(now)
-        if not plan.rows:
+        plan = scheduler.schedule(now, queue.depth) if len(in_flight) < queue.depth else StepPlan()
+        if plan.rows:
+            queue.submit(plan)
+            in_flight.append((plan, now))
+        elif not in_flight:
             raise RuntimeError("the scheduler planned an empty step with work waiting (a scheduler bug)")
-        tokens = step(plan)
+        if plan.rows and len(in_flight) < queue.depth:
+            continue
+        plan, started = in_flight.popleft()
+        tokens = queue.collect()
         done = clock.now()
-        steps.append({"t": now, "rows": len(plan.rows), "tokens": plan.tokens, "decodes": plan.decodes,
-                      "attended": sum(attended_keys(r.start, r.count) for r in plan.rows), "seconds": done - now})
+        records.append({"t": started, "rows": len(plan.rows), "tokens": plan.tokens, "decodes": plan.decodes,
+                        "attended": sum(attended_keys(r.start, r.count) for r in plan.rows),
+                        "seconds": done - started})
         scheduler.update(plan, tokens, done, eos)
         utilization.append((done, scheduler.blocks.used / config.num_blocks))
     blocks = scheduler.blocks
     rows, summary = run_metrics([sent.get(r.id, r) for r in requests], sequences, scheduler.preemptions,
-                                blocks.hits / blocks.lookups if blocks.lookups else None, utilization, slo, len(steps))
-    return ServeRun(rows, summary, steps, utilization)
+                                blocks.hits / blocks.lookups if blocks.lookups else None, utilization, slo, len(records))
+    return ServeRun(rows, summary, records, utilization)

@@ -70,6 +70,7 @@ class Sequence:
     finished_s: float | None = None
     preemptions: int = 0
     prefix_hit_tokens: int = 0  # tokens whose cached blocks it reused instead of computing them
+    in_flight: bool = False  # scheduled in a step whose result has not come back (pipeline stages)
 
     def __post_init__(self) -> None:
         if not self.tokens:

@@ -16,7 +16,17 @@ Each step (vLLM v1's unified scheme, as in nano-vllm):
    stops admissions.
 
 ``max_num_batched_tokens`` bounds the tokens of one step (decodes plus
-prefill chunks). ``policy="static"`` is static batching for comparison: a new
+prefill chunks).
+
+With pipeline stages several steps are in flight at once (the ``depth`` of
+:func:`tplab.serving.loop.run_load`'s step queue). A sequence in a step whose
+result has not come back is *in flight*: it is skipped (its next token is not
+known yet) and never preempted. ``max_num_seqs`` counts it (one scheduler feeds
+every step in flight, as in vLLM v1), and each step takes at most its share of
+the sequences, so that the steps in flight carry about as many each (vLLM v0
+gave each of its pp "virtual engines" requests of its own).
+
+``policy="static"`` is static batching for comparison: a new
 batch of up to ``max_num_seqs`` requests starts only when the last has
 finished, each prompt prefilled whole in one step; a finished sequence leaves
 the batch (kinder to static batching than padded generation, whose finished
@@ -29,6 +39,7 @@ longer than ``max_model_len``, or more blocks than the whole cache.
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -152,25 +163,30 @@ class Scheduler:
         self.preemptions += 1
         plan.preempted.append(seq)
 
-    def schedule(self, now: float) -> StepPlan:
-        """The next step's rows; each row's blocks are allocated for the tokens it feeds."""
+    def schedule(self, now: float, lanes: int = 1) -> StepPlan:
+        """The next step's rows; each row's blocks are allocated for the tokens it feeds. ``lanes``: steps in flight
+        at once (pipeline stages); a step then takes at most ⌈min(running + waiting, max_num_seqs) / lanes⌉
+        sequences, so that the steps in flight share them evenly (with one lane the bound never binds)."""
         plan, budget, blocks = StepPlan(), self.config.max_num_batched_tokens, self.blocks
         static = self.config.policy == "static"
+        limit = math.ceil(min(len(self.running) + len(self.waiting), self.config.max_num_seqs) / lanes)
         for seq in list(self.running):
-            if seq not in self.running or (budget <= 0 and not static):
+            if seq not in self.running or seq.in_flight or (budget <= 0 and not static) or len(plan.rows) >= limit:
                 continue
             count = seq.to_compute if static else min(seq.to_compute, budget)
-            while not blocks.can_grow(seq, count):
-                self._preempt(self.running[-1], plan)
+            while not blocks.can_grow(seq, count):  # the newest running sequence not in flight gives way
+                self._preempt(next(s for s in reversed(self.running) if not s.in_flight), plan)
                 if seq not in self.running:
                     break
             if seq in self.running:
                 blocks.grow(seq, count)
                 plan.rows.append(ScheduledRow(seq, seq.num_computed, count))
+                seq.in_flight = True
                 budget -= count
         if plan.preempted or (static and self.running):
             return plan
-        while self.waiting and len(self.running) < self.config.max_num_seqs and (budget > 0 or static):
+        while (self.waiting and len(self.running) < self.config.max_num_seqs and (budget > 0 or static)
+               and len(plan.rows) < limit):
             seq = self.waiting[0]
             cached = blocks.cached_prefix(seq)
             rest = len(seq.tokens) - len(cached) * blocks.block_size
@@ -184,6 +200,7 @@ class Scheduler:
                 seq.first_scheduled_s = now
             self.running.append(seq)
             plan.rows.append(ScheduledRow(seq, seq.num_computed, count))
+            seq.in_flight = True
             budget -= count
         return plan
 
@@ -192,7 +209,7 @@ class Scheduler:
         done = []
         for row in plan.rows:
             seq = row.seq
-            seq.num_computed = row.start + row.count
+            seq.num_computed, seq.in_flight = row.start + row.count, False
             self.blocks.register_full(seq)
             if not row.emits:
                 continue
