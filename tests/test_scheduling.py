@@ -225,11 +225,13 @@ def test_a_closed_loop_keeps_at_most_n_requests_in_flight_and_times_them_from_se
     assert max(r["ttft_ms"] for r in open_loop.requests) > max(r["ttft_ms"] for r in run.requests)
 
 
-def test_a_closed_loop_is_refused_for_padded_generation_only():
-    from tplab.serving.scheduler import check_closed_loop
+def test_padded_generation_refuses_a_closed_loop_and_pipeline_stages():
+    from tplab.serving.scheduler import check_serving
 
     for policy in ("continuous", "static", "padded"):
-        check_closed_loop(policy, None)
-    check_closed_loop("static", 4)
+        check_serving(policy, None)
+    check_serving("static", 4, pp=2)
     with pytest.raises(ValueError, match="--concurrency needs continuous or static"):
-        check_closed_loop("padded", 4)
+        check_serving("padded", 4)
+    with pytest.raises(ValueError, match="policy 'padded' runs the generation loop on one stage: --pp 2 needs"):
+        check_serving("padded", None, pp=2)

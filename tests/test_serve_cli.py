@@ -45,6 +45,17 @@ def test_serve_bench_json_lists_requests_in_input_order_and_writes_a_record(caps
     assert record["scheduler"]["block_size"] == 8 and len(record["steps"]) == summary["steps"]
 
 
+def test_serve_bench_pp_reports_the_grid_and_records_the_hops(capsys, tmp_path):
+    code, out, _ = run_cli(capsys, "serve-bench", "--tp", "2", "--pp-layers", "3,1", *SMALL, "--out", str(tmp_path))
+    assert code == 0 and out.startswith("[MEASURED: tp=2 x pp=2 (4) real ranks (threads)")
+    assert "p95" in out and "6 of 6 requests served" in out
+    record = json.loads(next((tmp_path / "serving").glob("*.jsonl")).read_text())
+    assert record["tp"] == 2 and record["pp"] == 2 and record["pipeline_comm"]["send"]["count"] > 0
+    code, out, _ = run_cli(capsys, "serve-bench", "--pp", "2", *SMALL, "--no-save", "--json")
+    report = json.loads(out)
+    assert report["pp"] == 2 and report["summary"]["completed"] == 6 and report["pipeline_comm"]["send"]["count"] > 0
+
+
 def test_serve_bench_replays_a_requests_file(capsys, tmp_path):
     load = tmp_path / "load.jsonl"
     load.write_text("\n".join(json.dumps({"prompt_ids": [5 + i, 6, 7], "max_new_tokens": 3, "arrival_s": 0.01 * i})
@@ -75,6 +86,11 @@ def test_serve_bench_replays_a_requests_file(capsys, tmp_path):
     (["--percentiles", "50,101"], "--percentiles takes numbers in (0, 100]"),
     (["--concurrency", "0"], "--concurrency must be a positive integer"),
     (["--concurrency", "2", "--policy", "padded"], "--concurrency needs continuous or static"),
+    (["--pp", "5"], "pp=5 is more than the model's 4 decoder layers: each stage needs at least one; valid pp: 1 to 4"),
+    (["--pp", "0"], "--pp must be a positive integer, got 0"),
+    (["--pp-layers", "3,3"], "layers per stage 3,3 must be 2 positive counts (one per stage) that sum to the model's "
+                             "4 layers, e.g. 2,2"),
+    (["--pp", "2", "--policy", "padded"], "policy 'padded' runs the generation loop on one stage: --pp 2 needs"),
 ])
 def test_serve_bench_bad_input_exits_2_with_one_line(capsys, argv, message):
     code, out, err = run_cli(capsys, "serve-bench", "--no-save", *argv)
@@ -145,8 +161,9 @@ def test_simulate_bad_input_exits_2_with_one_line(capsys, argv, message):
     assert len(err.strip().splitlines()) == 1 and message in err
 
 
-def test_serve_bench_under_torchrun_reports_once_from_rank_0():
-    done = run_under_torchrun(2, ["tplab", "serve-bench", "--tp", "2", *SMALL, "--no-save", "--json"], cwd=REPO)
+@pytest.mark.parametrize("grid", [["--tp", "2"], ["--pp", "2"]])
+def test_serve_bench_under_torchrun_reports_once_from_rank_0(grid):
+    done = run_under_torchrun(2, ["tplab", "serve-bench", *grid, *SMALL, "--no-save", "--json"], cwd=REPO)
     lines = [line for line in stdout_or_raise(done).splitlines() if line.startswith("{")]
     assert len(lines) == 1
     report = json.loads(lines[0])

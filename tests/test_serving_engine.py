@@ -44,6 +44,49 @@ def test_every_request_gets_the_tokens_it_gets_alone(tp, backend):
     assert max(s["tokens"] for s in steps) <= TIGHT.max_num_batched_tokens
 
 
+@pytest.mark.parametrize("tp,pp,backend", [(1, 2, "threads"), (2, 2, "threads"), (1, 3, "threads"),
+                                           (2, 2, "gloo")])
+def test_with_pipeline_stages_every_request_gets_the_tokens_it_gets_alone(tp, pp, backend):
+    """Steps in flight on pp stages (4 layers: pp 3 splits them 1, 2, 1), chunked prefill, prefix hits, sampling."""
+    requests = staggered_load()
+    results = launch(serve_then_alone, tp, backend, pp=pp, kwargs=dict(model=TINY_DIR, requests=requests,
+                                                                       config=TIGHT, eos=EOS))
+    run = results[0]["run"]
+    assert [r["output_ids"] for r in run["requests"]] == results[0]["alone"]
+    assert all(rank["alone"] == results[0]["alone"] for rank in results)
+    steps = run["steps"]  # a step starts before the one submitted ahead of it has come back: steps in flight
+    assert sum(b["t"] < a["t"] + a["seconds"] for a, b in zip(steps, steps[1:])) > len(steps) // 2
+    assert run["summary"]["prefix_hit_rate"] > 0.1
+
+
+def test_exact_collectives_per_stage_with_steps_in_flight():
+    """tp 2 x pp 2, every row emitting (no chunk splits a prompt): per step, stage 0 runs 2·2 + 1 all-reduces and
+    hands on the plan (2 sends) and its activations (1 send); stage 1 runs 2·2 all-reduces and the argmax's
+    all-gather, and its rank 0 returns the tokens (1 send) to global rank 0."""
+    requests = synthetic_load(6, None, (4, 30), (2, 6), TINY.vocab_size, seed=2, special_ids=frozenset({0, 1}))
+    config = SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=256, num_blocks=64, block_size=8)
+    results = launch(serve_then_alone, 2, "threads", pp=2, kwargs=dict(model=TINY_DIR, requests=requests,
+                                                                       config=config, eos=EOS))
+    steps, warmup_steps = len(results[0]["run"]["steps"]), 1 + 3
+    plans = 2 * (steps + warmup_steps) + 2  # length and contents of every plan, and one stop per phase
+    for tp_rank, stage in ((0, 0), (1, 0), (0, 1), (1, 1)):
+        rank = results[2 * stage + tp_rank]
+        assert rank["stage"] == stage
+        layers = 2  # the even split of 4 layers
+        assert rank["serve"]["all_reduce"]["count"] == (2 * layers + (stage == 0)) * steps
+        assert rank["serve"].get("all_gather", {"count": 0})["count"] == (steps if stage == 1 else 0)
+        pipe, schedule = rank["pipe_serve"], rank["pipe_schedule"]
+        if stage == 0:
+            assert pipe["send"]["count"] == steps and schedule["send"]["count"] == plans
+            assert pipe.get("recv", {"count": 0})["count"] == (steps if tp_rank == 0 else 0)  # the token return
+        else:
+            assert pipe["recv"]["count"] == steps and schedule["recv"]["count"] == plans
+            assert pipe.get("send", {"count": 0})["count"] == (steps if tp_rank == 0 else 0)
+        assert pipe.get("send", pipe.get("recv"))["bytes"] > 0
+    hidden_bytes = sum(4 * TINY.hidden_size * s["tokens"] for s in results[0]["run"]["steps"])
+    assert results[0]["pipe_serve"]["send"]["bytes"] == hidden_bytes  # float32 activations of every token fed
+
+
 def test_exact_collectives_and_kv_bytes_per_rank():
     requests = synthetic_load(6, None, (4, 30), (2, 6), TINY.vocab_size, seed=2, special_ids=frozenset({0, 1}))
     by_tp = {tp: launch(serve_then_alone, tp, "threads", kwargs=dict(model=TINY_DIR, requests=requests, config=TIGHT,

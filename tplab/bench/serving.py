@@ -31,12 +31,13 @@ AGREEMENT_METRICS = ("ttft_ms", "tpot_ms", "latency_ms")
 
 def serve_measured(model: str | Path | ModelConfig, requests: list[Request], config: SchedulerConfig, tp: int,
                    backend: str = "threads", dtype: torch.dtype | str | None = None, slo: SLO = SLO(),
-                   threads: int | None = None, timeout: float = 600.0, concurrency: int | None = None) -> dict:
-    """Serve ``requests`` on ``tp`` real ranks; rank 0's run (requests, summary, steps, comm). ``concurrency``: a
-    closed loop of that many requests in flight."""
-    results = launch(serve_rank_program, tp, backend, timeout=timeout, threads=threads,
+                   threads: int | None = None, timeout: float = 600.0, concurrency: int | None = None,
+                   pp: int = 1, pp_layers: list[int] | None = None) -> dict:
+    """Serve ``requests`` on ``tp`` x ``pp`` real ranks; rank 0's run (requests, summary, steps, comm).
+    ``concurrency``: a closed loop of that many requests in flight; ``pp_layers``: decoder layers per stage."""
+    results = launch(serve_rank_program, tp, backend, pp=pp, timeout=timeout, threads=threads,
                      kwargs=dict(model=model, requests=requests, config=config, dtype=dtype, slo=slo,
-                                 concurrency=concurrency))
+                                 concurrency=concurrency, pp_layers=pp_layers))
     return {**results[0], "backend": backend}
 
 
@@ -45,12 +46,12 @@ def serving_record(run: dict, model: str, config: SchedulerConfig, load: dict, d
     the KV blocks in use after each step as [time s, fraction]."""
     return {
         "schema": "tplab.serving/1", "run_id": uuid.uuid4().hex[:8], "kind": "measured",
-        "env": environment(run["device"]), "model": model, "tp": run["tp"], "backend": run["backend"],
+        "env": environment(run["device"]), "model": model, "tp": run["tp"], "pp": run["pp"], "backend": run["backend"],
         "dtype": dtype, "threads_per_rank": run["threads"], "scheduler": dataclasses.asdict(config), "load": load,
         "summary": run["summary"], "requests": run["requests"],
         "steps": [[s["tokens"], s["rows"], s["attended"], s["seconds"]] for s in run["steps"]],
         "kv_utilization": [[round(t, 4), round(used, 4)] for t, used in run["utilization"]],
-        "comm": run["comm"], "cache_bytes_per_rank": run["cache_bytes_per_rank"],
+        "comm": run["comm"], "pipeline_comm": run["pipeline_comm"], "cache_bytes_per_rank": run["cache_bytes_per_rank"],
     }
 
 

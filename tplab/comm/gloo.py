@@ -98,6 +98,7 @@ def _gloo_rank_main(rank, shape, store_file, fn, args, kwargs, timeout, threads_
         except RuntimeError as e:
             raise RendezvousError(f"gloo could not connect rank {rank} to its peers: {e}") from None
         transports = torch_transports(shape, rank)
+        groups = list(transports.values())  # torch.distributed's, before shared memory wraps any
         for key, name in shm_names.items():
             if key in transports:  # one segment per group of this rank, opened in the same order by its members
                 segments.append(shm.SharedMemoryTransport.open(name, transports[key].rank,
@@ -108,6 +109,8 @@ def _gloo_rank_main(rank, shape, store_file, fn, args, kwargs, timeout, threads_
                          watch=watch)
         watch.started()
         result = pickle.dumps(fn(dist, *args, **kwargs))
+        for group in groups:
+            group.wait_sends()
         watch.returned()
         results.put(("ok", rank, result))
     except BaseException as e:  # noqa: BLE001

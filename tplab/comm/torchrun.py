@@ -93,6 +93,8 @@ def launch_torchrun(fn: Callable[..., Any], shape: GridShape, timeout: float, ar
     transports = torch_transports(shape, td.get_rank())
     dist = make_grid(shape, td.get_rank(), device, lambda kind, index, members: transports[(kind, index)])
     out = _to_cpu(fn(dist, *args, **kwargs))
+    for group in transports.values():
+        group.wait_sends()
     gathered: list[Any] = [None] * world_size
     td.all_gather_object(gathered, out)
     return gathered

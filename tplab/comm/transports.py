@@ -218,6 +218,7 @@ class TorchTransport:
         self.world_size = len(self.members)
         self.rank = self.members.index(td.get_rank())
         self.native_reduce_scatter = td.get_backend() == "nccl"
+        self._sends: list = []  # (work, tensor) of the sends posted and not known to have left
 
     def all_reduce(self, t):
         self.td.all_reduce(t, group=self.group)
@@ -256,7 +257,18 @@ class TorchTransport:
         return list(out.split(recv_sizes))
 
     def send(self, t, dst):
-        self.td.send(t.contiguous(), self.members[dst], group=self.group)
+        """Posted, not waited for (``isend``): a stage hands its step on and goes on with the next, as the thread
+        mailboxes do; gloo's blocking send would wait for the receiver, and two stages that send to each other
+        (activations forward, tokens back) would wait for ever. The tensor is kept until its message has left."""
+        t = t.contiguous()
+        self._sends = [(work, x) for work, x in self._sends if not work.is_completed()]
+        self._sends.append((self.td.isend(t, self.members[dst], group=self.group), t))
+
+    def wait_sends(self) -> None:
+        """Wait until every posted send has left (before the process group goes away)."""
+        for work, _ in self._sends:
+            work.wait()
+        self._sends = []
 
     def recv(self, buffer, src):
         self.td.recv(buffer, self.members[src], group=self.group)

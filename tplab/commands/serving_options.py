@@ -16,7 +16,7 @@ from tplab.serving.blocks import check_block_size
 from tplab.serving.load import bounded, parse_range, read_requests, synthetic_load
 from tplab.serving.metrics import METRICS, PERCENTILES, SLO
 from tplab.serving.requests import Request
-from tplab.serving.scheduler import POLICIES, SchedulerConfig, check_closed_loop
+from tplab.serving.scheduler import POLICIES, SchedulerConfig, check_serving
 
 
 def _percentile_list(text: str) -> tuple[float, ...]:
@@ -82,7 +82,7 @@ def build_load(args: argparse.Namespace, vocab_size: int, context: int, special_
                tokenize=None) -> list[Request]:
     """The requests of ``args``; ValueError (exit 2) for a bad flag or a request longer than ``context``."""
     rate = None if math.isinf(args.rate) else args.rate
-    check_closed_loop(args.policy, args.concurrency)
+    check_serving(args.policy, args.concurrency, args.pp or 1)
     if args.requests:
         requests = bounded(read_requests(args.requests, rate, args.seed, tokenize, args.num_requests), args.duration)
     else:

@@ -155,17 +155,18 @@ class ModelRunner:
         """This rank's slice of ``num_blocks`` KV blocks of ``block_size`` tokens."""
         model = self.model
         self.paged_cache = PagedKVCache.for_model(model.config, model.dist.world_size, num_blocks, block_size,
-                                                  model.dtype, model.device)
+                                                  model.dtype, model.device, layers=len(model.layers))
         return self.paged_cache
 
     @torch.no_grad()
     def paged(self, ids: torch.Tensor, tables: list[list[int]], context_lens: list[int],
-              new_lens: list[int]) -> torch.Tensor:
+              new_lens: list[int]) -> torch.Tensor | None:
         """Feed sequence b its ``new_lens[b]`` tokens, packed in one row ``ids`` (1, N), after its
         ``context_lens[b]`` cached ones (block table ``tables[b]``); the hidden state of each sequence's last new
-        token (sequences, hidden)."""
+        token (sequences, hidden), or None on a pipeline stage before the last."""
         batch = self.paged_cache.batch(tables, context_lens, new_lens)
-        return self.model(ids, batch)[0, batch.last_index]
+        hidden = self.model(ids, batch)
+        return None if hidden is None else hidden[0, batch.last_index]
 
     # --- the next token ----------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -18,7 +18,9 @@ with that one prompt): its rows see only its own keys, at its own positions.
 """
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -29,9 +31,17 @@ from tplab.model.loading import from_pretrained
 from tplab.model.sampling import SamplingParams, sample
 from tplab.serving.loop import WallClock, run_load
 from tplab.serving.metrics import SLO
-from tplab.serving.plan import decode_plan, encode_plan, share_plan
+from tplab.serving.plan import (
+    decode_plan,
+    encode_plan,
+    pass_plan,
+    receive_plan,
+    receive_tokens,
+    send_tokens,
+    share_plan,
+)
 from tplab.serving.requests import Request
-from tplab.serving.scheduler import SchedulerConfig, StepPlan, check_closed_loop
+from tplab.serving.scheduler import SchedulerConfig, StepPlan, check_serving
 from tplab.serving.static import serve_static
 from tplab.specs.model import ModelConfig
 
@@ -50,11 +60,14 @@ class RankStep:
         r = self.requests[request_id]
         return SamplingParams(r.temperature, r.top_k, r.top_p, r.seed)
 
-    def run(self, rows: list[tuple[int, int, bool, list[int], list[int]]]) -> dict[int, int]:
-        """rows: (request id, start, emits, block table, tokens fed); {request id: next token} for the rows that emit."""
+    def run(self, rows: list[tuple[int, int, bool, list[int], list[int]]]) -> dict[int, int] | None:
+        """rows: (request id, start, emits, block table, tokens fed); {request id: next token} for the rows that emit
+        (None on a pipeline stage before the last: its states went to the next stage)."""
         device = self.model.device
         ids = torch.tensor([[t for row in rows for t in row[4]]], device=device)  # (1, N): packed, no padding
         hidden = self.runner.paged(ids, [row[3] for row in rows], [row[1] for row in rows], [len(row[4]) for row in rows])
+        if hidden is None:
+            return None
         chosen = self.model.greedy(hidden).tolist()
         emitting = [b for b, row in enumerate(rows) if row[2]]
         sampled = [b for b in emitting if not self.sampling(rows[b][0]).greedy]
@@ -69,33 +82,72 @@ class RankStep:
         return {rows[b][0]: chosen[b] for b in emitting}
 
 
+class RankZeroSteps:
+    """Rank 0's :class:`~tplab.serving.loop.StepQueue`: it shares each plan with its TP group, runs the first
+    stage's share, and, with pipeline stages, keeps up to one plan in flight per stage; a plan's tokens come back
+    from the last stage (the token return) in the order the plans went out."""
+
+    def __init__(self, model: TPCausalLM, stage_step: Callable[[list[int]], dict[int, int] | None]) -> None:
+        self.dist, self.pipe, self.stage_step = model.dist, model.pipe, stage_step
+        self.depth = 1 if self.pipe is None else self.pipe.world_size
+        self.in_flight: deque[tuple[StepPlan, dict[int, int] | None]] = deque()
+
+    def submit(self, plan: StepPlan) -> None:
+        self.in_flight.append((plan, self.stage_step(share_plan(self.dist, encode_plan(plan)))))
+
+    def collect(self) -> dict[int, int]:
+        plan, tokens = self.in_flight.popleft()
+        if self.pipe is None:
+            return tokens
+        return receive_tokens(self.pipe, [r.seq.id for r in plan.rows if r.emits])
+
+
 def serve(model: TPCausalLM, requests: list[Request], config: SchedulerConfig, eos: frozenset[int],
           slo: SLO = SLO(), warmup: bool = True, concurrency: int | None = None) -> dict:
-    """Serve ``requests`` on every rank of ``model``'s group; rank 0 returns the run (requests, summary, steps),
+    """Serve ``requests`` on every rank of ``model``'s grid; rank 0 returns the run (requests, summary, steps),
     the others their cache size. Collectives are recorded under "serve" (the steps) and "schedule" (the plans);
     ``warmup`` first serves one short request untimed, under "warmup"; ``concurrency``: a closed loop of that many
-    requests in flight (:func:`~tplab.serving.loop.run_load`)."""
-    dist = model.dist
+    requests in flight (:func:`~tplab.serving.loop.run_load`).
+
+    With pipeline stages (``launch(..., pp=P)``) each stage runs its layers of every plan: the first stage gets
+    the plan from rank 0's scheduler, hands it on with its activations, and the last stage's rank 0 returns the
+    chosen tokens to rank 0, which keeps up to P plans in flight (:class:`RankZeroSteps`).
+    """
+    dist, pipe = model.dist, model.pipe
     runner = ModelRunner(model)
     cache = runner.start_paged(config.num_blocks, config.block_size)
     ranks = RankStep(runner, requests)
-    stats, old_tag = dist.stats, dist.stats.tag
+    groups = [dist] if pipe is None else [dist, pipe]
+    old_tags = [g.stats.tag for g in groups]
 
-    def step(plan: StepPlan) -> dict[int, int]:
-        return ranks.run(decode_plan(share_plan(dist, encode_plan(plan))))
+    def stage_step(ints: list[int]) -> dict[int, int] | None:
+        if pipe is not None and not model.is_last_stage:
+            pass_plan(pipe, ints)
+        tokens = ranks.run(decode_plan(ints))
+        if pipe is not None and model.is_last_stage and dist.rank == 0:
+            send_tokens(pipe, tokens)
+        return tokens
 
     run = None
     try:
         for phase, load in [*([("warmup", [WARMUP])] if warmup else []), ("serve", requests)]:
-            stats.tag = phase
-            if dist.rank == 0:
-                run = run_load(load, config, step, WallClock(), eos, slo, concurrency if phase == "serve" else None)
+            for g in groups:
+                g.stats.tag = phase
+            if not model.is_first_stage:
+                while ints := receive_plan(pipe):
+                    stage_step(ints)
+            elif dist.rank == 0:
+                run = run_load(load, config, RankZeroSteps(model, stage_step), WallClock(), eos, slo,
+                               concurrency if phase == "serve" else None)
                 share_plan(dist, None)
             else:
-                while rows := share_plan(dist, None):
-                    ranks.run(decode_plan(rows))
+                while ints := share_plan(dist, None):
+                    stage_step(ints)
+            if pipe is not None and not model.is_last_stage:
+                pass_plan(pipe, [])
     finally:
-        stats.tag = old_tag
+        for g, tag in zip(groups, old_tags):
+            g.stats.tag = tag
     if run is None:
         return {"cache_bytes_per_rank": cache.total_bytes}
     return {**run.to_dict(), "steps": run.steps, "utilization": run.utilization,
@@ -105,11 +157,13 @@ def serve(model: TPCausalLM, requests: list[Request], config: SchedulerConfig, e
 def serve_rank_program(dist: Dist, model: str | Path | ModelConfig, requests: list[Request],
                        config: SchedulerConfig, dtype: torch.dtype | str | None = None, slo: SLO = SLO(),
                        eos_token_ids: tuple[int, ...] | None = None, warmup: bool = True,
-                       concurrency: int | None = None) -> dict:
-    """Load this rank's shard and serve: ``launch(serve_rank_program, tp, backend, kwargs=...)`` (threads, gloo,
-    torchrun). ``config.policy`` "padded" serves static batches through the generation loop (:mod:`tplab.serving.static`)."""
-    check_closed_loop(config.policy, concurrency)
-    shard = from_pretrained(model, dist, dtype=dtype)
+                       concurrency: int | None = None, pp_layers: list[int] | None = None) -> dict:
+    """Load this rank's shard and serve: ``launch(serve_rank_program, tp, backend, pp=P, kwargs=...)`` (threads,
+    gloo, torchrun). ``config.policy`` "padded" serves static batches through the generation loop
+    (:mod:`tplab.serving.static`), on one stage. ``pp_layers``: decoder layers per stage (default the even split)."""
+    pp = 1 if dist.grid is None else dist.grid.num_stages
+    check_serving(config.policy, concurrency, pp)
+    shard = from_pretrained(model, dist, dtype=dtype, pp_layers=pp_layers)
     eos = frozenset(shard.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
     if config.policy == "padded":
         if warmup:
@@ -119,6 +173,7 @@ def serve_rank_program(dist: Dist, model: str | Path | ModelConfig, requests: li
     else:
         result = serve(shard, requests, config, eos, slo, warmup, concurrency)
     if dist.rank == 0:
-        result.update(tp=dist.world_size, device=str(dist.device), threads=torch.get_num_threads(),
-                      comm=dist.stats.summary("serve"), schedule_comm=dist.stats.summary("schedule"))
+        result.update(tp=dist.world_size, pp=pp, device=str(dist.device), threads=torch.get_num_threads(),
+                      comm=dist.stats.summary("serve"), schedule_comm=dist.stats.summary("schedule"),
+                      pipeline_comm=None if shard.pipe is None else shard.pipe.stats.summary("serve"))
     return result

@@ -15,11 +15,15 @@ from tplab.serving.scheduler import SchedulerConfig
 def serve_then_alone(dist: Dist, model: str | Path, requests: list[Request], config: SchedulerConfig,
                      eos: tuple[int, ...]) -> dict:
     """{"run": the served run (rank 0) or None, "alone": each request's tokens from ``generate`` with that prompt
-    alone, "serve"/"schedule": this rank's collectives under those tags, "cache_bytes"}."""
+    alone, "serve"/"schedule": this rank's collectives under those tags (and "pipe_serve"/"pipe_schedule", its
+    pipeline group's, with stages), "stage", "cache_bytes"}."""
     shard = from_pretrained(model, dist)
     run = serve(shard, requests, config, frozenset(eos))
     serve_comm, schedule_comm = dist.stats.summary("serve"), dist.stats.summary("schedule")
+    pipe = {} if shard.pipe is None else {"pipe_serve": shard.pipe.stats.summary("serve"),
+                                          "pipe_schedule": shard.pipe.stats.summary("schedule")}
     alone = [generate(shard, [list(r.prompt)], r.max_new_tokens, SamplingParams(r.temperature, r.top_k, r.top_p, r.seed),
                       eos, [list(s) for s in r.stop]).tokens[0] for r in requests]
-    return {"run": run if dist.rank == 0 else None, "alone": alone, "serve": serve_comm, "schedule": schedule_comm,
-            "cache_bytes": run["cache_bytes_per_rank"]}
+    first = shard.is_first_stage and dist.rank == 0
+    return {"run": run if first else None, "alone": alone, "serve": serve_comm, "schedule": schedule_comm, **pipe,
+            "stage": 0 if shard.pipe is None else shard.pipe.rank, "cache_bytes": run["cache_bytes_per_rank"]}
