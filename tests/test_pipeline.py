@@ -127,3 +127,21 @@ def test_the_drain_model_and_the_measured_bubble_agree_in_kind():
     run = measure_grid("tiny", prompts, 6, pp=2, micro_batches=2, repeats=1)
     assert run.model_bubble == pytest.approx(1 / 3) and len(run.bubble) == 2
     assert all(0 < b < 1 for b in run.bubble)  # each stage waits on the other for part of every step
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_the_stage_timeline_alternates_work_and_waits_in_the_pipeline_group(m):
+    """Per decode step, each stage of pp 2 waits m times in its pipeline group (stage 0 sends, stage 1 receives, one
+    micro-batch each) and once in the token return: 2(m + 1) segments, alternating work and wait, in time order."""
+    from tplab.bench.pipeline import stage_timeline_rank
+
+    prompts = distinct_prompts(64, [5, 7, 3, 6], seed=2)
+    results = launch(stage_timeline_rank, 1, pp=2, kwargs=dict(model="tiny", prompts=prompts, new_tokens=5,
+                                                                micro_batches=m, steps=2))
+    for stage, r in enumerate(results):
+        assert r["stage"] == stage
+        segments = r["segments"]
+        assert len(segments) == 2 * 2 * (m + 1)
+        assert [kind for _, kind, _, _ in segments] == ["work", "wait"] * 2 * (m + 1)
+        assert all(start <= end for _, _, start, end in segments)
+        assert all(a[3] <= b[2] + 1e-9 for a, b in zip(segments, segments[1:]))

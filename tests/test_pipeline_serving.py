@@ -5,8 +5,9 @@ import math
 
 import pytest
 
+from tplab.bench.published import load_tp_vs_pp, model_tp_vs_pp
 from tplab.cli import main
-from tplab.perf.batch import ModelledStepCost
+from tplab.perf.batch import ModelledStepCost, simulate_on
 from tplab.perf.pipeline import estimate_pipeline
 from tplab.serving.requests import Request
 from tplab.serving.scheduler import SchedulerConfig
@@ -52,8 +53,7 @@ def test_plan_and_simulate_agree_at_batch_1(tp, pp):
     cost = ModelledStepCost(kw["model"], kw["gpu"], tp, kw["dtype"], pp=pp)
     config = SchedulerConfig(max_num_seqs=1, max_num_batched_tokens=2048, num_blocks=2048, block_size=16,
                              max_model_len=2048)
-    run = simulate([Request(0, tuple(range(1, 1025)), 128)], config, cost, stages=pp,
-                   hop_seconds=cost.activation_hop_seconds, return_seconds=cost.token_return_seconds)
+    run = simulate_on(cost, [Request(0, tuple(range(1, 1025)), 128)], config)
     s = run.summary
     assert math.isclose(s["ttft_ms"]["p50"], e.ttft_ms, rel_tol=0.02)
     assert math.isclose(s["tpot_ms"]["p50"], e.decode_ms_per_token, rel_tol=0.02)
@@ -116,3 +116,17 @@ def test_simulate_pp_keeps_steps_in_flight_and_says_over_which_link(capsys):
     assert 1.0 < two["throughput_tok_s"] / one["throughput_tok_s"] < 1.3
     code, out, err = run_cli(capsys, *base, "--pp", "81")
     assert code == 2 and out == "" and "valid pp: 1 to 80" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_model_against_published_tp_pp_comparisons():
+    """NVIDIA's Llama 3.1 405B on 8 H200s (TP8 5.6x PP8 per user at minimum latency, PP8 1.5x TP8 at maximum
+    throughput) and a TensorRT-LLM user's Llama 13B on 4 A100s (p90 latency at 3 requests/s: TP4 < TP2 x PP2 < PP4)."""
+    comparisons = {c["id"]: c for c in load_tp_vs_pp()}
+    assert all(c["source"]["where"] and c["notes"] for c in comparisons.values())
+    latency = model_tp_vs_pp(comparisons["tpp-001"])
+    assert latency["modelled"] == pytest.approx(latency["published"], rel=0.2)
+    throughput = model_tp_vs_pp(comparisons["tpp-002"])
+    # the direction holds (pipelines win when full); the model's 1.17x falls short of the 1.5x measured
+    assert 1.0 < throughput["modelled"] < throughput["published"]
+    order = model_tp_vs_pp(comparisons["tpp-003"])
+    assert order["modelled"] == order["published"] == ["tp4pp1", "tp2pp2", "tp1pp4"]

@@ -99,7 +99,7 @@ class Dist:
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start if self.time_collectives else 0.0
         shape = tuple(t.shape) if shape is None else shape
-        self.stats.record(op, shape, str(t.dtype).removeprefix("torch."), nbytes, seconds)
+        self.stats.record(op, shape, str(t.dtype).removeprefix("torch."), nbytes, seconds, start)
         return out
 
     # --- collectives -----------------------------------------------------

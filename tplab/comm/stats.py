@@ -2,7 +2,7 @@
 (:class:`LaunchProgress`).
 
 Each call through :class:`tplab.comm.Dist` appends one :class:`CommRecord`
-(op, shape, dtype, bytes, seconds). Tests assert exact counts on it, notebooks
+(op, shape, dtype, bytes, seconds, and when it started). Tests assert exact counts on it, notebooks
 draw timelines from it, and the generation loop reports it per step.
 
 Bytes follow the nccl-tests convention, so that bandwidth formulas apply
@@ -54,6 +54,7 @@ class CommRecord:
     seconds: float
     tag: str = ""
     group: str = ""
+    started: float = 0.0  # time.perf_counter() when the call began: one clock for every thread and process of a host
 
 
 @dataclass
@@ -69,9 +70,10 @@ class CommStats:
     tag: str = ""
     group: str = ""
 
-    def record(self, op: str, shape: tuple[int, ...], dtype: str, nbytes: int, seconds: float) -> None:
+    def record(self, op: str, shape: tuple[int, ...], dtype: str, nbytes: int, seconds: float,
+               started: float = 0.0) -> None:
         self.records.append(CommRecord(op, tuple(shape), dtype, int(nbytes), float(seconds), self.tag,
-                                          self.group))
+                                       self.group, float(started)))
 
     def reset(self) -> None:
         self.records.clear()

@@ -8,7 +8,7 @@ time comes from the cost model (:class:`tplab.perf.batch.ModelledStepCost`)
 instead of real ranks (with ``--pp``, each stage's share and the hops between stages, up to pp steps in flight), and the KV blocks from what the GPU's memory leaves
 after the weights (``--num-blocks`` to set them). The scheduler defaults to what
 the modelled engine would run: vLLM's defaults for its OpenAI server
-(:data:`VLLM_BATCH_DEFAULTS`), printed with the run.
+(:data:`tplab.perf.batch.VLLM_BATCH_DEFAULTS`), printed with the run.
 """
 from __future__ import annotations
 
@@ -17,23 +17,11 @@ import sys
 
 from tplab.commands import count, precision_of
 from tplab.commands import serving_options as serving
-from tplab.perf.batch import ModelledStepCost
+from tplab.perf.batch import VLLM_BATCH_DEFAULTS, ModelledStepCost, simulate_on, vllm_batch_defaults
 from tplab.perf.estimate import ENGINES, MODELLED
 from tplab.perf.shapes import KV_BYTES, WEIGHT_BYTES
-from tplab.serving.simulator import simulate
 from tplab.specs.efficiency import load_efficiency
-from tplab.specs.hardware import GpuSpec
 from tplab.specs.model import resolve_model
-
-VLLM_BATCH_DEFAULTS = ("vLLM's OpenAI-server defaults (EngineArgs.get_batch_defaults, vllm/engine/arg_utils.py): "
-                       "max_num_seqs 1024 and max_num_batched_tokens 8192 on a GPU of 70 GiB or more other than "
-                       "A100, else 256 and 2048")
-
-
-def vllm_batch_defaults(gpu: GpuSpec) -> tuple[int, int]:
-    """(max_num_seqs, max_num_batched_tokens) that vLLM's server would take on ``gpu`` (:data:`VLLM_BATCH_DEFAULTS`)."""
-    large = gpu.memory_gb * 1e9 >= 70 * 2**30 and "a100" not in gpu.name.lower()
-    return (1024, 8192) if large else (256, 2048)
 
 
 def register(subparsers) -> None:
@@ -81,8 +69,7 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    run = simulate(requests, config, cost, serving.slo_of(args), args.concurrency, args.pp,
-                   cost.activation_hop_seconds, cost.token_return_seconds)
+    run = simulate_on(cost, requests, config, serving.slo_of(args), args.concurrency)
     result = {**run.to_dict(), "concurrency": args.concurrency}
     stages = "" if args.pp == 1 else f", {args.pp} stages over {cost.stage_link.name}"
     setting = {"model": model.name, "gpu": cost.gpu.name, "tp": args.tp, "pp": args.pp, "dtype": args.dtype,

@@ -8,22 +8,20 @@
 * :func:`hf_block_reference`: the same layer's tensors from the HF model,
   each prompt run alone.
 * :func:`prefill_cache_rank`: prefill a TP model and hand back this rank's KV cache.
-* :func:`timed_generation_rank`: the generation loop with a timestamp on every
-  collective (:class:`TimelineStats`), for a timeline of the collectives.
+* :func:`timed_generation_rank`: the generation loop and a timeline of its collectives (each record's start
+  and duration).
 
 They live in the package so that gloo ranks (spawned processes) can import them.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from tplab.checkpoint.sources import StateDictSource
 from tplab.comm.group import Dist
-from tplab.comm.stats import CommStats
 from tplab.engine.generate import GenerationResult, generate, left_pad
 from tplab.layers.rope import RotaryEmbedding
 from tplab.model.attention import attention_mask
@@ -131,22 +129,7 @@ def prefill_cache_rank(dist: Dist, model_path: str | Path, prompts: list[list[in
             "parameter_bytes": model.parameter_bytes()}
 
 
-# --- the generation loop, with a timestamp on every collective ----------------
-@dataclass
-class TimelineStats(CommStats):
-    """CommStats that also keeps, for every record, when the collective ended (time.perf_counter)."""
-
-    ends: list[float] = field(default_factory=list)
-
-    def record(self, op: str, shape: tuple[int, ...], dtype: str, nbytes: int, seconds: float) -> None:
-        super().record(op, shape, dtype, nbytes, seconds)
-        self.ends.append(time.perf_counter())
-
-    def reset(self) -> None:
-        super().reset()
-        self.ends.clear()
-
-
+# --- the generation loop, with a timeline of its collectives ------------------
 def forward_labels(num_layers: int) -> list[str]:
     """What each collective of one forward pass (+ LM head) is for, in issue order."""
     per_layer = [f"L{i} {part}" for i in range(num_layers) for part in ("attn", "mlp")]
@@ -162,16 +145,15 @@ def timed_generation_rank(dist: Dist, model_path: str | Path, prompts: list[list
     (:func:`forward_labels`).
     """
     model = from_pretrained(model_path, dist)
-    dist.stats = TimelineStats()
     t0 = time.perf_counter()
     result: GenerationResult = generate(model, prompts, max_new_tokens, eos_token_ids=())
     labels = forward_labels(model.config.num_layers)
     events, index = [], 0
     for step, info in enumerate(result.step_comm):
         for label in labels:
-            r, end = dist.stats.records[index], dist.stats.ends[index] - t0
+            r = dist.stats.records[index]
             events.append({"step": step, "phase": info["phase"], "label": label, "op": r.op, "bytes": r.bytes,
-                           "start": end - r.seconds, "end": end})
+                           "start": r.started - t0, "end": r.started + r.seconds - t0})
             index += 1
     if index != len(dist.stats.records):
         raise RuntimeError(f"expected {index} collectives, recorded {len(dist.stats.records)}")

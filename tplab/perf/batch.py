@@ -20,12 +20,20 @@ from pathlib import Path
 
 from tplab.perf.estimate import GB, check_link, compute_dtype_for, memory_gb, step_seconds
 from tplab.perf.shapes import ACT_BYTES, StepWork, activation_bytes, check_precision, step_work, weight_bytes
+from tplab.serving.loop import ServeRun
+from tplab.serving.metrics import SLO
+from tplab.serving.requests import Request
+from tplab.serving.scheduler import SchedulerConfig
+from tplab.serving.simulator import simulate
 from tplab.specs.efficiency import Efficiency, load_efficiency
 from tplab.specs.hardware import GpuSpec, Link, load_gpu
 from tplab.specs.model import ModelConfig, resolve_model
 from tplab.specs.sharding import stage_layers
 
 DEFAULT_NETWORK = "ib-ndr-400"  # between nodes, when no link is named
+VLLM_BATCH_DEFAULTS = ("vLLM's OpenAI-server defaults (EngineArgs.get_batch_defaults, vllm/engine/arg_utils.py): "
+                       "max_num_seqs 1024 and max_num_batched_tokens 8192 on a GPU of 70 GiB or more other than "
+                       "A100, else 256 and 2048")
 
 
 def batch_work(row_works: list[StepWork]) -> StepWork:
@@ -138,3 +146,17 @@ class ModelledStepCost:
                              lm_head=stage.lm_head)
                 + activation_bytes(self.model, self.tp, max_batched_tokens, max_num_seqs)
                 + self.efficiency.runtime_overhead_gb * GB)
+
+
+def vllm_batch_defaults(gpu: GpuSpec) -> tuple[int, int]:
+    """(max_num_seqs, max_num_batched_tokens) that vLLM's server would take on ``gpu`` (:data:`VLLM_BATCH_DEFAULTS`)."""
+    large = gpu.memory_gb * 1e9 >= 70 * 2**30 and "a100" not in gpu.name.lower()
+    return (1024, 8192) if large else (256, 2048)
+
+
+def simulate_on(cost: ModelledStepCost, requests: list[Request], config: SchedulerConfig, slo: SLO = SLO(),
+                concurrency: int | None = None) -> ServeRun:
+    """The serving simulator (:func:`tplab.serving.simulator.simulate`) on the modelled GPUs of ``cost``: its
+    stages, the hops between them and the token return."""
+    return simulate(requests, config, cost, slo, concurrency, cost.pp, cost.activation_hop_seconds,
+                    cost.token_return_seconds)

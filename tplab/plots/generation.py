@@ -1,4 +1,5 @@
-"""Figures for the generation loop: a timeline of one step's collectives, and where each step's time goes."""
+"""Figures for the generation loop: a timeline of one step's collectives, where each step's time goes, and what
+each pipeline stage does over a few steps."""
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
@@ -46,5 +47,24 @@ def plot_step_breakdown(rows: dict[str, list[tuple[float, float]]], title: str) 
     axes[0][0].set_ylabel("wall time (ms)")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_stage_timeline(timelines: list[dict], title: str, ax=None) -> Figure:
+    """One row per pipeline stage: work (solid) and waits in the pipeline group (hatched), in ms from the first
+    segment. ``timelines``: each stage's :func:`tplab.bench.pipeline.stage_timeline_rank`."""
+    fig, ax = (ax.figure, ax) if ax is not None else plt.subplots(figsize=(8, 0.6 * len(timelines) + 1.2))
+    t0 = min(seg[2] for t in timelines for seg in t["segments"])
+    for t in timelines:
+        for _, kind, start, end in t["segments"]:
+            work = kind == "work"
+            ax.barh(t["stage"], 1000 * (end - start), left=1000 * (start - t0), height=0.6,
+                    color=f"C{t['stage']}" if work else "white", hatch=None if work else "///", edgecolor="black",
+                    linewidth=0.3)
+    ax.set_yticks([t["stage"] for t in timelines], [f"stage {t['stage']}" for t in timelines])
+    ax.invert_yaxis()
+    ax.set_xlabel("time (ms); solid: computing, hatched: waiting in the pipeline group")
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig

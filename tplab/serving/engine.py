@@ -18,6 +18,7 @@ with that one prompt): its rows see only its own keys, at its own positions.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from pathlib import Path
 from typing import Callable
@@ -105,7 +106,8 @@ class RankZeroSteps:
 def serve(model: TPCausalLM, requests: list[Request], config: SchedulerConfig, eos: frozenset[int],
           slo: SLO = SLO(), warmup: bool = True, concurrency: int | None = None) -> dict:
     """Serve ``requests`` on every rank of ``model``'s grid; rank 0 returns the run (requests, summary, steps),
-    the others their cache size. Collectives are recorded under "serve" (the steps) and "schedule" (the plans);
+    the others their cache size; with stages, every rank also its ``stage_idle``, the share of the run it spent
+    blocked in its pipeline group. Collectives are recorded under "serve" (the steps) and "schedule" (the plans);
     ``warmup`` first serves one short request untimed, under "warmup"; ``concurrency``: a closed loop of that many
     requests in flight (:func:`~tplab.serving.loop.run_load`).
 
@@ -128,11 +130,12 @@ def serve(model: TPCausalLM, requests: list[Request], config: SchedulerConfig, e
             send_tokens(pipe, tokens)
         return tokens
 
-    run = None
+    run, serve_s = None, 0.0
     try:
         for phase, load in [*([("warmup", [WARMUP])] if warmup else []), ("serve", requests)]:
             for g in groups:
                 g.stats.tag = phase
+            started = time.perf_counter()
             if not model.is_first_stage:
                 while ints := receive_plan(pipe):
                     stage_step(ints)
@@ -145,13 +148,16 @@ def serve(model: TPCausalLM, requests: list[Request], config: SchedulerConfig, e
                     stage_step(ints)
             if pipe is not None and not model.is_last_stage:
                 pass_plan(pipe, [])
+            serve_s = time.perf_counter() - started
     finally:
         for g, tag in zip(groups, old_tags):
             g.stats.tag = tag
+    # the share of the run this stage spent blocked in its pipeline group: waiting for a plan, activations or tokens
+    idle = None if pipe is None else sum(r.seconds for r in pipe.stats.records if r.started >= started) / serve_s
+    out = {"cache_bytes_per_rank": cache.total_bytes, "stage_idle": idle}
     if run is None:
-        return {"cache_bytes_per_rank": cache.total_bytes}
-    return {**run.to_dict(), "steps": run.steps, "utilization": run.utilization,
-            "cache_bytes_per_rank": cache.total_bytes}
+        return out
+    return {**run.to_dict(), "steps": run.steps, "utilization": run.utilization, **out}
 
 
 def serve_rank_program(dist: Dist, model: str | Path | ModelConfig, requests: list[Request],
@@ -169,7 +175,8 @@ def serve_rank_program(dist: Dist, model: str | Path | ModelConfig, requests: li
         if warmup:
             serve_static(shard, [WARMUP], 1, eos)
         run = serve_static(shard, requests, config.max_num_seqs, eos, slo)
-        result = {} if run is None else {**run.to_dict(), "steps": [], "utilization": [], "cache_bytes_per_rank": 0}
+        result = {"stage_idle": None} if run is None else {**run.to_dict(), "steps": [], "utilization": [],
+                                                            "cache_bytes_per_rank": 0, "stage_idle": None}
     else:
         result = serve(shard, requests, config, eos, slo, warmup, concurrency)
     if dist.rank == 0:

@@ -55,9 +55,10 @@ class Request:
         return len(self.prompt) + self.max_new_tokens
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
-    """The scheduler's state of one request (times in seconds from the start of the run)."""
+    """The scheduler's state of one request (times in seconds from the start of the run). Two sequences are the
+    same only if they are one object (the scheduler's queues look them up by identity, not by comparing tokens)."""
 
     request: Request
     tokens: list[int] = field(default_factory=list)
