@@ -271,6 +271,29 @@ def test_a_dry_run_sizes_a_sweep_without_allocating(capsys, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_dry_run_with_pipeline_stages_sizes_stage_0_and_models_the_pipeline(capsys):
+    """Llama-3-70B at tp 4 x pp 2 on H100s: rank 0 holds 40 layers and the embedding, and plan's pipeline estimate
+    gives the times and the fullest stage's total; a measured sweep refuses --pp in one line."""
+    from tplab.perf.pipeline import estimate_pipeline
+
+    point = preview(BenchSpec(model="llama-3-70b", tps=[4], batches=[32], prompt_lens=[1024], decode_steps=8,
+                              gpu="h100-sxm", pp=2)).points[0]
+    whole = preview(BenchSpec(model="llama-3-70b", tps=[4], batches=[32], prompt_lens=[1024], decode_steps=8,
+                              gpu="h100-sxm")).points[0]
+    assert point.kv_cache_gb == pytest.approx(whole.kv_cache_gb / 2)  # 40 of the 80 layers' KV
+    assert 0.45 < point.weights_gb / whole.weights_gb < 0.55
+    e = estimate_pipeline(model="llama-3-70b", gpu="h100-sxm", tp=4, pp=2, micro_batches=2, batch=32, prompt_len=1024,
+                          output_len=8, network=None)
+    assert (point.decode_ms_per_token, point.total_gb) == (e.decode_ms_per_token, e.stage_memory_gb)
+    assert main(["bench", "--model", "llama-3-70b", "--tp", "4", "--pp", "2", "--dry-run"]) == 0
+    assert "2 pipeline stages of tp GPUs" in capsys.readouterr().out
+    assert main(["bench", "--model", "llama-3-70b", "--tp", "4", "--pp", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "with --pp it sizes and models a sweep (--dry-run)" in err
+    assert main(["bench", "--model", "llama-3-70b", "--tp", "4", "--pp", "81", "--dry-run"]) == 2
+    assert "valid pp: 1 to 80" in capsys.readouterr().err
+
+
 def run_gpu_session(config_path: str, out, **settings: str) -> subprocess.CompletedProcess:
     """scripts/gpu_session.sh on the small model of ``config_path``, tp 2 and 1, with ``settings`` on top."""
     env = {**os.environ, "OUT": str(out), "PYTHON": sys.executable, "MODEL": config_path, "GPU": "h100-sxm",

@@ -28,7 +28,7 @@ from tplab.comm.group import Dist
 from tplab.model.decoder import TPCausalLM
 from tplab.perf.shapes import rank_params
 from tplab.specs.model import ModelConfig, resolve_model
-from tplab.specs.sharding import padded_size
+from tplab.specs.sharding import padded_size, stage_layers
 
 INIT_STD = 0.02
 POOL_SIZE = 1_048_573  # a prime
@@ -123,10 +123,13 @@ def build_hf_shard(config: ModelConfig, tp: int, dtype: torch.dtype, device: tor
     return fill_random_(model, seed).eval()
 
 
-def rank_bytes(config: ModelConfig, tp: int, dtype: torch.dtype, batch: int, max_len: int) -> dict[str, int]:
-    """{"weights", "kv_cache"}: bytes rank 0 allocates for ``config`` at ``tp`` (shapes only, nothing allocated)."""
-    return {"weights": sum(rank_params(config, tp).values()) * dtype.itemsize,
-            "kv_cache": config.kv_bytes_per_token(tp, dtype) * batch * max_len}
+def rank_bytes(config: ModelConfig, tp: int, dtype: torch.dtype, batch: int, max_len: int,
+               pp: int = 1) -> dict[str, int]:
+    """{"weights", "kv_cache"}: bytes rank 0 allocates for ``config`` at ``tp`` (shapes only, nothing allocated);
+    with ``pp`` stages, those of stage 0: its layers and the embedding (the LM head too when pp = 1)."""
+    layers = len(stage_layers(config.num_layers, pp)[0])
+    return {"weights": sum(rank_params(config, tp, layers, embedding=True, lm_head=pp == 1).values()) * dtype.itemsize,
+            "kv_cache": config.kv_bytes_per_token(tp, dtype, layers) * batch * max_len}
 
 
 def describe(model: BenchModel, layers: int | None) -> dict:

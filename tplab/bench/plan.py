@@ -27,6 +27,7 @@ from tplab.specs.dtypes import torch_name
 from tplab.specs.efficiency import load_efficiency
 from tplab.specs.hardware import load_gpu
 from tplab.specs.model import ModelConfig
+from tplab.specs.sharding import stage_layers
 
 QUICK_COPY_BYTES, QUICK_MATMUL_SIZE = 1 << 22, 512
 MEMORY_USE_LIMIT = 0.9  # refuse a sweep that needs more than this share of the free memory
@@ -66,6 +67,7 @@ class BenchSpec:
     quick_roofline: bool = False
     threads: int | None = None
     quant: str | None = None  # weight-only "int8" or "fp8" for the decoder's linears
+    pp: int = 1  # pipeline stages: sized and modelled by a dry run (tplab.bench.preview); a sweep measures pp = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", torch_name(self.dtype))  # either spelling; records keep torch's name
@@ -113,6 +115,7 @@ def check_sweep(spec: BenchSpec) -> tuple[BenchModel, ModelConfig]:
     config = model.config.with_layers(spec.layers)
     for tp in spec.tps:
         config.check_tp(tp)
+    stage_layers(config.num_layers, spec.pp)
     longest = max(spec.prompt_lens) + spec.decode_steps + 1  # the prefill's token, then one per decode step
     if longest > config.max_position_embeddings:
         raise ValueError(f"prompt_len + decode_steps + 1 = {longest} tokens exceeds the model's "
@@ -128,6 +131,9 @@ def default_device(device: str | None) -> torch.device:
 def plan(spec: BenchSpec) -> Plan:
     """Every check that needs no weights: ValueError with what to do, before anything large is allocated."""
     model, config = check_sweep(spec)
+    if spec.pp > 1:
+        raise ValueError(f"pp={spec.pp}: bench measures whole-model ranks; with --pp it sizes and models a sweep "
+                         "(--dry-run). Measure pipeline stages with scripts/bench_pipeline.py or serve-bench --pp")
     device = default_device(spec.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("no CUDA device is visible: run on a GPU machine, or pass --device cpu")

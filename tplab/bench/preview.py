@@ -5,14 +5,15 @@ way to size a sweep to the GPU time you have (or a bill) before paying for it. I
 anywhere, e.g. on a laptop preparing a GPU run.
 
 * Memory: rank 0's weights and KV cache, exact arithmetic on shapes
-  (:func:`tplab.bench.models.rank_bytes`); whether the point fits is decided by
+  (:func:`tplab.bench.models.rank_bytes`; with ``pp`` stages, those of stage 0, and the fullest stage's total); whether the point fits is decided by
   the one sizing rule ``plan`` uses (:func:`tplab.perf.estimate`: weights, KV
   cache, one forward pass's activations and the runtime's overhead within the
   usable memory, the GPU's less its headroom), so ``plan`` and ``--dry-run``
   agree. For float32, which the cost model lacks, weights + KV cache are held
   against ``MEMORY_USE_LIMIT`` of the GPU's memory.
 * Times are MODELLED by :func:`tplab.perf.estimate` for ``spec.gpu`` and the
-  layers that will be built. A point runs ``warmup + repeats`` requests, each
+  layers that will be built (with stages, :func:`tplab.perf.pipeline.estimate_pipeline`, min(pp, batch)
+  micro-batches in flight). A point runs ``warmup + repeats`` requests, each
   one prefill (TTFT) and ``decode_steps`` decode steps, then the same again
   through the HF baseline, counted as taking tplab's time:
 
@@ -30,6 +31,7 @@ from tplab.bench.plan import MEMORY_USE_LIMIT, BenchSpec, check_sweep
 from tplab.bench.records import modelled_precision
 from tplab.model.loading import torch_dtype
 from tplab.perf.estimate import MODELLED, estimate
+from tplab.perf.pipeline import estimate_pipeline
 from tplab.specs.hardware import load_gpu
 
 
@@ -76,16 +78,21 @@ def preview(spec: BenchSpec) -> SweepPreview:
     for tp in spec.tps:
         for batch in spec.batches:
             for prompt_len in spec.prompt_lens:
-                need = rank_bytes(config, tp, torch_dtype(spec.dtype), batch, prompt_len + spec.decode_steps)
+                need = rank_bytes(config, tp, torch_dtype(spec.dtype), batch, prompt_len + spec.decode_steps, spec.pp)
                 ttft = step = seconds = None
                 total, usable = sum(need.values()) / 1e9, MEMORY_USE_LIMIT * gpu.memory_gb
                 if dtype is not None:
-                    e = estimate(model=config, gpu=gpu, tp=tp, dtype=dtype, kv_dtype=dtype, batch=batch,
-                                 prompt_len=prompt_len, output_len=spec.decode_steps,
-                                 interconnect=spec.interconnect, efficiency=spec.efficiency)
-                    ttft, step = e.ttft_ms, e.decode_ms_per_token
+                    kw = dict(model=config, gpu=gpu, tp=tp, dtype=dtype, kv_dtype=dtype, batch=batch,
+                              prompt_len=prompt_len, output_len=spec.decode_steps, interconnect=spec.interconnect,
+                              efficiency=spec.efficiency)
+                    if spec.pp == 1:
+                        e = estimate(**kw)
+                        ttft, step, total, usable = (e.ttft_ms, e.decode_ms_per_token, e.memory_per_gpu_gb,
+                                                     e.usable_memory_gb)
+                    else:
+                        e = estimate_pipeline(pp=spec.pp, micro_batches=min(spec.pp, batch), network=None, **kw)
+                        ttft, step, total, usable = e.ttft_ms, e.decode_ms_per_token, e.stage_memory_gb, e.usable_memory_gb
                     seconds = copies * requests * (ttft + spec.decode_steps * step) / 1e3
-                    total, usable = e.memory_per_gpu_gb, e.usable_memory_gb
                 out.append(PointPreview(tp, batch, prompt_len, need["weights"] / 1e9, need["kv_cache"] / 1e9, total,
                                         usable, total <= usable, ttft, step, seconds))
     return SweepPreview(gpu.label, gpu.memory_gb, config.num_layers, model.config.num_layers, out)
@@ -95,7 +102,9 @@ def print_preview(spec: BenchSpec, sweep: SweepPreview) -> None:
     """The table of :func:`preview`, its total, and what the figures are."""
     print(f"DRY RUN: nothing allocated, nothing measured. Memory: rank 0's weights + KV cache, exact; times: "
           f"{MODELLED} on one {sweep.gpu_label} per rank, {sweep.layers_built} of {sweep.layers_full} layers "
-          f"built, {spec.warmup}+{spec.repeats} requests per point{' and the HF baseline' if spec.baseline else ''}")
+          f"built, {spec.warmup}+{spec.repeats} requests per point{' and the HF baseline' if spec.baseline else ''}"
+          + ("" if spec.pp == 1 else f"; {spec.pp} pipeline stages of tp GPUs, memory of stage 0 (rank 0) and the "
+                                     "fullest stage's total, min(pp, batch) micro-batches in flight"))
     print(f"{'tp':>3} {'batch':>5} {'prompt':>6} {'weights GB':>10} {'KV GB':>7} {'total/usable GB':>16} {'fits':>5} "
           f"{'TTFT ms':>9} {'decode ms/tok':>13} {'point s':>8}")
     for p in sweep.points:

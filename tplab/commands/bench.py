@@ -90,6 +90,8 @@ def register(subparsers) -> None:
                    help="folder for a new run file, or a .jsonl file to append to (default: data/measurements/local in a "
                         "checkout of tplab, else the current directory)")
     p.add_argument("--no-save", action="store_true", help="print only; write no record")
+    p.add_argument("--pp", type=count("--pp"), default=1,
+                   help="with --dry-run: pipeline stages of tp GPUs each, sized (stage 0's memory) and modelled")
     p.add_argument("--dry-run", action="store_true",
                    help="allocate and measure nothing: print each point's memory on rank 0 and the sweep's modelled "
                         "duration on --gpu, to size a sweep before running it")
@@ -113,7 +115,8 @@ def spec_from_args(args: argparse.Namespace):
                      repeats=args.repeats, warmup=args.warmup, dtype=dtype, quant=args.quant, emulate=args.emulate_rank,
                      layers=args.layers, backend=args.backend, device=args.device, decode_mode=args.decode,
                      gpu=args.gpu, interconnect=args.interconnect, efficiency=args.efficiency,
-                     baseline=not args.no_baseline, threads=args.threads, quick_roofline=args.quick_roofline)
+                     baseline=not args.no_baseline, threads=args.threads, quick_roofline=args.quick_roofline,
+                     pp=args.pp)
 
 
 def default_dtype(device: str | None) -> tuple[str, str | None]:
