@@ -4,9 +4,9 @@ import json
 import math
 
 import pytest
+from cli_helpers import run_cli
 
 from tplab.bench.published import load_tp_vs_pp, model_tp_vs_pp
-from tplab.cli import main
 from tplab.perf.batch import ModelledStepCost, simulate_on
 from tplab.perf.pipeline import estimate_pipeline
 from tplab.serving.requests import Request
@@ -15,14 +15,6 @@ from tplab.serving.simulator import simulate
 
 CONFIG = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=64, num_blocks=64, block_size=8, max_model_len=64)
 
-
-def run_cli(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as e:  # argparse's own checks
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_two_steps_in_flight_share_the_sequences_and_skip_those_not_back():

@@ -3,22 +3,13 @@ import json
 from pathlib import Path
 
 import pytest
+from cli_helpers import run_cli
 from torchrun_helpers import run_under_torchrun, stdout_or_raise
-
-from tplab.cli import main
 
 REPO = str(Path(__file__).resolve().parent.parent)
 
 SMALL = ["--num-requests", "6", "--prompt-len", "4:24", "--output-len", "2:6", "--max-num-seqs", "3"]
 
-
-def run_cli(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as e:  # argparse's own checks
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_serve_bench_json_lists_requests_in_input_order_and_writes_a_record(capsys, tmp_path):

@@ -3,17 +3,7 @@ flag needs; a user's other file is never appended to."""
 import os
 
 import pytest
-
-from tplab.cli import main
-
-
-def run_cli(capsys, *argv):
-    try:
-        code = main(list(argv))
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
+from cli_helpers import run_cli
 
 
 @pytest.fixture
