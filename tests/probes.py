@@ -85,3 +85,25 @@ def load_memory_probe(dist: Dist, path: str, warmup_path: str | None = None) -> 
     after = memory_status()
     return {"peak_growth": after["VmHWM"] - before["VmRSS"], "anon_growth": after["RssAnon"] - before["RssAnon"],
             "bytes_read": model.load_stats.bytes_read, "parameter_bytes": model.parameter_bytes()}
+
+
+STAGE_FAILURE = "the last stage failed on purpose"
+
+
+def serve_with_a_failing_last_stage(dist: Dist, requests: list, config, fail_at: int) -> dict:
+    """Serve on a pp grid whose last stage raises in its ``fail_at``-th forward pass, while rank 0 has steps in
+    flight; every other rank is then waiting for it (a plan, activations, the tokens)."""
+    from tplab.serving.engine import serve
+    from tplab.specs.tiny import TINY_DIR
+
+    shard = from_pretrained(TINY_DIR, dist)
+    if shard.is_last_stage:
+        forward, calls = shard.forward, [0]
+
+        def failing(*args, **kwargs):
+            calls[0] += 1
+            if calls[0] == fail_at:
+                raise RuntimeError(STAGE_FAILURE)
+            return forward(*args, **kwargs)
+        shard.forward = failing
+    return serve(shard, requests, config, frozenset({1}))

@@ -134,3 +134,18 @@ def test_a_stop_sequence_ends_its_own_request_only():
     end = next(i for i in range(2, len(free[1]) + 1) if tuple(free[1][i - 2:i]) == stop)
     assert rows[1]["output_ids"] == free[1][:end] and rows[1]["finish_reason"] == "stop"
     assert [r["output_ids"] for i, r in enumerate(rows) if i != 1] == [f for i, f in enumerate(free) if i != 1]
+
+
+@pytest.mark.parametrize("backend", ["threads", "gloo"])
+def test_a_stage_that_fails_while_steps_are_in_flight_stops_every_rank_with_its_error(backend):
+    import time
+
+    from probes import STAGE_FAILURE, serve_with_a_failing_last_stage
+
+    requests = synthetic_load(8, None, (4, 20), (4, 8), TINY.vocab_size, seed=1, special_ids=frozenset({0, 1}))
+    config = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=128, num_blocks=64, block_size=8)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match=STAGE_FAILURE):
+        launch(serve_with_a_failing_last_stage, 1, backend, pp=2, timeout=60,
+               kwargs=dict(requests=requests, config=config, fail_at=8))
+    assert time.monotonic() - started < 30, "the other ranks stopped at once, not at the timeout"
