@@ -9,9 +9,9 @@
 With pipeline stages the loop keeps up to ``depth`` plans in flight (one per stage, as vLLM's engine does): it
 submits a plan, and collects the oldest only when ``depth`` are in flight or nothing else can be scheduled.
 
-The engine passes a :class:`WallClock` and a step that runs the plan on real
-ranks (:mod:`tplab.serving.engine`); the simulator a :class:`VirtualClock`,
-advanced by each step's modelled or fitted time (:mod:`tplab.serving.simulator`).
+The engine passes a :class:`WallClock` and a :class:`StepQueue` that runs each plan on real ranks
+(:mod:`tplab.serving.engine`); the simulator a :class:`VirtualClock`, advanced by each step's modelled or fitted
+time through its stages (:mod:`tplab.serving.simulator`).
 Everything else, and so every metric, is the same code.
 
 Open or closed loop. By default a request is sent when it arrives (``arrival_s``: all at once, a Poisson process
@@ -24,7 +24,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field, replace
-from typing import Callable, Protocol
+from typing import Protocol
 
 from tplab.checks import check_int
 from tplab.serving.metrics import SLO, run_metrics
@@ -90,33 +90,17 @@ class StepQueue(Protocol):
     def collect(self) -> dict[int, int]: ...
 
 
-class OneStepAtATime:
-    """A :class:`StepQueue` of depth 1 for ``step``, a function that runs a plan and returns its tokens."""
-
-    depth = 1
-
-    def __init__(self, step: Callable[[StepPlan], dict[int, int]]) -> None:
-        self.step, self.plan = step, None
-
-    def submit(self, plan: StepPlan) -> None:
-        self.plan = plan
-
-    def collect(self) -> dict[int, int]:
-        return self.step(self.plan)
-
-
-def run_load(requests: list[Request], config: SchedulerConfig, steps: StepQueue | Callable[[StepPlan], dict[int, int]],
+def run_load(requests: list[Request], config: SchedulerConfig, steps: StepQueue,
              clock: WallClock | VirtualClock, eos: frozenset[int] = frozenset(), slo: SLO = SLO(),
              concurrency: int | None = None) -> ServeRun:
     """Serve ``requests`` (arriving at their ``arrival_s``) with ``steps`` running each plan; the metrics.
 
-    ``steps``: a function running one plan at a time, or a :class:`StepQueue` that holds up to ``depth`` plans in
-    flight (pipeline stages: while stage 2 runs one step, stage 1 runs the next). The loop submits plans while
+    ``steps``: a :class:`StepQueue` that holds up to ``depth`` plans in flight (1 without pipeline stages; with
+    them, while stage 2 runs one step, stage 1 runs the next). The loop submits plans while
     fewer than ``depth`` are in flight and the scheduler finds rows not in flight, and otherwise collects the
     oldest. ``concurrency``: at most that many requests in flight (closed loop; see the module docstring)."""
     if concurrency is not None:
         check_int("concurrency", concurrency)
-    queue = steps if hasattr(steps, "submit") else OneStepAtATime(steps)
     scheduler = Scheduler(config)
     pending = deque(sorted(requests, key=lambda r: (r.arrival_s, r.id)))
     sent = {}  # closed loop: each request as sent, its arrival_s the time it was sent
@@ -133,16 +117,16 @@ def run_load(requests: list[Request], config: SchedulerConfig, steps: StepQueue 
             if pending:
                 clock.wait_until(pending[0].arrival_s)
             continue
-        plan = scheduler.schedule(now, queue.depth) if len(in_flight) < queue.depth else StepPlan()
+        plan = scheduler.schedule(now, steps.depth) if len(in_flight) < steps.depth else StepPlan()
         if plan.rows:
-            queue.submit(plan)
+            steps.submit(plan)
             in_flight.append((plan, now))
         elif not in_flight:
             raise RuntimeError("the scheduler planned an empty step with work waiting (a scheduler bug)")
-        if plan.rows and len(in_flight) < queue.depth:
+        if plan.rows and len(in_flight) < steps.depth:
             continue
         plan, started = in_flight.popleft()
-        tokens = queue.collect()
+        tokens = steps.collect()
         done = clock.now()
         records.append({"t": started, "rows": len(plan.rows), "tokens": plan.tokens, "decodes": plan.decodes,
                         "attended": sum(attended_keys(r.start, r.count) for r in plan.rows),
