@@ -46,6 +46,9 @@ class ModelRunner:
     def __init__(self, model: TPCausalLM, mode: str = "eager") -> None:
         if mode not in DECODE_MODES:
             raise ValueError(f"unknown decode mode {mode!r}; choose one of {DECODE_MODES}")
+        if mode == "graph" and model.config.num_experts:
+            raise ValueError("a CUDA graph replays fixed shapes, and a mixture's router sends a different number of "
+                             "tokens to each expert at every step: use mode 'static' or 'eager'")
         if mode == "graph" and model.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; the model is on {model.device}: use mode 'static'")
         if mode != "eager" and model.pipe is not None:

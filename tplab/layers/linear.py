@@ -159,8 +159,13 @@ class RowParallelLinear(ParallelLinear):
             raise ValueError(f"RowParallelLinear expects this rank's slice X_r of the input: {local} = "
                              f"{self.in_features}/{self.dist.world_size} features, got {x_local.shape[-1]}. "
                              "Feed it a ColumnParallelLinear's output (gather_output=False) or slice X.")
-        y = self.dist.all_reduce(self.weight.matmul(x_local))
+        y = self.dist.all_reduce(self.partial(x_local))
         return y + self.bias if self.bias is not None else y
+
+    def partial(self, x_local: torch.Tensor) -> torch.Tensor:
+        """X_r A_r, this rank's term of the sum, before any all-reduce (and without the bias): for a caller that adds
+        several row-parallel outputs and reduces them once (the experts of a mixture)."""
+        return self.weight.matmul(x_local)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features} (local {self.local_shape[1]}), "

@@ -1,4 +1,4 @@
-"""TPCausalLM: a Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2) split over tp ranks.
+"""TPCausalLM: a Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2; Mixtral's experts) split over tp ranks.
 
 One rank's model, Megatron-style. With H query heads, KV key/value heads,
 intermediate size I and vocabulary V, rank r holds:
@@ -9,7 +9,8 @@ intermediate size I and vocabulary V, rank r holds:
   (QKV column parallel, :class:`~tplab.layers.linear.QKVParallelLinear`), the
   matching H/tp * head_dim columns of o_proj (row parallel): one all-reduce;
 * per layer, MLP: I/tp rows of gate and up (merged, column parallel) and I/tp
-  columns of down (row parallel): one all-reduce;
+  columns of down (row parallel): one all-reduce; in a mixture of experts, the same slice of every expert and a
+  replicated router, still one all-reduce (:mod:`tplab.model.moe`);
 * RMSNorm weights and RoPE: replicated (they act on the full hidden vector, or per head);
 * LM head: a vocabulary block of rows; the logits are all-gathered, or
   reduced to a greedy token id by a small all-gather.
@@ -46,6 +47,7 @@ from tplab.layers.rope import RotaryEmbedding, apply_rope
 from tplab.layers.vocab import ParallelLMHead, VocabParallelEmbedding
 from tplab.layers.weights import DenseWeight, WeightFormat
 from tplab.model.kv_cache import KVCache, StaticStep
+from tplab.model.moe import TPMoE
 from tplab.model.paged_cache import PagedBatch
 from tplab.specs.model import ModelConfig
 from tplab.specs.sharding import stage_layers
@@ -92,6 +94,8 @@ class TPAttention(nn.Module):
 class TPMLP(nn.Module):
     """down(silu(gate(x)) * up(x)): gate/up column parallel (merged), down row parallel, one all-reduce."""
 
+    checkpoint_name = "mlp"  # the block's name in model.layers.{i}
+
     def __init__(self, config: ModelConfig, dist: Dist, dtype: torch.dtype | None) -> None:
         super().__init__()
         self.gate_up = MergedColumnParallelLinear(config.hidden_size, config.intermediate_size, dist,
@@ -103,26 +107,29 @@ class TPMLP(nn.Module):
         self.gate_up.load(source, f"{prefix}.gate_proj", f"{prefix}.up_proj")
         load_row_parallel(self.down, source, f"{prefix}.down_proj")
 
+    def linears(self) -> list[nn.Module]:
+        return [self.gate_up, self.down]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x)
         return self.down(F.silu(gate) * up)
 
 
 class TPDecoderLayer(nn.Module):
-    """h = x + attn(norm(x)); out = h + mlp(norm(h))."""
+    """h = x + attn(norm(x)); out = h + mlp(norm(h)), the MLP dense or a mixture of experts (:mod:`tplab.model.moe`)."""
 
     def __init__(self, config: ModelConfig, dist: Dist, window: int | None, dtype: torch.dtype | None) -> None:
         super().__init__()
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, dist.device)
         self.attn = TPAttention(config, dist, window, dtype)
         self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, dist.device)
-        self.mlp = TPMLP(config, dist, dtype)
+        self.mlp = TPMoE(config, dist, dtype) if config.num_experts else TPMLP(config, dist, dtype)
 
     def load(self, source: TensorSource, prefix: str) -> None:
         source.copy_into(self.input_norm.weight.data, f"{prefix}.input_layernorm.weight")
         source.copy_into(self.post_attention_norm.weight.data, f"{prefix}.post_attention_layernorm.weight")
         self.attn.load(source, f"{prefix}.self_attn")
-        self.mlp.load(source, f"{prefix}.mlp")
+        self.mlp.load(source, f"{prefix}.{self.mlp.checkpoint_name}")
 
     def forward(self, x, cos, sin, mask, step: StaticStep | PagedBatch, layer: int) -> torch.Tensor:
         h = x + self.attn(self.input_norm(x), cos, sin, mask, step, layer)
@@ -201,8 +208,9 @@ class TPCausalLM(nn.Module):
         return self
 
     def quantizable(self) -> list:
-        """The decoder's linears, the layers weight-only quantization applies to: q/k/v, o, gate/up, down."""
-        return [m for layer in self.layers for m in (layer.attn.qkv, layer.attn.o_proj, layer.mlp.gate_up, layer.mlp.down)]
+        """The decoder's linears, the layers weight-only quantization applies to: q/k/v, o, gate/up, down (every
+        expert's, in a mixture)."""
+        return [m for layer in self.layers for m in (layer.attn.qkv, layer.attn.o_proj, *layer.mlp.linears())]
 
     def quantize_(self, scheme: str, embeddings: bool = False) -> "TPCausalLM":
         """Weight-only int8 or fp8 for every decoder linear (q/k/v, o, gate/up, down) of this rank's shard, with

@@ -61,6 +61,9 @@ def rank_params(model: ModelConfig, tp: int, layers: int | None = None,
     and the lm_head with the final norm (a pipeline stage holds a subset). A
     tied lm_head shares the embedding's storage when both are on the rank.
     """
+    if model.num_experts:
+        raise ValueError(f"{model.name} is a mixture of {model.num_experts} experts: the cost model describes dense "
+                         "decoders only")
     layers = model.num_layers if layers is None else layers
     h, d, heads = model.hidden_size, model.head_dim, model.num_heads // tp
     kv = model.kv_heads_per_rank(tp)

@@ -13,7 +13,8 @@ from typing import Any, Mapping
 
 from tplab.checks import is_positive_int
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral")
+MOE_MODEL_TYPES = ("mixtral",)  # mixture-of-experts decoders tplab runs (TP of the experts)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 REQUIRED_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
@@ -22,7 +23,8 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 SIZE_LIMITS = {"vocab_size": 10**7, "hidden_size": 10**6, "intermediate_size": 10**7, "num_hidden_layers": 10**4,
                "num_attention_heads": 10**5, "num_key_value_heads": 10**5, "head_dim": 10**5,
                "max_position_embeddings": 10**8, "sliding_window": 10**8, "max_window_layers": 10**4,
-               "original_max_position_embeddings": 10**8}
+               "original_max_position_embeddings": 10**8, "num_local_experts": 10**5,
+               "num_experts_per_tok": 10**5}
 
 
 def size_field(d: Mapping, key: str, default: int | None = None) -> int | None:
@@ -71,14 +73,15 @@ class RopeConfig:
 
 def check_sizes(d: Mapping) -> None:
     """ValueError naming every required size that is absent, and the first that is not a sensible positive
-    integer; MoE refused."""
+    integer; mixture-of-experts refused outside :data:`MOE_MODEL_TYPES`."""
     missing = [k for k in REQUIRED_SIZES if k not in d]
     if missing:
         raise ValueError(f"lacks {', '.join(missing)}: tplab describes Llama/Mistral/Qwen2-style decoders")
     for key in REQUIRED_SIZES:
         size_field(d, key)
-    if any(d.get(k) for k in MOE_KEYS):
-        raise ValueError("describes a mixture-of-experts model, which tplab does not model")
+    if any(d.get(k) for k in MOE_KEYS) and d.get("model_type") not in MOE_MODEL_TYPES:
+        raise ValueError(f"describes a mixture-of-experts model of model_type={d.get('model_type')!r}; tplab runs "
+                         f"the experts of model_type in {MOE_MODEL_TYPES}")
 
 
 def unsupported(d: Mapping) -> str | None:
@@ -98,6 +101,18 @@ def unsupported(d: Mapping) -> str | None:
     if rope_type not in SUPPORTED_ROPE_TYPES:
         return f"unsupported rope_type={rope_type!r}; tplab implements {SUPPORTED_ROPE_TYPES}"
     return parse_quantization(d)[1]
+
+
+def parse_experts(d: Mapping) -> tuple[int, int]:
+    """(experts E, experts per token k) of a Mixtral-style config: 0, 0 for a dense model. ValueError unless
+    1 <= k <= E."""
+    if d.get("model_type") not in MOE_MODEL_TYPES:
+        return 0, 0
+    experts, top_k = size_field(d, "num_local_experts"), size_field(d, "num_experts_per_tok")
+    if experts is None or top_k is None or top_k > experts:
+        raise ValueError(f"a mixture of experts needs num_local_experts and num_experts_per_tok with 1 <= "
+                         f"num_experts_per_tok <= num_local_experts, got {experts!r} and {top_k!r}")
+    return experts, top_k
 
 
 def parse_quantization(d: Mapping) -> tuple[str | None, str | None]:
@@ -158,7 +173,7 @@ def parse_windows(d: Mapping, num_layers: int) -> tuple[int | None, ...]:
                                     or not set(layer_types) <= set(LAYER_TYPES)):
         raise ValueError(f"layer_types must list one of {LAYER_TYPES} for each of the {num_layers} layers, got "
                          f"{layer_types!r}")
-    window = size_field(d, "sliding_window") if model_type in ("mistral", "qwen2") else None
+    window = size_field(d, "sliding_window") if model_type in ("mistral", "mixtral", "qwen2") else None
     if model_type == "qwen2" and not bool_field(d, "use_sliding_window"):
         window = None
     if window is None:

@@ -31,6 +31,7 @@ from tplab.specs.config_fields import (
     bool_field,
     check_sizes,
     number_field,
+    parse_experts,
     parse_quantization,
     parse_rope,
     parse_windows,
@@ -73,6 +74,8 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     dtype: str | None = None
     quantization: str | None = None  # "fp8": the checkpoint stores fp8 weights and their scales
+    num_experts: int = 0  # E experts per MoE layer (Mixtral: every layer); 0 for a dense MLP
+    experts_per_token: int = 0  # k: each token's router picks k of the E experts
     unsupported: str | None = None  # why tplab's decoder cannot run it; None when it can
     source: str = field(default="config dict", compare=False)  # where it was read
     directory: Path | None = field(default=None, compare=False)  # the checkpoint directory holding config.json
@@ -99,6 +102,7 @@ class ModelConfig:
         num_layers, num_heads = d["num_hidden_layers"], d["num_attention_heads"]
         model_type = str(d.get("model_type"))
         attention_bias = bool_field(d, "attention_bias")
+        experts, top_k = parse_experts(d)
         return cls(
             name=name, model_type=model_type, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"], num_layers=num_layers, num_heads=num_heads,
@@ -110,7 +114,7 @@ class ModelConfig:
             qkv_bias=model_type == "qwen2" or attention_bias, o_bias=attention_bias and model_type != "qwen2",
             mlp_bias=bool_field(d, "mlp_bias"), layer_windows=parse_windows(d, num_layers),
             eos_token_ids=as_ids(d.get("eos_token_id")), dtype=d.get("dtype") or d.get("torch_dtype"),
-            quantization=parse_quantization(d)[0],
+            quantization=parse_quantization(d)[0], num_experts=experts, experts_per_token=top_k,
             unsupported=why_not, source=str(d.get("_source", source)), directory=directory)
 
     @classmethod

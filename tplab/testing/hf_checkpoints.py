@@ -11,6 +11,7 @@ cover the cases TP must get right:
 ``mistral``    GQA 8 / 4, sliding window of 6 tokens, vocab 256
 ``qwen2``      GQA 8 / 2, q/k/v biases, tied embeddings, vocab 250
 ``tied``       Llama with MQA (1 KV head), tied embeddings, attention and MLP biases, vocab 250
+``mixtral``    GQA 8 / 2, a mixture of 6 experts, 2 per token, vocab 260
 =============  =======================================================================
 
 So tp in {1, 2, 4, 8} meets tp > KV heads (llama31, qwen2, tied; mistral at 8)
@@ -35,9 +36,12 @@ SPECS: dict[str, tuple[str, dict]] = {
     "qwen2": ("Qwen2Config", dict(num_key_value_heads=2, vocab_size=250, tie_word_embeddings=True)),
     "tied": ("LlamaConfig", dict(num_key_value_heads=1, vocab_size=250, tie_word_embeddings=True,
                                  attention_bias=True, mlp_bias=True)),
+    "mixtral": ("MixtralConfig", dict(num_key_value_heads=2, vocab_size=260, num_local_experts=6,
+                                      num_experts_per_tok=2)),
 }
 
-_CLASSES = {"LlamaConfig": "LlamaForCausalLM", "MistralConfig": "MistralForCausalLM", "Qwen2Config": "Qwen2ForCausalLM"}
+_CLASSES = {"LlamaConfig": "LlamaForCausalLM", "MistralConfig": "MistralForCausalLM", "Qwen2Config": "Qwen2ForCausalLM",
+            "MixtralConfig": "MixtralForCausalLM"}
 
 
 def hf_config(name: str, **overrides) -> transformers.PretrainedConfig:
