@@ -43,7 +43,7 @@ class TPMoE(nn.Module):
     """The sparse MoE block (see the module docstring): a replicated router, E experts split over the TP ranks,
     one all-reduce."""
 
-    checkpoint_name = "block_sparse_moe"  # Mixtral's name for the block in model.layers.{i}
+    checkpoint_name = "block_sparse_moe"  # what Mixtral's checkpoints call the block, under model.layers.{i}
 
     def __init__(self, config: ModelConfig, dist: Dist, dtype: torch.dtype | None) -> None:
         super().__init__()
