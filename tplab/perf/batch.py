@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
-from tplab.perf.estimate import GB, check_link, compute_dtype_for, memory_gb, step_seconds
+from tplab.perf.estimate import GB, check_link, compute_dtype_for, memory_gb, step_seconds, usable_memory_gb
 from tplab.perf.shapes import ACT_BYTES, StepWork, activation_bytes, check_precision, step_work, weight_bytes
 from tplab.serving.loop import ServeRun
 from tplab.serving.metrics import SLO
@@ -131,7 +131,7 @@ class ModelledStepCost:
         """KV blocks of ``block_size`` tokens one GPU holds: what is left of its usable memory after the weights,
         a full step's activations and the runtime, over one block's bytes on one rank (its stage's layers)."""
         eff = self.efficiency
-        usable = self.gpu.memory_gb * (1 - eff.memory_headroom_fraction) * GB
+        usable = usable_memory_gb(self.gpu, eff) * GB
         blocks = min(
             int((usable - self._taken_bytes(stage, max_num_seqs, max_batched_tokens))
                 // (block_size * self.model.kv_bytes_per_token(self.tp, self.kv_dtype, stage.layers)))

@@ -199,6 +199,23 @@ def memory_gb(model: ModelConfig, tp: int, dtype: str, kv_dtype: str, batch: int
     }
 
 
+def usable_memory_gb(gpu: GpuSpec, eff: Efficiency) -> float:
+    """The GPU's memory less the headroom kept free (``memory_headroom_fraction``): what a deployment may fill."""
+    return gpu.memory_gb * (1 - eff.memory_headroom_fraction)
+
+
+def largest_fitting(fits, too_many: int) -> int:
+    """The largest n >= 1 with ``fits(n)``, by bisection, given that ``fits`` holds up to a point and fails from
+    there on and that ``fits(too_many)`` fails; 0 when even ``fits(1)`` does not hold."""
+    if not fits(1):
+        return 0
+    lo, hi = 1, too_many  # fits(lo) and not fits(hi)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo
+
+
 def estimate(*, model: str | Path | ModelConfig, gpu: str | GpuSpec, tp: int, dtype: str = "bf16", batch: int = 1,
              prompt_len: int = 1024, output_len: int = 256, interconnect: str | None = None, kv_dtype: str = "bf16",
              price_per_gpu_hour: float | None = None,
@@ -224,7 +241,7 @@ def estimate(*, model: str | Path | ModelConfig, gpu: str | GpuSpec, tp: int, dt
     compute_dtype, notes = compute_dtype_for(hw, dtype)
 
     memory = memory_gb(spec, tp, dtype, kv_dtype, batch, prompt_len + output_len, eff)
-    usable = hw.memory_gb * (1 - eff.memory_headroom_fraction)
+    usable = usable_memory_gb(hw, eff)
     context = prompt_len + output_len // 2
     decode_work = step_work(spec, tp, dtype, kv_dtype, batch, 1, context)
     decode = step_seconds(decode_work, hw, link, tp, compute_dtype, eff, engine)
@@ -255,19 +272,13 @@ def max_batch(*, model: str | Path | ModelConfig, gpu: str | GpuSpec, tp: int, d
     dtype, kv_dtype = check_precision(dtype, kv_dtype)
     spec, hw, eff = resolve_model(model, strict=False), load_gpu(gpu), load_efficiency(efficiency)
     check_inputs(spec, tp, dtype, kv_dtype, 1, prompt_len, output_len)
-    usable = hw.memory_gb * (1 - eff.memory_headroom_fraction)
+    usable = usable_memory_gb(hw, eff)
 
     def fits(b: int) -> bool:
         return sum(memory_gb(spec, tp, dtype, kv_dtype, b, prompt_len + output_len, eff).values()) <= usable
 
-    if not fits(1):
-        return 0
-    hi = int(usable * GB // spec.kv_bytes_per_token(tp, kv_dtype) // (prompt_len + output_len)) + 2
-    lo = 1  # fits(lo) and not fits(hi)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+    # the KV cache alone of this many sequences exceeds the usable memory
+    return largest_fitting(fits, int(usable * GB // spec.kv_bytes_per_token(tp, kv_dtype) // (prompt_len + output_len)) + 2)
 
 
 def min_tp(*, model: str | Path | ModelConfig, gpu: str | GpuSpec, dtype: str = "bf16", batch: int = 1,

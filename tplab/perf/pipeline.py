@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Mapping
 
 from tplab.perf.batch import DEFAULT_NETWORK, ModelledStepCost
-from tplab.perf.estimate import Estimate, check_inputs, estimate
+from tplab.perf.estimate import GB, Estimate, check_inputs, estimate, largest_fitting, usable_memory_gb
 from tplab.perf.shapes import check_precision
 from tplab.specs.efficiency import Efficiency, load_efficiency
 from tplab.specs.hardware import GpuSpec, load_gpu
@@ -107,7 +107,7 @@ def estimate_pipeline(*, model: str | Path | ModelConfig, gpu: str | GpuSpec, tp
     ttft = (micro_batches + pp - 1) * prefill + (pp - 1) * cost.activation_hop_seconds(b * prompt_len) + ret
     throughput = batch * output_len / (ttft + (output_len - 1) * round_s)
     stage_gb = sum(cost.stage_memory_gb(batch, prompt_len + output_len, b).values())
-    usable = hw.memory_gb * (1 - eff.memory_headroom_fraction)
+    usable = usable_memory_gb(hw, eff)
     return PipelineEstimate(tp, pp, micro_batches, batch, stage_gb, usable, stage_gb <= usable, round_s * 1e3,
                             ttft * 1e3, throughput, 1 - micro_batches * stage / round_s, stage * 1e3, hop * 1e3,
                             "-" if cost.stage_link is None else cost.stage_link.name)
@@ -122,20 +122,22 @@ def compare_tp_pp(*, gpus_per_node: int, nodes: int, micro_batches: list[int], n
     return tp_all, pipelines
 
 
-def max_batch_pipeline(**kw) -> int:
+def max_batch_pipeline(*, model: str | Path | ModelConfig, gpu: str | GpuSpec, tp: int, pp: int,
+                       network: str | None = DEFAULT_NETWORK, dtype: str = "bf16", prompt_len: int = 1024,
+                       output_len: int = 256, kv_dtype: str = "bf16", interconnect: str | None = None,
+                       engine: str = "graph",
+                       efficiency: Mapping[str, float] | str | Path | Efficiency | None = None) -> int:
     """The largest batch whose fullest stage still fits, with min(pp, batch) micro-batches (0 when even the
-    weights do not fit); ``kw`` as :func:`estimate_pipeline`'s, without batch and micro_batches."""
-    pp = kw["pp"]
+    weights do not fit): :func:`estimate_pipeline`'s sizing rule, without pricing a step."""
+    dtype, kv_dtype = check_precision(dtype, kv_dtype)
+    spec, hw, eff = resolve_model(model, strict=False), load_gpu(gpu), load_efficiency(efficiency)
+    check_inputs(spec, tp, dtype, kv_dtype, 1, prompt_len, output_len)
+    cost = ModelledStepCost(spec, hw, tp, dtype, kv_dtype, interconnect, engine, eff, pp, network)
+    usable, tokens = usable_memory_gb(hw, eff), prompt_len + output_len
 
     def fits(b: int) -> bool:
-        return estimate_pipeline(batch=b, micro_batches=min(pp, b), **kw).fits
+        return sum(cost.stage_memory_gb(b, tokens, math.ceil(b / min(pp, b))).values()) <= usable
 
-    if not fits(1):
-        return 0
-    lo, hi = 1, 2
-    while fits(hi):
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:  # fits(lo) and not fits(hi)
-        mid = (lo + hi) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return lo
+    # the KV cache alone of the stage with the most layers, for this many sequences, exceeds the usable memory
+    kv_per_token = max(spec.kv_bytes_per_token(tp, kv_dtype, stage.layers) for stage in cost.stages)
+    return largest_fitting(fits, int(usable * GB // kv_per_token // tokens) + 2)
