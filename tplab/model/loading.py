@@ -26,6 +26,7 @@ from tplab.checkpoint.sources import StateDictSource
 from tplab.comm.group import Dist
 from tplab.layers.weights import check_scheme
 from tplab.model.decoder import TPCausalLM
+from tplab.model.moe import unfused_experts
 from tplab.specs import cpu
 from tplab.specs.dtypes import torch_name
 from tplab.specs.model import ModelConfig, resolve_model
@@ -123,29 +124,4 @@ def from_hf_model(hf_model: torch.nn.Module, dist: Dist, dtype: torch.dtype | st
     """This rank's shard of an in-memory transformers model (e.g. LlamaForCausalLM), same slicing as on disk."""
     config = ModelConfig.from_hf_config(hf_model.config)
     dtype = next(hf_model.parameters()).dtype if dtype is None else resolve_dtype(dtype, config, dist.device)
-    return TPCausalLM(config, dist, dtype).load(StateDictSource(checkpoint_names(hf_model.state_dict()))).eval()
-
-
-def checkpoint_names(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """An in-memory state dict under the names its checkpoint has on disk. transformers 5 keeps a mixture's
-    experts fused, ``mlp.experts.gate_up_proj`` (E, 2I, h: gate rows then up rows) and ``mlp.experts.down_proj``
-    (E, h, I), and the router as ``mlp.gate``; Mixtral's files name them ``block_sparse_moe.experts.{e}.w1`` (gate),
-    ``w3`` (up), ``w2`` (down) and ``block_sparse_moe.gate``. Dense models' names pass unchanged."""
-    out = {}
-    for name, tensor in state.items():
-        prefix, dot, rest = name.partition(".mlp.")
-        if not dot or not (rest.startswith("experts.") or rest == "gate.weight"):
-            out[name] = tensor
-        elif rest == "gate.weight":
-            out[f"{prefix}.block_sparse_moe.gate.weight"] = tensor
-        elif rest == "experts.gate_up_proj":
-            for e, gate_up in enumerate(tensor):
-                gate, up = gate_up.chunk(2, dim=0)
-                out[f"{prefix}.block_sparse_moe.experts.{e}.w1.weight"] = gate
-                out[f"{prefix}.block_sparse_moe.experts.{e}.w3.weight"] = up
-        elif rest == "experts.down_proj":
-            for e, down in enumerate(tensor):
-                out[f"{prefix}.block_sparse_moe.experts.{e}.w2.weight"] = down
-        else:
-            raise ValueError(f"{name}: an expert tensor tplab does not know how to read")
-    return out
+    return TPCausalLM(config, dist, dtype).load(StateDictSource(unfused_experts(hf_model.state_dict()))).eval()

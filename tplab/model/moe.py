@@ -78,3 +78,28 @@ class TPMoE(nn.Module):
                 y = expert.partial(flat[token]) * weights[token, slot, None]
                 out.index_add_(0, token, y.to(out.dtype))
         return self.dist.all_reduce(out).reshape(x.shape)
+
+
+def unfused_experts(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An in-memory state dict under the names its checkpoint has on disk. transformers 5 keeps a mixture's
+    experts fused, ``mlp.experts.gate_up_proj`` (E, 2I, h: gate rows then up rows) and ``mlp.experts.down_proj``
+    (E, h, I), and the router as ``mlp.gate``; Mixtral's files name them ``block_sparse_moe.experts.{e}.w1`` (gate),
+    ``w3`` (up), ``w2`` (down) and ``block_sparse_moe.gate``. Dense models' names pass unchanged."""
+    out = {}
+    for name, tensor in state.items():
+        prefix, dot, rest = name.partition(".mlp.")
+        if not dot or not (rest.startswith("experts.") or rest == "gate.weight"):
+            out[name] = tensor
+        elif rest == "gate.weight":
+            out[f"{prefix}.{TPMoE.checkpoint_name}.gate.weight"] = tensor
+        elif rest == "experts.gate_up_proj":
+            for e, gate_up in enumerate(tensor):
+                gate, up = gate_up.chunk(2, dim=0)
+                out[f"{prefix}.{TPMoE.checkpoint_name}.experts.{e}.w1.weight"] = gate
+                out[f"{prefix}.{TPMoE.checkpoint_name}.experts.{e}.w3.weight"] = up
+        elif rest == "experts.down_proj":
+            for e, down in enumerate(tensor):
+                out[f"{prefix}.{TPMoE.checkpoint_name}.experts.{e}.w2.weight"] = down
+        else:
+            raise ValueError(f"{name}: an expert tensor tplab does not know how to read")
+    return out
