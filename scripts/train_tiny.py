@@ -1,6 +1,8 @@
-"""Train tplab's tiny default model (data/tiny) from text that ships with CPython.
+"""Train tplab's tiny default model (data/tiny), or its mixture of experts (data/tiny_moe), from text that ships
+with CPython.
 
     .venv/bin/python scripts/train_tiny.py            # ~10-25 min on 2 CPU cores
+    .venv/bin/python scripts/train_tiny.py --moe      # tiny-moe: the same corpus and tokenizer, a Mixtral
 
 Corpus: the 79 documentation topics of ``pydoc_data.topics`` (what ``help("for")``
 prints): ~465K characters of English prose about Python. It changes between
@@ -21,7 +23,10 @@ Tokenizer: byte-level BPE (``tokenizers``), trained on the training split only;
 
 Model: ``LlamaForCausalLM``, 8 query heads and 4 KV heads (tp=8 forces KV-head
 replication), hidden/intermediate/vocab divisible by 8, untied embeddings, fp32.
-Loss: mean next-token cross-entropy  L = -1/N sum_t log p(x_{t+1} | x_{<=t}).
+With ``--moe``: ``MixtralForCausalLM`` with the same attention and :data:`MOE_HYPERPARAMETERS` (8 experts of width
+128, 2 per token), trained with Mixtral's load-balancing loss (``router_aux_loss_coef``) added to the
+cross-entropy, as Mixtral was, so that its routing is a trained one, neither random nor collapsed on one expert.
+Loss (reported): mean next-token cross-entropy  L = -1/N sum_t log p(x_{t+1} | x_{<=t}).
 AdamW with linear warmup then cosine decay to 10% of the peak learning rate.
 Also tried: batch 16 x 360 steps at lr 2e-3 (the same 1.4M tokens, half the
 updates): the same validation loss (4.381 vs 4.386 nats) but a looser fit of
@@ -49,7 +54,14 @@ import torch
 import transformers
 from tiny_model_card import write_model_card
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import (
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
 from tplab.specs.tiny import CORPUS_FILE, clean_text, split_text
 
@@ -65,15 +77,25 @@ HYPERPARAMETERS = {  # argparse flags: --vocab-size 3072 ...
     "seq_len": 256, "batch_size": 8, "steps": 700, "warmup_steps": 40, "lr": 3e-3, "weight_decay": 0.1,
     "val_fraction": 0.1, "eval_every": 20, "threads": 2, "seed": 0,
 }
+# --moe: what changes for tiny-moe (the rest as above)
+MOE_HYPERPARAMETERS = {"hidden_size": 128, "intermediate_size": 128, "experts": 8, "experts_per_token": 2,
+                       "router_aux_loss_coef": 0.02}
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", type=Path, default=REPO / "data" / "tiny")
+    p.add_argument("--out", type=Path, default=None, help="default data/tiny, or data/tiny_moe with --moe")
     p.add_argument("--allow-corpus-change", action="store_true", help="train on a corpus whose SHA-256 differs")
-    for name, default in HYPERPARAMETERS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=default)
+    p.add_argument("--moe", action="store_true", help="train tiny-moe (a Mixtral) into data/tiny_moe")
+    for name, default in {**HYPERPARAMETERS, **MOE_HYPERPARAMETERS}.items():
+        p.add_argument("--" + name.replace("_", "-"), type=type(default), default=None)
     args = p.parse_args()
+    defaults = {**HYPERPARAMETERS, **(MOE_HYPERPARAMETERS if args.moe else {})}
+    for name, default in {**defaults, **{k: None for k in MOE_HYPERPARAMETERS if not args.moe}}.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.out is None:
+        args.out = REPO / "data" / ("tiny_moe" if args.moe else "tiny")
     for name in ("vocab_size", "hidden_size", "intermediate_size"):
         if getattr(args, name) % 8:
             raise SystemExit(f"--{name.replace('_', '-')} must be divisible by 8 (tp up to 8)")
@@ -87,8 +109,9 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def load_corpus(out: Path, allow_change: bool) -> tuple[list[dict], str, str]:
-    """The shipped corpus, or (when absent) this Python's pydoc topics, written out; hash-checked."""
-    path = out / CORPUS_FILE
+    """The shipped corpus (data/tiny's), or (when absent) this Python's pydoc topics, written out; hash-checked."""
+    path = REPO / "data" / "tiny" / CORPUS_FILE
+    path = path if path.exists() else out / CORPUS_FILE
     if path.exists():
         raw, origin = lzma.decompress(path.read_bytes()), f"{CORPUS_FILE} (shipped)"
     else:
@@ -135,7 +158,8 @@ def mean_loss(model: LlamaForCausalLM, stream: torch.Tensor, seq_len: int) -> fl
     for i in range(0, len(stream) - 1, seq_len - 1):  # windows share one token: each target counted once
         window = stream[i:i + seq_len][None]
         n = window.shape[1] - 1
-        total += model(input_ids=window, labels=window).loss.item() * n
+        logits = model(input_ids=window).logits[0, :-1]  # the cross-entropy alone, without a router's loss
+        total += torch.nn.functional.cross_entropy(logits, window[0, 1:], reduction="sum").item()
         count += n
     model.train()
     return total / count
@@ -218,12 +242,19 @@ def main() -> None:
     print(f"corpus: {origin}, {len(docs)} topics; train {len(train_ids)} tokens, val {len(val_ids)} tokens",
           flush=True)
 
-    config = LlamaConfig(
+    shape = dict(
         vocab_size=args.vocab_size, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
         max_position_embeddings=args.seq_len, tie_word_embeddings=False, rms_norm_eps=1e-5,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    model = LlamaForCausalLM(config)
+    if args.moe:
+        config = MixtralConfig(**shape, num_local_experts=args.experts, num_experts_per_tok=args.experts_per_token,
+                               output_router_logits=True, router_aux_loss_coef=args.router_aux_loss_coef,
+                               sliding_window=None)
+        model = MixtralForCausalLM(config)
+    else:
+        config = LlamaConfig(**shape)
+        model = LlamaForCausalLM(config)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params:,} parameters ({n_params * 4 / 1e6:.1f} MB fp32)", flush=True)
     train_start = time.time()
@@ -238,6 +269,8 @@ def main() -> None:
         pad_token_id=tokenizer.eos_token_id, do_sample=False, max_new_tokens=48)
     samples = greedy_samples(model, tokenizer, max_new_tokens=48)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.moe:
+        model.config.output_router_logits = False  # what inference needs; training added the balancing loss
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     tok_config = args.out / "tokenizer_config.json"  # a class name transformers 4 and 5 both load
@@ -256,7 +289,8 @@ def main() -> None:
                    "topics": len(docs), "characters": sum(len(clean_text(d["text"])) for d in docs),
                    "train_tokens": len(train_ids), "val_tokens": len(val_ids)},
         "model": {"parameters": n_params, "config": config.to_diff_dict()},
-        "hyperparameters": {k: v for k, v in vars(args).items() if k not in ("out", "allow_corpus_change")},
+        "hyperparameters": {k: v for k, v in vars(args).items()
+                            if k not in ("out", "allow_corpus_change") and v is not None},
         "wall_seconds": {"total": round(time.time() - wall_start, 1), "training": round(train_seconds, 1)},
         "final_loss": {"train": round(final_train, 4), "val": final_val},
         "history": history,

@@ -125,11 +125,11 @@ def test_usage_errors_exit_2_with_one_line(checkpoints, capsys, tmp_path, monkey
 
 def test_tiny_resolves_through_tplab_tiny(checkpoints, capsys, monkeypatch):
     monkeypatch.setattr(tiny, "TINY_DIR", checkpoints["bare"])
-    monkeypatch.setattr(tiny, "verify_tiny", lambda directory: directory)
+    monkeypatch.setattr(tiny, "verify_tiny", lambda directory, expected: directory)
     code, out, _ = cli(capsys, *ids_args("1,2,3"), "--max-new-tokens", "2", "--json")
     assert code == 0 and len(json.loads(out)["tokens"][0]) == 2
 
-    def checksum_mismatch(directory):
+    def checksum_mismatch(directory, expected):
         raise ValueError("checksum mismatch")
     monkeypatch.setattr(tiny, "verify_tiny", checksum_mismatch)
     code, _, err = cli(capsys, *ids_args("1,2,3"))

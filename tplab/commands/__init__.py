@@ -7,7 +7,8 @@ from typing import Callable
 
 from tplab.checks import check_at_most, check_int, check_number, check_threads
 from tplab.specs.dtypes import precision, torch_name
-from tplab.specs.sharding import stage_layers
+from tplab.specs.model import ModelConfig
+from tplab.specs.sharding import EXPERT_DISPATCH, check_dispatch, stage_layers
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -125,3 +126,28 @@ def resolve_pp(args: argparse.Namespace, num_layers: int) -> int:
     pp = args.pp or (len(args.pp_layers) if args.pp_layers else 1)
     stage_layers(num_layers, pp, args.pp_layers)
     return pp
+
+
+def add_expert_options(p: argparse.ArgumentParser) -> None:
+    """--ep (a mixture's experts whole on the ep ranks of each TP group) and --ep-dispatch (how tokens reach them)."""
+    p.add_argument("--ep", type=count("--ep"), default=1,
+                   help="a mixture of experts: its experts whole, E/ep on each of the ep = tp ranks of a TP group "
+                        "(--tp defaults to it); 1 splits every expert over the tp ranks")
+    p.add_argument("--ep-dispatch", choices=EXPERT_DISPATCH, default="all-reduce",
+                   help="with --ep: every rank has every token and one all-reduce sums the experts' shares "
+                        "(all-reduce), or each rank sends its own tokens to their experts' ranks and back "
+                        "(all-to-all)")
+
+
+def resolve_tp(config: ModelConfig, tp: int | None, args: argparse.Namespace) -> int:
+    """``tp`` (None: --ep's) checked against the model with --ep and --ep-dispatch (ValueError listing the valid
+    choices)."""
+    tp = args.ep if tp is None else tp
+    config.check_tp(tp, args.ep)
+    check_dispatch(args.ep_dispatch, tp, args.ep)
+    return tp
+
+
+def resolve_tps(args: argparse.Namespace, config: ModelConfig) -> list[int]:
+    """The tp degrees of a --tp list such as "1,2,4" (default: --ep's), each checked by :func:`resolve_tp`."""
+    return [resolve_tp(config, tp, args) for tp in (int_list("--tp", args.tp) if args.tp is not None else [None])]

@@ -3,6 +3,7 @@
     python -m tplab generate --model PATH --tp 4 --prompt "Once upon a time" --max-new-tokens 32
     python -m tplab generate --tp 2 --backend gloo --prompt-ids 1,5,9 --prompt-ids 1,7 --json
     python -m tplab generate --tp 2 --pp 2 --prompt "The with statement"   # 2 stages of 2 ranks
+    python -m tplab generate --model tiny-moe --ep 2 --prompt "An object is"   # whole experts on 2 ranks
     torchrun --nproc-per-node 4 -m tplab generate --tp 4 --prompt "..."   # NCCL on GPUs; rank 0 prints
 
 Repeat --prompt or --prompt-ids to make a batch. Everything that can be
@@ -20,12 +21,22 @@ from pathlib import Path
 import torch
 
 from tplab.comm.launch import BACKENDS, check_device, launch, rank_device_type, under_torchrun
-from tplab.commands import add_pipeline_options, count, int_list, resolve_pp, runtime_dtype, threads_per_rank
+from tplab.commands import (
+    add_expert_options,
+    add_pipeline_options,
+    count,
+    int_list,
+    resolve_pp,
+    resolve_tps,
+    runtime_dtype,
+    threads_per_rank,
+)
 from tplab.engine.generate import check_prompts, generate_rank_program, micro_batch_rows
 from tplab.errors import InputError
 from tplab.layers.weights import SCHEMES, prepack_problem
 from tplab.memory import check_fits, rank_processes_bytes
 from tplab.model.loading import check_checkpoint, checkpoint_config, dtype_note, resolve_dtype
+from tplab.model.routing import routing_summary, run_counts
 from tplab.model.sampling import SamplingParams
 from tplab.specs.model import ModelConfig
 
@@ -36,8 +47,9 @@ STAGE_FIELDS = ("stage", "comm", "pipeline_comm", "bubble", "weight_bytes")
 def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="generate from a Hugging Face checkpoint on N tensor-parallel ranks")
     p.add_argument("--model", default="tiny", help="checkpoint directory, or 'tiny' for the bundled model")
-    p.add_argument("--tp", default="1", help="tensor-parallel degree; several (e.g. 1,2,4,8) run one after another "
-                                             "and a last line says whether they gave identical tokens")
+    p.add_argument("--tp", default=None, help="tensor-parallel degree (default 1, or --ep's); several (e.g. 1,2,4,8) "
+                                              "run one after another and a last line says whether they gave "
+                                              "identical tokens")
     p.add_argument("--backend", choices=BACKENDS, default="threads",
                    help="threads or gloo processes (ignored under torchrun)")
     p.add_argument("--device", default=None,
@@ -61,6 +73,7 @@ def register(subparsers) -> None:
     p.add_argument("--prepack", action="store_true",
                    help="CPU ranks: the linears in oneDNN's blocked layout (faster GEMMs; the same tokens)")
     add_pipeline_options(p)
+    add_expert_options(p)
     p.add_argument("--micro-batches", type=count("--micro-batches"), default=None,
                    help="with --pp: the batch's rows cut into this many micro-batches that fill the stages (default: "
                         "one per stage, at most one per row)")
@@ -89,12 +102,10 @@ def prepare(args: argparse.Namespace) -> tuple[ModelConfig, torch.dtype, object,
     Reads config.json once; the ModelConfig, the dtype and the SamplingParams go to the ranks as they are.
     Sets ``args.tps`` (the parsed --tp list).
     """
-    args.tps = int_list("--tp", args.tp)
     if args.quant_embeddings and not args.quant:
         raise InputError("--quant-embeddings goes with --quant int8 or --quant fp8")
     config = checkpoint_config(args.model)
-    for tp in args.tps:
-        config.check_tp(tp)
+    args.tps = resolve_tps(args, config)
     args.pp = resolve_pp(args, config.num_layers)
     parameters = check_checkpoint(config)
     if under_torchrun() and [tp * args.pp for tp in args.tps] != [int(os.environ["WORLD_SIZE"])]:
@@ -155,10 +166,12 @@ def run(args: argparse.Namespace) -> int:
     for tp in args.tps:
         try:
             results = launch(generate_rank_program, tp, args.backend, device=args.device, threads=args.threads,
-                             pp=args.pp, kwargs=dict(model=config, prompts=prompts, max_new_tokens=args.max_new_tokens,
-                                                     sampling=sampling, dtype=dtype, warmup=True, quant=args.quant,
-                                                     quant_embeddings=args.quant_embeddings, prepack=args.prepack,
-                                                     pp_layers=args.pp_layers, micro_batches=args.micro_batches))
+                             pp=args.pp, ep=args.ep,
+                             kwargs=dict(model=config, prompts=prompts, max_new_tokens=args.max_new_tokens,
+                                         sampling=sampling, dtype=dtype, warmup=True, quant=args.quant,
+                                         quant_embeddings=args.quant_embeddings, prepack=args.prepack,
+                                         pp_layers=args.pp_layers, micro_batches=args.micro_batches,
+                                         expert_dispatch=args.ep_dispatch))
         except InputError as e:  # found inside a rank (e.g. a damaged checkpoint): still bad input, not a bug
             return _usage_error(e)
         if not prints():
@@ -166,13 +179,19 @@ def run(args: argparse.Namespace) -> int:
         result = tokens_by_tp[tp] = results[0]
         stages = results[::tp]  # rank 0 of each stage
         texts = [tokenizer.decode(t, skip_special_tokens=True) for t in result.tokens] if tokenizer else None
+        routing = None
+        if config.num_experts and backend != "torchrun":  # under torchrun rank 0 sees its own counts only
+            routing = routing_summary(run_counts([r.step_expert_tokens for r in results], tp, args.ep), args.ep)
         if args.json:
-            report = {**result.to_dict(), "prompt_tokens": [len(p) for p in prompts], "backend": backend}
+            report = {**result.to_dict(), "prompt_tokens": [len(p) for p in prompts], "backend": backend,
+                      "routing": routing, "ep_dispatch": args.ep_dispatch if config.num_experts else None}
             if args.pp > 1:
                 report["stages"] = [{k: v for k, v in r.to_dict().items() if k in STAGE_FIELDS} for r in stages]
             print(json.dumps(report if texts is None else {**report, "text": texts}))
         else:
             _print_report(result, texts, prompts, tokenizer, backend, stages)
+            if routing is not None:
+                print(routing_line(routing, result.ep, args.ep_dispatch))
     if len(tokens_by_tp) < 2:
         return 0
     same = compare_tokens({tp: r.tokens for tp, r in tokens_by_tp.items()})
@@ -196,6 +215,16 @@ def compare_tokens(tokens_by_tp: dict[int, list[list[int]]]) -> str | None:
                 at = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
                 return f"tokens DIFFER: tp={tp} row {row} departs from tp={first} at new token {at}"
     return None
+
+
+def routing_line(routing: dict, ep: int, dispatch: str) -> str:
+    """One line on a mixture's routing: the experts' placement, the pairs, and the imbalances."""
+    per_rank = routing["experts"] // ep
+    where = "every expert split over the tp ranks" if ep == 1 else \
+        f"{per_rank} whole expert{'s' * (per_rank > 1)} per rank, tokens by {dispatch}"
+    at_ep = ", ".join(f"{r}: {v:.2f}" for r, v in routing["rank_imbalance_at_ep"].items())
+    return (f"experts: {routing['experts']} per layer, {where}; {routing['pairs']} (token, expert) pairs; imbalance "
+            f"(max/mean per step and layer) over experts {routing['expert_imbalance']:.2f}, over ranks at ep {at_ep}")
 
 
 def _comm_line(ops: dict) -> str:
@@ -223,4 +252,5 @@ def _print_report(result, texts, prompts, tokenizer, backend, stages) -> None:
             print(f" stage {r.stage}: weights {r.weight_bytes / 1e6:.2f} MB per rank{bubble}")
         for phase, ops in r.comm.items():
             pipeline = f"; pipeline: {_comm_line(r.pipeline_comm[phase])}" if r.pp > 1 else ""
-            print(f"  {phase}: {_comm_line(ops)}{pipeline}")
+            experts = f"; experts: {_comm_line(r.expert_comm[phase])}" if r.expert_comm else ""
+            print(f"  {phase}: {_comm_line(ops)}{pipeline}{experts}")

@@ -18,7 +18,15 @@ import sys
 from tplab.bench.records import check_record_target
 from tplab.bench.serving import serve_measured, serving_record, write_serving_record
 from tplab.comm.launch import BACKENDS, rank_device_type, under_torchrun
-from tplab.commands import add_pipeline_options, count, resolve_pp, runtime_dtype, threads_per_rank
+from tplab.commands import (
+    add_expert_options,
+    add_pipeline_options,
+    count,
+    resolve_pp,
+    resolve_tp,
+    runtime_dtype,
+    threads_per_rank,
+)
 from tplab.commands import serving_options as serving
 from tplab.commands.generate import load_tokenizer, prints
 from tplab.memory import check_fits, rank_processes_bytes
@@ -29,8 +37,9 @@ from tplab.paths import local_records_dir
 def register(subparsers) -> None:
     p = subparsers.add_parser("serve-bench", help="a continuous-batching engine under load on N ranks, measured")
     p.add_argument("--model", default="tiny", help="checkpoint directory, or 'tiny' for the bundled model")
-    p.add_argument("--tp", type=count("--tp"), default=1, help="tensor-parallel degree")
+    p.add_argument("--tp", type=count("--tp"), default=None, help="tensor-parallel degree (default 1, or --ep's)")
     add_pipeline_options(p)
+    add_expert_options(p)
     p.add_argument("--backend", choices=BACKENDS, default="threads", help="threads or gloo processes")
     p.add_argument("--dtype", type=runtime_dtype, default="auto", help="weights dtype: auto (the checkpoint's), ...")
     p.add_argument("--threads", type=threads_per_rank, default=None, help="torch threads per rank (default: cores shared out)")
@@ -44,7 +53,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         config = checkpoint_config(args.model)
-        config.check_tp(args.tp)
+        args.tp = resolve_tp(config, args.tp, args)
         args.pp = resolve_pp(args, config.num_layers)
         parameters = check_checkpoint(config)
         dtype = resolve_dtype(args.dtype, config, rank_device_type(None))
@@ -63,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         if (note := dtype_note(args.dtype, config, dtype)) and prints():  # every check passed: one line, then the run
             print(note, file=sys.stderr)
         run_ = {**serve_measured(config, requests, sched, args.tp, args.backend, dtype, serving.slo_of(args), args.threads,
-                                 concurrency=args.concurrency, pp=args.pp, pp_layers=args.pp_layers),
+                                 concurrency=args.concurrency, pp=args.pp, pp_layers=args.pp_layers, ep=args.ep,
+                                 expert_dispatch=args.ep_dispatch),
                 "backend": backend, "concurrency": args.concurrency}
     except (ValueError, FileNotFoundError) as e:  # InputError too, found inside a rank (a damaged file)
         if prints():
@@ -81,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
                            pipeline_comm=run_["pipeline_comm"])
         return 0
     grid = f"tp={args.tp}" if args.pp == 1 else f"tp={args.tp} x pp={args.pp} ({ranks})"
+    grid += f", ep={args.ep} ({args.ep_dispatch})" if args.ep > 1 else ""
     serving.print_report(run_, f"MEASURED: {grid} real ranks ({backend}), {run_['threads']} thread(s) each")
     if where:
         print(f"recorded in {where}")

@@ -65,6 +65,9 @@ class GenerationResult:
     stage: int = 0  # this rank's pipeline stage
     micro_batches: int = 1
     pipeline_comm: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # the pp group's, per phase
+    ep: int = 1  # ranks the experts are spread over (a mixture's whole experts); 1 otherwise
+    expert_comm: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # the ep group's, per phase
+    step_expert_tokens: list[list[list[int]]] = field(default_factory=list)  # per step, layer, expert: pairs computed
     step_pipeline_s: list[float] = field(default_factory=list)  # per step: seconds blocked in the pipeline group
     device: str = "cpu"  # where the rank computed, e.g. "cuda:0"
     threads: int = 1  # torch intra-op threads of the rank
@@ -177,18 +180,21 @@ def generate(model: TPCausalLM | ModelRunner, prompts: list[list[int]], max_new_
     if key_valid.all():  # no row is padded: slots are positions, every key is real (and a decode needs no mask)
         positions = key_valid = None
     generator = None if sampling.greedy else sampling.generator()
-    groups = [dist] if pipe is None else [dist, pipe]
+    experts = dist.grid.ep if model.config.num_experts and dist.grid is not None else None
+    named = {"tp": dist, "pp": pipe, "ep": experts if experts is not None and experts.world_size > 1 else None}
+    groups = [g for g in named.values() if g is not None]
     old_tags = [g.stats.tag for g in groups]
-    first_records = [len(g.stats.records) for g in groups]
+    first_records = {name: len(g.stats.records) for name, g in named.items() if g is not None}
     tokens: list[list[int]] = [[] for _ in prompts]
     reasons: list[str | None] = [None] * batch
-    step_seconds, step_comm, step_pipeline_s, kept_logits = [], [], [], []
+    step_seconds, step_comm, step_pipeline_s, kept_logits, step_experts = [], [], [], [], []
+    routed = model.expert_tokens()
     start, width, fed = 0, ids.shape[1], ids
     try:
         for step in range(max_new_tokens):
             for g in groups:
                 g.stats.tag = "prefill" if step == 0 else "decode"
-            step_first = [len(g.stats.records) for g in groups]
+            step_first = {name: len(g.stats.records) for name, g in named.items() if g is not None}
             t0 = time.perf_counter()
             cols = slice(0, width) if step == 0 else slice(start, start + 1)
             hiddens = []
@@ -201,12 +207,16 @@ def generate(model: TPCausalLM | ModelRunner, prompts: list[list[int]], max_new_
             chosen, logits = runner.next_tokens(hidden, sampling, generator, batch)
             chosen = chosen.tolist()  # waits for the device: the step's timing is complete
             step_seconds.append(time.perf_counter() - t0)
-            records = dist.stats.records[step_first[0]:]
+            records = dist.stats.records[step_first["tp"]:]
             step_comm.append({"phase": dist.stats.tag, "seconds": step_seconds[-1],
                               "counts": CommStats(records=records).counts(),
                               "bytes": sum(r.bytes for r in records)})
             if pipe is not None:
-                step_pipeline_s.append(sum(r.seconds for r in pipe.stats.records[step_first[1]:]))
+                step_pipeline_s.append(sum(r.seconds for r in pipe.stats.records[step_first["pp"]:]))
+            if routed is not None:
+                now = model.expert_tokens()
+                step_experts.append((now - routed).tolist())
+                routed = now
             if keep_logits and model.is_last_stage:
                 dist.stats.tag = "inspect"
                 kept_logits.append((model.logits(hidden) if logits is None else logits).cpu())
@@ -221,16 +231,18 @@ def generate(model: TPCausalLM | ModelRunner, prompts: list[list[int]], max_new_
     finally:
         for g, tag in zip(groups, old_tags):
             g.stats.tag = tag
-    summaries = [CommStats(records=g.stats.records[first:]) for g, first in zip(groups, first_records)]
     phases = ("prefill", "decode")
+    summaries = {name: {phase: CommStats(records=named[name].stats.records[first:]).summary(phase)
+                        for phase in phases} for name, first in first_records.items()}
     return GenerationResult(
         tokens=tokens, finish_reasons=[r or "length" for r in reasons],
         ttft_s=step_seconds[0], decode_s=sum(step_seconds[1:]), step_seconds=step_seconds,
-        comm={phase: summaries[0].summary(phase) for phase in phases},
+        comm=summaries["tp"],
         step_comm=step_comm, tp=dist.world_size, pp=pp, stage=0 if pipe is None else pipe.rank,
         micro_batches=len(parts),
-        pipeline_comm={} if pipe is None else {phase: summaries[1].summary(phase) for phase in phases},
-        step_pipeline_s=step_pipeline_s, device=str(dist.device),
+        pipeline_comm=summaries.get("pp", {}), step_pipeline_s=step_pipeline_s, device=str(dist.device),
+        ep=1 if experts is None else experts.world_size, expert_comm=summaries.get("ep", {}),
+        step_expert_tokens=step_experts,
         logits=kept_logits if keep_logits and model.is_last_stage else None)
 
 
@@ -249,7 +261,7 @@ def generate_rank_program(dist: Dist, model: str | Path | ModelConfig, prompts: 
                           eos_token_ids: tuple[int, ...] | None = None, stop_sequences: list[list[int]] = (),
                           keep_logits: bool = False, warmup: bool = False, quant: str | None = None,
                           quant_embeddings: bool = False, prepack: bool = False, pp_layers: list[int] | None = None,
-                          micro_batches: int | None = None) -> GenerationResult:
+                          micro_batches: int | None = None, expert_dispatch: str = "all-reduce") -> GenerationResult:
     """Load this rank's shard of ``model`` and generate: ``launch(generate_rank_program, tp, backend, kwargs=...)``.
 
     ``model``: a checkpoint directory, or its :class:`~tplab.specs.ModelConfig`
@@ -262,10 +274,11 @@ def generate_rank_program(dist: Dist, model: str | Path | ModelConfig, prompts: 
     :meth:`~tplab.model.TPCausalLM.quantize_`); ``quant_embeddings`` quantizes the embedding and the LM head too.
     ``prepack``: the linears in oneDNN's layout (:meth:`~tplab.model.TPCausalLM.prepack_`; CPU).
     Launched with ``pp=P``: this rank's stage of ``pp_layers`` layers per stage (default the even split), the batch
-    in ``micro_batches`` (see :func:`generate`).
+    in ``micro_batches`` (see :func:`generate`). Launched with ``ep=tp``: a mixture's experts whole, E/ep per rank,
+    their tokens reaching them by ``expert_dispatch`` (:mod:`tplab.model.moe`).
     """
     shard = from_pretrained(model, dist, dtype=dtype, quant=quant, quant_embeddings=quant_embeddings, prepack=prepack,
-                            pp_layers=pp_layers)
+                            pp_layers=pp_layers, expert_dispatch=expert_dispatch)
     directory = shard.config.directory
     eos = checkpoint_eos_ids(directory, shard) if eos_token_ids is None else eos_token_ids
     if warmup:

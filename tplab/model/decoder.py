@@ -1,4 +1,5 @@
-"""TPCausalLM: a Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2; Mixtral's experts) split over tp ranks.
+"""TPCausalLM: a Llama-family decoder (Llama 2/3/3.1, Mistral, Qwen2/3; Mixtral's and Qwen's experts) split over tp
+ranks.
 
 One rank's model, Megatron-style. With H query heads, KV key/value heads,
 intermediate size I and vocabulary V, rank r holds:
@@ -7,10 +8,12 @@ intermediate size I and vocabulary V, rank r holds:
   one all-reduce assembles each token's embedding (:mod:`tplab.layers.vocab`);
 * per layer, attention: its H/tp query heads and their KV heads
   (QKV column parallel, :class:`~tplab.layers.linear.QKVParallelLinear`), the
-  matching H/tp * head_dim columns of o_proj (row parallel): one all-reduce;
+  matching H/tp * head_dim columns of o_proj (row parallel): one all-reduce; Qwen3's per-head q/k RMSNorms act on
+  one head each, so they are replicated;
 * per layer, MLP: I/tp rows of gate and up (merged, column parallel) and I/tp
-  columns of down (row parallel): one all-reduce; in a mixture of experts, the same slice of every expert and a
-  replicated router, still one all-reduce (:mod:`tplab.model.moe`);
+  columns of down (row parallel): one all-reduce; in a mixture of experts, the same slice of every expert (or
+  E/ep whole experts, ``launch(..., ep=tp)``) and a replicated router, still one all-reduce, or all-to-alls
+  when the tokens are dispatched (:mod:`tplab.model.moe`);
 * RMSNorm weights and RoPE: replicated (they act on the full hidden vector, or per head);
 * LM head: a vocabulary block of rows; the logits are all-gathered, or
   reduced to a greedy token id by a small all-gather.
@@ -79,14 +82,24 @@ class TPAttention(nn.Module):
                                      dist, bias=config.qkv_bias, dtype=dtype)
         self.o_proj = RowParallelLinear(config.num_heads * config.head_dim, config.hidden_size, dist,
                                         bias=config.o_bias, dtype=dtype)
+        self.q_norm = self.k_norm = None
+        if config.qk_norm:
+            self.q_norm, self.k_norm = (RMSNorm(config.head_dim, config.rms_norm_eps, dtype, dist.device)
+                                        for _ in range(2))
 
     def load(self, source: TensorSource, prefix: str) -> None:
         self.qkv.load(source, f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj")
         load_row_parallel(self.o_proj, source, f"{prefix}.o_proj")
+        if self.q_norm is not None:
+            source.copy_into(self.q_norm.weight.data, f"{prefix}.q_norm.weight")
+            source.copy_into(self.k_norm.weight.data, f"{prefix}.k_norm.weight")
 
     def forward(self, x, cos, sin, mask, step: StaticStep | PagedBatch, layer: int) -> torch.Tensor:
         batch, tokens, _ = x.shape
-        q, k, v = (t.view(batch, tokens, -1, self.head_dim).transpose(1, 2) for t in self.qkv(x))
+        q, k, v = (t.view(batch, tokens, -1, self.head_dim) for t in self.qkv(x))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         out = step.attend(layer, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask, self.head_dim ** -0.5)
         return self.o_proj(out.transpose(1, 2).reshape(batch, tokens, -1))
 
@@ -118,12 +131,14 @@ class TPMLP(nn.Module):
 class TPDecoderLayer(nn.Module):
     """h = x + attn(norm(x)); out = h + mlp(norm(h)), the MLP dense or a mixture of experts (:mod:`tplab.model.moe`)."""
 
-    def __init__(self, config: ModelConfig, dist: Dist, window: int | None, dtype: torch.dtype | None) -> None:
+    def __init__(self, config: ModelConfig, dist: Dist, window: int | None, dtype: torch.dtype | None,
+                 expert_dispatch: str = "all-reduce") -> None:
         super().__init__()
         self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, dist.device)
         self.attn = TPAttention(config, dist, window, dtype)
         self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, dist.device)
-        self.mlp = TPMoE(config, dist, dtype) if config.num_experts else TPMLP(config, dist, dtype)
+        self.mlp = (TPMoE(config, dist, dtype, expert_dispatch) if config.num_experts
+                    else TPMLP(config, dist, dtype))
 
     def load(self, source: TensorSource, prefix: str) -> None:
         source.copy_into(self.input_norm.weight.data, f"{prefix}.input_layernorm.weight")
@@ -140,12 +155,14 @@ class TPCausalLM(nn.Module):
     """One rank's shard of a Llama-family causal LM. Build it with :mod:`tplab.model.loading`."""
 
     def __init__(self, config: ModelConfig, dist: Dist, dtype: torch.dtype = torch.float32,
-                 pp_layers: list[int] | None = None) -> None:
+                 pp_layers: list[int] | None = None, expert_dispatch: str = "all-reduce") -> None:
         """``pp_layers``: decoder layers per pipeline stage (default: the even split); read only when
-        ``dist.grid`` has more than one stage."""
+        ``dist.grid`` has more than one stage. ``expert_dispatch``: how a mixture's tokens reach experts placed
+        whole (``launch(..., ep=tp)``): "all-reduce" or "all-to-all" (:mod:`tplab.model.moe`)."""
         super().__init__()
         config.check_runnable()
-        config.check_tp(dist.world_size)
+        self.ep = 1 if dist.grid is None else dist.grid.ep.world_size
+        config.check_tp(dist.world_size, self.ep)
         self.config, self.dist, self.dtype = config, dist, dtype
         self.pipe = None if dist.grid is None or dist.grid.num_stages == 1 else dist.grid.pp
         stage, stages = (0, 1) if self.pipe is None else (self.pipe.rank, self.pipe.world_size)
@@ -155,7 +172,7 @@ class TPCausalLM(nn.Module):
         self.quant: str | None = None  # set by quantize_(): "int8" or "fp8"
         hidden = config.hidden_size
         self.embed = VocabParallelEmbedding(config.vocab_size, hidden, dist, dtype) if self.is_first_stage else None
-        self.layers = nn.ModuleList(TPDecoderLayer(config, dist, config.layer_windows[i], dtype)
+        self.layers = nn.ModuleList(TPDecoderLayer(config, dist, config.layer_windows[i], dtype, expert_dispatch)
                                     for i in self.layer_ids)
         self.norm = self.lm_head = None
         if self.is_last_stage:
@@ -234,6 +251,13 @@ class TPCausalLM(nn.Module):
             stats.tag = tag
         self.quant = scheme
         return self
+
+    def expert_tokens(self) -> torch.Tensor | None:
+        """(layers of this stage, E): how many (token, expert) pairs each of this rank's experts has computed so
+        far, per layer (zeros for another rank's experts); None for a dense model."""
+        if not self.config.num_experts:
+            return None
+        return torch.stack([layer.mlp.tokens_per_expert for layer in self.layers]).cpu()
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         """A KV cache for this rank's KV heads, ``batch`` rows of up to ``max_len`` positions."""

@@ -30,6 +30,7 @@ from tplab.model.moe import unfused_experts
 from tplab.specs import cpu
 from tplab.specs.dtypes import torch_name
 from tplab.specs.model import ModelConfig, resolve_model
+from tplab.specs.tiny import BUNDLED
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -61,9 +62,9 @@ def dtype_note(requested: str | None, config: ModelConfig, resolved: torch.dtype
 
 
 def checkpoint_config(model: str | Path | ModelConfig) -> ModelConfig:
-    """The ModelConfig of a checkpoint directory or of ``tiny`` (read once), or the one given, which must have
+    """The ModelConfig of a checkpoint directory or of a bundled model (``tiny``, ``tiny-moe``; read once), or the one given, which must have
     a directory."""
-    if isinstance(model, ModelConfig) or str(model) == "tiny":
+    if isinstance(model, ModelConfig) or str(model) in BUNDLED:
         config = resolve_model(model)
     else:
         path = Path(model)
@@ -94,7 +95,7 @@ def check_checkpoint(config: ModelConfig) -> int:
 
 def from_pretrained(model: str | Path | ModelConfig, dist: Dist, dtype: torch.dtype | str | None = None,
                     quant: str | None = None, quant_embeddings: bool = False, prepack: bool = False,
-                    pp_layers: list[int] | None = None) -> TPCausalLM:
+                    pp_layers: list[int] | None = None, expert_dispatch: str = "all-reduce") -> TPCausalLM:
     """This rank's shard of the checkpoint ``model`` (its directory, or its ModelConfig), on ``dist.device``.
 
     The directory holds config.json and model.safetensors, or several
@@ -103,7 +104,9 @@ def from_pretrained(model: str | Path | ModelConfig, dist: Dist, dtype: torch.dt
     slices of the decoder's linears once they are read (:meth:`TPCausalLM.quantize_`), and of the embedding
     and the LM head too with ``quant_embeddings``. ``prepack``: the unquantized linears in oneDNN's layout
     (:meth:`TPCausalLM.prepack_`; CPU only). On a pipeline stage (``dist.grid``), only that stage's layers are read:
-    ``pp_layers`` per stage, default the even split (:func:`tplab.specs.sharding.stage_layers`).
+    ``pp_layers`` per stage, default the even split (:func:`tplab.specs.sharding.stage_layers`). With an expert
+    group (``launch(..., ep=tp)``), only this rank's whole experts, reached by ``expert_dispatch``
+    (:mod:`tplab.model.moe`).
     """
     config = checkpoint_config(model)
     if quant is not None:
@@ -111,7 +114,7 @@ def from_pretrained(model: str | Path | ModelConfig, dist: Dist, dtype: torch.dt
         if config.quantization and quant != config.quantization:
             raise ValueError(f"{config.directory} is stored in {config.quantization}: load it as it is (no --quant, "
                              f"or --quant {config.quantization}), not as {quant}")
-    shard = TPCausalLM(config, dist, resolve_dtype(dtype, config, dist.device), pp_layers)
+    shard = TPCausalLM(config, dist, resolve_dtype(dtype, config, dist.device), pp_layers, expert_dispatch)
     shard.load(SafetensorsSource(config.directory)).eval()
     if quant_embeddings and not quant:
         raise ValueError("quantizing the embeddings needs a scheme: pass quant='int8' or 'fp8' with it")
@@ -124,4 +127,5 @@ def from_hf_model(hf_model: torch.nn.Module, dist: Dist, dtype: torch.dtype | st
     """This rank's shard of an in-memory transformers model (e.g. LlamaForCausalLM), same slicing as on disk."""
     config = ModelConfig.from_hf_config(hf_model.config)
     dtype = next(hf_model.parameters()).dtype if dtype is None else resolve_dtype(dtype, config, dist.device)
-    return TPCausalLM(config, dist, dtype).load(StateDictSource(unfused_experts(hf_model.state_dict()))).eval()
+    state = unfused_experts(hf_model.state_dict(), config.model_type)
+    return TPCausalLM(config, dist, dtype).load(StateDictSource(state)).eval()

@@ -119,7 +119,8 @@ def serve(model: TPCausalLM, requests: list[Request], config: SchedulerConfig, e
     runner = ModelRunner(model)
     cache = runner.start_paged(config.num_blocks, config.block_size)
     ranks = RankStep(runner, requests)
-    groups = [dist] if pipe is None else [dist, pipe]
+    experts = None if dist.grid is None or dist.grid.ep.world_size == 1 else dist.grid.ep
+    groups = [g for g in (dist, pipe, experts) if g is not None]
     old_tags = [g.stats.tag for g in groups]
 
     def stage_step(ints: list[int]) -> dict[int, int] | None:
@@ -163,13 +164,15 @@ def serve(model: TPCausalLM, requests: list[Request], config: SchedulerConfig, e
 def serve_rank_program(dist: Dist, model: str | Path | ModelConfig, requests: list[Request],
                        config: SchedulerConfig, dtype: torch.dtype | str | None = None, slo: SLO = SLO(),
                        eos_token_ids: tuple[int, ...] | None = None, warmup: bool = True,
-                       concurrency: int | None = None, pp_layers: list[int] | None = None) -> dict:
-    """Load this rank's shard and serve: ``launch(serve_rank_program, tp, backend, pp=P, kwargs=...)`` (threads,
-    gloo, torchrun). ``config.policy`` "padded" serves static batches through the generation loop
-    (:mod:`tplab.serving.static`), on one stage. ``pp_layers``: decoder layers per stage (default the even split)."""
+                       concurrency: int | None = None, pp_layers: list[int] | None = None,
+                       expert_dispatch: str = "all-reduce") -> dict:
+    """Load this rank's shard and serve: ``launch(serve_rank_program, tp, backend, pp=P, ep=E, kwargs=...)``
+    (threads, gloo, torchrun). ``config.policy`` "padded" serves static batches through the generation loop
+    (:mod:`tplab.serving.static`), on one stage. ``pp_layers``: decoder layers per stage (default the even split);
+    ``expert_dispatch``: how a mixture's tokens reach experts placed whole (:mod:`tplab.model.moe`)."""
     pp = 1 if dist.grid is None else dist.grid.num_stages
     check_serving(config.policy, concurrency, pp)
-    shard = from_pretrained(model, dist, dtype=dtype, pp_layers=pp_layers)
+    shard = from_pretrained(model, dist, dtype=dtype, pp_layers=pp_layers, expert_dispatch=expert_dispatch)
     eos = frozenset(shard.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
     if config.policy == "padded":
         if warmup:
@@ -182,5 +185,7 @@ def serve_rank_program(dist: Dist, model: str | Path | ModelConfig, requests: li
     if dist.rank == 0:
         result.update(tp=dist.world_size, pp=pp, device=str(dist.device), threads=torch.get_num_threads(),
                       comm=dist.stats.summary("serve"), schedule_comm=dist.stats.summary("schedule"),
-                      pipeline_comm=None if shard.pipe is None else shard.pipe.stats.summary("serve"))
+                      pipeline_comm=None if shard.pipe is None else shard.pipe.stats.summary("serve"),
+                      expert_comm=None if dist.grid is None or dist.grid.ep.world_size == 1
+                      else dist.grid.ep.stats.summary("serve"))
     return result

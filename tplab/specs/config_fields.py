@@ -2,8 +2,10 @@
 
 Both spellings of RoPE are read: transformers 5 (``rope_parameters``) and 4
 (``rope_theta`` + ``rope_scaling``). Sliding windows follow Mistral (every
-layer) and Qwen2 (``use_sliding_window``, from ``max_window_layers`` on, or
-``layer_types``).
+layer) and the Qwen family (``use_sliding_window``, from ``max_window_layers`` on, or
+``layer_types``). Mixtures of experts follow Mixtral (``num_local_experts``, experts as wide as the dense MLP,
+top-k weights renormalised) and Qwen2-MoE / Qwen3-MoE (``num_experts``, ``moe_intermediate_size``,
+``norm_topk_prob``; Qwen2-MoE's gated shared expert).
 """
 from __future__ import annotations
 
@@ -13,8 +15,10 @@ from typing import Any, Mapping
 
 from tplab.checks import is_positive_int
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "mixtral")
-MOE_MODEL_TYPES = ("mixtral",)  # mixture-of-experts decoders tplab runs (TP of the experts)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe")
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe")  # mixture-of-experts decoders tplab runs
+QWEN_MODEL_TYPES = ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe")  # sliding windows only with use_sliding_window
+QK_NORM_MODEL_TYPES = ("qwen3", "qwen3_moe")  # an RMSNorm over each query and key head before RoPE
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 REQUIRED_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
@@ -23,8 +27,9 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 SIZE_LIMITS = {"vocab_size": 10**7, "hidden_size": 10**6, "intermediate_size": 10**7, "num_hidden_layers": 10**4,
                "num_attention_heads": 10**5, "num_key_value_heads": 10**5, "head_dim": 10**5,
                "max_position_embeddings": 10**8, "sliding_window": 10**8, "max_window_layers": 10**4,
-               "original_max_position_embeddings": 10**8, "num_local_experts": 10**5,
-               "num_experts_per_tok": 10**5}
+               "original_max_position_embeddings": 10**8, "num_local_experts": 10**5, "num_experts": 10**5,
+               "num_experts_per_tok": 10**5, "moe_intermediate_size": 10**7,
+               "shared_expert_intermediate_size": 10**7, "decoder_sparse_step": 10**4}
 
 
 def size_field(d: Mapping, key: str, default: int | None = None) -> int | None:
@@ -76,7 +81,7 @@ def check_sizes(d: Mapping) -> None:
     integer; mixture-of-experts refused outside :data:`MOE_MODEL_TYPES`."""
     missing = [k for k in REQUIRED_SIZES if k not in d]
     if missing:
-        raise ValueError(f"lacks {', '.join(missing)}: tplab describes Llama/Mistral/Qwen2-style decoders")
+        raise ValueError(f"lacks {', '.join(missing)}: tplab describes Llama/Mistral/Qwen-style decoders")
     for key in REQUIRED_SIZES:
         size_field(d, key)
     if any(d.get(k) for k in MOE_KEYS) and d.get("model_type") not in MOE_MODEL_TYPES:
@@ -103,16 +108,37 @@ def unsupported(d: Mapping) -> str | None:
     return parse_quantization(d)[1]
 
 
-def parse_experts(d: Mapping) -> tuple[int, int]:
-    """(experts E, experts per token k) of a Mixtral-style config: 0, 0 for a dense model. ValueError unless
-    1 <= k <= E."""
-    if d.get("model_type") not in MOE_MODEL_TYPES:
-        return 0, 0
-    experts, top_k = size_field(d, "num_local_experts"), size_field(d, "num_experts_per_tok")
+def parse_experts(d: Mapping) -> dict[str, Any]:
+    """The mixture-of-experts fields of :class:`~tplab.specs.ModelConfig` (none for a dense model):
+
+    * ``num_experts`` E and ``experts_per_token`` k (1 <= k <= E);
+    * ``expert_intermediate_size``: each expert's SwiGLU width (Mixtral: ``intermediate_size``; Qwen:
+      ``moe_intermediate_size``);
+    * ``normalize_expert_weights``: the k chosen softmax probabilities are renormalised to sum to 1 (Mixtral
+      always, as its softmax over the top-k logits equals it; Qwen when ``norm_topk_prob``);
+    * ``shared_expert_intermediate_size``: Qwen2-MoE's shared expert, which every token passes through, scaled
+      by sigmoid(x · g) (0: none).
+
+    Every layer must be sparse: ``mlp_only_layers`` empty and ``decoder_sparse_step`` 1 (every published Qwen MoE).
+    ValueError otherwise."""
+    model_type = d.get("model_type")
+    if model_type not in MOE_MODEL_TYPES:
+        return {}
+    key = "num_local_experts" if model_type == "mixtral" or d.get("num_local_experts") else "num_experts"
+    experts, top_k = size_field(d, key), size_field(d, "num_experts_per_tok")
     if experts is None or top_k is None or top_k > experts:
-        raise ValueError(f"a mixture of experts needs num_local_experts and num_experts_per_tok with 1 <= "
-                         f"num_experts_per_tok <= num_local_experts, got {experts!r} and {top_k!r}")
-    return experts, top_k
+        raise ValueError(f"a mixture of experts needs {key} and num_experts_per_tok with 1 <= "
+                         f"num_experts_per_tok <= {key}, got {experts!r} and {top_k!r}")
+    if d.get("mlp_only_layers") or size_field(d, "decoder_sparse_step", 1) != 1:
+        raise ValueError("dense layers among the sparse ones (mlp_only_layers, decoder_sparse_step > 1) are not "
+                         "supported: tplab's mixtures have experts in every layer")
+    mixtral = model_type == "mixtral"
+    return dict(
+        num_experts=experts, experts_per_token=top_k,
+        expert_intermediate_size=size_field(d, "intermediate_size" if mixtral else "moe_intermediate_size"),
+        normalize_expert_weights=mixtral or bool_field(d, "norm_topk_prob"),
+        shared_expert_intermediate_size=(size_field(d, "shared_expert_intermediate_size", 0)
+                                         if model_type == "qwen2_moe" else 0))
 
 
 def parse_quantization(d: Mapping) -> tuple[str | None, str | None]:
@@ -173,12 +199,12 @@ def parse_windows(d: Mapping, num_layers: int) -> tuple[int | None, ...]:
                                     or not set(layer_types) <= set(LAYER_TYPES)):
         raise ValueError(f"layer_types must list one of {LAYER_TYPES} for each of the {num_layers} layers, got "
                          f"{layer_types!r}")
-    window = size_field(d, "sliding_window") if model_type in ("mistral", "mixtral", "qwen2") else None
-    if model_type == "qwen2" and not bool_field(d, "use_sliding_window"):
-        window = None
+    sliding = model_type in ("mistral", "mixtral") or (model_type in QWEN_MODEL_TYPES
+                                                         and bool_field(d, "use_sliding_window"))
+    window = size_field(d, "sliding_window") if sliding else None
     if window is None:
         return (None,) * num_layers
-    if not layer_types:  # older configs: Mistral slides every layer, Qwen2 the layers from max_window_layers on
-        first = size_field(d, "max_window_layers", 0) if model_type == "qwen2" else 0
+    if not layer_types:  # older configs: Mistral slides every layer, Qwen the layers from max_window_layers on
+        first = size_field(d, "max_window_layers", 0) if model_type in QWEN_MODEL_TYPES else 0
         layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
     return tuple(window if t == "sliding_attention" else None for t in layer_types)

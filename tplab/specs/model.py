@@ -4,8 +4,9 @@ The decoder, the loader, the KV cache, the cost model and the benchmark all
 read this one object. Two modes:
 
 * **strict** (the default): what tplab's decoder can run: ``model_type``
-  llama (Llama 2, Llama 3/3.1, TinyLlama), mistral or qwen2, a SiLU-gated MLP,
-  RoPE of type default, linear or llama3. Anything else is a ValueError.
+  llama (Llama 2, Llama 3/3.1, TinyLlama), mistral, qwen2 or qwen3, and the mixtures of experts mixtral,
+  qwen2_moe and qwen3_moe; a SiLU-gated MLP, RoPE of type default, linear or llama3. Anything else is a
+  ValueError.
 * **shapes only** (``strict=False``): what the cost model can estimate: any
   dense decoder with a gated MLP and the five sizes; ``unsupported`` then says
   why the decoder would refuse it (None when it would not).
@@ -26,6 +27,7 @@ from tplab.checks import check_int
 from tplab.paths import DATA_DIR
 from tplab.specs import tiny
 from tplab.specs.config_fields import (
+    QK_NORM_MODEL_TYPES,
     RopeConfig,
     as_ids,
     bool_field,
@@ -74,8 +76,12 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     dtype: str | None = None
     quantization: str | None = None  # "fp8": the checkpoint stores fp8 weights and their scales
-    num_experts: int = 0  # E experts per MoE layer (Mixtral: every layer); 0 for a dense MLP
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each query and key head (head_dim) before RoPE
+    num_experts: int = 0  # E experts per MoE layer (every layer); 0 for a dense MLP
     experts_per_token: int = 0  # k: each token's router picks k of the E experts
+    expert_intermediate_size: int = 0  # each expert's SwiGLU width
+    normalize_expert_weights: bool = True  # the k chosen probabilities renormalised to sum to 1
+    shared_expert_intermediate_size: int = 0  # Qwen2-MoE's gated shared expert (0: none)
     unsupported: str | None = None  # why tplab's decoder cannot run it; None when it can
     source: str = field(default="config dict", compare=False)  # where it was read
     directory: Path | None = field(default=None, compare=False)  # the checkpoint directory holding config.json
@@ -102,7 +108,7 @@ class ModelConfig:
         num_layers, num_heads = d["num_hidden_layers"], d["num_attention_heads"]
         model_type = str(d.get("model_type"))
         attention_bias = bool_field(d, "attention_bias")
-        experts, top_k = parse_experts(d)
+        qkv_bias = {"qwen2": True, "qwen2_moe": bool_field(d, "qkv_bias", True)}.get(model_type, attention_bias)
         return cls(
             name=name, model_type=model_type, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
             intermediate_size=d["intermediate_size"], num_layers=num_layers, num_heads=num_heads,
@@ -111,10 +117,11 @@ class ModelConfig:
             max_position_embeddings=size_field(d, "max_position_embeddings", 2048),
             rms_norm_eps=number_field(d, "rms_norm_eps", 1e-6), rope=parse_rope(d),
             tie_word_embeddings=bool_field(d, "tie_word_embeddings"),
-            qkv_bias=model_type == "qwen2" or attention_bias, o_bias=attention_bias and model_type != "qwen2",
+            qkv_bias=qkv_bias, o_bias=attention_bias and model_type not in ("qwen2", "qwen2_moe"),
+            qk_norm=model_type in QK_NORM_MODEL_TYPES,
             mlp_bias=bool_field(d, "mlp_bias"), layer_windows=parse_windows(d, num_layers),
             eos_token_ids=as_ids(d.get("eos_token_id")), dtype=d.get("dtype") or d.get("torch_dtype"),
-            quantization=parse_quantization(d)[0], num_experts=experts, experts_per_token=top_k,
+            quantization=parse_quantization(d)[0], **parse_experts(d),
             unsupported=why_not, source=str(d.get("_source", source)), directory=directory)
 
     @classmethod
@@ -163,27 +170,50 @@ class ModelConfig:
                 "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.qkv_bias}
 
     # --- tensor parallelism ------------------------------------------------------
-    def tp_problem(self, tp: int) -> str | None:
+    def tp_problem(self, tp: int, ep: int = 1) -> str | None:
         """Why ``tp`` cannot shard this model, or None when it can.
 
-        tp must divide the query heads H and the MLP width I; the KV heads K
-        split evenly (tp divides K) or replicate evenly (K divides tp).
+        tp must divide the query heads H and every width split across the ranks: the MLP's I, or in a mixture
+        each expert's (unless ``ep`` = tp places the experts whole) and the shared expert's; the KV heads K split
+        evenly (tp divides K) or replicate evenly (K divides tp).
         """
         problem = gqa_tp_problem(self.num_heads, self.num_kv_heads, tp)
-        if problem is None and self.intermediate_size % tp:
-            problem = f"intermediate_size={self.intermediate_size} is not divisible by tp={tp}"
+        widths = [("intermediate_size", self.intermediate_size)] if not self.num_experts else \
+            [("moe_intermediate_size", self.expert_intermediate_size)] * (ep == 1) + \
+            [("shared_expert_intermediate_size", self.shared_expert_intermediate_size)] * \
+            bool(self.shared_expert_intermediate_size)
+        for name, width in widths:
+            if problem is None and width % tp:
+                problem = f"{name}={width} is not divisible by tp={tp}"
         return problem
 
-    def valid_tp(self, limit: int | None = None) -> list[int]:
+    def valid_tp(self, limit: int | None = None, ep: int = 1) -> list[int]:
         """Every tp degree that can shard this model, up to ``limit`` (the padded vocabulary never limits tp)."""
-        return [t for t in divisors(self.num_heads) if self.tp_problem(t) is None and (limit is None or t <= limit)]
+        return [t for t in divisors(self.num_heads)
+                if self.tp_problem(t, t if ep > 1 else 1) is None and (limit is None or t <= limit)]
 
-    def check_tp(self, tp: int) -> None:
-        """ValueError naming the failing dimension and listing the valid tp values."""
+    def check_tp(self, tp: int, ep: int = 1) -> None:
+        """ValueError naming the failing dimension and listing the valid tp values (and the ep problem, if any)."""
         check_tp(tp)
-        problem = self.tp_problem(tp)
+        self.check_ep(tp, ep)
+        problem = self.tp_problem(tp, ep)
         if problem:
-            raise ValueError(f"{problem}; valid tp: {', '.join(str(t) for t in self.valid_tp())}")
+            raise ValueError(f"{problem}; valid tp: {', '.join(str(t) for t in self.valid_tp(ep=ep))}")
+
+    def check_ep(self, tp: int, ep: int) -> None:
+        """ValueError unless ``ep`` experts groups fit: 1 (every expert split over the tp ranks), or, in a mixture
+        whose E experts divide by it, tp itself (whole experts, E/tp on each rank of the TP group)."""
+        check_int("ep", ep)
+        if ep == 1:
+            return
+        if not self.num_experts:
+            raise ValueError(f"ep={ep} spreads experts over ranks, and {self.name} is a dense model: leave ep at 1")
+        valid = [e for e in sorted({1, tp}) if self.num_experts % e == 0]
+        if ep != tp or self.num_experts % ep:
+            why = (f"the {self.num_experts} experts do not divide by ep={ep}" if self.num_experts % ep else
+                   f"ep={ep} with tp={tp}: experts are whole on every rank of the TP group (ep = tp) or split over "
+                   "all of them (ep = 1)")
+            raise ValueError(f"{why}; valid ep at tp={tp}: {', '.join(map(str, valid))}")
 
     def kv_heads_per_rank(self, tp: int) -> int:
         """max(1, K/tp): KV heads are split while tp <= K, then each is replicated on tp/K ranks."""
@@ -212,7 +242,7 @@ def model_names() -> list[str]:
 
 
 def resolve_model(model: str | Path | ModelConfig, *, strict: bool = True) -> ModelConfig:
-    """``tiny`` (the bundled checkpoint, checksum verified), a shipped config name, a checkpoint directory,
+    """``tiny`` or ``tiny-moe`` (the bundled checkpoints, checksum verified), a shipped config name, a checkpoint directory,
     a config.json path, or a ModelConfig as it is.
 
     The result's ``directory`` is the checkpoint directory when there is one
@@ -221,12 +251,12 @@ def resolve_model(model: str | Path | ModelConfig, *, strict: bool = True) -> Mo
     if isinstance(model, ModelConfig):
         return model
     name = str(model)
-    if name == "tiny":
+    if name in tiny.BUNDLED:
         try:
-            directory = tiny.verify_tiny(tiny.TINY_DIR)
+            directory = tiny.verify_bundled(name)
         except (FileNotFoundError, ValueError) as e:
-            raise ValueError(f"the tiny model failed its check: {e}; or pass another model") from None
-        return dataclasses.replace(ModelConfig.from_file(directory, strict=strict), name="tiny")
+            raise ValueError(f"the {name} model failed its check: {e}; or pass another model") from None
+        return dataclasses.replace(ModelConfig.from_file(directory, strict=strict), name=name)
     if name.lower() in model_names():
         return ModelConfig.from_dict(read_json(MODEL_DIR / f"{name.lower()}.json"), strict=strict, name=name.lower(),
                                      source=f"shipped config {name.lower()}")

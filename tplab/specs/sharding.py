@@ -136,3 +136,16 @@ def stage_layers(num_layers: int, pp: int, counts: list[int] | None = None) -> l
                          f"{','.join(str(len(r)) for r in stage_layers(num_layers, pp))}")
     starts = [sum(counts[:s]) for s in range(pp)]
     return [range(start, start + n) for start, n in zip(starts, counts)]
+
+
+EXPERT_DISPATCH = ("all-reduce", "all-to-all")  # how tokens reach experts placed whole (tplab.model.moe)
+
+
+def check_dispatch(dispatch: str, tp: int, ep: int) -> None:
+    """ValueError unless ``dispatch`` is one of :data:`EXPERT_DISPATCH` and, for "all-to-all", the experts are whole
+    on every rank (ep = tp)."""
+    if dispatch not in EXPERT_DISPATCH:
+        raise ValueError(f"unknown expert dispatch {dispatch!r}; one of {', '.join(EXPERT_DISPATCH)}")
+    if dispatch == "all-to-all" and ep != tp:
+        raise ValueError(f"the all-to-all dispatch sends tokens to whole experts: it needs ep = tp, got ep={ep} "
+                         f"with tp={tp}")

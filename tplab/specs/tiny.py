@@ -7,6 +7,10 @@ prints readable text on a machine with no network. It is an ordinary Hugging
 Face checkpoint directory: ``AutoModelForCausalLM.from_pretrained(TINY_DIR)``
 and ``AutoTokenizer.from_pretrained(TINY_DIR)`` load it as-is.
 
+``tiny-moe`` (in ``data/tiny_moe``) is its mixture-of-experts sibling: a 2.6M-parameter Mixtral (8 experts, 2
+per token) trained by ``scripts/train_tiny.py --moe`` on the same corpus with the same tokenizer, so that its
+routing is a trained one (:mod:`tplab.model.routing`).
+
 ``verify_tiny()`` checks the weights against the SHA-256 recorded at training
 time, so a truncated or edited file fails loudly instead of printing noise.
 """
@@ -21,8 +25,11 @@ from pathlib import Path
 from tplab.paths import DATA_DIR, INCOMPLETE_DATA
 
 TINY_DIR = DATA_DIR / "tiny"
+TINY_MOE_DIR = DATA_DIR / "tiny_moe"
 WEIGHTS_FILE = "model.safetensors"
 EXPECTED_SHA256 = "1dcf5f31ca9a7fd71152cb3429ee602a6210bf7f48eee37ce3a44f7adaa87af6"
+TINY_MOE_SHA256 = "5d36134e54c4cbf012b40c676eb97cec1a16cd65ae8725552caa1112ed40feb8"
+BUNDLED = ("tiny", "tiny-moe")  # the models that ship with tplab
 
 
 def sha256_file(path: Path) -> str:
@@ -34,8 +41,15 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_tiny(directory: Path = TINY_DIR) -> Path:
-    """Return ``directory`` if its model.safetensors is the recorded one; otherwise raise.
+def verify_bundled(name: str) -> Path:
+    """The checked directory of a bundled model ("tiny" or "tiny-moe"; :func:`verify_tiny`)."""
+    if name == "tiny":
+        return verify_tiny(TINY_DIR, EXPECTED_SHA256)
+    return verify_tiny(TINY_MOE_DIR, TINY_MOE_SHA256)
+
+
+def verify_tiny(directory: Path = TINY_DIR, expected: str = EXPECTED_SHA256) -> Path:
+    """Return ``directory`` if its model.safetensors is the recorded one (``expected``); otherwise raise.
 
     FileNotFoundError when the file is absent (tplab installed without its
     data directory), ValueError when its checksum differs (a Git LFS pointer,
@@ -45,10 +59,10 @@ def verify_tiny(directory: Path = TINY_DIR) -> Path:
     if not weights.is_file():
         raise FileNotFoundError(f"{weights} is missing: {INCOMPLETE_DATA}")
     actual = sha256_file(weights)
-    if actual != EXPECTED_SHA256:
-        raise ValueError(f"{weights} has SHA-256 {actual}, expected {EXPECTED_SHA256}: the file is damaged "
-                         "or not the shipped one. Restore it with `git checkout -- data/tiny`, or, after "
-                         "retraining with scripts/train_tiny.py, record the new hash in tplab/specs/tiny.py.")
+    if actual != expected:
+        raise ValueError(f"{weights} has SHA-256 {actual}, expected {expected}: the file is damaged "
+                         f"or not the shipped one. Restore it with `git checkout -- data/{Path(directory).name}`, or, "
+                         "after retraining with scripts/train_tiny.py, record the new hash in tplab/specs/tiny.py.")
     return Path(directory)
 
 

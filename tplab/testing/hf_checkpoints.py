@@ -11,7 +11,11 @@ cover the cases TP must get right:
 ``mistral``    GQA 8 / 4, sliding window of 6 tokens, vocab 256
 ``qwen2``      GQA 8 / 2, q/k/v biases, tied embeddings, vocab 250
 ``tied``       Llama with MQA (1 KV head), tied embeddings, attention and MLP biases, vocab 250
-``mixtral``    GQA 8 / 2, a mixture of 6 experts, 2 per token, vocab 260
+``qwen3``      GQA 8 / 4, an RMSNorm on every query and key head, tied embeddings, vocab 280
+``mixtral``    GQA 8 / 2, a mixture of 8 experts, 2 per token (weights renormalised), vocab 260
+``qwen3_moe``  Qwen3's attention, 8 experts of width 32, 2 per token (renormalised: ``norm_topk_prob``), vocab 270
+``qwen2_moe``  q/k/v biases, 4 experts of width 32, 2 per token (not renormalised), a gated shared expert of
+               width 48, vocab 240
 =============  =======================================================================
 
 So tp in {1, 2, 4, 8} meets tp > KV heads (llama31, qwen2, tied; mistral at 8)
@@ -36,12 +40,20 @@ SPECS: dict[str, tuple[str, dict]] = {
     "qwen2": ("Qwen2Config", dict(num_key_value_heads=2, vocab_size=250, tie_word_embeddings=True)),
     "tied": ("LlamaConfig", dict(num_key_value_heads=1, vocab_size=250, tie_word_embeddings=True,
                                  attention_bias=True, mlp_bias=True)),
-    "mixtral": ("MixtralConfig", dict(num_key_value_heads=2, vocab_size=260, num_local_experts=6,
+    "qwen3": ("Qwen3Config", dict(num_key_value_heads=4, vocab_size=280, tie_word_embeddings=True)),
+    "mixtral": ("MixtralConfig", dict(num_key_value_heads=2, vocab_size=260, num_local_experts=8,
                                       num_experts_per_tok=2)),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_key_value_heads=2, vocab_size=270, num_experts=8, num_experts_per_tok=2,
+                                         moe_intermediate_size=32, norm_topk_prob=True)),
+    "qwen2_moe": ("Qwen2MoeConfig", dict(num_key_value_heads=2, vocab_size=240, num_experts=4, num_experts_per_tok=2,
+                                         moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                                         norm_topk_prob=False)),
 }
+MOE_SPECS = ("mixtral", "qwen3_moe", "qwen2_moe")  # the specs whose MLP is a mixture of experts
 
 _CLASSES = {"LlamaConfig": "LlamaForCausalLM", "MistralConfig": "MistralForCausalLM", "Qwen2Config": "Qwen2ForCausalLM",
-            "MixtralConfig": "MixtralForCausalLM"}
+            "Qwen3Config": "Qwen3ForCausalLM", "MixtralConfig": "MixtralForCausalLM",
+            "Qwen3MoeConfig": "Qwen3MoeForCausalLM", "Qwen2MoeConfig": "Qwen2MoeForCausalLM"}
 
 
 def hf_config(name: str, **overrides) -> transformers.PretrainedConfig:

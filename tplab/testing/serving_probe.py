@@ -13,11 +13,11 @@ from tplab.serving.scheduler import SchedulerConfig
 
 
 def serve_then_alone(dist: Dist, model: str | Path, requests: list[Request], config: SchedulerConfig,
-                     eos: tuple[int, ...]) -> dict:
+                     eos: tuple[int, ...], expert_dispatch: str = "all-reduce") -> dict:
     """{"run": the served run (rank 0) or None, "alone": each request's tokens from ``generate`` with that prompt
     alone, "serve"/"schedule": this rank's collectives under those tags (and "pipe_serve"/"pipe_schedule", its
     pipeline group's, with stages), "stage", "cache_bytes"}."""
-    shard = from_pretrained(model, dist)
+    shard = from_pretrained(model, dist, expert_dispatch=expert_dispatch)
     run = serve(shard, requests, config, frozenset(eos))
     serve_comm, schedule_comm = dist.stats.summary("serve"), dist.stats.summary("schedule")
     pipe = {} if shard.pipe is None else {"pipe_serve": shard.pipe.stats.summary("serve"),
