@@ -12,8 +12,8 @@ from tplab import launch
 from tplab.engine.generate import generate_rank_program
 from tplab.model.moe import TPMoE
 from tplab.model.routing import imbalance, routing_summary, run_counts
-from tplab.perf.experts import layer_payload, layer_wire_bytes
-from tplab.specs.model import ModelConfig
+from tplab.perf.experts import ExpertSplit, layer_payload, layer_wire_bytes
+from tplab.specs.model import MODEL_DIR, ModelConfig
 from tplab.testing import MOE_SPECS, distinct_prompts, hf_greedy, make_checkpoint
 from tplab.testing.serving_probe import serve_then_alone
 
@@ -217,14 +217,53 @@ def test_generate_reports_the_routing_and_the_expert_group(mixtures, capsys):
     assert "experts: 8 per layer, 4 whole experts per rank, tokens by all-reduce" in out
 
 
-def test_a_mixture_is_refused_where_it_cannot_be_modelled(mixtures, capsys):
+def test_a_checkpoint_mixture_is_planned_with_its_experts(mixtures, capsys):
     from tplab.cli import main
 
-    path = mixtures["mixtral"][0]
-    assert main(["plan", "--model", str(path / "config.json"), "--gpu", "h100-sxm", "--tp", "2", "--context", "64",
-                 "--output", "16"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "a mixture of 8 experts: the cost model describes dense decoders only" in err
+    path = mixtures["qwen2_moe"][0]
+    assert main(["plan", "--model", str(path / "config.json"), "--gpu", "h100-sxm", "--ep", "2", "--context", "64",
+                 "--output", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "experts: 4 per layer, 2 per token" in out and "   TP " in out and "EP-ar" in out
+
+
+def test_the_cost_model_counts_every_expert_in_memory_and_the_touched_ones_in_a_step():
+    from tplab.perf.estimate import estimate
+    from tplab.perf.experts import rank_imbalance, touched_fraction
+    from tplab.perf.shapes import step_work
+
+    spec = ModelConfig.from_dict({**json.loads((MODEL_DIR / "mixtral-8x7b.json").read_text())}, name="mixtral")
+    assert touched_fraction(1, 2, 8) == 0.25 and touched_fraction(256, 2, 8) > 0.999
+    assert rank_imbalance(1, 2, 8, 8) == 4.0  # one pair on the busiest of 8 ranks, a quarter on average
+    assert rank_imbalance(1, 2, 8, 1) == 1.0
+    assert rank_imbalance(1024, 2, 8, 8) < rank_imbalance(64, 2, 8, 8) < rank_imbalance(4, 2, 8, 8)
+    kw = dict(model=spec, gpu="h100-sxm", tp=8, prompt_len=1024, output_len=256)
+    tp1, ep1 = estimate(batch=1, **kw), estimate(batch=1, ep=8, **kw)
+    assert tp1.breakdown["memory_gb"] == ep1.breakdown["memory_gb"]  # every expert, split or whole
+    assert ep1.decode_ms_per_token > tp1.decode_ms_per_token  # at batch 1 the busiest GPU reads a whole expert
+    full = [estimate(batch=512, ep=ep, **kw).decode_ms_per_token for ep in (1, 8)]
+    assert full[1] == pytest.approx(full[0], rel=0.05)  # every expert touched: the same bytes, the same time
+    dense_read = step_work(spec, 8, "bf16", "bf16", 512, 1, 1024).weight_bytes
+    assert step_work(spec, 8, "bf16", "bf16", 1, 1, 1024).weight_bytes < dense_read / 2
+    dispatched = step_work(spec, 8, "bf16", "bf16", 64, 1, 1024, experts=ExpertSplit(8, "all-to-all"))
+    assert (dispatched.all_reduces, dispatched.all_to_alls) == (spec.num_layers + 1, 3 * spec.num_layers)
+    with pytest.raises(ValueError, match="imbalance is the busiest rank's share over the mean"):
+        estimate(batch=1, ep=8, imbalance=0.5, **kw)
+
+
+def test_plan_and_simulate_print_tp_of_experts_against_ep(capsys):
+    from tplab.cli import main
+
+    assert main(["plan", "--model", "mixtral-8x7b", "--gpu", "h100-sxm", "--ep", "8", "--batch", "1,64",
+                 "--context", "2048", "--output", "256"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("8 ")]
+    assert [(r[1], r[2]) for r in rows] == [("TP", "1"), ("TP", "64"), ("EP-ar", "1"), ("EP-ar", "64")]
+    assert main(["simulate", "--model", "qwen3-30b-a3b", "--gpu", "h100-sxm", "--ep", "4", "--ep-dispatch",
+                 "all-to-all", "--rate", "8", "--num-requests", "40", "--prompt-len", "128:512",
+                 "--output-len", "16:64"]) == 0
+    assert "experts whole on 4 GPUs (all-to-all)" in capsys.readouterr().out
+    assert main(["plan", "--model", "llama-3-8b", "--gpu", "h100-sxm", "--ep", "2"]) == 2
+    assert "is a dense model: leave ep at 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])

@@ -43,7 +43,7 @@ def test_without_a_price_the_cost_column_is_empty_and_notes_are_printed(capsys):
     (["--tp", "3"], "error: num_attention_heads=64 is not divisible by tp=3; valid tp: 1, 2, 4, 8, 16, 32, 64"),
     (["--tp", "2,x"], "error: --tp takes comma-separated integers, got '2,x'"),
     (["--model", "llama-9"], "error: unknown model 'llama-9'; known: llama-2-13b, llama-2-70b, llama-2-7b, llama-3-70b, "
-                             "llama-3-8b, llama-3.1-405b, llama-3.1-70b, llama-3.1-8b, llama-3.3-70b, mistral-7b, qwen2-72b; or pass the path of a Hugging Face config.json, a checkpoint directory, or 'tiny'"),
+                             "llama-3-8b, llama-3.1-405b, llama-3.1-70b, llama-3.1-8b, llama-3.3-70b, mistral-7b, mixtral-8x22b, mixtral-8x7b, qwen2-72b, qwen3-235b-a22b, qwen3-30b-a3b; or pass the path of a Hugging Face config.json, a checkpoint directory, or a bundled model (tiny, tiny-moe)"),
     (["--context", "9000"], "error: prompt_len + output_len = 9000 exceeds llama-3-70b's max_position_embeddings=8192"),
     (["--context", "200"], "error: --output=256 must be at least 1 and less than --context=200"),
 ])

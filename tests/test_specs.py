@@ -62,7 +62,8 @@ def _hf_config(name: str):
 
 def test_shipped_models_match_hugging_face_parameter_counts_exactly():
     assert model_names() == ["llama-2-13b", "llama-2-70b", "llama-2-7b", "llama-3-70b", "llama-3-8b", "llama-3.1-405b",
-                             "llama-3.1-70b", "llama-3.1-8b", "llama-3.3-70b", "mistral-7b", "qwen2-72b"]
+                             "llama-3.1-70b", "llama-3.1-8b", "llama-3.3-70b", "mistral-7b", "mixtral-8x22b",
+                             "mixtral-8x7b", "qwen2-72b", "qwen3-235b-a22b", "qwen3-30b-a3b"]
     for name in model_names():
         with torch.device("meta"):  # shapes only, no memory
             hf = AutoModelForCausalLM.from_config(_hf_config(name))

@@ -128,8 +128,9 @@ def resolve_pp(args: argparse.Namespace, num_layers: int) -> int:
     return pp
 
 
-def add_expert_options(p: argparse.ArgumentParser) -> None:
-    """--ep (a mixture's experts whole on the ep ranks of each TP group) and --ep-dispatch (how tokens reach them)."""
+def add_expert_options(p: argparse.ArgumentParser, modelled: bool = False) -> None:
+    """--ep (a mixture's experts whole on the ep ranks of each TP group) and --ep-dispatch (how tokens reach them);
+    ``modelled``: also --imbalance, the busiest GPU's share of the routed pairs over the mean."""
     p.add_argument("--ep", type=count("--ep"), default=1,
                    help="a mixture of experts: its experts whole, E/ep on each of the ep = tp ranks of a TP group "
                         "(--tp defaults to it); 1 splits every expert over the tp ranks")
@@ -137,6 +138,10 @@ def add_expert_options(p: argparse.ArgumentParser) -> None:
                    help="with --ep: every rank has every token and one all-reduce sums the experts' shares "
                         "(all-reduce), or each rank sends its own tokens to their experts' ranks and back "
                         "(all-to-all)")
+    if modelled:
+        p.add_argument("--imbalance", type=positive("--imbalance"), default=None,
+                       help="with --ep: the busiest GPU's routed pairs over the mean, e.g. measured by generate "
+                            "--json (default: the expectation under uniform routing)")
 
 
 def resolve_tp(config: ModelConfig, tp: int | None, args: argparse.Namespace) -> int:

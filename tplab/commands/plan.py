@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tplab.commands import count, int_list, positive, precision_of
+from tplab.commands import add_expert_options, count, int_list, positive, precision_of
 from tplab.perf.batch import link_for
 from tplab.perf.estimate import ENGINES, MODELLED, Estimate, engine_overheads_us, estimate, max_batch, min_tp
 from tplab.perf.pipeline import PipelineEstimate, estimate_pipeline, max_batch_pipeline
@@ -26,7 +26,7 @@ def register(subparsers) -> None:
                                           "in data/efficiency.json, not measured.")
     p.add_argument("--model", required=True, help="shipped model name (e.g. llama-3-70b) or path to a config.json")
     p.add_argument("--gpu", required=True, help="shipped GPU name (e.g. h100-sxm)")
-    p.add_argument("--tp", default="1,2,4,8", help="comma-separated TP degrees (default 1,2,4,8)")
+    p.add_argument("--tp", default=None, help="comma-separated TP degrees (default 1,2,4,8, or --ep's)")
     p.add_argument("--pp", default=None,
                    help="comma-separated pipeline stages, each of tp GPUs: prints TP x PP side by side (latency, "
                         "throughput at the largest batch that fits, memory, hops, bubble)")
@@ -48,24 +48,33 @@ def register(subparsers) -> None:
     p.add_argument("--engine", default="graph", choices=ENGINES,
                    help="graph: CUDA graphs / compiled; served: the same behind an HTTP server, timed at the client; "
                         "eager: one kernel launch per op (its overheads are assumptions, not fitted)")
+    add_expert_options(p, modelled=True)
     p.set_defaults(run=run)
+
+
+def _experts(e: Estimate) -> list[str]:
+    """The experts column of a mixture: "TP" (every expert split), or "EP-ar" / "EP-a2a" (whole, by dispatch)."""
+    if e.experts is None:
+        return []
+    return ["TP" if e.experts.ep == 1 else f"EP-{'ar' if e.experts.dispatch == 'all-reduce' else 'a2a'}"]
 
 
 def _row(e: Estimate) -> list[str]:
     m = e.breakdown["memory_gb"]
     cost = "-" if e.cost_per_million_tokens is None else f"{e.cost_per_million_tokens:.2f}"
     link = "-" if e.tp == 1 else e.interconnect  # one GPU: no collectives, no link
-    return [str(e.tp), str(e.batch), link, f"{m['weights']:.1f}", f"{m['kv_cache']:.1f}",
+    return [str(e.tp), *_experts(e), str(e.batch), link, f"{m['weights']:.1f}", f"{m['kv_cache']:.1f}",
             f"{m['activations'] + m['runtime_overhead']:.1f}",
             f"{e.memory_per_gpu_gb:.1f}/{e.usable_memory_gb:.1f}", "yes" if e.fits else "NO",
             f"{e.decode_ms_per_token:.2f}", f"{e.ttft_ms:.0f}", f"{e.throughput_tok_s:.0f}",
             f"{e.throughput_per_gpu_tok_s:.0f}", cost, e.bound]
 
 
-def _print_table(rows: list[list[str]]) -> None:
-    print("  ".join(f"{name:>{width}}" for name, width in COLUMNS))
+def _print_table(rows: list[list[str]], experts: bool = False) -> None:
+    columns = COLUMNS[:1] + [("experts", 7)] * experts + COLUMNS[1:]
+    print("  ".join(f"{name:>{width}}" for name, width in columns))
     for row in rows:
-        print("  ".join(f"{cell:>{width}}" for cell, (_, width) in zip(row, COLUMNS)))
+        print("  ".join(f"{cell:>{width}}" for cell, (_, width) in zip(row, columns)))
 
 
 PIPELINE_COLUMNS = [("tp", 3), ("pp", 3), ("batch", 6), ("m", 3), ("tp link", 10), ("stage link", 10),
@@ -77,7 +86,7 @@ def _grid(args: argparse.Namespace, spec) -> list[tuple[int, int]]:
     """(tp, pp) pairs: every split of --gpus the model takes (tp divides the heads, pp at most the layers), or
     --tp x --pp."""
     if args.gpus is None:
-        tps, pps = int_list("--tp", args.tp), int_list("--pp", args.pp or "1")
+        tps, pps = int_list("--tp", args.tp or "1,2,4,8"), int_list("--pp", args.pp or "1")
         for tp in tps:
             spec.check_tp(tp)
         for pp in pps:
@@ -133,10 +142,17 @@ def plan(args: argparse.Namespace) -> None:
     kw = dict(model=spec, gpu=hw, dtype=args.dtype, prompt_len=args.context - args.output, output_len=args.output,
               kv_dtype=args.kv_dtype, efficiency=eff)
     if args.pp is not None or args.gpus is not None:
+        if args.ep != 1:
+            raise ValueError("--ep compares experts on one TP group: leave out --pp and --gpus with it")
         return plan_pipelines(args, spec, hw, kw)
-    tps, batches = int_list("--tp", args.tp), int_list("--batch", args.batch)
+    tps = int_list("--tp", args.tp or ("1,2,4,8" if args.ep == 1 else str(args.ep)))
+    batches = int_list("--batch", args.batch)
+    splits = [dict(ep=1)] if args.ep == 1 else [dict(ep=1), dict(ep=args.ep, dispatch=args.ep_dispatch,
+                                                              imbalance=args.imbalance)]
+    if args.ep != 1 and not spec.num_experts:
+        spec.check_ep(tps[0], args.ep)
     estimates = [estimate(tp=tp, batch=b, interconnect=args.interconnect, price_per_gpu_hour=args.price,
-                          engine=args.engine, **kw) for tp in tps for b in batches]
+                          engine=args.engine, **split, **kw) for tp in tps for split in splits for b in batches]
     print(f"MODELLED estimates, not measurements: {spec.name} on {hw.label}, {args.dtype} weights, {args.kv_dtype} KV "
           f"cache, {args.context - args.output} prompt + {args.output} output tokens per sequence")
     layer, step = engine_overheads_us(eff, args.engine)
@@ -144,7 +160,12 @@ def plan(args: argparse.Namespace) -> None:
           f"bandwidth {eff.memory_bandwidth:.3g}, GEMM peak {eff.compute:.3g} (fp8 {eff.compute_fp8:.3g}) reached "
           f"at n/(n+{eff.gemm_half_tokens:.0f}) for n tokens, link {eff.link:g}; {args.engine} engine: "
           f"{layer:.0f} us per layer + {step:.0f} us per step; {eff.memory_headroom_fraction:.0%} of memory kept free")
-    _print_table([_row(e) for e in estimates])
+    _print_table([_row(e) for e in estimates], experts=bool(spec.num_experts))
+    if spec.num_experts:
+        print(f"experts: {spec.num_experts} per layer, {spec.experts_per_token} per token; TP: every expert split "
+              f"over the tp GPUs (one all-reduce per layer); EP-ar / EP-a2a: E/ep whole experts per GPU, the tokens "
+              f"replicated (one all-reduce) or dispatched (3 all-to-alls and an all-gather per layer); with whole "
+              f"experts the busiest GPU sets the pace: {_imbalance_note(args)}")
     print(f"total = weights + KV + act+rt: the activations of one forward pass (up to {eff.prefill_chunk_tokens} "
           f"tokens) and {eff.runtime_overhead_gb:g} GB of runtime overhead per GPU (CUDA context, workspaces); "
           f"usable = memory less {eff.memory_headroom_fraction:.0%} headroom; link '-': tp=1 runs no collectives")
@@ -161,6 +182,12 @@ def plan(args: argparse.Namespace) -> None:
     if args.price is not None:
         print(f"cost uses your price of {args.price:g} USD per GPU-hour, per million output tokens")
     print(f"all figures above are {MODELLED}")
+
+
+def _imbalance_note(args: argparse.Namespace) -> str:
+    if args.imbalance is not None:
+        return f"it gets {args.imbalance:g} x the mean pairs (--imbalance)"
+    return "its share of the pairs is the expectation under uniform routing (--imbalance to give a measured one)"
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from tplab.perf.estimate import GB, check_link, compute_dtype_for, memory_gb, step_seconds, usable_memory_gb
+from tplab.perf.experts import ExpertSplit
 from tplab.perf.shapes import ACT_BYTES, StepWork, activation_bytes, check_precision, step_work, weight_bytes
 from tplab.serving.loop import ServeRun
 from tplab.serving.metrics import SLO
@@ -36,9 +37,11 @@ VLLM_BATCH_DEFAULTS = ("vLLM's OpenAI-server defaults (EngineArgs.get_batch_defa
                        "A100, else 256 and 2048")
 
 
-def batch_work(row_works: list[StepWork]) -> StepWork:
-    """One pass over all rows: their works summed, the weights (and the number of all-reduces) counted once."""
-    first = row_works[0]
+def batch_work(row_works: list[StepWork], whole: StepWork | None = None) -> StepWork:
+    """One pass over all rows: their works summed, the weights (and the number of all-reduces) counted once.
+    ``whole``: a mixture's pass over all the rows' tokens at once, whose expert part (the weights its tokens touch,
+    the busiest rank's expert FLOPs, the dispatch) does not add up row by row."""
+    first = row_works[0] if whole is None else whole
     total = lambda name: sum(getattr(w, name) for w in row_works)  # noqa: E731
     return replace(first, kv_bytes=total("kv_bytes"), linear_flops=total("linear_flops"),
                    attention_flops=total("attention_flops"), all_reduce_bytes=total("all_reduce_bytes"),
@@ -80,10 +83,16 @@ class ModelledStepCost:
 
     def __init__(self, model: str | Path | ModelConfig, gpu: str | GpuSpec, tp: int, dtype: str = "bf16",
                  kv_dtype: str = "bf16", interconnect: str | None = None, engine: str = "graph",
-                 efficiency: Efficiency | None = None, pp: int = 1, stage_interconnect: str | None = None) -> None:
+                 efficiency: Efficiency | None = None, pp: int = 1, stage_interconnect: str | None = None,
+                 experts: ExpertSplit | None = None) -> None:
+        """``experts``: a mixture's placement (:class:`~tplab.perf.experts.ExpertSplit`; default every expert
+        split over the tp GPUs)."""
         self.dtype, self.kv_dtype = check_precision(dtype, kv_dtype)
         self.model, self.gpu, self.tp, self.engine = resolve_model(model, strict=False), load_gpu(gpu), tp, engine
-        self.model.check_tp(tp)
+        self.experts = (experts or ExpertSplit()) if self.model.num_experts else None
+        self.model.check_tp(tp, 1 if self.experts is None else self.experts.ep)
+        if self.experts is not None:
+            self.experts.check(self.model, tp)
         self.link = self.gpu.link(interconnect, tp)
         check_link(self.link, self.gpu, tp)
         self.pp, self.stages = pp, list(dict.fromkeys(stage_shapes(self.model, pp)))
@@ -94,13 +103,17 @@ class ModelledStepCost:
 
     def _row_work(self, context: int, new_tokens: int, stage: StageShape) -> StepWork:
         return step_work(self.model, self.tp, self.dtype, self.kv_dtype, 1, new_tokens, context, stage.layers,
-                         stage.embedding, stage.lm_head)
+                         stage.embedding, stage.lm_head, self.experts)
+
+    def _pass(self, rows: list[tuple[int, int]], stage: StageShape) -> StepWork:
+        whole = self._row(0, sum(n for _, n in rows), stage) if self.experts is not None else None
+        return batch_work([self._row(c, n, stage) for c, n in rows], whole)
 
     def parts(self, rows: list[tuple[int, int]]) -> dict[str, float]:
         """The step's parts in seconds (weights, kv_cache, compute, fixed, per_sequence, communication), for the
         slowest stage."""
-        return max((step_seconds(batch_work([self._row(c, n, stage) for c, n in rows]), self.gpu, self.link, self.tp,
-                                 self.compute_dtype, self.efficiency, self.engine) for stage in self.stages),
+        return max((step_seconds(self._pass(rows, stage), self.gpu, self.link, self.tp, self.compute_dtype,
+                                 self.efficiency, self.engine) for stage in self.stages),
                    key=lambda parts: sum(parts.values()))
 
     def __call__(self, rows: list[tuple[int, int]]) -> float:

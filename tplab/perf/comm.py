@@ -12,6 +12,8 @@ With n ranks and an S-byte buffer per rank:
   sending one S/n chunk per step, all links busy at once):
   T = 2(n-1)(α + S/(nβ)).  For large S this tends to 2S/β, independent of n.
 * ring all-gather or reduce-scatter (S = the full buffer): T = (n-1)(α + S/(nβ)).
+* all-to-all (pairwise exchange: in each of n-1 steps every rank sends one peer its chunk), S the bytes one rank
+  sends to the others in all: T = (n-1)α + S/β.
 
 Pure arithmetic: the cost model of :mod:`tplab.perf.estimate` and the teaching
 collectives of :mod:`tplab.comm.collectives` share these formulas.
@@ -32,6 +34,11 @@ def ring_all_reduce_seconds(nbytes: float, n: int, alpha_s: float, beta_bytes_pe
 def ring_all_gather_seconds(nbytes: float, n: int, alpha_s: float, beta_bytes_per_s: float) -> float:
     """T = (n-1)(α + S/(nβ)), S the size of the gathered buffer (also reduce-scatter's input)."""
     return (n - 1) * (alpha_s + nbytes / (n * beta_bytes_per_s))
+
+
+def all_to_all_seconds(nbytes: float, n: int, alpha_s: float, beta_bytes_per_s: float) -> float:
+    """T = (n-1)α + S/β, S the bytes one rank sends to the n-1 others."""
+    return (n - 1) * alpha_s + nbytes / beta_bytes_per_s
 
 
 def bus_bandwidth(nbytes: float, seconds: float, n: int, op: str = "all_reduce") -> float:

@@ -21,6 +21,10 @@ tokens and O output tokens, per GPU (one rank):
   engine profile (``graph``, ``served``, ``eager``), t_seq the work per
   sequence per layer. Each all-reduce of S bytes pays a base latency t_base,
   a per-hop latency α of the link, and the ring's bandwidth term over β.
+* a mixture of experts (``ep``, ``dispatch``, :mod:`tplab.perf.experts`): W counts the expert weights the step's
+  tokens touch, the experts' FLOPs run at e(N k / E) (each expert's GEMM sees its own tokens) on the busiest
+  rank, and dispatched tokens pay 3 all-to-alls ((tp-1)α + S/β each, S what leaves the busiest rank) and an
+  all-gather per layer in place of the MLP's all-reduce.
 * TTFT is the prefill of all B prompts at once (plus, served, the request's own overhead).
 * throughput = B·O / (TTFT + (O-1)·t) output tokens/s for the TP group;
   cost per million output tokens = price·tp / throughput.
@@ -38,7 +42,8 @@ from pathlib import Path
 from typing import Mapping
 
 from tplab.checks import is_positive_int
-from tplab.perf.comm import ring_all_gather_seconds, ring_all_reduce_seconds
+from tplab.perf.comm import all_to_all_seconds, ring_all_gather_seconds, ring_all_reduce_seconds
+from tplab.perf.experts import ExpertSplit
 from tplab.perf.shapes import StepWork, activation_bytes, check_precision, step_work, weight_bytes
 from tplab.specs.efficiency import Efficiency, load_efficiency
 from tplab.specs.hardware import GpuSpec, Link, load_gpu
@@ -75,6 +80,7 @@ class Estimate:
     breakdown: dict[str, dict[str, float]]
     notes: tuple[str, ...] = field(default=())
     engine: str = "graph"
+    experts: ExpertSplit | None = None  # a mixture's placement; None for a dense model
 
     @property
     def throughput_per_gpu_tok_s(self) -> float:
@@ -105,13 +111,20 @@ def compute_dtype_for(gpu: GpuSpec, dtype: str) -> tuple[str, tuple[str, ...]]:
 
 
 def collective_seconds(work: StepWork, link: Link, tp: int, eff: Efficiency) -> float:
-    """(all-reduces)·(base + ring all-reduce) + (base + ring all-gather of the logits); 0 for tp=1."""
+    """(all-reduces)·(base + ring all-reduce) + (base + ring all-gather of the logits), plus a mixture's dispatch:
+    per layer 3·base + the all-to-alls' (tp-1)α + S/β and an all-gather; 0 for tp=1."""
     if tp == 1:
         return 0.0
     alpha, beta, base = link.alpha_us * 1e-6, link.bandwidth_gb_s * GB * eff.link, eff.collective_base_us * 1e-6
     reduce = base + ring_all_reduce_seconds(work.all_reduce_bytes, tp, alpha, beta)
     gather = base + ring_all_gather_seconds(work.gather_bytes, tp, alpha, beta) if work.gather_bytes else 0.0
-    return work.all_reduces * reduce + gather
+    dispatch = 0.0
+    if work.all_to_alls:
+        rounds = work.all_to_alls // work.layers
+        dispatch = work.all_to_alls * base + work.layers * (
+            rounds * all_to_all_seconds(work.all_to_all_bytes / rounds, tp, alpha, beta)
+            + base + ring_all_gather_seconds(work.expert_gather_bytes, tp, alpha, beta))
+    return work.all_reduces * reduce + gather + dispatch
 
 
 def gemm_efficiency(eff: Efficiency, compute_dtype: str, tokens: int) -> float:
@@ -146,7 +159,11 @@ def step_seconds(work: StepWork, gpu: GpuSpec, link: Link, tp: int, compute_dtyp
     linear_flops_s = gpu.tflops(compute_dtype) * 1e12 * gemm_efficiency(eff, compute_dtype, work.tokens)
     attention_flops_s = gpu.tflops("bf16") * 1e12 * eff.compute
     weights, kv = work.weight_bytes / bw, work.kv_bytes / bw
-    linear = max(weights, work.linear_flops / linear_flops_s)
+    gemms = work.linear_flops / linear_flops_s
+    if work.expert_flops:
+        gemms += work.expert_flops / (gpu.tflops(compute_dtype) * 1e12
+                                      * gemm_efficiency(eff, compute_dtype, max(1.0, work.expert_tokens)))
+    linear = max(weights, gemms)
     attention = max(kv, work.attention_flops / attention_flops_s)
     return {"weights": weights, "kv_cache": kv, "compute": linear - weights + attention - kv,
             **overhead_seconds(work, eff, engine), "communication": collective_seconds(work, link, tp, eff)}
@@ -159,13 +176,16 @@ def bound(work: StepWork, gpu: GpuSpec, compute_dtype: str, eff: Efficiency) -> 
 
 
 def check_inputs(model: ModelConfig, tp: int, dtype: str, kv_dtype: str, batch: int, prompt_len: int,
-                 output_len: int) -> None:
-    """Reject bad precisions, sizes, tp degrees and contexts beyond the model's positions, before any work."""
+                 output_len: int, experts: ExpertSplit | None = None) -> None:
+    """Reject bad precisions, sizes, tp degrees (with a mixture's ``experts``) and contexts beyond the model's
+    positions, before any work."""
     check_precision(dtype, kv_dtype)
     for name, value in (("batch", batch), ("prompt_len", prompt_len), ("output_len", output_len)):
         if not is_positive_int(value):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    model.check_tp(tp)
+    model.check_tp(tp, 1 if experts is None else experts.ep)
+    if experts is not None:
+        experts.check(model, tp)
     limit = model.max_position_embeddings
     if limit is not None and prompt_len + output_len > limit:
         raise ValueError(f"prompt_len + output_len = {prompt_len + output_len} exceeds {model.name}'s "
@@ -220,7 +240,8 @@ def estimate(*, model: str | Path | ModelConfig, gpu: str | GpuSpec, tp: int, dt
              prompt_len: int = 1024, output_len: int = 256, interconnect: str | None = None, kv_dtype: str = "bf16",
              price_per_gpu_hour: float | None = None,
              efficiency: Mapping[str, float] | str | Path | Efficiency | None = None,
-             engine: str = "graph") -> Estimate:
+             engine: str = "graph", ep: int = 1, dispatch: str = "all-reduce",
+             imbalance: float | None = None) -> Estimate:
     """Model one configuration (see the module docstring for the formulas).
 
     ``interconnect`` is one of the GPU's links ("nvlink", "pcie"; default the
@@ -229,12 +250,17 @@ def estimate(*, model: str | Path | ModelConfig, gpu: str | GpuSpec, tp: int, dt
     cost. ``efficiency`` overrides data/efficiency.json. ``engine`` sets the fixed overheads: "graph" (CUDA
     graphs or a compiled engine, timed in its process; the default), "served" (the same engine behind an HTTP
     server, timed at the client: each step also carries the streaming of its tokens) or "eager" (one kernel
-    launch per op).
+    launch per op). A mixture of experts: ``ep`` 1 splits every expert over the tp GPUs, ``ep`` = tp places them
+    whole, their tokens reaching them by ``dispatch`` ("all-reduce" or "all-to-all"), the busiest GPU getting
+    ``imbalance`` times the mean pairs (None: the expectation under uniform routing).
     """
     dtype, kv_dtype = check_precision(dtype, kv_dtype)
     spec, hw, eff = resolve_model(model, strict=False), load_gpu(gpu), load_efficiency(efficiency)
     link = hw.link(interconnect, tp)
-    check_inputs(spec, tp, dtype, kv_dtype, batch, prompt_len, output_len)
+    experts = ExpertSplit(ep, dispatch, imbalance) if spec.num_experts else None
+    if experts is None and ep != 1:
+        spec.check_ep(tp, ep)  # a dense model: ep is refused with its reason
+    check_inputs(spec, tp, dtype, kv_dtype, batch, prompt_len, output_len, experts)
     check_link(link, hw, tp)
     if price_per_gpu_hour is not None and price_per_gpu_hour < 0:
         raise ValueError(f"price_per_gpu_hour must be >= 0, got {price_per_gpu_hour}")
@@ -243,10 +269,10 @@ def estimate(*, model: str | Path | ModelConfig, gpu: str | GpuSpec, tp: int, dt
     memory = memory_gb(spec, tp, dtype, kv_dtype, batch, prompt_len + output_len, eff)
     usable = usable_memory_gb(hw, eff)
     context = prompt_len + output_len // 2
-    decode_work = step_work(spec, tp, dtype, kv_dtype, batch, 1, context)
+    decode_work = step_work(spec, tp, dtype, kv_dtype, batch, 1, context, experts=experts)
     decode = step_seconds(decode_work, hw, link, tp, compute_dtype, eff, engine)
-    prefill = step_seconds(step_work(spec, tp, dtype, kv_dtype, batch, prompt_len, 0), hw, link, tp, compute_dtype, eff,
-                           engine)
+    prefill = step_seconds(step_work(spec, tp, dtype, kv_dtype, batch, prompt_len, 0, experts=experts), hw, link, tp,
+                           compute_dtype, eff, engine)
     if engine == "served":  # the request itself: HTTP, tokenization, the first streamed chunk
         prefill["request"] = eff.served_request_overhead_us * 1e-6
     step, ttft = sum(decode.values()), sum(prefill.values())
@@ -261,7 +287,7 @@ def estimate(*, model: str | Path | ModelConfig, gpu: str | GpuSpec, tp: int, dt
         cost_per_million_tokens=cost,
         breakdown={"memory_gb": memory, "decode_ms": {k: v * 1e3 for k, v in decode.items()},
                    "ttft_ms": {k: v * 1e3 for k, v in prefill.items()}},
-        notes=notes, engine=engine,
+        notes=notes, engine=engine, experts=experts,
     )
 
 

@@ -15,6 +15,11 @@ A = [A_1 … A_p] split by columns (column-parallel) or by rows (row-parallel):
 One forward pass needs 2 all-reduces per layer (after o and after down), one
 after the vocab-parallel embedding, and one all-gather of the logits.
 
+A mixture of experts (:mod:`tplab.perf.experts`): the MLP's weights are every expert's (E · 3·h·I_e/tp per rank,
+whole or split), a step reads the share of them its tokens touch and computes its active pairs; with whole
+experts the busiest rank sets the pace, and dispatched tokens replace the MLP's all-reduce by three all-to-alls
+and an all-gather.
+
 Precisions: weights bf16/fp16 (2 B), fp8 and int8 (1 B plus one fp32 scale per
 output row of every linear, the layout of :mod:`tplab.layers.weights`), int4
 (0.5 B plus one fp16 scale per group of 128 weights, an AWQ/GPTQ-style layout, assumed).
@@ -24,8 +29,10 @@ collectives are bf16.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+from tplab.perf.experts import ExpertSplit, expert_layer_params, layer_wire_bytes, rank_imbalance, touched_fraction
 from tplab.specs.dtypes import canonical
 from tplab.specs.model import ModelConfig
 from tplab.specs.sharding import padded_size
@@ -61,15 +68,14 @@ def rank_params(model: ModelConfig, tp: int, layers: int | None = None,
     and the lm_head with the final norm (a pipeline stage holds a subset). A
     tied lm_head shares the embedding's storage when both are on the rank.
     """
-    if model.num_experts:
-        raise ValueError(f"{model.name} is a mixture of {model.num_experts} experts: the cost model describes dense "
-                         "decoders only")
     layers = model.num_layers if layers is None else layers
     h, d, heads = model.hidden_size, model.head_dim, model.num_heads // tp
     kv = model.kv_heads_per_rank(tp)
     attention = h * heads * d + 2 * h * kv * d + heads * d * h
-    mlp = 3 * h * model.intermediate_size // tp
+    mlp = expert_layer_params(model, tp) if model.num_experts else 3 * h * model.intermediate_size // tp
     bias = (heads + 2 * kv) * d if model.qkv_bias else 0
+    bias += 2 * d if model.qk_norm else 0  # Qwen3's per-head q and k norms
+    bias += model.num_experts * h + (h if model.shared_expert_intermediate_size else 0)  # routers, replicated
     vocab_rows = padded_vocab(model, tp) // tp * h
     stored_head = lm_head and not (model.tie_word_embeddings and embedding)
     return {
@@ -84,8 +90,11 @@ def scale_bytes(model: ModelConfig, tp: int, dtype: str, layers: int | None = No
     """Bytes of the per-row scales of 8-bit linears on one rank: 4 per output row of q/k/v, gate/up (this rank's
     rows) and o, down (every row: a row-parallel layer keeps the full row's scale); 0 for other precisions."""
     layers = model.num_layers if layers is None else layers
-    rows = (model.num_heads // tp + 2 * model.kv_heads_per_rank(tp)) * model.head_dim \
-        + 2 * model.intermediate_size // tp + 2 * model.hidden_size
+    h = model.hidden_size
+    mlp = [(model.intermediate_size, 1)] if not model.num_experts else \
+        [(model.expert_intermediate_size, model.num_experts), (model.shared_expert_intermediate_size, 1)]
+    rows = (model.num_heads // tp + 2 * model.kv_heads_per_rank(tp)) * model.head_dim + h \
+        + sum(count * (2 * width // tp + h) for width, count in mlp if width)
     return layers * rows * ROW_SCALE_BYTES.get(dtype, 0)
 
 
@@ -105,11 +114,13 @@ def activation_bytes(model: ModelConfig, tp: int, tokens: int, batch: int) -> fl
     """A rough peak of transient activations on one rank for one forward pass of ``tokens`` tokens.
 
     Per token: the residual stream and its normed copy (2h) plus the widest
-    intermediate, the MLP's gate, up and activated outputs (3·I/tp); then fp32
+    intermediate, the MLP's gate, up and activated outputs (3·I/tp; a mixture's k experts and its shared one); then fp32
     logits of the last token of each sequence, V_pad/tp before and V after the
     all-gather. Attention is assumed flash-style (no tokens × tokens matrix).
     """
-    per_token = ACT_BYTES * (2 * model.hidden_size + 3 * model.intermediate_size // tp)
+    width = model.intermediate_size if not model.num_experts else \
+        model.experts_per_token * model.expert_intermediate_size + model.shared_expert_intermediate_size
+    per_token = ACT_BYTES * (2 * model.hidden_size + 3 * width // tp)
     vocab = padded_vocab(model, tp)
     return tokens * per_token + batch * LOGIT_BYTES * (vocab // tp + vocab)
 
@@ -128,16 +139,23 @@ class StepWork:
     layers: int  # decoder layers in the pass
     tokens: int  # tokens the linear layers multiply: batch · new tokens
     sequences: int  # the batch
+    expert_flops: float = 0.0  # a mixture's expert GEMMs on the busiest rank (not in linear_flops)
+    expert_tokens: float = 0.0  # tokens per expert GEMM: N k / E
+    all_to_alls: int = 0  # dispatched tokens: 3 all-to-alls per layer (ids, tokens, results)
+    all_to_all_bytes: float = 0.0  # per layer, the bytes that leave the busiest rank in them
+    expert_gather_bytes: float = 0.0  # per layer, the all-gather that gives every rank every token back
 
 
 def step_work(model: ModelConfig, tp: int, dtype: str, kv_dtype: str, batch: int, new_tokens: int, context: int,
-              layers: int | None = None, embedding: bool = True, lm_head: bool = True) -> StepWork:
+              layers: int | None = None, embedding: bool = True, lm_head: bool = True,
+              experts: ExpertSplit | None = None) -> StepWork:
     """One forward pass of ``new_tokens`` per sequence after ``context`` cached ones, for ``batch`` sequences.
 
     Decode is new_tokens=1 after the context; prefill is new_tokens=prompt, context=0.
     FLOPs count 2 per multiply-add: linear 2·params·tokens (lm_head only for the
     last token of each sequence); attention 4·(H/tp)·d·Σ_i (context + i) per layer
     and sequence. KV bytes are the cache touched: batch·(context + new)·per-token bytes.
+    A mixture's experts (``experts``, default split over the tp ranks): see the module docstring.
     """
     layers = model.num_layers if layers is None else layers
     p = rank_params(model, tp, layers, embedding, lm_head)
@@ -145,13 +163,38 @@ def step_work(model: ModelConfig, tp: int, dtype: str, kv_dtype: str, batch: int
     tokens = batch * new_tokens
     attended = new_tokens * context + new_tokens * (new_tokens + 1) // 2
     heads = model.num_heads // tp
+    work = dict(linear_flops=2.0 * (p["linear"] * tokens + head_rows * batch), all_reduces=2 * layers + embedding)
+    weights = linear_bytes(model, tp, dtype, layers)
+    if model.num_experts:
+        work, weights = _with_experts(model, tp, dtype, layers, tokens, experts or ExpertSplit(), work, weights)
     return StepWork(
-        weight_bytes=linear_bytes(model, tp, dtype, layers) + 2.0 * (p["other"] + head_rows),
+        weight_bytes=weights + 2.0 * (p["other"] + head_rows),
         kv_bytes=batch * (context + new_tokens) * model.kv_bytes_per_token(tp, kv_dtype, layers),
-        linear_flops=2.0 * (p["linear"] * tokens + head_rows * batch),
         attention_flops=4.0 * heads * model.head_dim * layers * batch * attended,
-        all_reduces=2 * layers + (1 if embedding else 0),
         all_reduce_bytes=ACT_BYTES * tokens * model.hidden_size,
         gather_bytes=ACT_BYTES * batch * padded_vocab(model, tp) if lm_head else 0.0,
-        layers=layers, tokens=tokens, sequences=batch,
+        layers=layers, tokens=tokens, sequences=batch, **work,
     )
+
+
+def _with_experts(model: ModelConfig, tp: int, dtype: str, layers: int, tokens: int, split: ExpertSplit,
+                  work: dict, weights: float) -> tuple[dict, float]:
+    """A mixture's share of a pass: expert FLOPs apart from the dense linears, the expert weights touched instead
+    of all of them, and the dispatch's collectives (:mod:`tplab.perf.experts`)."""
+    split.check(model, tp)
+    k, experts = model.experts_per_token, model.num_experts
+    whole = split.ep > 1
+    imbalance = 1.0 if not whole else split.imbalance or rank_imbalance(tokens, k, experts, split.ep)
+    expert_params = layers * expert_layer_params(model, tp)
+    touched = touched_fraction(tokens, k, experts)
+    touched = min(1.0, touched * imbalance) if whole else touched
+    h, shared = model.hidden_size, model.shared_expert_intermediate_size
+    expert_flops = 2.0 * layers * 3 * h * (tokens * k * model.expert_intermediate_size * imbalance + tokens * shared) / tp
+    work = {**work, "linear_flops": work["linear_flops"] - 2.0 * expert_params * tokens,
+            "expert_flops": expert_flops, "expert_tokens": tokens * k / experts}
+    if split.dispatch == "all-to-all":
+        wire = layer_wire_bytes(tokens, h, k, tp, "all-to-all", ACT_BYTES)
+        gather = math.ceil(tokens / tp) * tp * h * ACT_BYTES
+        work.update(all_reduces=work["all_reduces"] - layers, all_to_alls=3 * layers,
+                    all_to_all_bytes=(wire - gather * (tp - 1) / tp) * imbalance, expert_gather_bytes=gather)
+    return work, weights - (1 - touched) * expert_params * WEIGHT_BYTES[dtype]

@@ -264,4 +264,5 @@ def resolve_model(model: str | Path | ModelConfig, *, strict: bool = True) -> Mo
     if path.is_dir() or path.is_file():
         return ModelConfig.from_file(path, strict=strict)
     raise unknown_name("model", model, model_names(),
-                       "; or pass the path of a Hugging Face config.json, a checkpoint directory, or 'tiny'")
+                       "; or pass the path of a Hugging Face config.json, a checkpoint directory, or a bundled model "
+                       f"({', '.join(tiny.BUNDLED)})")
