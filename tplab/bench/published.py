@@ -9,7 +9,8 @@ profile (``graph``: CUDA graphs or a compiled engine; ``eager``), the source
 
 ``figures.jsonl`` feeds the fit (:mod:`tplab.bench.fit`). ``held_out_70b.jsonl``
 holds the Llama-2-70B and Llama-3-70B figures, which never enter a fit, so that
-what the model says of 70B deployments is a prediction.
+what the model says of 70B deployments is a prediction. ``held_out_moe.jsonl`` holds Mixtral 8x7B's, held out
+too: each carries the ``routing`` it was measured under (:class:`tplab.perf.experts.ExpertSplit`).
 
 :func:`predict` evaluates :func:`tplab.perf.estimate` at a figure's setting:
 a decode step at context P + O/2, the prefill of the batch, or the static
@@ -41,6 +42,7 @@ from tplab.specs.model import ModelConfig, resolve_model
 PUBLISHED_DIR = DATA_DIR / "published"
 FIGURES_FILE = PUBLISHED_DIR / "figures.jsonl"
 HELD_OUT_FILE = PUBLISHED_DIR / "held_out_70b.jsonl"
+HELD_OUT_MOE_FILE = PUBLISHED_DIR / "held_out_moe.jsonl"
 TP_VS_PP_FILE = PUBLISHED_DIR / "tp_vs_pp.jsonl"
 METRICS = ("decode_ms_per_token", "ttft_ms", "throughput_tok_s")
 HELD_OUT_MODELS = ("llama-2-70b", "llama-3-70b", "llama-3.1-70b")
@@ -65,17 +67,17 @@ def _gpu(name: str) -> GpuSpec:
     return load_gpu(name)
 
 
-def modelled(figure: dict, efficiency: Efficiency) -> Estimate:
-    """The cost model's estimate at a figure's setting."""
+def modelled(figure: dict, efficiency: Efficiency, routing: str | None = None) -> Estimate:
+    """The cost model's estimate at a figure's setting (a mixture's under ``routing``, default the figure's)."""
     return estimate(model=_model(figure["model"]), gpu=_gpu(figure["gpu"]), tp=figure["tp"], dtype=figure["dtype"],
                     kv_dtype=figure["dtype"], batch=figure["batch"], prompt_len=figure["prompt_len"],
                     output_len=figure["output_len"], interconnect=figure["interconnect"], efficiency=efficiency,
-                    engine=figure["engine_profile"])
+                    engine=figure["engine_profile"], routing=routing or figure.get("routing", "uniform"))
 
 
-def predict(figure: dict, efficiency: Efficiency) -> float:
+def predict(figure: dict, efficiency: Efficiency, routing: str | None = None) -> float:
     """The modelled value of the figure's metric, in the figure's unit."""
-    return getattr(modelled(figure, efficiency), figure["metric"])
+    return getattr(modelled(figure, efficiency, routing), figure["metric"])
 
 
 def source_key(figure: dict) -> str:

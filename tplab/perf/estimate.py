@@ -241,7 +241,7 @@ def estimate(*, model: str | Path | ModelConfig, gpu: str | GpuSpec, tp: int, dt
              price_per_gpu_hour: float | None = None,
              efficiency: Mapping[str, float] | str | Path | Efficiency | None = None,
              engine: str = "graph", ep: int = 1, dispatch: str = "all-reduce",
-             imbalance: float | None = None) -> Estimate:
+             imbalance: float | None = None, routing: str = "uniform") -> Estimate:
     """Model one configuration (see the module docstring for the formulas).
 
     ``interconnect`` is one of the GPU's links ("nvlink", "pcie"; default the
@@ -252,12 +252,13 @@ def estimate(*, model: str | Path | ModelConfig, gpu: str | GpuSpec, tp: int, dt
     server, timed at the client: each step also carries the streaming of its tokens) or "eager" (one kernel
     launch per op). A mixture of experts: ``ep`` 1 splits every expert over the tp GPUs, ``ep`` = tp places them
     whole, their tokens reaching them by ``dispatch`` ("all-reduce" or "all-to-all"), the busiest GPU getting
-    ``imbalance`` times the mean pairs (None: the expectation under uniform routing).
+    ``imbalance`` times the mean pairs (None: the expectation under ``routing``, "uniform" or "collapsed";
+    :class:`~tplab.perf.experts.ExpertSplit`).
     """
     dtype, kv_dtype = check_precision(dtype, kv_dtype)
     spec, hw, eff = resolve_model(model, strict=False), load_gpu(gpu), load_efficiency(efficiency)
     link = hw.link(interconnect, tp)
-    experts = ExpertSplit(ep, dispatch, imbalance) if spec.num_experts else None
+    experts = ExpertSplit(ep, dispatch, imbalance, routing) if spec.num_experts else None
     if experts is None and ep != 1:
         spec.check_ep(tp, ep)  # a dense model: ep is refused with its reason
     check_inputs(spec, tp, dtype, kv_dtype, batch, prompt_len, output_len, experts)

@@ -41,6 +41,7 @@ from tplab.specs.model import ModelConfig
 from tplab.specs.sharding import EXPERT_DISPATCH, check_dispatch
 
 EXPERT_ID_BYTES = 8  # an int64 expert id travels with every dispatched pair
+ROUTINGS = ("uniform", "collapsed")
 
 
 def layer_payload(tokens: int, hidden: int, top_k: int, ranks: int, dispatch: str, element_bytes: float
@@ -70,17 +71,23 @@ def layer_wire_bytes(tokens: int, hidden: int, top_k: int, ranks: int, dispatch:
 class ExpertSplit:
     """How a mixture's experts sit on the tp ranks: ``ep`` 1 (every expert split over them) or tp (whole experts,
     their tokens reaching them by ``dispatch``). ``imbalance``: the busiest rank's pairs over the mean, measured
-    (e.g. ``generate --json``'s routing); None: the expectation under uniform routing (:func:`rank_imbalance`)."""
+    (e.g. ``generate --json``'s routing); None: the expectation under ``routing``: "uniform" (each pair's expert
+    drawn evenly, :func:`rank_imbalance`) or "collapsed" (every token to the same k experts, as a router with
+    constant or random weights can do: a step touches k/E of the experts, and the ranks that hold them get all
+    the pairs)."""
 
     ep: int = 1
     dispatch: str = "all-reduce"
     imbalance: float | None = None
+    routing: str = "uniform"  # or "collapsed": every token to the same k experts (a constant router)
 
     def check(self, model: ModelConfig, tp: int) -> None:
         """ValueError unless the model and tp allow this split (:meth:`ModelConfig.check_ep`, the dispatch, an
-        imbalance >= 1)."""
+        imbalance >= 1, a known routing)."""
         model.check_ep(tp, self.ep)
         check_dispatch(self.dispatch, tp, self.ep)
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"unknown routing {self.routing!r}; one of {', '.join(ROUTINGS)}")
         if self.imbalance is not None and not (isinstance(self.imbalance, (int, float)) and self.imbalance >= 1):
             raise ValueError(f"imbalance is the busiest rank's share over the mean: a number >= 1, got "
                              f"{self.imbalance!r}")
@@ -108,3 +115,14 @@ def rank_imbalance(tokens: float, top_k: int, experts: int, ranks: int) -> float
     spread = math.sqrt(tokens * top_k * (1 / ranks) * (1 - 1 / ranks))
     busiest = min(mean + spread * math.sqrt(2 * math.log(ranks)), tokens * min(top_k, experts // ranks))
     return max(busiest, math.ceil(mean)) / mean
+
+
+def routed_shares(split: ExpertSplit, tokens: float, top_k: int, experts: int) -> tuple[float, float]:
+    """(touched, imbalance) of a step of ``tokens`` tokens: the share of the experts it reaches and the busiest
+    rank's pairs over the mean (1 with the experts split over the ranks), under ``split.routing`` unless
+    ``split.imbalance`` is given."""
+    if split.routing == "collapsed":
+        touched, busiest = top_k / experts, split.ep / min(top_k, split.ep)
+    else:
+        touched, busiest = touched_fraction(tokens, top_k, experts), rank_imbalance(tokens, top_k, experts, split.ep)
+    return touched, 1.0 if split.ep == 1 else split.imbalance or busiest

@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from tplab.perf.experts import ExpertSplit, expert_layer_params, layer_wire_bytes, rank_imbalance, touched_fraction
+from tplab.perf.experts import ExpertSplit, expert_layer_params, layer_wire_bytes, routed_shares
 from tplab.specs.dtypes import canonical
 from tplab.specs.model import ModelConfig
 from tplab.specs.sharding import padded_size
@@ -140,7 +140,7 @@ class StepWork:
     tokens: int  # tokens the linear layers multiply: batch · new tokens
     sequences: int  # the batch
     expert_flops: float = 0.0  # a mixture's expert GEMMs on the busiest rank (not in linear_flops)
-    expert_tokens: float = 0.0  # tokens per expert GEMM: N k / E
+    expert_tokens: float = 0.0  # tokens per expert GEMM: the N k pairs over the experts they touch
     all_to_alls: int = 0  # dispatched tokens: 3 all-to-alls per layer (ids, tokens, results)
     all_to_all_bytes: float = 0.0  # per layer, the bytes that leave the busiest rank in them
     expert_gather_bytes: float = 0.0  # per layer, the all-gather that gives every rank every token back
@@ -183,15 +183,14 @@ def _with_experts(model: ModelConfig, tp: int, dtype: str, layers: int, tokens: 
     of all of them, and the dispatch's collectives (:mod:`tplab.perf.experts`)."""
     split.check(model, tp)
     k, experts = model.experts_per_token, model.num_experts
-    whole = split.ep > 1
-    imbalance = 1.0 if not whole else split.imbalance or rank_imbalance(tokens, k, experts, split.ep)
+    touched, imbalance = routed_shares(split, tokens, k, experts)
+    per_expert = tokens * k / (experts * touched)  # the pairs each touched expert's GEMM takes
+    touched = min(1.0, touched * imbalance)  # the busiest rank's own experts (imbalance 1: split over the ranks)
     expert_params = layers * expert_layer_params(model, tp)
-    touched = touched_fraction(tokens, k, experts)
-    touched = min(1.0, touched * imbalance) if whole else touched
     h, shared = model.hidden_size, model.shared_expert_intermediate_size
     expert_flops = 2.0 * layers * 3 * h * (tokens * k * model.expert_intermediate_size * imbalance + tokens * shared) / tp
     work = {**work, "linear_flops": work["linear_flops"] - 2.0 * expert_params * tokens,
-            "expert_flops": expert_flops, "expert_tokens": tokens * k / experts}
+            "expert_flops": expert_flops, "expert_tokens": per_expert}
     if split.dispatch == "all-to-all":
         wire = layer_wire_bytes(tokens, h, k, tp, "all-to-all", ACT_BYTES)
         gather = math.ceil(tokens / tp) * tp * h * ACT_BYTES
