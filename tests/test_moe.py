@@ -327,3 +327,18 @@ def test_the_held_out_mixtral_figures_are_predicted_under_the_routing_they_ran_w
     error = {routing: statistics.median(abs(predict(f, eff, routing) / f["value"] - 1) for f in figures)
              for routing in ("collapsed", "uniform")}
     assert error["collapsed"] < 0.2 < 0.5 < error["uniform"]
+
+
+def test_bench_times_a_mixture_against_hf_of_its_family_and_reports_its_routing(mixtures, tmp_path, capsys):
+    from tplab.cli import main
+
+    path = mixtures["qwen2_moe"][0]
+    assert main(["bench", "--model", str(path), "--tp", "1,2", "--batch", "2", "--prompt-len", "8", "--decode-steps",
+                 "2", "--repeats", "1", "--quick-roofline", "--dtype", "fp32", "--out", str(tmp_path)]) == 0
+    assert "routing at tp=2 batch=2" in capsys.readouterr().out
+    records = [json.loads(line) for f in tmp_path.glob("*.jsonl") for line in f.read_text().splitlines()]
+    assert [r["setting"]["tp"] for r in records] == [1, 2]
+    for r in records:
+        assert "Qwen2MoeForCausalLM" in r["baseline"]["what"]
+        assert r["model"]["config"]["num_experts"] == 4 and r["routing"]["experts"] == 4
+    assert records[0]["routing"]["pairs"] == records[1]["routing"]["pairs"] > 0

@@ -7,10 +7,10 @@
 * :func:`build_shard`: rank r's :class:`~tplab.model.TPCausalLM`, optionally
   with only the first N decoder layers (``layers``), its weights read from
   the checkpoint or drawn at random (norms 1, everything else N(0, 0.02²)).
-* :func:`build_hf_shard`: the baseline. A transformers ``LlamaForCausalLM``
-  whose config has one rank's shapes: H/tp query heads, max(1, KV/tp) KV
-  heads, I/tp MLP width, V'/tp vocabulary rows (V' the vocabulary padded to a
-  multiple of tp), the same hidden size and head_dim. It runs HF's own eager
+* :func:`build_hf_shard`: the baseline. A transformers causal LM of the model's family (Llama for the Llama-style
+  ones, Qwen3's, Mixtral's, Qwen2-MoE's, Qwen3-MoE's) whose config has one rank's shapes: H/tp query heads,
+  max(1, KV/tp) KV heads, I/tp MLP width (each expert's I_e/tp, every expert kept, in a mixture), V'/tp vocabulary
+  rows (V' the vocabulary padded to a multiple of tp), the same hidden size and head_dim. It runs HF's own eager
   code and cache, with no collectives, over the same work as one tplab rank.
 * :func:`rank_bytes`: the bytes of weights and KV cache a rank will allocate,
   computed from shapes, so a sweep that cannot fit fails before allocating.
@@ -98,26 +98,49 @@ def build_shard(model: BenchModel, dist: Dist, dtype: torch.dtype, layers: int |
     return shard.eval()
 
 
-def hf_shard_config(config: ModelConfig, tp: int) -> transformers.LlamaConfig:
-    """A LlamaConfig with rank 0's shapes at ``tp`` (see the module docstring); attention is SDPA."""
+HF_FAMILY = {"qwen3": "Qwen3Config", "mixtral": "MixtralConfig", "qwen2_moe": "Qwen2MoeConfig",
+             "qwen3_moe": "Qwen3MoeConfig"}  # the rest run as Llama: the same work at one rank's shapes
+
+
+def hf_class_name(model_type: str) -> str:
+    """The transformers causal LM the baseline runs for a model type, e.g. "MixtralForCausalLM"."""
+    return HF_FAMILY.get(model_type, "LlamaConfig").removesuffix("Config") + "ForCausalLM"
+
+
+def hf_shard_config(config: ModelConfig, tp: int) -> transformers.PretrainedConfig:
+    """A transformers config of the model's family with rank 0's shapes at ``tp`` (see the module docstring);
+    attention is SDPA."""
     config.check_tp(tp)
-    hf = transformers.LlamaConfig(
+    shapes = dict(
         hidden_size=config.hidden_size, intermediate_size=config.intermediate_size // tp,
         num_attention_heads=config.num_heads // tp, num_key_value_heads=config.kv_heads_per_rank(tp),
         head_dim=config.head_dim, num_hidden_layers=config.num_layers,
         vocab_size=padded_size(config.vocab_size, tp) // tp, max_position_embeddings=config.max_position_embeddings,
         rms_norm_eps=config.rms_norm_eps, tie_word_embeddings=config.tie_word_embeddings,
-        attention_bias=config.qkv_bias, mlp_bias=config.mlp_bias, rope_theta=config.rope.theta)
+        attention_bias=config.qkv_bias, rope_theta=config.rope.theta)
+    family = HF_FAMILY.get(config.model_type, "LlamaConfig")
+    if family == "LlamaConfig":
+        shapes["mlp_bias"] = config.mlp_bias
+    if family == "MixtralConfig":
+        shapes.update(intermediate_size=config.expert_intermediate_size // tp, num_local_experts=config.num_experts,
+                      num_experts_per_tok=config.experts_per_token, sliding_window=None)
+    elif config.num_experts:
+        shapes.update(moe_intermediate_size=config.expert_intermediate_size // tp, num_experts=config.num_experts,
+                      num_experts_per_tok=config.experts_per_token, norm_topk_prob=config.normalize_expert_weights)
+        if config.shared_expert_intermediate_size:
+            shapes["shared_expert_intermediate_size"] = config.shared_expert_intermediate_size // tp
+    hf = getattr(transformers, family)(**shapes)
     hf._attn_implementation = "sdpa"
     return hf
 
 
 def build_hf_shard(config: ModelConfig, tp: int, dtype: torch.dtype, device: torch.device | str,
-                   seed: int = 0) -> transformers.LlamaForCausalLM:
-    """HF's LlamaForCausalLM with one rank's shapes and random weights, built without HF's slow initialisation."""
+                   seed: int = 0) -> transformers.PreTrainedModel:
+    """HF's causal LM of the family with one rank's shapes and random weights, built without HF's slow
+    initialisation."""
     hf_config = hf_shard_config(config, tp)
     with torch.device("meta"):
-        model = transformers.LlamaForCausalLM(hf_config).to(dtype)
+        model = transformers.AutoModelForCausalLM.from_config(hf_config).to(dtype)
     model = model.to_empty(device=device)
     model.model.rotary_emb = type(model.model.rotary_emb)(hf_config).to(device)  # its buffers were left empty
     return fill_random_(model, seed).eval()

@@ -23,11 +23,13 @@ from typing import Callable
 import torch
 
 from tplab.bench.emulation import CommModel
+from tplab.bench.models import hf_class_name
 from tplab.bench.records import SCHEMA, label, record_shapes, scale_to_full, spread, throughput
 from tplab.bench.roofline import decode_bytes
 from tplab.bench.timing import Timing, time_edges, time_tplab
 from tplab.comm.stats import CommStats
 from tplab.model.decoder import TPCausalLM
+from tplab.model.routing import routing_summary
 from tplab.perf.shapes import rank_params, step_work
 from tplab.specs.model import ModelConfig
 
@@ -63,6 +65,7 @@ def run_points(model: TPCausalLM, points: list[tuple[int, int]], inputs: PointIn
         ids = prompts(batch, prompt_len, model.config.vocab_size, inputs.seed, device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+        routed = model.expert_tokens()
         timing = time_tplab(model, ids, inputs.decode_steps, inputs.repeats, inputs.warmup, inputs.mode)
         per_token = model.config.kv_bytes_per_token(model.dist.world_size, model.dtype)
         cache_bytes = per_token * batch * (prompt_len + inputs.decode_steps)
@@ -72,7 +75,8 @@ def run_points(model: TPCausalLM, points: list[tuple[int, int]], inputs: PointIn
         context = prompt_len + (inputs.decode_steps if inputs.mode != "eager" else (inputs.decode_steps + 1) / 2)
         out.append({"batch": batch, "prompt_len": prompt_len, "timing": timing, "memory": memory,
                     "torch_threads": torch.get_num_threads(),
-                    "edges": time_edges(model, batch, prompt_len), "decode_bytes": decode_bytes(model, batch, context)})
+                    "edges": time_edges(model, batch, prompt_len), "decode_bytes": decode_bytes(model, batch, context),
+                    "routing": None if routed is None else routing_summary((model.expert_tokens() - routed)[None])})
         if on_point is not None:
             on_point()
     return out
@@ -124,6 +128,7 @@ def point_record(*, kind: str, run_id: str, env: dict, model: dict, setting: dic
     record["scaled"] = _scaled(record, raw)
     record["roofline"] = _roofline(record, raw, roofline)
     record["baseline"] = None if baseline is None else _baseline(record, baseline)
+    record["routing"] = raw.get("routing")  # a mixture's pairs per expert over the point's timed passes (rank 0)
     record["label"] = label(record)
     return record
 
@@ -197,7 +202,8 @@ def _baseline(record: dict, hf: Timing) -> dict:
 
     ttft, decode = spread([1e3 * s for s in hf.ttft_s]), spread([1e3 * s for s in hf.decode_step_s])
     against = "compute" if record["decode_compute_ms"] is not None else "total"
-    return {"what": f"transformers {transformers.__version__} LlamaForCausalLM, eager, SDPA attention, its own "
+    name = hf_class_name(record["model"]["config"]["model_type"])
+    return {"what": f"transformers {transformers.__version__} {name}, eager, SDPA attention, its own "
                     "DynamicCache, logits of the last position only, with rank 0's shapes and random weights, "
                     "no collectives",
             "ttft_ms": ttft, "decode_ms_per_token": decode, "tplab_part_compared": against,

@@ -167,6 +167,12 @@ def print_table(records: list[dict]) -> None:
     print("mem GB: weights + KV cache allocated on rank 0 (CUDA: max_memory_allocated); BW % copy: the decode step's "
           "bytes / its compute time, against this device's measured copy bandwidth; vs HF: HF eager time / tplab "
           "time over the same shapes (> 1: tplab faster)")
+    for r in records:
+        if r.get("routing"):
+            x, at_ep = r["routing"], ", ".join(f"{e}: {v:.2f}" for e, v in r["routing"]["rank_imbalance_at_ep"].items())
+            print(f"routing at tp={r['setting']['tp']} batch={r['setting']['batch']}: {x['pairs']} (token, expert) "
+                  f"pairs in the point's timed passes, per layer max/mean over experts {x['expert_imbalance']:.2f}, "
+                  f"over ranks holding whole experts at ep {at_ep}")
     scaled = [r for r in records if r["scaled"]]
     if scaled:
         print(f"EXTRAPOLATED to all {scaled[0]['scaled']['layers']} layers (not measured: {scaled[0]['scaled']['note']}):")

@@ -161,13 +161,22 @@ class ModelConfig:
         return dataclasses.replace(self, num_layers=layers, layer_windows=self.layer_windows[:layers])
 
     def to_config_dict(self) -> dict[str, Any]:
-        """The Hugging Face config.json fields of the shapes, as every measurement record carries them."""
-        return {"model_type": self.model_type, "hidden_size": self.hidden_size,
-                "intermediate_size": self.intermediate_size, "num_attention_heads": self.num_heads,
-                "num_key_value_heads": self.num_kv_heads, "num_hidden_layers": self.num_layers,
-                "vocab_size": self.vocab_size, "head_dim": self.head_dim,
-                "max_position_embeddings": self.max_position_embeddings,
-                "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.qkv_bias}
+        """The Hugging Face config.json fields of the shapes, as every measurement record carries them (a mixture's
+        experts in its family's spelling)."""
+        shapes = {"model_type": self.model_type, "hidden_size": self.hidden_size,
+                  "intermediate_size": self.intermediate_size, "num_attention_heads": self.num_heads,
+                  "num_key_value_heads": self.num_kv_heads, "num_hidden_layers": self.num_layers,
+                  "vocab_size": self.vocab_size, "head_dim": self.head_dim,
+                  "max_position_embeddings": self.max_position_embeddings,
+                  "tie_word_embeddings": self.tie_word_embeddings, "attention_bias": self.qkv_bias}
+        if self.model_type == "mixtral":
+            shapes.update(num_local_experts=self.num_experts, num_experts_per_tok=self.experts_per_token)
+        elif self.num_experts:
+            shapes.update(num_experts=self.num_experts, num_experts_per_tok=self.experts_per_token,
+                          moe_intermediate_size=self.expert_intermediate_size,
+                          norm_topk_prob=self.normalize_expert_weights,
+                          shared_expert_intermediate_size=self.shared_expert_intermediate_size)
+        return shapes
 
     # --- tensor parallelism ------------------------------------------------------
     def tp_problem(self, tp: int, ep: int = 1) -> str | None:
