@@ -342,3 +342,19 @@ def test_bench_times_a_mixture_against_hf_of_its_family_and_reports_its_routing(
         assert "Qwen2MoeForCausalLM" in r["baseline"]["what"]
         assert r["model"]["config"]["num_experts"] == 4 and r["routing"]["experts"] == 4
     assert records[0]["routing"]["pairs"] == records[1]["routing"]["pairs"] > 0
+    out = tmp_path / "whole"
+    assert main(["bench", "--model", str(path), "--ep", "2", "--ep-dispatch", "all-to-all", "--batch", "2",
+                 "--prompt-len", "8", "--decode-steps", "2", "--repeats", "1", "--quick-roofline", "--dtype", "fp32",
+                 "--out", str(out)]) == 0
+    (whole,) = [json.loads(line) for f in out.glob("*.jsonl") for line in f.read_text().splitlines()]
+    assert (whole["setting"]["tp"], whole["setting"]["ep"], whole["baseline"]) == (2, 2, None)
+    assert whole["routing"]["tokens_per_expert"] == records[1]["routing"]["tokens_per_expert"]  # the ranks' sum
+
+
+def test_quality_compares_a_quantized_mixture_with_whole_experts(capsys):
+    from tplab.cli import main
+
+    assert main(["quality", "--model", "tiny-moe", "--quant", "int8", "--ep", "2", "--windows", "2",
+                 "--max-new-tokens", "6", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tp"] == 2 and report["token_agreement"] > 0.5 and report["prompts"] > 10

@@ -87,10 +87,11 @@ def fill_random_(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 
 
 def build_shard(model: BenchModel, dist: Dist, dtype: torch.dtype, layers: int | None = None,
-                seed: int = 0) -> TPCausalLM:
-    """Rank ``dist.rank``'s shard with the first ``layers`` layers: checkpoint slices, or random weights."""
+                seed: int = 0, expert_dispatch: str = "all-reduce") -> TPCausalLM:
+    """Rank ``dist.rank``'s shard with the first ``layers`` layers: checkpoint slices, or random weights (a
+    mixture's whole experts, with an expert group, reached by ``expert_dispatch``)."""
     config = model.config.with_layers(layers)
-    shard = TPCausalLM(config, dist, dtype)
+    shard = TPCausalLM(config, dist, dtype, expert_dispatch=expert_dispatch)
     if model.checkpoint is not None:
         shard.load(SafetensorsSource(model.checkpoint))
     else:

@@ -27,7 +27,7 @@ from tplab.specs.dtypes import torch_name
 from tplab.specs.efficiency import load_efficiency
 from tplab.specs.hardware import load_gpu
 from tplab.specs.model import ModelConfig
-from tplab.specs.sharding import stage_layers
+from tplab.specs.sharding import check_dispatch, stage_layers
 
 QUICK_COPY_BYTES, QUICK_MATMUL_SIZE = 1 << 22, 512
 MEMORY_USE_LIMIT = 0.9  # refuse a sweep that needs more than this share of the free memory
@@ -68,6 +68,8 @@ class BenchSpec:
     threads: int | None = None
     quant: str | None = None  # weight-only "int8" or "fp8" for the decoder's linears
     pp: int = 1  # pipeline stages: sized and modelled by a dry run (tplab.bench.preview); a sweep measures pp = 1
+    ep: int = 1  # a mixture's experts whole on the ep = tp ranks (no HF twin: the baseline is off)
+    expert_dispatch: str = "all-reduce"  # how tokens reach whole experts (tplab.model.moe)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "dtype", torch_name(self.dtype))  # either spelling; records keep torch's name
@@ -114,7 +116,11 @@ def check_sweep(spec: BenchSpec) -> tuple[BenchModel, ModelConfig]:
         raise ValueError(f"threads must be a positive integer or None, got {spec.threads!r}")
     config = model.config.with_layers(spec.layers)
     for tp in spec.tps:
-        config.check_tp(tp)
+        config.check_tp(tp, spec.ep)
+        check_dispatch(spec.expert_dispatch, tp, spec.ep)
+    if spec.ep > 1 and spec.emulate:
+        raise ValueError("an emulated rank has no expert group: measure whole experts on real ranks (no "
+                         "--emulate-rank with --ep)")
     stage_layers(config.num_layers, spec.pp)
     longest = max(spec.prompt_lens) + spec.decode_steps + 1  # the prefill's token, then one per decode step
     if longest > config.max_position_embeddings:

@@ -76,7 +76,7 @@ def run_points(model: TPCausalLM, points: list[tuple[int, int]], inputs: PointIn
         out.append({"batch": batch, "prompt_len": prompt_len, "timing": timing, "memory": memory,
                     "torch_threads": torch.get_num_threads(),
                     "edges": time_edges(model, batch, prompt_len), "decode_bytes": decode_bytes(model, batch, context),
-                    "routing": None if routed is None else routing_summary((model.expert_tokens() - routed)[None])})
+                    "expert_tokens": None if routed is None else (model.expert_tokens() - routed).tolist()})
         if on_point is not None:
             on_point()
     return out
@@ -128,7 +128,8 @@ def point_record(*, kind: str, run_id: str, env: dict, model: dict, setting: dic
     record["scaled"] = _scaled(record, raw)
     record["roofline"] = _roofline(record, raw, roofline)
     record["baseline"] = None if baseline is None else _baseline(record, baseline)
-    record["routing"] = raw.get("routing")  # a mixture's pairs per expert over the point's timed passes (rank 0)
+    counts = raw.get("expert_tokens")  # a mixture's pairs per layer and expert over the point's timed passes
+    record["routing"] = None if counts is None else routing_summary(torch.tensor(counts)[None], setting["ep"])
     record["label"] = label(record)
     return record
 

@@ -54,16 +54,18 @@ from tplab.bench.timing import time_hf
 from tplab.comm.group import Dist
 from tplab.comm.launch import default_threads, launch, under_torchrun
 from tplab.model.loading import torch_dtype
+from tplab.model.routing import layer_counts
 
 __all__ = ["BenchSpec", "plan", "run_bench", "bench_rank_program"]
 
 def bench_rank_program(dist: Dist, model_name: str, layers: int | None, dtype: str, points: list[tuple[int, int]],
-                       inputs: dict, on_point: Callable[[], None] | None = None, quant: str | None = None) -> list[dict]:
-    """One rank: build its shard (quantized when ``quant``), time every point (launch-able on threads, gloo and
-    torchrun)."""
+                       inputs: dict, on_point: Callable[[], None] | None = None, quant: str | None = None,
+                       expert_dispatch: str = "all-reduce") -> list[dict]:
+    """One rank: build its shard (quantized when ``quant``; a mixture's whole experts reached by
+    ``expert_dispatch`` when launched with ``ep``), time every point (launch-able on threads, gloo and torchrun)."""
     if inputs["threads"] is not None:
         torch.set_num_threads(inputs["threads"])
-    model = build_shard(bench_model(model_name), dist, torch_dtype(dtype), layers, inputs["seed"])
+    model = build_shard(bench_model(model_name), dist, torch_dtype(dtype), layers, inputs["seed"], expert_dispatch)
     if quant:
         model.quantize_(quant)
     return run_points(model, points, PointInputs(**inputs), on_point if dist.rank == 0 else None)
@@ -72,7 +74,7 @@ def bench_rank_program(dist: Dist, model_name: str, layers: int | None, dtype: s
 def _baseline(plan: Plan, tp: int, bar) -> list:
     """HF's eager decode over rank 0's shapes at ``tp``, for every point (None each when disabled)."""
     spec = plan.spec
-    if not spec.baseline:
+    if not spec.baseline or spec.ep > 1:  # whole experts have no HF twin at one rank's shapes
         return [None] * len(plan.points)
     config = plan.model.config.with_layers(spec.layers)
     hf = build_hf_shard(config, tp, plan.dtype, plan.device, spec.seed)
@@ -189,10 +191,16 @@ def _rank0_points(p: Plan, tp: int, inputs: dict, bar) -> list[dict]:
         _release(p.device)
         return results
     on_point = bar.update if p.backend == "threads" else None
-    results = launch(bench_rank_program, tp, spec.backend, timeout=3600.0,
-                     args=(spec.model, spec.layers, spec.dtype, p.points, inputs, on_point, spec.quant))
+    results = launch(bench_rank_program, tp, spec.backend, timeout=3600.0, ep=spec.ep,
+                     args=(spec.model, spec.layers, spec.dtype, p.points, inputs, on_point, spec.quant,
+                           spec.expert_dispatch))
     if on_point is None:
         bar.update(len(p.points))
+    if spec.ep > 1:  # whole experts: each rank counted its own experts' pairs, and the layer's are their sum
+        for i, point in enumerate(results[0]):
+            if point["expert_tokens"] is not None:
+                point["expert_tokens"] = layer_counts([torch.tensor(r[i]["expert_tokens"]) for r in results],
+                                                      spec.ep).tolist()
     return results[0]
 
 
@@ -200,6 +208,7 @@ def _setting(p: Plan, tp: int, batch: int, prompt_len: int) -> dict:
     spec = p.spec
     setting = {"tp": tp, "rank": 0, "backend": p.backend, "batch": batch, "prompt_len": prompt_len,
                "decode_steps": spec.decode_steps, "repeats": spec.repeats, "warmup": spec.warmup, "dtype": spec.dtype, "quant": spec.quant,
+               "ep": spec.ep, "expert_dispatch": spec.expert_dispatch,
                "decode_mode": p.mode, "device": str(p.device), "seed": spec.seed,
                "ranks_sharing_memory": ranks_per_device(spec, p.device, tp)}
     if tp in p.comm_models:

@@ -42,7 +42,7 @@ from pathlib import Path
 from tplab.bench.calibration import calibrate, write_efficiency
 from tplab.bench.records import load_records
 from tplab.comm.launch import BACKENDS, under_torchrun
-from tplab.commands import count, int_list, threads_per_rank, torch_dtype_name
+from tplab.commands import add_expert_options, count, int_list, threads_per_rank, torch_dtype_name
 from tplab.engine.runner import DECODE_MODES
 from tplab.layers.weights import SCHEMES
 from tplab.paths import local_records_dir
@@ -58,7 +58,7 @@ def register(subparsers) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="'tiny', a checkpoint directory, a config.json, or a shipped "
                                                    "config name such as llama-3-70b (random weights)")
-    p.add_argument("--tp", default="1", help="comma-separated TP degrees (default 1)")
+    p.add_argument("--tp", default=None, help="comma-separated TP degrees (default 1, or --ep's)")
     p.add_argument("--batch", default="1", help="comma-separated batch sizes (default 1)")
     p.add_argument("--prompt-len", default="128", help="comma-separated prompt lengths in tokens (default 128)")
     p.add_argument("--decode-steps", type=count("--decode-steps"), default=16, help="decode steps per request (default 16)")
@@ -90,6 +90,7 @@ def register(subparsers) -> None:
                    help="folder for a new run file, or a .jsonl file to append to (default: data/measurements/local in a "
                         "checkout of tplab, else the current directory)")
     p.add_argument("--no-save", action="store_true", help="print only; write no record")
+    add_expert_options(p)
     p.add_argument("--pp", type=count("--pp"), default=1,
                    help="with --dry-run: pipeline stages of tp GPUs each, sized (stage 0's memory) and modelled")
     p.add_argument("--dry-run", action="store_true",
@@ -110,13 +111,14 @@ def spec_from_args(args: argparse.Namespace):
 
     dtype, args.dtype_note = (args.dtype, None) if args.dtype else \
         ("bfloat16", None) if args.dry_run else default_dtype(args.device)  # a dry run models a GPU
-    return BenchSpec(model=args.model, tps=int_list("--tp", args.tp), batches=int_list("--batch", args.batch),
+    tps = int_list("--tp", args.tp or str(args.ep))
+    return BenchSpec(model=args.model, tps=tps, batches=int_list("--batch", args.batch),
                      prompt_lens=int_list("--prompt-len", args.prompt_len), decode_steps=args.decode_steps,
                      repeats=args.repeats, warmup=args.warmup, dtype=dtype, quant=args.quant, emulate=args.emulate_rank,
                      layers=args.layers, backend=args.backend, device=args.device, decode_mode=args.decode,
                      gpu=args.gpu, interconnect=args.interconnect, efficiency=args.efficiency,
                      baseline=not args.no_baseline, threads=args.threads, quick_roofline=args.quick_roofline,
-                     pp=args.pp)
+                     pp=args.pp, ep=args.ep, expert_dispatch=args.ep_dispatch)
 
 
 def default_dtype(device: str | None) -> tuple[str, str | None]:

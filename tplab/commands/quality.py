@@ -15,38 +15,40 @@ import json
 import sys
 
 from tplab.comm.launch import BACKENDS, launch
-from tplab.commands import count
+from tplab.commands import add_expert_options, count, resolve_tp
 from tplab.commands.generate import load_tokenizer
 from tplab.engine.quality import quality_rank_program, token_windows
 from tplab.errors import InputError
 from tplab.files import read_user_text
 from tplab.layers.weights import SCHEMES
 from tplab.model.loading import checkpoint_config
-from tplab.specs.tiny import CORPUS_FILE, validation_texts
+from tplab.specs.tiny import corpus_dir, validation_texts
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("quality", help="a quantized model's tokens, perplexity and KL against the unquantized one")
     p.add_argument("--model", default="tiny", help="checkpoint directory, or 'tiny' for the bundled model")
     p.add_argument("--quant", required=True, choices=SCHEMES, help="weight-only quantization of the decoder's linears")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+    p.add_argument("--tp", type=int, default=None, help="tensor-parallel degree (default 1, or --ep's)")
     p.add_argument("--backend", choices=BACKENDS, default="threads", help="threads or gloo processes")
     p.add_argument("--prompts", default=None, help="a text file, one golden prompt per line (default: the held-out "
                                                    "topics of the tiny model's corpus)")
     p.add_argument("--prompt-len", type=int, default=16, help="tokens of each corpus prompt")
     p.add_argument("--max-new-tokens", type=count("--max-new-tokens"), default=24, help="greedy tokens per prompt")
     p.add_argument("--windows", type=int, default=12, help="held-out windows of the model's context to score")
+    add_expert_options(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run)
 
 
 def _inputs(args: argparse.Namespace):
     config = checkpoint_config(args.model)
-    config.check_tp(args.tp)
+    args.tp = resolve_tp(config, args.tp, args)
     tokenizer = load_tokenizer(config.directory)
     if tokenizer is None:
         raise ValueError(f"{config.directory} has no tokenizer: quality needs text prompts")
-    texts = validation_texts(config.directory) if (config.directory / CORPUS_FILE).is_file() else []
+    corpus = corpus_dir(config.directory)
+    texts = [] if corpus is None else validation_texts(corpus)
     if args.prompts:
         lines = [line for line in read_user_text(args.prompts, "--prompts").splitlines() if line.strip()]
         if not lines:
@@ -69,12 +71,12 @@ def _inputs(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     try:
-        if args.tp < 1 or args.windows < 1 or args.prompt_len < 1 or args.max_new_tokens < 1:
+        if (args.tp is not None and args.tp < 1) or args.windows < 1 or args.prompt_len < 1 or args.max_new_tokens < 1:
             raise ValueError("--tp, --windows, --prompt-len and --max-new-tokens must be positive integers")
         config, prompts, windows = _inputs(args)
-        ranks = launch(quality_rank_program, args.tp, args.backend,
+        ranks = launch(quality_rank_program, args.tp, args.backend, ep=args.ep,
                        kwargs=dict(model=config, quant=args.quant, prompts=prompts, max_new_tokens=args.max_new_tokens,
-                                   windows=windows))
+                                   windows=windows, expert_dispatch=args.ep_dispatch))
     except (ValueError, FileNotFoundError, InputError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -43,11 +43,12 @@ def _scores(model, windows: list[list[int]]) -> list[torch.Tensor]:
 
 
 def quality_rank_program(dist: Dist, model: str | Path | ModelConfig, quant: str, prompts: list[list[int]],
-                         max_new_tokens: int, windows: list[list[int]], dtype: torch.dtype | str | None = None
-                         ) -> dict:
-    """The quantized model against the unquantized one (see the module docstring); the same dict on every rank."""
-    reference = from_pretrained(model, dist, dtype=dtype)
-    quantized = from_pretrained(model, dist, dtype=dtype, quant=quant)
+                         max_new_tokens: int, windows: list[list[int]], dtype: torch.dtype | str | None = None,
+                         expert_dispatch: str = "all-reduce") -> dict:
+    """The quantized model against the unquantized one (see the module docstring); the same dict on every rank.
+    ``expert_dispatch``: a mixture's, with whole experts (``launch(..., ep=tp)``)."""
+    reference = from_pretrained(model, dist, dtype=dtype, expert_dispatch=expert_dispatch)
+    quantized = from_pretrained(model, dist, dtype=dtype, quant=quant, expert_dispatch=expert_dispatch)
     ref_tokens = generate(reference, prompts, max_new_tokens, eos_token_ids=()).tokens
     q_tokens = generate(quantized, prompts, max_new_tokens, eos_token_ids=()).tokens
     divergence = [first_divergence(a, b) for a, b in zip(ref_tokens, q_tokens)]

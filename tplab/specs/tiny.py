@@ -83,6 +83,15 @@ def split_text(text: str, val_fraction: float) -> tuple[str, str]:
 CORPUS_FILE = "corpus.json.xz"
 
 
+def corpus_dir(directory: Path) -> Path | None:
+    """Where the corpus a bundled model was trained on lies: beside it (tiny), or beside tiny (tiny-moe, trained
+    on the same text); None for another checkpoint without one."""
+    directory = Path(directory)
+    if (directory / CORPUS_FILE).is_file():
+        return directory
+    return TINY_DIR if directory.resolve() == TINY_MOE_DIR.resolve() else None
+
+
 def corpus_texts(directory: Path = TINY_DIR) -> list[str]:
     """The text of every topic of the corpus shipped beside the model, as stored."""
     with lzma.open(Path(directory) / CORPUS_FILE) as f:
