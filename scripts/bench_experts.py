@@ -15,14 +15,11 @@ Ranks share this machine's cores: with more ranks than cores they take turns, wh
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from tplab.bench.env import environment, hardware_slug
 from tplab.bench.experts import measure_split
-from tplab.paths import default_measurements_dir
+from tplab.bench.script_runs import append_records, cpu_run_options, start_run
 from tplab.perf.experts import layer_payload
 from tplab.specs.model import resolve_model
 from tplab.specs.tiny import TINY_DIR, TINY_MOE_DIR, validation_texts
@@ -33,14 +30,9 @@ SPLITS = [(2, 1, "all-reduce"), (2, 2, "all-reduce"), (2, 2, "all-to-all"),
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", choices=("threads", "gloo"), default="threads")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--out", default=None, help="JSON-lines file to append to (default: data/measurements/experts/)")
+    cpu_run_options(p, new_tokens=16, folder="experts")
     args = p.parse_args()
-    env = environment("cpu")
-    out = Path(args.out) if args.out else (default_measurements_dir() / "experts" /
-                                           f"{env['date'][:10]}_{hardware_slug(env)}_experts.jsonl")
+    env, out = start_run(args.out, "experts")
     tokenizer = AutoTokenizer.from_pretrained(TINY_MOE_DIR)
     prompts = [tokenizer(text[:400])["input_ids"][:24] for text in validation_texts(TINY_DIR)[:8]]
     config = resolve_model("tiny-moe")
@@ -71,11 +63,7 @@ def main() -> int:
                      "payload_formula_bytes_per_layer": formula,
                      "baseline_tp1_decode_ms_per_token": base.decode_ms_per_token,
                      "vs_baseline": run.decode_ms_per_token / base.decode_ms_per_token, "env": env})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    print(f"recorded {len(rows)} points in {out}")
+    append_records(rows, out)
     return 0
 
 

@@ -15,13 +15,10 @@ cores: with more ranks than cores (tp 2 x pp 2 on 2 cores) they take turns, whic
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
-from tplab.bench.env import environment, hardware_slug
 from tplab.bench.pipeline import measure_grid
+from tplab.bench.script_runs import append_records, cpu_run_options, start_run
 from tplab.bench.serving import serve_measured
-from tplab.paths import default_measurements_dir
 from tplab.serving.load import synthetic_load
 from tplab.serving.scheduler import SchedulerConfig
 from tplab.specs.tiny import TINY_DIR
@@ -67,14 +64,9 @@ def serving_points(args, env) -> list[dict]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--backend", choices=("threads", "gloo"), default="threads")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--new-tokens", type=int, default=24)
-    p.add_argument("--out", default=None, help="JSON-lines file to append to (default: data/measurements/pipeline/)")
+    cpu_run_options(p, new_tokens=24, folder="pipeline")
     args = p.parse_args()
-    env = environment("cpu")
-    out = Path(args.out) if args.out else (default_measurements_dir() / "pipeline" /
-                                           f"{env['date'][:10]}_{hardware_slug(env)}_pipeline.jsonl")
+    env, out = start_run(args.out, "pipeline")
     prompts = distinct_prompts(300, [16] * 8, seed=1)
     base = measure_grid("tiny", prompts, args.new_tokens, backend=args.backend, repeats=args.repeats)
     rows = []
@@ -95,11 +87,7 @@ def main() -> int:
                      "baseline_tp1_decode_ms_per_token": base.decode_ms_per_token,
                      "vs_baseline": run.decode_ms_per_token / base.decode_ms_per_token, "env": env})
     rows += serving_points(args, env)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    print(f"recorded {len(rows)} points in {out}")
+    append_records(rows, out)
     return 0
 
 

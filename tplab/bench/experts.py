@@ -18,8 +18,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tplab.comm.launch import launch
-from tplab.engine.generate import GenerationResult, generate_rank_program
+from tplab.bench.timing import fastest_generation
+from tplab.engine.generate import GenerationResult
 from tplab.model.routing import routing_summary, run_counts
 from tplab.specs.model import ModelConfig
 
@@ -64,13 +64,8 @@ def measure_split(model: str | Path | ModelConfig, prompts: list[list[int]], new
                   threads: int | None = 1) -> SplitRun:
     """Generate ``new_tokens`` for every prompt ``repeats`` times (each after an untimed warm-up) with the experts
     placed as asked; the fastest repeat. ``model``: a checkpoint directory, "tiny-moe", or its ModelConfig."""
-    best = None
-    for _ in range(repeats):
-        results = launch(generate_rank_program, tp, backend, ep=ep, threads=threads,
-                         kwargs=dict(model=model, prompts=prompts, max_new_tokens=new_tokens, eos_token_ids=(),
-                                     warmup=True, expert_dispatch=dispatch))
-        if best is None or results[0].decode_s < best[0].decode_s:
-            best = results
+    best = fastest_generation(repeats, tp, backend, threads, ep=ep, model=model, prompts=prompts,
+                              max_new_tokens=new_tokens, expert_dispatch=dispatch)
     first = best[0]
     layers = len(first.step_expert_tokens[0])
     nbytes, seconds, ops = moe_collectives(first, layers, dispatch)

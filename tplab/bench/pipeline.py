@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tplab.bench.timing import fastest_generation
 from tplab.comm.group import Dist
-from tplab.comm.launch import launch
 from tplab.engine.generate import generate_rank_program
 from tplab.perf.pipeline import drain_bubble
 from tplab.specs.model import ModelConfig
@@ -47,13 +47,8 @@ def measure_grid(model, prompts: list[list[int]], new_tokens: int, tp: int = 1, 
                  threads: int | None = 1) -> GridRun:
     """Generate ``new_tokens`` for every prompt on a tp x pp grid ``repeats`` times (each after an untimed warm-up);
     the fastest repeat. ``model``: a checkpoint directory, "tiny", or its ModelConfig; no row stops early."""
-    best = None
-    for _ in range(repeats):
-        results = launch(generate_rank_program, tp, backend, pp=pp, threads=threads,
-                         kwargs=dict(model=model, prompts=prompts, max_new_tokens=new_tokens, eos_token_ids=(),
-                                     micro_batches=micro_batches, warmup=True))
-        if best is None or results[0].decode_s < best[0].decode_s:
-            best = results
+    best = fastest_generation(repeats, tp, backend, threads, pp, model=model, prompts=prompts,
+                              max_new_tokens=new_tokens, micro_batches=micro_batches)
     first = best[0]
     return GridRun(tp, pp, first.micro_batches, len(prompts), 1e3 * first.ttft_s, first.ms_per_token,
                    len(prompts) * first.decode_steps / first.decode_s,

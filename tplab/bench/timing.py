@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 import torch
 
 from tplab.checks import is_positive_int
+from tplab.comm.launch import launch
 from tplab.comm.stats import CommRecord
-from tplab.engine.generate import generate
+from tplab.engine.generate import generate, generate_rank_program
 from tplab.engine.runner import ModelRunner
 from tplab.model.decoder import TPCausalLM
 
@@ -138,3 +139,17 @@ def time_hf(model: torch.nn.Module, ids: torch.Tensor, decode_steps: int, repeat
             timing.ttft_s.append(ttft)
             timing.decode_step_s.append(statistics.fmean(steps))
     return timing
+
+
+def fastest_generation(repeats: int, tp: int, backend: str = "threads", threads: int | None = 1, pp: int = 1,
+                       ep: int = 1, **kwargs) -> list:
+    """Every rank's :class:`~tplab.engine.generate.GenerationResult` of the fastest of ``repeats`` launches of
+    :func:`~tplab.engine.generate.generate_rank_program` (``kwargs``; each after its untimed warm-up), by rank 0's
+    decode time: the repeat least disturbed by other work on the machine."""
+    best = None
+    for _ in range(repeats):
+        results = launch(generate_rank_program, tp, backend, pp=pp, ep=ep, threads=threads,
+                         kwargs=dict(kwargs, eos_token_ids=(), warmup=True))
+        if best is None or results[0].decode_s < best[0].decode_s:
+            best = results
+    return best
