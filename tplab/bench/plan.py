@@ -162,7 +162,11 @@ def plan(spec: BenchSpec) -> Plan:
     if mode not in DECODE_MODES:
         raise ValueError(f"unknown decode mode {mode!r}; choose one of {DECODE_MODES}")
     if mode == "graph" and device.type != "cuda":
-        raise ValueError("decode mode 'graph' (CUDA graphs) needs a GPU; use 'eager' or 'static' on the CPU")
+        raise ValueError("decode mode 'graph' (CUDA graphs) needs a GPU; use 'eager', 'static' or 'compiled' on the "
+                         "CPU")
+    if mode in ("graph", "compiled") and config.num_experts:
+        raise ValueError(f"decode mode {mode!r} needs the same shapes at every step, and a mixture's router changes "
+                         "them: use --decode static or eager")
     comm_models = {}
     if spec.emulate:
         hw, efficiency = load_gpu(spec.gpu), load_efficiency(spec.efficiency)

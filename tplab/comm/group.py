@@ -36,6 +36,7 @@ from typing import Callable
 
 import torch
 
+from tplab.comm.compiled import register
 from tplab.comm.stats import CommStats
 
 
@@ -79,6 +80,7 @@ class Dist:
         self.grid = None  # set by launch: the rank's place in the tp x pp grid and its other groups
         self.watch = None  # set by launch: a RankWatch that the launcher reads (tplab.comm.stats)
         self._transport = transport
+        self.compiled_key = register(self)  # how a compiled graph's all-reduce finds this group
 
     def __repr__(self) -> str:
         return (f"Dist(group={self.group!r}, rank={self.rank}, world_size={self.world_size}, device={self.device}, "
@@ -105,7 +107,14 @@ class Dist:
     # --- collectives -----------------------------------------------------
     # A group of one rank moves no data: each collective is its definition for n = 1 (still recorded and counted).
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum of every rank's ``t``, returned on every rank."""
+        """Sum of every rank's ``t``, returned on every rank. Inside torch.compile, one opaque operator that runs
+        this same call when the compiled code runs (:mod:`tplab.comm.compiled`)."""
+        if torch.compiler.is_compiling():
+            return torch.ops.tplab.all_reduce(t, self.compiled_key)
+        return self.eager_all_reduce(t)
+
+    def eager_all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """The all-reduce itself, timed and recorded (what the compiled graph's operator runs)."""
         return self._timed("all_reduce", t, _nbytes(t),
                            lambda: t if self.world_size == 1 else self._transport.all_reduce(t))
 

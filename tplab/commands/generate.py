@@ -72,6 +72,9 @@ def register(subparsers) -> None:
                    help="with --quant: the embedding and the LM head too (one scale per vocabulary row)")
     p.add_argument("--prepack", action="store_true",
                    help="CPU ranks: the linears in oneDNN's blocked layout (faster GEMMs; the same tokens)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile: fused kernels, the all-reduces kept in one graph (compiled "
+                        "in the warm-up; the same tokens)")
     add_pipeline_options(p)
     add_expert_options(p)
     p.add_argument("--micro-batches", type=count("--micro-batches"), default=None,
@@ -115,6 +118,9 @@ def prepare(args: argparse.Namespace) -> tuple[ModelConfig, torch.dtype, object,
     dtype = resolve_dtype(args.dtype, config, rank_device_type(args.device))
     if args.prepack and (problem := prepack_problem(dtype, rank_device_type(args.device))):
         raise InputError(problem)
+    if args.compile and (args.pp > 1 or config.num_experts):
+        raise InputError("--compile compiles one step of the whole model at fixed shapes: not with --pp stages, "
+                         "nor for a mixture of experts (its routing changes the shapes every step)")
     if not args.prompt and not args.prompt_ids:
         raise InputError("give at least one --prompt TEXT or --prompt-ids 1,2,3")
     tokenizer = load_tokenizer(config.directory)
@@ -171,7 +177,8 @@ def run(args: argparse.Namespace) -> int:
                                          sampling=sampling, dtype=dtype, warmup=True, quant=args.quant,
                                          quant_embeddings=args.quant_embeddings, prepack=args.prepack,
                                          pp_layers=args.pp_layers, micro_batches=args.micro_batches,
-                                         expert_dispatch=args.ep_dispatch))
+                                         expert_dispatch=args.ep_dispatch,
+                                         decode_mode="compiled" if args.compile else "eager"))
         except InputError as e:  # found inside a rank (e.g. a damaged checkpoint): still bad input, not a bug
             return _usage_error(e)
         if not prints():

@@ -261,7 +261,8 @@ def generate_rank_program(dist: Dist, model: str | Path | ModelConfig, prompts: 
                           eos_token_ids: tuple[int, ...] | None = None, stop_sequences: list[list[int]] = (),
                           keep_logits: bool = False, warmup: bool = False, quant: str | None = None,
                           quant_embeddings: bool = False, prepack: bool = False, pp_layers: list[int] | None = None,
-                          micro_batches: int | None = None, expert_dispatch: str = "all-reduce") -> GenerationResult:
+                          micro_batches: int | None = None, expert_dispatch: str = "all-reduce",
+                          decode_mode: str = "eager") -> GenerationResult:
     """Load this rank's shard of ``model`` and generate: ``launch(generate_rank_program, tp, backend, kwargs=...)``.
 
     ``model``: a checkpoint directory, or its :class:`~tplab.specs.ModelConfig`
@@ -275,14 +276,18 @@ def generate_rank_program(dist: Dist, model: str | Path | ModelConfig, prompts: 
     ``prepack``: the linears in oneDNN's layout (:meth:`~tplab.model.TPCausalLM.prepack_`; CPU).
     Launched with ``pp=P``: this rank's stage of ``pp_layers`` layers per stage (default the even split), the batch
     in ``micro_batches`` (see :func:`generate`). Launched with ``ep=tp``: a mixture's experts whole, E/ep per rank,
-    their tokens reaching them by ``expert_dispatch`` (:mod:`tplab.model.moe`).
+    their tokens reaching them by ``expert_dispatch`` (:mod:`tplab.model.moe`). ``decode_mode``: the runner's
+    (:data:`~tplab.engine.runner.DECODE_MODES`; "compiled" compiles during the warm-up, untimed, which then runs
+    the whole request once).
     """
     shard = from_pretrained(model, dist, dtype=dtype, quant=quant, quant_embeddings=quant_embeddings, prepack=prepack,
                             pp_layers=pp_layers, expert_dispatch=expert_dispatch)
     directory = shard.config.directory
     eos = checkpoint_eos_ids(directory, shard) if eos_token_ids is None else eos_token_ids
-    if warmup:
-        generate(shard, prompts, min(2, max_new_tokens), sampling, eos, stop_sequences, micro_batches=micro_batches)
-    result = generate(shard, prompts, max_new_tokens, sampling, eos, stop_sequences, keep_logits, micro_batches)
+    runner = ModelRunner(shard, decode_mode)
+    if warmup:  # a compiled step is compiled for the run's shapes here: its cache's length too, so the whole run
+        warm = max_new_tokens if decode_mode == "compiled" else min(2, max_new_tokens)
+        generate(runner, prompts, warm, sampling, eos, stop_sequences, micro_batches=micro_batches)
+    result = generate(runner, prompts, max_new_tokens, sampling, eos, stop_sequences, keep_logits, micro_batches)
     result.load, result.threads, result.weight_bytes = shard.load_stats, torch.get_num_threads(), shard.parameter_bytes()
     return result

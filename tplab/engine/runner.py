@@ -13,6 +13,10 @@ the model's one forward pass, :meth:`tplab.model.TPCausalLM.forward`, over one v
   - ``"static"``: the same shapes at every step: the tokens, positions, slot and valid keys are copied into
     buffers the runner owns, the slot is a one-element device tensor, and attention reads every slot of the
     cache, the causal mask hiding those not written yet;
+  - ``"compiled"``: the static step through ``torch.compile`` (inductor fuses the norms, RoPE, SiLU·mul and the
+    residual adds into generated C++ or Triton kernels), compiled at the first decode of a shape; the all-reduces
+    stay in the graph as one operator each (:mod:`tplab.comm.compiled`), so a TP step is one graph, and they are
+    recorded as in eager;
   - ``"graph"``: the static step captured once in a CUDA graph and replayed, one launch per token, as gpt-fast
     and vLLM decode. NOT RUN IN THIS REPOSITORY'S TESTS where no GPU is visible; the static step runs eagerly
     on the CPU there. Under a graph the step's collectives are captured too (NCCL supports capture): ``stats``
@@ -37,7 +41,7 @@ from tplab.model.decoder import TPCausalLM
 from tplab.model.paged_cache import PagedKVCache
 from tplab.model.sampling import SamplingParams, sample
 
-DECODE_MODES = ("eager", "static", "graph")
+DECODE_MODES = ("eager", "static", "compiled", "graph")
 
 
 class ModelRunner:
@@ -46,9 +50,9 @@ class ModelRunner:
     def __init__(self, model: TPCausalLM, mode: str = "eager") -> None:
         if mode not in DECODE_MODES:
             raise ValueError(f"unknown decode mode {mode!r}; choose one of {DECODE_MODES}")
-        if mode == "graph" and model.config.num_experts:
-            raise ValueError("a CUDA graph replays fixed shapes, and a mixture's router sends a different number of "
-                             "tokens to each expert at every step: use mode 'static' or 'eager'")
+        if mode in ("graph", "compiled") and model.config.num_experts:
+            raise ValueError(f"decode mode {mode!r} needs the same shapes at every step, and a mixture's router sends "
+                             "a different number of tokens to each expert at every step: use mode 'static' or 'eager'")
         if mode == "graph" and model.device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; the model is on {model.device}: use mode 'static'")
         if mode != "eager" and model.pipe is not None:
@@ -56,7 +60,7 @@ class ModelRunner:
         self.model, self.mode = model, mode
         self.cache = self.paged_cache = None
         self.captured_records: list = []  # the collectives of the captured step (mode "graph")
-        self._graph = None
+        self._graph = self._compiled = None
 
     def __repr__(self) -> str:
         return f"ModelRunner(mode={self.mode!r}, rank={self.model.dist.rank}, device={self.model.device})"
@@ -116,6 +120,11 @@ class ModelRunner:
             self._key_valid.copy_(key_valid[:, :self.cache.max_len])
         if self.mode == "static":
             self._fixed_step()
+        elif self.mode == "compiled":
+            if self._compiled is None:
+                self._compiled = torch.compile(self._fixed_step, dynamic=False,
+                                               options={"emulate_precision_casts": True})
+            self._compiled()
         else:
             if self._graph is None:
                 self._capture()
