@@ -7,8 +7,10 @@ position. Each rank keeps them for its own KV heads only (the heads
 tp <= KV, else 1 (a replicated head). So TP divides the cache by tp, until tp
 exceeds the number of KV heads; from there every rank holds one head.
 
-Layout: ``k`` and ``v`` are (layers, batch, local_kv_heads, max_len, head_dim),
-allocated once for (batch, max_len). Prefill writes slots [0, T), each decode
+Layout: one tensor per layer for the keys (``keys[layer]``) and one for the values, each (batch, local_kv_heads,
+max_len, head_dim), allocated once for (batch, max_len). Separate tensors, not views of one: a compiled step then
+updates each layer's slot in place, where a write into a view of one large tensor makes torch.compile copy the
+whole cache back at every step. Prefill writes slots [0, T), each decode
 step writes one slot. One forward pass sees the cache through a
 :class:`StaticStep` (:meth:`KVCache.step`): T new tokens per row at slots
 [start, start + T). ``start`` is an int, and attention then sees slots
@@ -31,7 +33,7 @@ from tplab.specs.model import ModelConfig
 
 
 class KVCache:
-    """This rank's keys and values: (layers, batch, local_kv_heads, max_len, head_dim) each."""
+    """This rank's keys and values: per layer, (batch, local_kv_heads, max_len, head_dim) each."""
 
     def __init__(self, num_layers: int, batch: int, max_len: int, local_kv_heads: int, head_dim: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
@@ -40,9 +42,9 @@ class KVCache:
         bad = {k: v for k, v in sizes.items() if not is_positive_int(v)}
         if bad:
             raise ValueError(f"KVCache sizes must be positive integers, got {bad}")
-        shape = (num_layers, batch, local_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch, local_kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     @classmethod
     def for_model(cls, config: ModelConfig, tp: int, batch: int, max_len: int,
@@ -57,22 +59,36 @@ class KVCache:
                    dtype, device)
 
     @property
+    def k(self) -> torch.Tensor:
+        """Every layer's keys stacked, (layers, batch, local_kv_heads, max_len, head_dim): a copy, to inspect."""
+        return torch.stack(self.keys)
+
+    @property
+    def v(self) -> torch.Tensor:
+        """Every layer's values stacked, like :attr:`k`."""
+        return torch.stack(self.values)
+
+    @property
     def num_layers(self) -> int:
-        return self.k.shape[0]
+        return len(self.keys)
 
     @property
     def batch(self) -> int:
-        return self.k.shape[1]
+        return self.keys[0].shape[0]
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.keys[0].shape[2]
+
+    @property
+    def device(self) -> torch.device:
+        return self.keys[0].device
 
     @property
     def bytes_per_token(self) -> int:
         """2 * layers * local_kv_heads * head_dim * element size."""
-        _, _, heads, _, head_dim = self.k.shape
-        return 2 * self.num_layers * heads * head_dim * self.k.element_size()
+        _, heads, _, head_dim = self.keys[0].shape
+        return 2 * self.num_layers * heads * head_dim * self.keys[0].element_size()
 
     @property
     def total_bytes(self) -> int:
@@ -92,17 +108,18 @@ class KVCache:
               start: int | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v (batch, local_kv_heads, T, head_dim) at slots [start, start+T); return the keys/values
         attention reads (the first :meth:`visible` slots)."""
+        keys, values = self.keys[layer], self.values[layer]
         if isinstance(start, torch.Tensor):
             slots = start + torch.arange(k.shape[2], device=start.device)
-            self.k[layer].index_copy_(2, slots, k)
-            self.v[layer].index_copy_(2, slots, v)
-            return self.k[layer], self.v[layer]
+            keys.index_copy_(2, slots, k)
+            values.index_copy_(2, slots, v)
+            return keys, values
         stop = start + k.shape[2]
         if stop > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; writing slots [{start}, {stop}) overflows it")
-        self.k[layer, :, :, start:stop] = k
-        self.v[layer, :, :, start:stop] = v
-        return self.k[layer, :, :, :stop], self.v[layer, :, :, :stop]
+        keys[:, :, start:stop] = k
+        values[:, :, start:stop] = v
+        return keys[:, :, :stop], values[:, :, :stop]
 
 
 class StaticStep:
@@ -118,7 +135,7 @@ class StaticStep:
     def __init__(self, cache: KVCache, start: int | torch.Tensor, tokens: int, positions: torch.Tensor | None = None,
                  key_valid: torch.Tensor | None = None) -> None:
         self.cache, self.start, self.tokens, self.key_valid = cache, start, tokens, key_valid
-        self.slots = start + torch.arange(tokens, device=cache.k.device)
+        self.slots = start + torch.arange(tokens, device=cache.device)
         self.positions = self.slots.expand(cache.batch, tokens) if positions is None else positions
 
     def mask(self, window: int | None) -> torch.Tensor | None:
@@ -130,7 +147,7 @@ class StaticStep:
                                                                                         window >= visible):
             return None
         if key_valid is None:
-            key_valid = torch.ones(self.cache.batch, visible, dtype=torch.bool, device=self.cache.k.device)
+            key_valid = torch.ones(self.cache.batch, visible, dtype=torch.bool, device=self.cache.device)
         return attention_mask(self.slots, key_valid[:, :visible], window)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
