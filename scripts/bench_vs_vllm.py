@@ -7,9 +7,11 @@
    here, and the bundled tiny model (fp32).
 2. Agreement: greedy tokens of tplab (tp 1 and 2), vLLM (tp 1) and HF, in fp32, on both checkpoints.
 3. Decode ms/token at batch 1 and 8, tp 1 and 2, interleaved in rounds (vLLM, then tplab, then HF eager at tp 1);
-   the median of the rounds. tplab runs its prepacked path (oneDNN's layout) and its readable eager path, on gloo
-   processes (shared-memory collectives); each engine, HF included, runs in processes of its own. vLLM runs eager (``enforce_eager``), its threads bound to the
-   cores (VLLM_CPU_OMP_THREADS_BIND), decode time = (33 tokens - 1 token) / 32.
+   the median of the rounds. tplab runs its prepacked path (oneDNN's layout), its readable eager path and its
+   compiled step (``--compile``), on gloo processes (shared-memory collectives); each engine, HF included, runs in
+   processes of its own. vLLM runs eager (``enforce_eager``) and in its default compiled mode, its threads bound to
+   the cores (VLLM_CPU_OMP_THREADS_BIND), decode time = (33 tokens - 1 token) / 32. Reported: tplab's best path
+   against vLLM's best mode, and eager against eager.
 4. Bandwidth: a copy of 1 GB measured in the same run, against the weight bytes a decode step streams.
 
 A timing is skipped, and says so, when other programs keep over half the CPU busy (sampled for 1 s between runs). Everything is
@@ -93,8 +95,10 @@ def busy() -> bool:
     return psutil.cpu_percent(interval=1.0) > 50
 
 
-def run_vllm(python: Path, model: Path, tp: int, dtype: str, batches: list[int], steps: int) -> dict:
-    spec = dict(model=str(model), tp=tp, dtype=dtype, batches=batches, steps=steps, prompts=PROMPTS, repeats=3)
+def run_vllm(python: Path, model: Path, tp: int, dtype: str, batches: list[int], steps: int,
+             compiled: bool = False) -> dict:
+    spec = dict(model=str(model), tp=tp, dtype=dtype, batches=batches, steps=steps, prompts=PROMPTS, repeats=3,
+                enforce_eager=not compiled)
     env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": BIND[tp], "VLLM_CPU_KVCACHE_SPACE": "2"}
     done = subprocess.run([str(python), str(WORKER), json.dumps(spec)], capture_output=True, text=True, env=env,
                           timeout=900)
@@ -104,11 +108,16 @@ def run_vllm(python: Path, model: Path, tp: int, dtype: str, batches: list[int],
     return json.loads(line.removeprefix("RESULT "))
 
 
-def run_tplab(model: Path, tp: int, dtype: str, batch: int, steps: int, prepack: bool) -> tuple[float, list]:
-    """tplab's decode on ``tp`` fresh gloo processes (shared-memory collectives): like vLLM's, a process of its own."""
+TPLAB_PATHS = {"tplab": dict(prepack=True), "tplab eager": dict(), "tplab compiled": dict(decode_mode="compiled")}
+VLLM_MODES = {"vllm": False, "vllm compiled": True}  # engine name: compiled
+
+
+def run_tplab(model: Path, tp: int, dtype: str, batch: int, steps: int, **path) -> tuple[float, list]:
+    """tplab's decode on ``tp`` fresh gloo processes (shared-memory collectives): like vLLM's, a process of its own.
+    ``path``: generate_rank_program's prepack or decode_mode."""
     result = launch(generate_rank_program, tp, "gloo", timeout=600,
                     kwargs=dict(model=model, prompts=PROMPTS[:batch], max_new_tokens=steps + 1, dtype=dtype,
-                                eos_token_ids=(), warmup=True, prepack=prepack))[0]
+                                eos_token_ids=(), warmup=True, **path))[0]
     return result.ms_per_token, result.tokens
 
 
@@ -166,6 +175,7 @@ def main() -> int:
         tokens = {"hf": hf_greedy_tokens(model, 2, 16),
                   "tplab tp1": run_tplab(model, 1, "float32", 2, 15, prepack=True)[1],
                   "tplab tp2": run_tplab(model, 2, "float32", 2, 15, prepack=True)[1],
+                  "tplab tp2 compiled": run_tplab(model, 2, "float32", 2, 15, decode_mode="compiled")[1],
                   "vllm tp1": run_vllm(python, model, 1, "float32", [2], 15)["runs"][0]["tokens"]}
         agreement[name] = {k: v == tokens["hf"] for k, v in tokens.items()}
         print(f"greedy tokens in fp32, {name}: " + ", ".join(f"{k} {'=' if ok else '!='} HF" for k, ok in
@@ -181,31 +191,37 @@ def main() -> int:
                 if busy():
                     print(f"round {round_}: the machine is busy (other programs); skipped tp={tp} {name}")
                     continue
-                for run in run_vllm(python, model, tp, dtype, [1, 8], args.steps)["runs"]:
-                    rows.setdefault((name, run["batch"], tp, "vllm"), []).append(run["ms_per_token"])
+                for engine, compiled in VLLM_MODES.items():
+                    for run in run_vllm(python, model, tp, dtype, [1, 8], args.steps, compiled)["runs"]:
+                        rows.setdefault((name, run["batch"], tp, engine), []).append(run["ms_per_token"])
                 for batch in (1, 8):
-                    for prepack in (True, False):
-                        ms, _ = run_tplab(model, tp, dtype, batch, args.steps, prepack)
-                        rows.setdefault((name, batch, tp, "tplab" if prepack else "tplab eager"), []).append(ms)
+                    for engine, path in TPLAB_PATHS.items():
+                        ms, _ = run_tplab(model, tp, dtype, batch, args.steps, **path)
+                        rows.setdefault((name, batch, tp, engine), []).append(ms)
                     if tp == 1:
                         rows.setdefault((name, batch, 1, "hf eager"), []).append(run_hf(model, dtype, batch, args.steps))
     weights = {name: streamed_bytes(model, element) for name, model, element in
                (("llama-374m bf16", big, 2), ("tiny fp32", TINY_DIR, 4))}
-    print("\ndecode ms/token, median of rounds (measured on this machine)")
-    print(f"{'checkpoint':18s} {'batch':>5s} {'tp':>3s} {'tplab':>8s} {'vLLM':>8s} {'ratio':>6s} {'tplab eager':>12s} "
-          f"{'HF eager':>9s} {'tplab GB/s':>10s} (weights read per step / step time; copy: {bandwidth:.1f} GB/s)")
+    print("\ndecode ms/token, median of rounds (measured on this machine); best: the fastest path of each engine")
+    print(f"{'checkpoint':18s} {'batch':>5s} {'tp':>3s} {'tplab':>7s} {'eager':>7s} {'compiled':>8s} {'vLLM':>7s} "
+          f"{'compiled':>8s} {'best/best':>9s} {'eager/eager':>11s} {'HF eager':>9s} {'tplab GB/s':>10s} "
+          f"(weights read per step / best step time; copy: {bandwidth:.1f} GB/s)")
     for (name, batch, tp) in sorted({k[:3] for k in rows}):
         med = {engine: statistics.median(rows[(name, batch, tp, engine)]) for engine in
-               ("tplab", "vllm", "tplab eager", "hf eager") if (name, batch, tp, engine) in rows}
-        ratio = med["tplab"] / med["vllm"]
-        achieved = weights[name] / (med["tplab"] / 1000) / 1e9
-        hf = f"{med['hf eager']:9.1f}" if "hf eager" in med else f"{'-':>9s}"
-        print(f"{name:18s} {batch:5d} {tp:3d} {med['tplab']:8.1f} {med['vllm']:8.1f} {ratio:5.2f}x "
-              f"{med['tplab eager']:12.1f} {hf} {achieved:10.1f}")
+               (*TPLAB_PATHS, *VLLM_MODES, "hf eager") if (name, batch, tp, engine) in rows}
+        best_tplab = min(med[e] for e in TPLAB_PATHS if e in med)
+        best_vllm = min(med[e] for e in VLLM_MODES if e in med)
+        achieved = weights[name] / (best_tplab / 1000) / 1e9
+        cell = lambda e, w: f"{med[e]:{w}.1f}" if e in med else f"{'-':>{w}s}"  # noqa: E731
+        print(f"{name:18s} {batch:5d} {tp:3d} {cell('tplab', 7)} {cell('tplab eager', 7)} "
+              f"{cell('tplab compiled', 8)} {cell('vllm', 7)} {cell('vllm compiled', 8)} "
+              f"{best_tplab / best_vllm:8.2f}x {med['tplab eager'] / med['vllm']:10.2f}x {cell('hf eager', 9)} "
+              f"{achieved:10.1f}")
         log.append({**base, "checkpoint": name, "batch": batch, "tp": tp, "steps": args.steps,
                     "ms_per_token": med, "all_ms": {e: rows[(name, batch, tp, e)] for e in med},
-                    "tplab_over_vllm": ratio, "weights_bytes": weights[name], "achieved_gb_s": achieved,
-                    "copy_bandwidth_gb_s": bandwidth})
+                    "tplab_best_over_vllm_best": best_tplab / best_vllm,
+                    "tplab_eager_over_vllm_eager": med["tplab eager"] / med["vllm"],
+                    "weights_bytes": weights[name], "achieved_gb_s": achieved, "copy_bandwidth_gb_s": bandwidth})
     print(f"recorded in {out}")
     return 0
 

