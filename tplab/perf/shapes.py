@@ -29,10 +29,9 @@ collectives are bf16.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
-from tplab.perf.experts import ExpertSplit, expert_layer_params, layer_wire_bytes, routed_shares
+from tplab.perf.experts import ExpertSplit, expert_layer_params, layer_payload, routed_shares
 from tplab.specs.dtypes import canonical
 from tplab.specs.model import ModelConfig
 from tplab.specs.sharding import padded_size
@@ -192,8 +191,8 @@ def _with_experts(model: ModelConfig, tp: int, dtype: str, layers: int, tokens: 
     work = {**work, "linear_flops": work["linear_flops"] - 2.0 * expert_params * tokens,
             "expert_flops": expert_flops, "expert_tokens": per_expert}
     if split.dispatch == "all-to-all":
-        wire = layer_wire_bytes(tokens, h, k, tp, "all-to-all", ACT_BYTES)
-        gather = math.ceil(tokens / tp) * tp * h * ACT_BYTES
+        payload = layer_payload(tokens, h, k, tp, "all-to-all", ACT_BYTES)
         work.update(all_reduces=work["all_reduces"] - layers, all_to_alls=3 * layers,
-                    all_to_all_bytes=(wire - gather * (tp - 1) / tp) * imbalance, expert_gather_bytes=gather)
+                    all_to_all_bytes=(tp - 1) / tp * payload["all_to_all"] * imbalance,
+                    expert_gather_bytes=payload["all_gather"])
     return work, weights - (1 - touched) * expert_params * WEIGHT_BYTES[dtype]
