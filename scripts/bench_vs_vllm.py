@@ -7,8 +7,9 @@
    here, and the bundled tiny model (fp32).
 2. Agreement: greedy tokens of tplab (tp 1 and 2), vLLM (tp 1) and HF, in fp32, on both checkpoints.
 3. Decode ms/token at batch 1 and 8, tp 1 and 2, interleaved in rounds (vLLM, then tplab, then HF eager at tp 1);
-   the median of the rounds. tplab runs its prepacked path (oneDNN's layout), its readable eager path and its
-   compiled step (``--compile``), on gloo processes (shared-memory collectives); each engine, HF included, runs in
+   the median of the rounds. tplab runs its prepacked path (oneDNN's layout), its readable eager path, its
+   compiled step (``--compile``: weights frozen in oneDNN's layout) and its autotuned step (``--compile
+   max-autotune``: inductor's GEMM kernels benchmarked per shape), on gloo processes (shared-memory collectives); each engine, HF included, runs in
    processes of its own. vLLM runs eager (``enforce_eager``) and in its default compiled mode, its threads bound to
    the cores (VLLM_CPU_OMP_THREADS_BIND), decode time = (33 tokens - 1 token) / 32. Reported: tplab's best path
    against vLLM's best mode, and eager against eager.
@@ -108,7 +109,8 @@ def run_vllm(python: Path, model: Path, tp: int, dtype: str, batches: list[int],
     return json.loads(line.removeprefix("RESULT "))
 
 
-TPLAB_PATHS = {"tplab": dict(prepack=True), "tplab eager": dict(), "tplab compiled": dict(decode_mode="compiled")}
+TPLAB_PATHS = {"tplab": dict(prepack=True), "tplab eager": dict(), "tplab compiled": dict(decode_mode="compiled"),
+               "tplab autotuned": dict(decode_mode="autotuned")}
 VLLM_MODES = {"vllm": False, "vllm compiled": True}  # engine name: compiled
 
 
@@ -203,7 +205,8 @@ def main() -> int:
     weights = {name: streamed_bytes(model, element) for name, model, element in
                (("llama-374m bf16", big, 2), ("tiny fp32", TINY_DIR, 4))}
     print("\ndecode ms/token, median of rounds (measured on this machine); best: the fastest path of each engine")
-    print(f"{'checkpoint':18s} {'batch':>5s} {'tp':>3s} {'tplab':>7s} {'eager':>7s} {'compiled':>8s} {'vLLM':>7s} "
+    print(f"{'checkpoint':18s} {'batch':>5s} {'tp':>3s} {'tplab':>7s} {'eager':>7s} {'compiled':>8s} {'tuned':>7s} "
+          f"{'vLLM':>7s} "
           f"{'compiled':>8s} {'best/best':>9s} {'eager/eager':>11s} {'HF eager':>9s} {'tplab GB/s':>10s} "
           f"(weights read per step / best step time; copy: {bandwidth:.1f} GB/s)")
     for (name, batch, tp) in sorted({k[:3] for k in rows}):
@@ -214,7 +217,7 @@ def main() -> int:
         achieved = weights[name] / (best_tplab / 1000) / 1e9
         cell = lambda e, w: f"{med[e]:{w}.1f}" if e in med else f"{'-':>{w}s}"  # noqa: E731
         print(f"{name:18s} {batch:5d} {tp:3d} {cell('tplab', 7)} {cell('tplab eager', 7)} "
-              f"{cell('tplab compiled', 8)} {cell('vllm', 7)} {cell('vllm compiled', 8)} "
+              f"{cell('tplab compiled', 8)} {cell('tplab autotuned', 7)} {cell('vllm', 7)} {cell('vllm compiled', 8)} "
               f"{best_tplab / best_vllm:8.2f}x {med['tplab eager'] / med['vllm']:10.2f}x {cell('hf eager', 9)} "
               f"{achieved:10.1f}")
         log.append({**base, "checkpoint": name, "batch": batch, "tp": tp, "steps": args.steps,

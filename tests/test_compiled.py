@@ -1,12 +1,20 @@
 """The compiled decode step (``ModelRunner(model, "compiled")``, ``generate --compile``): torch.compile of the static
-step, the all-reduces one operator each inside the graph. The same greedy tokens as the eager loop, at tp 1 and 2, in
-fp32 and bf16 (inductor keeps bf16's roundings: ``emulate_precision_casts``), the same collectives recorded, and no
-graph break."""
+step, the weights frozen into it, the all-reduces one operator each inside the graph. The same greedy tokens as the
+eager loop, at tp 1 and 2, in fp32 and bf16 (inductor keeps bf16's roundings: ``emulate_precision_casts``), the same
+collectives recorded, and no graph break. The autotuned step (its own GEMM kernels) gives the eager tokens and logits
+within fp32 tolerance. On a CPU without AVX-512 (forced: the libraries capped at AVX2) bf16 weights are frozen
+unpacked, and nothing fails."""
+import json
+import os
+import subprocess
+import sys
+
 import pytest
+import torch
 
 from tplab import launch
 from tplab.engine.generate import generate
-from tplab.engine.runner import ModelRunner
+from tplab.engine.runner import ModelRunner, compile_note, compile_options
 from tplab.model.loading import from_pretrained
 from tplab.testing import distinct_prompts, make_checkpoint
 
@@ -46,3 +54,59 @@ def test_compile_is_refused_where_shapes_change(checkpoint, capsys):
     assert main(["generate", "--model", str(path), "--pp", "2", "--compile", "--prompt-ids", "5,6,7"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--compile compiles one step of the whole model at fixed shapes" in err
+
+
+def eager_and_autotuned_logits(dist, path, prompts):
+    model = from_pretrained(str(path), dist, dtype="float32")
+    return {mode: generate(ModelRunner(model, mode), prompts, NEW_TOKENS, eos_token_ids=(), keep_logits=True)
+            for mode in ("eager", "autotuned")}
+
+
+def test_the_autotuned_step_gives_the_eager_tokens_and_logits(checkpoint):
+    path, prompts = checkpoint
+    rank = launch(eager_and_autotuned_logits, 2, args=(path, prompts))[0]
+    assert rank["autotuned"].tokens == rank["eager"].tokens
+    for tuned, eager in zip(rank["autotuned"].logits, rank["eager"].logits):
+        torch.testing.assert_close(tuned, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_bf16_weights_are_not_prepacked_where_onednn_cannot_reorder_them(monkeypatch):
+    cpu_device = torch.device("cpu")
+    monkeypatch.setenv("TPLAB_CPU_FLAGS_OFF", "avx512bw,avx_ne_convert")
+    assert compile_options(torch.bfloat16, cpu_device)["cpp.weight_prepack"] is False
+    assert "cpp.weight_prepack" not in compile_options(torch.float32, cpu_device)
+    assert "not prepacked" in compile_note(torch.bfloat16, cpu_device)
+    monkeypatch.setenv("TPLAB_CPU_FLAGS_OFF", "")
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    assert compile_options(torch.bfloat16, cpu_device)["cpp.weight_prepack"] is False
+
+
+CAPPED_RUN = """
+import json, sys, torch
+from tplab import launch
+from tplab.engine.generate import generate
+from tplab.engine.runner import ModelRunner, compile_note
+from tplab.model.loading import from_pretrained
+
+def eager_and_compiled(dist):
+    model = from_pretrained(sys.argv[1], dist, dtype="bfloat16")
+    return {mode: generate(ModelRunner(model, mode), json.loads(sys.argv[2]), int(sys.argv[3]), eos_token_ids=()).tokens
+            for mode in ("eager", "compiled")}
+
+print(compile_note(torch.bfloat16, torch.device("cpu")), file=sys.stderr)
+print(json.dumps(launch(eager_and_compiled, 1)[0]))
+"""
+
+
+def test_compile_in_bf16_runs_on_a_cpu_capped_at_avx2(checkpoint, tmp_path):
+    """The libraries capped at AVX2 as on an AVX2-only CPU: the bf16 weights are frozen unpacked, said in one line,
+    and the compiled step gives the eager tokens (in a process of its own: the caps are read at start-up)."""
+    path, prompts = checkpoint
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+           "MKL_ENABLE_INSTRUCTIONS": "AVX2", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    done = subprocess.run([sys.executable, "-c", CAPPED_RUN, str(path), json.dumps(prompts), str(NEW_TOKENS)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "weights frozen, not prepacked" in done.stderr
+    tokens = json.loads(done.stdout.splitlines()[-1])
+    assert tokens["compiled"] == tokens["eager"]

@@ -19,7 +19,7 @@ from tplab.bench.models import BenchModel, bench_model, rank_bytes
 from tplab.bench.timing import check_counts
 from tplab.checks import is_positive_int
 from tplab.comm.launch import BACKENDS, under_torchrun
-from tplab.engine.runner import DECODE_MODES
+from tplab.engine.runner import COMPILED_MODES, DECODE_MODES
 from tplab.layers.weights import check_scheme
 from tplab.model.loading import torch_dtype
 from tplab.perf.estimate import check_link
@@ -162,9 +162,9 @@ def plan(spec: BenchSpec) -> Plan:
     if mode not in DECODE_MODES:
         raise ValueError(f"unknown decode mode {mode!r}; choose one of {DECODE_MODES}")
     if mode == "graph" and device.type != "cuda":
-        raise ValueError("decode mode 'graph' (CUDA graphs) needs a GPU; use 'eager', 'static' or 'compiled' on the "
-                         "CPU")
-    if mode in ("graph", "compiled") and config.num_experts:
+        raise ValueError("decode mode 'graph' (CUDA graphs) needs a GPU; use 'eager', 'static', 'compiled' or "
+                         "'autotuned' on the CPU")
+    if mode in ("graph", *COMPILED_MODES) and config.num_experts:
         raise ValueError(f"decode mode {mode!r} needs the same shapes at every step, and a mixture's router changes "
                          "them: use --decode static or eager")
     comm_models = {}

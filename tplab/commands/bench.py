@@ -78,8 +78,9 @@ def register(subparsers) -> None:
                    help="torch intra-op threads per rank (CPU); 1 gives steadier timings on a shared machine")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when a GPU is visible)")
     p.add_argument("--decode", choices=DECODE_MODES, default=None,
-                   help="eager, static (fixed shapes), compiled (torch.compile of the static step) or graph (CUDA "
-                        "graph); default graph on GPU, eager on CPU")
+                   help="eager, static (fixed shapes), compiled (torch.compile of the static step), autotuned (the "
+                        "same, GEMM kernels autotuned per shape) or graph (CUDA graph); default graph on GPU, eager "
+                        "on CPU")
     p.add_argument("--gpu", default="h100-sxm", help="emulation / calibration: the GPU spec whose link models the "
                                                      "collectives, or that the calibration is for (default h100-sxm)")
     p.add_argument("--interconnect", default=None, help="emulation: nvlink, pcie, or a network (default: the fastest)")

@@ -32,6 +32,7 @@ from tplab.commands import (
     threads_per_rank,
 )
 from tplab.engine.generate import check_prompts, generate_rank_program, micro_batch_rows
+from tplab.engine.runner import compile_note
 from tplab.errors import InputError
 from tplab.layers.weights import SCHEMES, prepack_problem
 from tplab.memory import check_fits, rank_processes_bytes
@@ -42,6 +43,7 @@ from tplab.specs.model import ModelConfig
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 STAGE_FIELDS = ("stage", "comm", "pipeline_comm", "bubble", "weight_bytes")
+COMPILE_MODES = {"default": "compiled", "max-autotune": "autotuned"}  # --compile VALUE: the runner's decode mode
 
 
 def register(subparsers) -> None:
@@ -72,9 +74,10 @@ def register(subparsers) -> None:
                    help="with --quant: the embedding and the LM head too (one scale per vocabulary row)")
     p.add_argument("--prepack", action="store_true",
                    help="CPU ranks: the linears in oneDNN's blocked layout (faster GEMMs; the same tokens)")
-    p.add_argument("--compile", action="store_true",
-                   help="decode through torch.compile: fused kernels, the all-reduces kept in one graph (compiled "
-                        "in the warm-up; the same tokens)")
+    p.add_argument("--compile", nargs="?", const="default", choices=tuple(COMPILE_MODES), default=None,
+                   help="decode through torch.compile: fused kernels, the weights frozen in the CPU's packed layout, "
+                        "the all-reduces kept in one graph (compiled in the warm-up; the same tokens); max-autotune "
+                        "also benchmarks GEMM kernels per shape (slower to compile, faster steps)")
     add_pipeline_options(p)
     add_expert_options(p)
     p.add_argument("--micro-batches", type=count("--micro-batches"), default=None,
@@ -137,6 +140,9 @@ def prepare(args: argparse.Namespace) -> tuple[ModelConfig, torch.dtype, object,
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     if (note := dtype_note(args.dtype, config, dtype)) and prints():  # every check passed: one line, then the run
         print(note, file=sys.stderr)
+    if args.compile and prints():
+        device = torch.device(rank_device_type(args.device))
+        print(f"note: {compile_note(dtype, device, args.compile == 'max-autotune')}", file=sys.stderr)
     return config, dtype, tokenizer, prompts, sampling
 
 
@@ -151,7 +157,8 @@ def check_host_memory(config: ModelConfig, parameters: int, dtype, prompts: list
     """Every rank is on this machine: the weights once, each rank's KV cache, the rank processes must fit."""
     element, longest = dtype.itemsize, max(map(len, prompts))
     kv = tp * config.kv_bytes_per_token(tp, dtype) * len(prompts) * (longest + args.max_new_tokens)
-    check_fits(parameters * element + kv + rank_processes_bytes(args.backend, tp * args.pp),
+    copies = 2 if args.compile else 1  # a compiled step holds its own frozen copy of the weights
+    check_fits(copies * parameters * element + kv + rank_processes_bytes(args.backend, tp * args.pp),
                f"generating {len(prompts)} prompt(s) of up to {longest} tokens + {args.max_new_tokens} "
                f"new at tp={tp}, pp={args.pp} (weights {parameters * element / 1e9:.2f} GB, KV cache {kv / 1e9:.2f} GB)",
                "use fewer or shorter prompts, a smaller --max-new-tokens, or a smaller model")
@@ -178,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
                                          quant_embeddings=args.quant_embeddings, prepack=args.prepack,
                                          pp_layers=args.pp_layers, micro_batches=args.micro_batches,
                                          expert_dispatch=args.ep_dispatch,
-                                         decode_mode="compiled" if args.compile else "eager"))
+                                         decode_mode=COMPILE_MODES.get(args.compile, "eager")))
         except InputError as e:  # found inside a rank (e.g. a damaged checkpoint): still bad input, not a bug
             return _usage_error(e)
         if not prints():

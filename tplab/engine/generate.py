@@ -42,7 +42,7 @@ from tplab.checkpoint.sources import LoadStats
 from tplab.checks import check_int
 from tplab.comm.group import Dist
 from tplab.comm.stats import CommStats
-from tplab.engine.runner import ModelRunner
+from tplab.engine.runner import COMPILED_MODES, ModelRunner
 from tplab.model.decoder import TPCausalLM
 from tplab.model.loading import from_pretrained
 from tplab.model.sampling import SamplingParams
@@ -277,8 +277,8 @@ def generate_rank_program(dist: Dist, model: str | Path | ModelConfig, prompts: 
     Launched with ``pp=P``: this rank's stage of ``pp_layers`` layers per stage (default the even split), the batch
     in ``micro_batches`` (see :func:`generate`). Launched with ``ep=tp``: a mixture's experts whole, E/ep per rank,
     their tokens reaching them by ``expert_dispatch`` (:mod:`tplab.model.moe`). ``decode_mode``: the runner's
-    (:data:`~tplab.engine.runner.DECODE_MODES`; "compiled" compiles during the warm-up, untimed, which then runs
-    the whole request once).
+    (:data:`~tplab.engine.runner.DECODE_MODES`; "compiled" and "autotuned" compile during the warm-up, untimed,
+    which then runs the whole request once).
     """
     shard = from_pretrained(model, dist, dtype=dtype, quant=quant, quant_embeddings=quant_embeddings, prepack=prepack,
                             pp_layers=pp_layers, expert_dispatch=expert_dispatch)
@@ -286,7 +286,7 @@ def generate_rank_program(dist: Dist, model: str | Path | ModelConfig, prompts: 
     eos = checkpoint_eos_ids(directory, shard) if eos_token_ids is None else eos_token_ids
     runner = ModelRunner(shard, decode_mode)
     if warmup:  # a compiled step is compiled for the run's shapes here: its cache's length too, so the whole run
-        warm = max_new_tokens if decode_mode == "compiled" else min(2, max_new_tokens)
+        warm = max_new_tokens if decode_mode in COMPILED_MODES else min(2, max_new_tokens)
         generate(runner, prompts, warm, sampling, eos, stop_sequences, micro_batches=micro_batches)
     result = generate(runner, prompts, max_new_tokens, sampling, eos, stop_sequences, keep_logits, micro_batches)
     result.load, result.threads, result.weight_bytes = shard.load_stats, torch.get_num_threads(), shard.parameter_bytes()

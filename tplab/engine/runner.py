@@ -16,7 +16,12 @@ the model's one forward pass, :meth:`tplab.model.TPCausalLM.forward`, over one v
   - ``"compiled"``: the static step through ``torch.compile`` (inductor fuses the norms, RoPE, SiLU·mul and the
     residual adds into generated C++ or Triton kernels), compiled at the first decode of a shape; the all-reduces
     stay in the graph as one operator each (:mod:`tplab.comm.compiled`), so a TP step is one graph, and they are
-    recorded as in eager;
+    recorded as in eager. The weights are frozen into the graph as constants, which lets inductor hold them in
+    oneDNN's blocked layout on a CPU that supports it (:func:`compile_options`); the eager prefill keeps the
+    module's own copy, so a packed weight is held twice;
+  - ``"autotuned"``: the same, and inductor's ``max_autotune`` benchmarks its own GEMM kernels (on the CPU, C++
+    templates with micro-kernels for the CPU's vector ISA) against the library's for every shape while compiling
+    (tens of seconds more), and keeps the fastest;
   - ``"graph"``: the static step captured once in a CUDA graph and replayed, one launch per token, as gpt-fast
     and vLLM decode. NOT RUN IN THIS REPOSITORY'S TESTS where no GPU is visible; the static step runs eagerly
     on the CPU there. Under a graph the step's collectives are captured too (NCCL supports capture): ``stats``
@@ -40,8 +45,34 @@ from tplab.errors import InputError
 from tplab.model.decoder import TPCausalLM
 from tplab.model.paged_cache import PagedKVCache
 from tplab.model.sampling import SamplingParams, sample
+from tplab.specs import cpu
 
-DECODE_MODES = ("eager", "static", "compiled", "graph")
+DECODE_MODES = ("eager", "static", "compiled", "autotuned", "graph")
+COMPILED_MODES = ("compiled", "autotuned")
+
+
+def compile_options(dtype: torch.dtype, device: torch.device, autotune: bool = False) -> dict[str, object]:
+    """Inductor's options for the decode step: weights frozen as constants (``freezing``), packed in oneDNN's
+    layout except in bfloat16 where oneDNN cannot reorder bfloat16 (:func:`tplab.specs.cpu.bf16_prepack`, which
+    also follows the environment's caps on the libraries; inductor's own check reads the CPU only), bfloat16
+    roundings as eager's (``emulate_precision_casts``), and ``max_autotune`` when ``autotune``."""
+    options: dict[str, object] = {"freezing": True, "emulate_precision_casts": True, "max_autotune": autotune}
+    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu.bf16_prepack():
+        options["cpp.weight_prepack"] = False
+    return options
+
+
+def compile_note(dtype: torch.dtype, device: torch.device, autotune: bool = False) -> str:
+    """One line: what the compiled step does on this device, from :func:`compile_options`."""
+    options = compile_options(dtype, device, autotune)
+    if device.type != "cpu":
+        layout = "weights frozen as constants"
+    elif options.get("cpp.weight_prepack", True):
+        layout = "weights frozen in oneDNN's blocked layout"
+    else:
+        layout = f"weights frozen, not prepacked ({cpu.describe()})"
+    tuned = "; GEMM kernels autotuned per shape" if autotune else ""
+    return f"compiled decode step ({str(dtype).removeprefix('torch.')} on {device.type}): {layout}{tuned}"
 
 
 class ModelRunner:
@@ -50,7 +81,7 @@ class ModelRunner:
     def __init__(self, model: TPCausalLM, mode: str = "eager") -> None:
         if mode not in DECODE_MODES:
             raise ValueError(f"unknown decode mode {mode!r}; choose one of {DECODE_MODES}")
-        if mode in ("graph", "compiled") and model.config.num_experts:
+        if mode in ("graph", *COMPILED_MODES) and model.config.num_experts:
             raise ValueError(f"decode mode {mode!r} needs the same shapes at every step, and a mixture's router sends "
                              "a different number of tokens to each expert at every step: use mode 'static' or 'eager'")
         if mode == "graph" and model.device.type != "cuda":
@@ -120,11 +151,16 @@ class ModelRunner:
             self._key_valid.copy_(key_valid[:, :self.cache.max_len])
         if self.mode == "static":
             self._fixed_step()
-        elif self.mode == "compiled":
+        elif self.mode in COMPILED_MODES:
             if self._compiled is None:
-                self._compiled = torch.compile(self._fixed_step, dynamic=False,
-                                               options={"emulate_precision_casts": True})
-            self._compiled()
+                options = compile_options(self.model.dtype, self.model.device, self.mode == "autotuned")
+                self._compiled = torch.compile(self._fixed_step, dynamic=False, options=options)
+                # the tracer reads freezing from the global config (to keep the weights out of the graph's
+                # inputs), the options reach inductor only: set both while the first call compiles
+                with torch._inductor.config.patch(freezing=True):
+                    self._compiled()
+            else:
+                self._compiled()
         else:
             if self._graph is None:
                 self._capture()
