@@ -40,10 +40,11 @@ import transformers
 
 from tplab.bench.env import environment, hardware_slug
 from tplab.bench.records import RecordLog, run_file_name
+from tplab.bench.roofline import streamed_weight_bytes
 from tplab.bench.timing import time_hf
 from tplab.comm.launch import launch
 from tplab.engine.generate import generate_rank_program
-from tplab.model.loading import check_checkpoint, checkpoint_config
+from tplab.model.loading import checkpoint_config
 from tplab.paths import CHECKOUT_DIR, default_measurements_dir
 from tplab.serving.engine import serve_rank_program
 from tplab.serving.load import synthetic_load
@@ -90,12 +91,6 @@ def build_llama_374m(directory: Path) -> Path:
     config.save_pretrained(directory)
     save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
     return directory
-
-
-def streamed_bytes(model: Path, element_bytes: int) -> int:
-    """The weight bytes one decode step reads: every parameter but the embedding table (only its looked-up rows)."""
-    config = checkpoint_config(model)
-    return (check_checkpoint(config) - config.vocab_size * config.hidden_size) * element_bytes
 
 
 def busy() -> bool:
@@ -195,7 +190,7 @@ def serving_comparison(python: Path, model: Path, rounds: int, log: RecordLog, b
         best_vllm = max(med[e] for e in VLLM_MODES)
         print(f"tp {tp}: " + ", ".join(f"{e} {v:.1f}" for e, v in med.items()) +
               f"; tplab's best / vLLM's best {best_tplab / best_vllm:.2f}x; scheduler "
-              f"{100 * max(shares[tp]):.1f}% of a run at most")
+              f"{100 * max(shares[tp]):.2f}% of a run at most")
         log.append({**base, "task": "serving", "checkpoint": "llama-374m bf16", "tp": tp, "load": SERVING_LOAD,
                     "budget": SERVING_BUDGET, "output_tokens": expected, "output_tok_s": med,
                     "all_tok_s": {e: v for (t, e), v in rows.items() if t == tp},
@@ -286,7 +281,7 @@ def main() -> int:
                         rows.setdefault((name, batch, tp, engine), []).append(ms)
                     if tp == 1:
                         rows.setdefault((name, batch, 1, "hf eager"), []).append(run_hf(model, dtype, batch, args.steps))
-    weights = {name: streamed_bytes(model, element) for name, model, element in
+    weights = {name: streamed_weight_bytes(model, element) for name, model, element in
                (("llama-374m bf16", big, 2), ("tiny fp32", TINY_DIR, 4))}
     print("\ndecode ms/token, median of rounds (measured on this machine); best: the fastest path of each engine")
     print(f"{'checkpoint':18s} {'batch':>5s} {'tp':>3s} {'tplab':>7s} {'eager':>7s} {'compiled':>8s} {'tuned':>7s} "

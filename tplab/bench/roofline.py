@@ -21,15 +21,18 @@ model's prediction for a record's point, to set against what was measured.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import torch
 
 from tplab.bench.records import record_shapes
 from tplab.model.decoder import TPCausalLM
+from tplab.model.loading import check_checkpoint, checkpoint_config
 from tplab.perf.estimate import step_seconds
 from tplab.perf.shapes import step_work
 from tplab.specs.efficiency import load_efficiency
 from tplab.specs.hardware import GpuSpec, Link
+from tplab.specs.model import ModelConfig
 
 GIB = 2 ** 30
 
@@ -108,6 +111,14 @@ def decode_bytes(model: TPCausalLM, batch: int, context: float) -> dict[str, flo
     layers, heads, dim = model.config.num_layers, len(model.layers[0].attn.qkv.kv_heads), model.config.head_dim
     element = torch.empty((), dtype=model.dtype).element_size()
     return {"weights": float(weights), "kv_cache": 2.0 * layers * heads * dim * element * batch * context}
+
+
+def streamed_weight_bytes(model: str | Path | ModelConfig, element_bytes: int) -> int:
+    """The weight bytes one decode step of the whole model (tp 1) reads, from the checkpoint's headers: every
+    parameter but the embedding table (a step looks up only its rows), which an LM head tied to it reads whole."""
+    config = checkpoint_config(model)
+    table = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+    return (check_checkpoint(config) - table) * element_bytes
 
 
 def device_spec(record: dict) -> GpuSpec:

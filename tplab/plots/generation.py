@@ -1,5 +1,5 @@
-"""Figures for the generation loop: a timeline of one step's collectives, where each step's time goes, and what
-each pipeline stage does over a few steps."""
+"""Figures for the generation loop: a timeline of one step's collectives, where each step's time goes, a decode
+step against its bandwidth floor, and what each pipeline stage does over a few steps."""
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
@@ -47,6 +47,25 @@ def plot_step_breakdown(rows: dict[str, list[tuple[float, float]]], title: str) 
     axes[0][0].set_ylabel("wall time (ms)")
     axes[0][0].legend(fontsize=7)
     fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_bandwidth_floor(step_ms: dict[str, float], floor_ms: float, title: str) -> Figure:
+    """One horizontal bar per decode path (ms per step) beside the floor, weight bytes / copy bandwidth, each bar
+    labelled with its share of the floor's speed (floor / step time)."""
+    names = ["floor: weights / copy bandwidth", *step_ms]
+    values = [floor_ms, *step_ms.values()]
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(names) + 1.2))
+    ax.barh(range(len(names)), values, color=["tab:gray", *["tab:blue"] * len(step_ms)], height=0.6)
+    for i, ms in enumerate(values):
+        ax.text(ms, i, f" {ms:.2f} ms ({100 * floor_ms / ms:.0f}% of the limit)", va="center", fontsize=8)
+    ax.set_yticks(range(len(names)), names)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1.45 * max(values))
+    ax.set_xlabel("time per decode step (ms)")
+    ax.set_ylabel("decode path")
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
 
