@@ -11,9 +11,14 @@ TORCH_INDEX ?=
 # Another GEMM code path than this CPU's default (MKL's portable kernels): results that depend on which kernel
 # BLAS picks change under it, so tests that assert such bits fail here as they would on another CPU.
 OTHER_GEMM_PATH := MKL_CBWR=COMPATIBLE
-# The notebooks that compute with the model under that path: all but 06 (the cost model's explorer, rendered on its
-# own below) and 07 (recorded measurements read back), which multiply no weights.
-GEMM_NOTEBOOKS := $(filter-out notebooks/06_% notebooks/07_%,$(wildcard notebooks/*.ipynb))
+# What runs under that path: the layer and model tests, the paged cache's tokens against each request alone, and the
+# notebooks that multiply weights: all but 02 (collectives), 06 (the cost model's explorer, rendered on its own
+# below), 07 (recorded measurements read back) and 08 (the serving engine's timings under load; its tokens are the
+# paged-cache tests').
+GEMM_TESTS := tests/test_layers.py tests/test_rounding.py tests/test_model_layers.py \
+	tests/test_serving_engine.py::test_every_request_gets_the_tokens_it_gets_alone \
+	tests/test_serving_engine.py::test_sliding_window_attention_through_the_paged_cache_matches_hugging_face
+GEMM_NOTEBOOKS := $(filter-out notebooks/02_% notebooks/06_% notebooks/07_% notebooks/08_%,$(wildcard notebooks/*.ipynb))
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -40,8 +45,8 @@ test: setup
 	run() { name=$$1; shift; echo "== $$name: $$*"; if "$$@"; then summary="$$summary\n  passed: $$name"; \
 	        else summary="$$summary\n  FAILED: $$name"; status=1; fi; }; \
 	run "unit tests and notebooks" $(BIN)/python -m pytest tests notebooks --nbmake -q; \
-	run "another GEMM path ($(OTHER_GEMM_PATH))" env $(OTHER_GEMM_PATH) $(BIN)/python -m pytest tests/test_layers.py \
-	    tests/test_rounding.py tests/test_model_layers.py $(GEMM_NOTEBOOKS) --nbmake -q; \
+	run "another GEMM path ($(OTHER_GEMM_PATH))" env $(OTHER_GEMM_PATH) $(BIN)/python -m pytest $(GEMM_TESTS) \
+	    $(GEMM_NOTEBOOKS) --nbmake -q; \
 	run "notebook 06 rendered" $(MAKE) --no-print-directory render; \
 	printf "make test:$$summary\n"; exit $$status
 
