@@ -28,11 +28,16 @@ def checkpoint(tmp_path_factory):
 
 
 def eager_and_compiled(dist, path, prompts, dtype):
+    """Each mode's tokens and decode collectives; then the compiled runner on fewer rows (a new shape, compiled
+    anew) against eager on those rows."""
     model = from_pretrained(str(path), dist, dtype=dtype)
-    out = {}
+    out, runners = {}, {}
     for mode in ("eager", "compiled"):
-        result = generate(ModelRunner(model, mode), prompts, NEW_TOKENS, eos_token_ids=())
+        runners[mode] = ModelRunner(model, mode)
+        result = generate(runners[mode], prompts, NEW_TOKENS, eos_token_ids=())
         out[mode] = result.tokens, {op: (s["count"], s["bytes"]) for op, s in result.comm["decode"].items()}
+    for mode, runner in runners.items():
+        out[f"{mode}, two rows"] = generate(runner, prompts[:2], NEW_TOKENS, eos_token_ids=()).tokens
     return out
 
 
@@ -44,6 +49,7 @@ def test_the_compiled_step_gives_the_eager_tokens_and_collectives_without_a_grap
     counters.clear()
     for rank in launch(eager_and_compiled, tp, args=(path, prompts, dtype)):
         assert rank["compiled"] == rank["eager"]
+        assert rank["compiled, two rows"] == rank["eager, two rows"]
     assert not counters["graph_break"]
 
 

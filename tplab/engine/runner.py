@@ -100,11 +100,12 @@ class ModelRunner:
     def start(self, batch: int, max_len: int) -> None:
         """A static cache for ``batch`` rows of up to ``max_len`` positions; kept (with a captured graph) when the
         next request has the same shape. Nothing needs clearing: prefill writes slots [0, T), and each step
-        writes its slot before attention reads it."""
+        writes its slot before attention reads it. A new shape drops the compiled step: the next decode compiles
+        one for it (under the same options)."""
         if self.cache is not None and (self.cache.batch, self.cache.max_len) == (batch, max_len):
             return
         model, device = self.model, self.model.device
-        self.cache, self._graph = model.new_cache(batch, max_len), None
+        self.cache, self._graph, self._compiled = model.new_cache(batch, max_len), None, None
         if self.mode != "eager":
             self._slot = torch.zeros(1, dtype=torch.long, device=device)
             self._tokens = torch.zeros(batch, 1, dtype=torch.long, device=device)
