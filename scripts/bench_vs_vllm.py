@@ -146,13 +146,14 @@ def serving_requests(vocab_size: int) -> list[Request]:
 def serve_tplab(model: Path, tp: int, dtype: str, requests: list[Request], prepack: bool) -> dict:
     """tplab's serving engine on ``tp`` gloo processes, every request at once, EOS ignored; its throughput and the
     scheduler's share of the run."""
-    config = SchedulerConfig(**SERVING_BUDGET, num_blocks=SERVING_BUDGET["max_num_seqs"] * 256 // 16, block_size=16,
-                             max_model_len=256)
+    context, block = 256, 16  # vLLM's max_model_len in scripts/vllm_worker.py; every sequence's blocks fit at once
+    config = SchedulerConfig(**SERVING_BUDGET, num_blocks=SERVING_BUDGET["max_num_seqs"] * context // block,
+                             block_size=block, max_model_len=context)
     run = launch(serve_rank_program, tp, "gloo", timeout=1800,
                  kwargs=dict(model=model, requests=requests, config=config, dtype=dtype, eos_token_ids=(),
                              prepack=prepack))[0]
     s = run["summary"]
-    return {"seconds": s["duration_s"], "output_tokens": s["output_tokens"], "steps": len(run["steps"]),
+    return {"seconds": s["duration_s"], "output_tokens": s["output_tokens"],
             "scheduler_share": run["scheduler_s"] / s["duration_s"]}
 
 
