@@ -133,7 +133,8 @@ def run_tplab(model: Path, tp: int, dtype: str, batch: int, steps: int, **path) 
 
 SERVING_LOAD = dict(num_requests=64, prompt_len=(16, 128), output_len=(8, 128))  # all at once, greedy, EOS ignored
 SERVING_BUDGET = dict(max_num_seqs=64, max_num_batched_tokens=1024)  # the same scheduler budget for both engines
-SERVING_PATHS = {"tplab eager": False, "tplab prepacked": True}  # engine name: prepack
+SERVING_PATHS = {"tplab eager": dict(), "tplab prepacked": dict(prepack=True),  # engine name: serve_rank_program's
+                 "tplab kernel": dict(prepack=True, compiled_attention=True)}  # options
 
 
 def serving_requests(vocab_size: int) -> list[Request]:
@@ -143,15 +144,15 @@ def serving_requests(vocab_size: int) -> list[Request]:
                           special_ids=frozenset({0, 1, 2}))
 
 
-def serve_tplab(model: Path, tp: int, dtype: str, requests: list[Request], prepack: bool) -> dict:
+def serve_tplab(model: Path, tp: int, dtype: str, requests: list[Request], **path) -> dict:
     """tplab's serving engine on ``tp`` gloo processes, every request at once, EOS ignored; its throughput and the
-    scheduler's share of the run."""
+    scheduler's share of the run. ``path``: serve_rank_program's prepack and compiled_attention."""
     context, block = 256, 16  # vLLM's max_model_len in scripts/vllm_worker.py; every sequence's blocks fit at once
     config = SchedulerConfig(**SERVING_BUDGET, num_blocks=SERVING_BUDGET["max_num_seqs"] * context // block,
                              block_size=block, max_model_len=context)
     run = launch(serve_rank_program, tp, "gloo", timeout=1800,
                  kwargs=dict(model=model, requests=requests, config=config, dtype=dtype, eos_token_ids=(),
-                             prepack=prepack))[0]
+                             **path))[0]
     s = run["summary"]
     return {"seconds": s["duration_s"], "output_tokens": s["output_tokens"],
             "scheduler_share": run["scheduler_s"] / s["duration_s"]}
@@ -176,8 +177,8 @@ def serving_comparison(python: Path, model: Path, rounds: int, log: RecordLog, b
                                                **SERVING_BUDGET))
                 assert out["output_tokens"] == expected, (engine, out["output_tokens"], expected)
                 rows.setdefault((tp, engine), []).append(expected / min(out["seconds"]))
-            for engine, prepack in SERVING_PATHS.items():
-                out = serve_tplab(model, tp, "bfloat16", requests, prepack)
+            for engine, path in SERVING_PATHS.items():
+                out = serve_tplab(model, tp, "bfloat16", requests, **path)
                 assert out["output_tokens"] == expected, (engine, out["output_tokens"], expected)
                 rows.setdefault((tp, engine), []).append(expected / out["seconds"])
                 shares.setdefault(tp, []).append(out["scheduler_share"])

@@ -36,15 +36,18 @@ def test_serve_bench_json_lists_requests_in_input_order_and_writes_a_record(caps
     assert record["scheduler"]["block_size"] == 8 and len(record["steps"]) == summary["steps"]
 
 
-def test_serve_bench_prepack_serves_the_same_tokens_and_reports_the_scheduler_time(capsys):
+def test_serve_bench_prepack_and_compile_serve_the_same_tokens_and_report_the_scheduler_time(capsys):
     outputs = {}
-    for flag in ([], ["--prepack"]):
-        code, out, _ = run_cli(capsys, "serve-bench", "--tp", "2", *SMALL, "--no-save", "--json", *flag)
+    for flags in ([], ["--prepack"], ["--compile"]):
+        code, out, _ = run_cli(capsys, "serve-bench", "--tp", "2", *SMALL, "--no-save", "--json", *flags)
         assert code == 0
         report = json.loads(out)
-        outputs[bool(flag)] = [r["output_ids"] for r in report["requests"]]
+        outputs[tuple(flags)] = [r["output_ids"] for r in report["requests"]]
         assert 0 < report["scheduler_s"] < report["summary"]["duration_s"]
-    assert outputs[True] == outputs[False]
+    assert outputs[("--prepack",)] == outputs[()] == outputs[("--compile",)]
+    code, _, err = run_cli(capsys, "serve-bench", *SMALL, "--no-save", "--compile", "--policy", "padded")
+    assert code == 2 and err.strip() == ("error: policy 'padded' runs the generation loop over a static cache: "
+                                         "--compile (the paged attention kernel) needs continuous or static")
 
 
 def test_serve_bench_pp_reports_the_grid_and_records_the_hops(capsys, tmp_path):

@@ -1,8 +1,11 @@
 """The serving engine on real ranks: every request gets the tokens it gets alone, with exact collective counts."""
 import pytest
+import torch
 
 from tplab.bench.serving import serve_measured
 from tplab.comm.launch import launch
+from tplab.engine.runner import compiled_paged_attention
+from tplab.model.attention import attention_mask, grouped_query_attention
 from tplab.serving.load import synthetic_load
 from tplab.serving.requests import Request
 from tplab.serving.scheduler import SchedulerConfig
@@ -28,11 +31,13 @@ def staggered_load() -> list[Request]:
 TIGHT = SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=16, num_blocks=24, block_size=8, max_model_len=256)
 
 
-@pytest.mark.parametrize("tp,backend", [(1, "threads"), (2, "threads"), (4, "threads"), (2, "gloo")])
-def test_every_request_gets_the_tokens_it_gets_alone(tp, backend):
+@pytest.mark.parametrize("tp,backend,compiled", [(1, "threads", False), (2, "threads", False), (4, "threads", False),
+                                                 (2, "gloo", False), (2, "threads", True)])
+def test_every_request_gets_the_tokens_it_gets_alone(tp, backend, compiled):
+    """``compiled``: the engine's decodes through the compiled paged-attention kernel, the requests alone eager."""
     requests = staggered_load()
     results = launch(serve_then_alone, tp, backend, kwargs=dict(model=TINY_DIR, requests=requests, config=TIGHT,
-                                                                eos=EOS))
+                                                                eos=EOS, compiled_attention=compiled))
     run = results[0]["run"]
     served = [r["output_ids"] for r in run["requests"]]
     assert served == results[0]["alone"]
@@ -103,16 +108,45 @@ def test_exact_collectives_and_kv_bytes_per_rank():
     assert by_tp[2][0]["cache_bytes"] * 2 == by_tp[1][0]["cache_bytes"]  # each rank holds half the KV heads
 
 
-def test_sliding_window_attention_through_the_paged_cache_matches_hugging_face(tmp_path):
-    """Mistral's 6-token window, read through the block-diagonal mask, against HF's own greedy decoding alone."""
+@pytest.mark.parametrize("compiled", [False, True])
+def test_sliding_window_attention_through_the_paged_cache_matches_hugging_face(tmp_path, compiled):
+    """Mistral's 6-token window, read through the block-diagonal mask (or by the compiled paged-attention kernel),
+    against HF's own greedy decoding alone."""
     directory, hf = make_checkpoint("mistral", tmp_path / "mistral", seed=3)
     requests = [Request(i, tuple(range(3 + i, 3 + i + n)), 8, 0.0) for i, n in enumerate((4, 19, 11, 30))]
     config = SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=12, num_blocks=32, block_size=4,
                              max_model_len=128)
     results = launch(serve_then_alone, 2, "threads", kwargs=dict(model=directory, requests=requests, config=config,
-                                                                 eos=(2,)))
+                                                                 eos=(2,), compiled_attention=compiled))
     for request, row in zip(requests, results[0]["run"]["requests"]):
         assert row["output_ids"] == hf_greedy(hf, list(request.prompt), request.max_new_tokens, (2,))[0]
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_the_paged_attention_kernel_matches_attention_over_gathered_keys(dtype, tolerance):
+    """compiled_paged_attention reads the keys in shuffled blocks; grouped_query_attention reads the same keys
+    gathered, left-padded: GQA (8 query heads on 2 KV heads), a 5-token window, rows of 1 to 37 keys, and a step
+    of one row (a size the compiled graph must not have specialized on)."""
+    torch.manual_seed(0)
+    block, heads, kv_heads, head_dim = 4, 8, 2, 16
+    blocks = torch.randperm(40)
+    store_k, store_v = (torch.randn(40 * block, kv_heads, head_dim, dtype=dtype) for _ in range(2))
+    kernel = compiled_paged_attention()
+    for lengths in ([37, 1, 12, 20], [9]):
+        longest, tables, first = max(lengths), [], 0
+        for n in lengths:
+            tables.append(blocks[first:first + -(-n // block)])
+            first += len(tables[-1])
+        pos = torch.arange(longest)[None] - (longest - torch.tensor(lengths))[:, None]  # left-padded
+        read = torch.stack([t[p.clamp_min(0) // block] * block + p.clamp_min(0) % block for t, p in zip(tables, pos)])
+        mask = attention_mask(torch.tensor([longest - 1]), pos >= 0, 5)  # (rows, 1, 1, S)
+        q = torch.randn(len(lengths), heads, head_dim, dtype=dtype)
+        with torch.no_grad():
+            out = kernel(q, store_k, store_v, read, mask[:, 0, 0], head_dim ** -0.5)
+        keys, values = (s[read].permute(0, 2, 1, 3) for s in (store_k, store_v))
+        expected = grouped_query_attention(q[:, :, None], keys, values, mask, head_dim ** -0.5)[:, :, 0]
+        assert out.dtype == dtype and out.shape == expected.shape
+        torch.testing.assert_close(out.float(), expected.float(), atol=tolerance, rtol=tolerance)
 
 
 def test_static_batching_through_the_generation_loop_gives_the_same_tokens():

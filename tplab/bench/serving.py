@@ -33,16 +33,18 @@ def serve_measured(model: str | Path | ModelConfig, requests: list[Request], con
                    backend: str = "threads", dtype: torch.dtype | str | None = None, slo: SLO = SLO(),
                    threads: int | None = None, timeout: float = 600.0, concurrency: int | None = None,
                    pp: int = 1, pp_layers: list[int] | None = None, ep: int = 1,
-                   expert_dispatch: str = "all-reduce", prepack: bool = False) -> dict:
+                   expert_dispatch: str = "all-reduce", prepack: bool = False,
+                   compiled_attention: bool = False) -> dict:
     """Serve ``requests`` on ``tp`` x ``pp`` real ranks; rank 0's run (requests, summary, steps, comm), and
     ``stage_idle``: each stage's share of the run blocked in its pipeline group (rank 0 of the stage; None at pp 1).
     ``concurrency``: a closed loop of that many requests in flight; ``pp_layers``: decoder layers per stage;
     ``ep``, ``expert_dispatch``: a mixture's experts whole on the tp ranks (:mod:`tplab.model.moe`); ``prepack``:
-    the linears in oneDNN's layout (CPU)."""
+    the linears in oneDNN's layout (CPU); ``compiled_attention``: the decodes' attention through the compiled
+    paged-attention kernel (:func:`tplab.engine.runner.compiled_paged_attention`)."""
     results = launch(serve_rank_program, tp, backend, pp=pp, ep=ep, timeout=timeout, threads=threads,
                      kwargs=dict(model=model, requests=requests, config=config, dtype=dtype, slo=slo,
                                  concurrency=concurrency, pp_layers=pp_layers, expert_dispatch=expert_dispatch,
-                                 prepack=prepack))
+                                 prepack=prepack, compiled_attention=compiled_attention))
     return {**results[0], "backend": backend, "stage_idle": [r["stage_idle"] for r in results[::tp]]}
 
 

@@ -47,6 +47,9 @@ def register(subparsers) -> None:
     p.add_argument("--threads", type=threads_per_rank, default=None, help="torch threads per rank (default: cores shared out)")
     p.add_argument("--prepack", action="store_true",
                    help="CPU ranks: the linears in oneDNN's blocked layout (faster GEMMs; the same tokens)")
+    p.add_argument("--compile", action="store_true",
+                   help="the decodes' attention through a compiled paged-attention kernel that reads the keys in "
+                        "their blocks (torch.compile, seconds to compile before the run; the same tokens)")
     p.add_argument("--out", default=None, help="folder (a run file goes to FOLDER/serving/) or .jsonl file to "
                                                "append to (default: data/measurements/local in a checkout, ignored by git)")
     p.add_argument("--no-save", action="store_true", help="print only; write no record")
@@ -79,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
             print(note, file=sys.stderr)
         run_ = {**serve_measured(config, requests, sched, args.tp, args.backend, dtype, serving.slo_of(args), args.threads,
                                  concurrency=args.concurrency, pp=args.pp, pp_layers=args.pp_layers, ep=args.ep,
-                                 expert_dispatch=args.ep_dispatch, prepack=args.prepack),
+                                 expert_dispatch=args.ep_dispatch, prepack=args.prepack,
+                                 compiled_attention=args.compile),
                 "backend": backend, "concurrency": args.concurrency}
     except (ValueError, FileNotFoundError) as e:  # InputError too, found inside a rank (a damaged file)
         if prints():

@@ -82,7 +82,7 @@ def build_load(args: argparse.Namespace, vocab_size: int, context: int, special_
                tokenize=None) -> list[Request]:
     """The requests of ``args``; ValueError (exit 2) for a bad flag or a request longer than ``context``."""
     rate = None if math.isinf(args.rate) else args.rate
-    check_serving(args.policy, args.concurrency, args.pp or 1)
+    check_serving(args.policy, args.concurrency, args.pp or 1, getattr(args, "compile", False))
     if args.requests:
         requests = bounded(read_requests(args.requests, rate, args.seed, tokenize, args.num_requests), args.duration)
     else:

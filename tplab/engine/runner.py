@@ -28,7 +28,9 @@ the model's one forward pass, :meth:`tplab.model.TPCausalLM.forward`, over one v
     records them once, at capture (:attr:`ModelRunner.captured_records`), and their seconds cannot be timed.
 
 * :meth:`ModelRunner.paged`: the serving engine's step, sequences at their own positions packed in one row over
-  the paged cache (decodes and prefill chunks in one pass, no padding, :mod:`tplab.model.paged_cache`).
+  the paged cache (decodes and prefill chunks in one pass, no padding, :mod:`tplab.model.paged_cache`). Its shapes
+  change at every step, so it runs eagerly; with ``compiled_attention`` its decodes' attention is one compiled
+  function, :func:`compiled_paged_attention`, a paged-attention kernel that reads the keys in their blocks.
 * :meth:`ModelRunner.next_tokens`: the LM head's vocab-parallel argmax, or a seeded draw from the gathered logits.
 
 On a pipeline stage (``launch(..., pp=P)``) the runner holds that stage's layers and their cache; the model's forward
@@ -39,9 +41,14 @@ pipeline group). A stage is eager: the static and graph variants run one group's
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+
 import torch
+from torch._dynamo.decorators import mark_unbacked
 
 from tplab.errors import InputError
+from tplab.model.attention import paged_decode_attention
 from tplab.model.decoder import TPCausalLM
 from tplab.model.paged_cache import PagedKVCache
 from tplab.model.sampling import SamplingParams, sample
@@ -73,6 +80,26 @@ def compile_note(dtype: torch.dtype, device: torch.device, autotune: bool = Fals
         layout = f"weights frozen, not prepacked ({cpu.describe()})"
     tuned = "; GEMM kernels autotuned per shape" if autotune else ""
     return f"compiled decode step ({str(dtype).removeprefix('torch.')} on {device.type}): {layout}{tuned}"
+
+
+@functools.cache
+def compiled_paged_attention() -> Callable[..., torch.Tensor]:
+    """:func:`~tplab.model.attention.paged_decode_attention` through ``torch.compile``: inductor fuses each gather
+    into the reduction that reads it, so the generated kernel reads the keys and values in their blocks.
+
+    The rows and keys of a step change at every step: they enter the graph as sizes it may not specialize on (not
+    even on 1, ``mark_unbacked``), so one graph serves every step; it compiles at its first call (seconds), and
+    once more for another model's blocks or dtype. One compiled function for every runner of the process."""
+    compiled = torch.compile(paged_decode_attention)
+
+    def kernel(q: torch.Tensor, store_k: torch.Tensor, store_v: torch.Tensor, read_slots: torch.Tensor,
+               valid: torch.Tensor, scale: float) -> torch.Tensor:
+        for tensor, dims in ((q, (0,)), (read_slots, (0, 1)), (valid, (0, 1))):
+            for dim in dims:
+                mark_unbacked(tensor, dim)
+        return compiled(q, store_k, store_v, read_slots, valid, scale)
+
+    return kernel
 
 
 class ModelRunner:
@@ -200,12 +227,21 @@ class ModelRunner:
             dist.time_collectives, stats.tag = timed, tag
 
     # --- the paged cache: the serving engine -----------------------------------------------------------------
-    def start_paged(self, num_blocks: int, block_size: int) -> PagedKVCache:
-        """This rank's slice of ``num_blocks`` KV blocks of ``block_size`` tokens."""
+    @torch.no_grad()
+    def start_paged(self, num_blocks: int, block_size: int, compiled_attention: bool = False) -> PagedKVCache:
+        """This rank's slice of ``num_blocks`` KV blocks of ``block_size`` tokens; with ``compiled_attention`` the
+        decodes attend through :func:`compiled_paged_attention`, compiled here so that no step pays for it."""
         model = self.model
-        self.paged_cache = PagedKVCache.for_model(model.config, model.dist.world_size, num_blocks, block_size,
-                                                  model.dtype, model.device, layers=len(model.layers))
-        return self.paged_cache
+        kernel = compiled_paged_attention() if compiled_attention else None
+        cache = PagedKVCache.for_model(model.config, model.dist.world_size, num_blocks, block_size, model.dtype,
+                                       model.device, layers=len(model.layers), decode_kernel=kernel)
+        if kernel is not None:
+            heads = model.config.num_heads // model.dist.world_size
+            kernel(torch.zeros(2, heads, model.config.head_dim, dtype=model.dtype, device=model.device), cache.k[0],
+                   cache.v[0], torch.zeros(2, 2, dtype=torch.long, device=model.device),
+                   torch.ones(2, 2, dtype=torch.bool, device=model.device), model.config.head_dim ** -0.5)
+        self.paged_cache = cache
+        return cache
 
     @torch.no_grad()
     def paged(self, ids: torch.Tensor, tables: list[list[int]], context_lens: list[int],

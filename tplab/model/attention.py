@@ -46,3 +46,25 @@ def grouped_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.T
         mask = mask.repeat(1, 1, groups, 1)
     out = F.scaled_dot_product_attention(stacked, keys, values, attn_mask=mask, scale=scale)
     return out.reshape(batch, heads, tokens, head_dim)
+
+
+def paged_decode_attention(q: torch.Tensor, store_k: torch.Tensor, store_v: torch.Tensor, read_slots: torch.Tensor,
+                           valid: torch.Tensor, scale: float) -> torch.Tensor:
+    """One query per row over its keys where they lie in the blocks: o_h = sum_j p_hj V_g[s_j], with
+    p_h = softmax_j(q_h . K_g[s_j] * scale) over the valid j, s_j = ``read_slots[row, j]`` and g = h // G.
+
+    q is (rows, KV*G, d); ``store_k`` and ``store_v`` are one layer's blocks, (slots, KV, d); ``read_slots`` and
+    ``valid`` are (rows, S). Written as products and sums rather than matmuls so that ``torch.compile`` fuses each
+    gather ``store[read_slots]`` into the reduction that reads it: the compiled function is a paged-attention
+    kernel that reads every key and value once, in place, and never copies them (eagerly it materializes the
+    products and is slow: the eager engine gathers and calls :func:`grouped_query_attention` instead).
+    Computed in float32; returns (rows, KV*G, d) in q's dtype.
+    """
+    rows, heads, head_dim = q.shape
+    kv_heads = store_k.shape[1]
+    query = q.reshape(rows, 1, kv_heads, heads // kv_heads, head_dim).float()  # (rows, 1, KV, G, d)
+    keys = store_k[read_slots].float()[:, :, :, None]  # (rows, S, KV, 1, d)
+    scores = (query * keys).sum(-1) * scale  # (rows, S, KV, G)
+    weights = scores.masked_fill(~valid[:, :, None, None], float("-inf")).softmax(dim=1)
+    values = store_v[read_slots].float()[:, :, :, None]  # (rows, S, KV, 1, d)
+    return (weights[..., None] * values).sum(1).reshape(rows, heads, head_dim).to(q.dtype)

@@ -28,14 +28,18 @@ padding. Attention then reads each sequence's own keys through its block table:
   the longest, so every query sits at the last slot (the static cache's layout);
 * each prefill chunk alone: its n_b queries over its context_b + n_b keys, causal.
 
-Gathering copies the keys a step reads (a paged-attention kernel reads them in
-place), and the decodes' keys are copied once more into the (rows, heads, keys,
-head_dim) layout that the CPU's attention kernel runs fastest on (with 64 rows
-of ~100 keys on a 2-core CPU in bf16: 7.5 ms a layer against 17 ms on the
-strided view). At that batch the gathers and attention take about three times
-the GEMMs' time: a paged-attention kernel is what a faster CPU engine needs next.
+Gathering copies the keys a step reads, and the decodes' keys are copied once
+more into the (rows, heads, keys, head_dim) layout that the CPU's attention
+kernel runs fastest on (with 64 rows of ~100 keys on a 2-core CPU in bf16: 7.5 ms
+a layer against 17 ms on the strided view). That is the readable path. A
+paged-attention kernel reads the keys in place instead: given ``decode_kernel``
+(:func:`tplab.model.attention.paged_decode_attention` compiled, from
+:meth:`tplab.engine.ModelRunner.start_paged`), the decodes call it on the
+blocks and their slots, and no key is copied.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -45,16 +49,22 @@ from tplab.specs.model import ModelConfig
 
 
 class PagedKVCache:
-    """This rank's slice of every block: ``k``, ``v`` of (layers, num_blocks * block_size, local_kv_heads, head_dim)."""
+    """This rank's slice of every block: ``k``, ``v`` of (layers, num_blocks * block_size, local_kv_heads, head_dim).
+
+    ``decode_kernel``: what the decodes' attention calls on the blocks in place, with the signature of
+    :func:`~tplab.model.attention.paged_decode_attention`; None gathers their keys and calls
+    :func:`~tplab.model.attention.grouped_query_attention`.
+    """
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, local_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> None:
+                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+                 decode_kernel: Callable[..., torch.Tensor] | None = None) -> None:
         sizes = dict(num_layers=num_layers, num_blocks=num_blocks, block_size=block_size,
                      local_kv_heads=local_kv_heads, head_dim=head_dim)
         bad = {k: v for k, v in sizes.items() if not is_positive_int(v)}
         if bad:
             raise ValueError(f"PagedKVCache sizes must be positive integers, got {bad}")
-        self.num_blocks, self.block_size = num_blocks, block_size
+        self.num_blocks, self.block_size, self.decode_kernel = num_blocks, block_size, decode_kernel
         shape = (num_layers, num_blocks * block_size, local_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -62,11 +72,12 @@ class PagedKVCache:
     @classmethod
     def for_model(cls, config: ModelConfig, tp: int, num_blocks: int, block_size: int,
                   dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-                  layers: int | None = None) -> "PagedKVCache":
+                  layers: int | None = None, decode_kernel: Callable[..., torch.Tensor] | None = None
+                  ) -> "PagedKVCache":
         """The blocks one rank of a tp-way model holds: its ``kv_heads_per_rank(tp)`` heads of each, for ``layers``
         decoder layers (a pipeline stage's; default all)."""
         return cls(layers or config.num_layers, num_blocks, block_size, config.kv_heads_per_rank(tp), config.head_dim,
-                   dtype, device)
+                   dtype, device, decode_kernel)
 
     @property
     def bytes_per_block(self) -> int:
@@ -152,7 +163,12 @@ class PagedBatch:
         store_k.index_copy_(0, self.write_slots, k[0].transpose(0, 1))
         store_v.index_copy_(0, self.write_slots, v[0].transpose(0, 1))
         out = torch.empty_like(q)
-        if mask["decode"] is not None:
+        kernel = self.cache.decode_kernel
+        if mask["decode"] is not None and kernel is not None:
+            rows = q[0].transpose(0, 1)[self.decode_tokens]  # (D, H, head_dim), contiguous
+            out[0][:, self.decode_tokens] = kernel(rows, store_k, store_v, self.decode_read, mask["decode"][:, 0, 0],
+                                                   scale).transpose(0, 1)
+        elif mask["decode"] is not None:
             rows = q[0][:, self.decode_tokens].transpose(0, 1)[:, :, None]  # (D, H, 1, head_dim)
             keys, values = (s[self.decode_read].permute(0, 2, 1, 3).contiguous() for s in (store_k, store_v))
             out[0][:, self.decode_tokens] = grouped_query_attention(rows, keys, values, mask["decode"],

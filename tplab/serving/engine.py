@@ -104,12 +104,14 @@ class RankZeroSteps:
 
 
 def serve(model: TPCausalLM, requests: list[Request], config: SchedulerConfig, eos: frozenset[int],
-          slo: SLO = SLO(), warmup: bool = True, concurrency: int | None = None) -> dict:
+          slo: SLO = SLO(), warmup: bool = True, concurrency: int | None = None,
+          compiled_attention: bool = False) -> dict:
     """Serve ``requests`` on every rank of ``model``'s grid; rank 0 returns the run (requests, summary, steps),
     the others their cache size; with stages, every rank also its ``stage_idle``, the share of the run it spent
     blocked in its pipeline group. Collectives are recorded under "serve" (the steps) and "schedule" (the plans);
     ``warmup`` first serves one short request untimed, under "warmup"; ``concurrency``: a closed loop of that many
-    requests in flight (:func:`~tplab.serving.loop.run_load`).
+    requests in flight (:func:`~tplab.serving.loop.run_load`); ``compiled_attention``: the decodes attend through
+    the compiled paged-attention kernel (:meth:`~tplab.engine.ModelRunner.start_paged`), compiled before the run.
 
     With pipeline stages (``launch(..., pp=P)``) each stage runs its layers of every plan: the first stage gets
     the plan from rank 0's scheduler, hands it on with its activations, and the last stage's rank 0 returns the
@@ -117,7 +119,7 @@ def serve(model: TPCausalLM, requests: list[Request], config: SchedulerConfig, e
     """
     dist, pipe = model.dist, model.pipe
     runner = ModelRunner(model)
-    cache = runner.start_paged(config.num_blocks, config.block_size)
+    cache = runner.start_paged(config.num_blocks, config.block_size, compiled_attention)
     ranks = RankStep(runner, requests)
     experts = None if dist.grid is None or dist.grid.ep.world_size == 1 else dist.grid.ep
     groups = [g for g in (dist, pipe, experts) if g is not None]
@@ -166,14 +168,16 @@ def serve_rank_program(dist: Dist, model: str | Path | ModelConfig, requests: li
                        config: SchedulerConfig, dtype: torch.dtype | str | None = None, slo: SLO = SLO(),
                        eos_token_ids: tuple[int, ...] | None = None, warmup: bool = True,
                        concurrency: int | None = None, pp_layers: list[int] | None = None,
-                       expert_dispatch: str = "all-reduce", prepack: bool = False) -> dict:
+                       expert_dispatch: str = "all-reduce", prepack: bool = False,
+                       compiled_attention: bool = False) -> dict:
     """Load this rank's shard and serve: ``launch(serve_rank_program, tp, backend, pp=P, ep=E, kwargs=...)``
     (threads, gloo, torchrun). ``config.policy`` "padded" serves static batches through the generation loop
     (:mod:`tplab.serving.static`), on one stage. ``pp_layers``: decoder layers per stage (default the even split);
     ``expert_dispatch``: how a mixture's tokens reach experts placed whole (:mod:`tplab.model.moe`); ``prepack``:
-    the linears in oneDNN's blocked layout (CPU; :meth:`~tplab.model.TPCausalLM.prepack_`)."""
+    the linears in oneDNN's blocked layout (CPU; :meth:`~tplab.model.TPCausalLM.prepack_`); ``compiled_attention``:
+    the decodes' attention through the compiled paged-attention kernel (the paged engine only)."""
     pp = 1 if dist.grid is None else dist.grid.num_stages
-    check_serving(config.policy, concurrency, pp)
+    check_serving(config.policy, concurrency, pp, compiled_attention)
     shard = from_pretrained(model, dist, dtype=dtype, pp_layers=pp_layers, expert_dispatch=expert_dispatch,
                             prepack=prepack)
     eos = frozenset(shard.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
@@ -185,7 +189,7 @@ def serve_rank_program(dist: Dist, model: str | Path | ModelConfig, requests: li
                                                             "cache_bytes_per_rank": 0, "stage_idle": None,
                                                             "scheduler_s": None}
     else:
-        result = serve(shard, requests, config, eos, slo, warmup, concurrency)
+        result = serve(shard, requests, config, eos, slo, warmup, concurrency, compiled_attention)
     if dist.rank == 0:
         result.update(tp=dist.world_size, pp=pp, device=str(dist.device), threads=torch.get_num_threads(),
                       comm=dist.stats.summary("serve"), schedule_comm=dist.stats.summary("schedule"),

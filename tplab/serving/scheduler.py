@@ -74,16 +74,19 @@ class SchedulerConfig:
                              f">= max_model_len={self.max_model_len}, or a long prompt could never be scheduled")
 
 
-def check_serving(policy: str, concurrency: int | None, pp: int = 1) -> None:
+def check_serving(policy: str, concurrency: int | None, pp: int = 1, compiled_attention: bool = False) -> None:
     """ValueError when the policy cannot run as asked: padded generation serves fixed batches in arrival order
-    through the generation loop, so it has no closed loop (``concurrency`` requests in flight; None: an open loop)
-    and no steps in flight across pipeline stages (``pp`` > 1)."""
+    through the generation loop, so it has no closed loop (``concurrency`` requests in flight; None: an open loop),
+    no steps in flight across pipeline stages (``pp`` > 1) and no paged cache (``compiled_attention``)."""
     if concurrency is not None and policy == "padded":
         raise ValueError("policy 'padded' serves fixed batches in arrival order: --concurrency needs continuous or "
                          "static")
     if pp > 1 and policy == "padded":
         raise ValueError(f"policy 'padded' runs the generation loop on one stage: --pp {pp} needs continuous or "
                          "static")
+    if compiled_attention and policy == "padded":
+        raise ValueError("policy 'padded' runs the generation loop over a static cache: --compile (the paged "
+                         "attention kernel) needs continuous or static")
 
 
 @dataclass

@@ -13,12 +13,13 @@ from tplab.serving.scheduler import SchedulerConfig
 
 
 def serve_then_alone(dist: Dist, model: str | Path, requests: list[Request], config: SchedulerConfig,
-                     eos: tuple[int, ...], expert_dispatch: str = "all-reduce") -> dict:
+                     eos: tuple[int, ...], expert_dispatch: str = "all-reduce", compiled_attention: bool = False) -> dict:
     """{"run": the served run (rank 0) or None, "alone": each request's tokens from ``generate`` with that prompt
     alone, "serve"/"schedule": this rank's collectives under those tags (and "pipe_serve"/"pipe_schedule", its
-    pipeline group's, with stages), "stage", "cache_bytes"}."""
+    pipeline group's, with stages), "stage", "cache_bytes"}. ``compiled_attention``: the engine's decodes through the
+    compiled paged-attention kernel (``generate`` alone stays eager)."""
     shard = from_pretrained(model, dist, expert_dispatch=expert_dispatch)
-    run = serve(shard, requests, config, frozenset(eos))
+    run = serve(shard, requests, config, frozenset(eos), compiled_attention=compiled_attention)
     serve_comm, schedule_comm = dist.stats.summary("serve"), dist.stats.summary("schedule")
     pipe = {} if shard.pipe is None else {"pipe_serve": shard.pipe.stats.summary("serve"),
                                           "pipe_schedule": shard.pipe.stats.summary("schedule")}
