@@ -16,7 +16,8 @@
    against vLLM's best mode, and eager against eager.
 4. Bandwidth: a copy of 1 GB measured in the same run, against the weight bytes a decode step streams.
 5. ``--serving`` (instead of 2-4): 64 requests at once (prompts of 16-128 tokens, 8-128 new, greedy, EOS ignored) on
-   the 374M checkpoint through tplab's serving engine (eager and prepacked) and vLLM's offline ``LLM.generate``
+   the 374M checkpoint through tplab's serving engine (eager, prepacked, and prepacked with the compiled
+   paged-attention kernel) and vLLM's offline ``LLM.generate``
    (eager and compiled), the same scheduler budget (64 sequences, 1,024 tokens a step), tp 1 and 2, in rounds:
    output tokens/s, and the share of tplab's run spent in its scheduler.
 
@@ -159,7 +160,7 @@ def serve_tplab(model: Path, tp: int, dtype: str, requests: list[Request], **pat
 
 
 def serving_comparison(python: Path, model: Path, rounds: int, log: RecordLog, base: dict) -> None:
-    """The same load through tplab's engine (eager and prepacked) and vLLM's offline LLM.generate (eager and
+    """The same load through tplab's engine (eager, prepacked, kernel) and vLLM's offline LLM.generate (eager and
     compiled), tp 1 and 2, interleaved in rounds: output tokens/s, the median of the rounds."""
     requests = serving_requests(checkpoint_config(model).vocab_size)
     expected = sum(r.max_new_tokens for r in requests)

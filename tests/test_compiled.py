@@ -91,7 +91,8 @@ CAPPED_RUN = """
 import json, sys, torch
 from tplab import launch
 from tplab.engine.generate import generate
-from tplab.engine.runner import ModelRunner, compile_note
+from tplab.engine.runner import ModelRunner, compile_note, compiled_paged_attention
+from tplab.model.attention import grouped_query_attention
 from tplab.model.loading import from_pretrained
 
 def eager_and_compiled(dist):
@@ -99,14 +100,25 @@ def eager_and_compiled(dist):
     return {mode: generate(ModelRunner(model, mode), json.loads(sys.argv[2]), int(sys.argv[3]), eos_token_ids=()).tokens
             for mode in ("eager", "compiled")}
 
+def paged_kernel_error():  # the serving engine's compiled attention in bf16, against attention over gathered keys
+    store_k, store_v = (torch.randn(64, 2, 16, dtype=torch.bfloat16) for _ in range(2))
+    q, read = torch.randn(3, 8, 16, dtype=torch.bfloat16), torch.randperm(64)[:30].reshape(3, 10)
+    valid = torch.ones(3, 10, dtype=torch.bool)
+    with torch.no_grad():
+        out = compiled_paged_attention()(q, store_k, store_v, read, valid, 0.25)
+    keys, values = (s[read].permute(0, 2, 1, 3) for s in (store_k, store_v))
+    expected = grouped_query_attention(q[:, :, None], keys, values, None, 0.25)[:, :, 0]
+    return (out.float() - expected.float()).abs().max().item()
+
 print(compile_note(torch.bfloat16, torch.device("cpu")), file=sys.stderr)
-print(json.dumps(launch(eager_and_compiled, 1)[0]))
+print(json.dumps({**launch(eager_and_compiled, 1)[0], "paged_kernel_error": paged_kernel_error()}))
 """
 
 
 def test_compile_in_bf16_runs_on_a_cpu_capped_at_avx2(checkpoint, tmp_path):
     """The libraries capped at AVX2 as on an AVX2-only CPU: the bf16 weights are frozen unpacked, said in one line,
-    and the compiled step gives the eager tokens (in a process of its own: the caps are read at start-up)."""
+    and the compiled step gives the eager tokens (in a process of its own: the caps are read at start-up); the
+    serving engine's compiled paged-attention kernel (inductor's AVX2 code) computes what attention does."""
     path, prompts = checkpoint
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
            "MKL_ENABLE_INSTRUCTIONS": "AVX2", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
@@ -116,3 +128,4 @@ def test_compile_in_bf16_runs_on_a_cpu_capped_at_avx2(checkpoint, tmp_path):
     assert "weights frozen, not prepacked" in done.stderr
     tokens = json.loads(done.stdout.splitlines()[-1])
     assert tokens["compiled"] == tokens["eager"]
+    assert tokens["paged_kernel_error"] < 2e-2

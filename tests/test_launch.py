@@ -184,6 +184,21 @@ def test_gloo_ranks_compute_on_the_cpu_only():
         launch(identify, 2, "gloo", device="cuda", args=(0,))
 
 
+def cores_and_threads(dist) -> tuple[list[int], int]:
+    return sorted(os.sched_getaffinity(0)), torch.get_num_threads()
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two cores and the affinity calls (Linux)")
+def test_gloo_ranks_are_bound_to_cores_of_their_own_when_they_fit():
+    allowed = sorted(os.sched_getaffinity(0))
+    results = launch(cores_and_threads, 2, "gloo")
+    threads = results[0][1]
+    assert [cores for cores, _ in results] == [allowed[:threads], allowed[threads:2 * threads]]
+    crowded = launch(cores_and_threads, len(allowed) + 1, "gloo", threads=1)  # more ranks than cores: left alone
+    assert all(cores == allowed for cores, _ in crowded)
+
+
 def test_under_torchrun_the_device_is_torchrun_s(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
