@@ -4,13 +4,14 @@
                             "steps": 32, "prompts": [[...], ...], "repeats": 3, "enforce_eager": true}'
     python vllm_worker.py '{"task": "serve", "model": DIR, "tp": 1, "dtype": "bfloat16", "max_num_seqs": 64,
                             "max_num_batched_tokens": 1024, "requests": [[[prompt ids], max_tokens], ...],
-                            "repeats": 2, "enforce_eager": false}'
+                            "repeats": 2, "enforce_eager": false}'   # "profile_dir": DIR traces the last run
 
 ``enforce_eager`` false runs vLLM's default mode (its model compiled with torch.compile, recompiled at every start).
 
 decode: ms/token = (time of 1 + steps new tokens - time of 1 new token) / steps, the median of ``repeats``; the
 tokens are those of the longer run. serve: every request at once through the offline ``LLM.generate``, greedy, EOS
-ignored (each request makes exactly its max_tokens); the seconds of each of ``repeats`` runs after a warm-up.
+ignored (each request makes exactly its max_tokens); the seconds of each of ``repeats`` runs after a warm-up; with
+``profile_dir``, the last run under torch.profiler, its trace written there by vLLM's worker.
 Prints one line, ``RESULT {json}``. It imports vLLM only (not tplab).
 """
 import json
@@ -58,15 +59,22 @@ def decode(spec: dict) -> dict:
 
 
 def serve(spec: dict) -> dict:
-    llm = start(spec, spec["max_num_seqs"], max_num_batched_tokens=spec["max_num_batched_tokens"])
+    profiler = {"profiler_config": {"profiler": "torch", "torch_profiler_dir": spec["profile_dir"]}} \
+        if spec.get("profile_dir") else {}
+    llm = start(spec, spec["max_num_seqs"], max_num_batched_tokens=spec["max_num_batched_tokens"], **profiler)
     prompts = [{"prompt_token_ids": p} for p, _ in spec["requests"]]
     params = [greedy(n) for _, n in spec["requests"]]
     llm.generate(prompts[:2], [greedy(4)] * 2, use_tqdm=False)  # warm-up
     seconds, output_tokens = [], 0
-    for _ in range(spec.get("repeats", 1)):
+    for repeat in range(spec.get("repeats", 1)):
+        traced = profiler and repeat == spec.get("repeats", 1) - 1
+        if traced:
+            llm.start_profile()
         t0 = time.perf_counter()
         results = llm.generate(prompts, params, use_tqdm=False)
         seconds.append(time.perf_counter() - t0)
+        if traced:
+            llm.stop_profile()
         output_tokens = sum(len(r.outputs[0].token_ids) for r in results)
     return {"seconds": seconds, "output_tokens": output_tokens}
 
