@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -47,10 +48,14 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
 
 
 def test_every_class_of_bad_input_exits_2_with_one_line(tmp_path):
+    """Every case in a process of its own, two at a time (each mostly imports torch)."""
+    cases = _cases(tmp_path)
+    with ThreadPoolExecutor(2) as pool:
+        runs = pool.map(lambda argv: subprocess.run([sys.executable, "-m", "tplab", *argv], cwd=REPO,
+                                                    capture_output=True, text=True, timeout=120),
+                        [argv for argv, _ in cases.values()])
     failures = []
-    for name, (argv, message) in _cases(tmp_path).items():
-        done = subprocess.run([sys.executable, "-m", "tplab", *argv], cwd=REPO, capture_output=True, text=True,
-                              timeout=120)
+    for (name, (_, message)), done in zip(cases.items(), runs):
         lines = done.stderr.strip().splitlines()
         if done.returncode != 2 or done.stdout or len(lines) != 1 or message not in lines[0]:
             failures.append(f"{name}: exit {done.returncode}, stderr {done.stderr[-500:]!r}")
