@@ -235,11 +235,11 @@ class ModelRunner:
         kernel = compiled_paged_attention() if compiled_attention else None
         cache = PagedKVCache.for_model(model.config, model.dist.world_size, num_blocks, block_size, model.dtype,
                                        model.device, layers=len(model.layers), decode_kernel=kernel)
-        if kernel is not None:
-            heads = model.config.num_heads // model.dist.world_size
-            kernel(torch.zeros(2, heads, model.config.head_dim, dtype=model.dtype, device=model.device), cache.k[0],
-                   cache.v[0], torch.zeros(2, 2, dtype=torch.long, device=model.device),
-                   torch.ones(2, 2, dtype=torch.bool, device=model.device), model.config.head_dim ** -0.5)
+        if kernel is not None:  # two rows of two keys, with this rank's heads and the layers' own scale
+            attn = model.layers[0].attn
+            kernel(torch.zeros(2, len(attn.qkv.q_heads), attn.head_dim, dtype=model.dtype, device=model.device),
+                   cache.k[0], cache.v[0], torch.zeros(2, 2, dtype=torch.long, device=model.device),
+                   torch.ones(2, 2, dtype=torch.bool, device=model.device), attn.scale)
         self.paged_cache = cache
         return cache
 

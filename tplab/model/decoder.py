@@ -78,6 +78,7 @@ class TPAttention(nn.Module):
     def __init__(self, config: ModelConfig, dist: Dist, window: int | None, dtype: torch.dtype | None) -> None:
         super().__init__()
         self.head_dim, self.window = config.head_dim, window
+        self.scale = config.head_dim ** -0.5  # 1 / sqrt(d)
         self.qkv = QKVParallelLinear(config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
                                      dist, bias=config.qkv_bias, dtype=dtype)
         self.o_proj = RowParallelLinear(config.num_heads * config.head_dim, config.hidden_size, dist,
@@ -100,7 +101,7 @@ class TPAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        out = step.attend(layer, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask, self.head_dim ** -0.5)
+        out = step.attend(layer, apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, mask, self.scale)
         return self.o_proj(out.transpose(1, 2).reshape(batch, tokens, -1))
 
 
