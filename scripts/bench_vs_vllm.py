@@ -145,14 +145,19 @@ def serving_requests(vocab_size: int) -> list[Request]:
                           special_ids=frozenset({0, 1, 2}))
 
 
+def serving_config() -> SchedulerConfig:
+    """tplab's scheduler for the load: vLLM's budget, its max_model_len (scripts/vllm_worker.py), and blocks enough
+    for every sequence at once."""
+    context, block = 256, 16
+    return SchedulerConfig(**SERVING_BUDGET, num_blocks=SERVING_BUDGET["max_num_seqs"] * context // block,
+                           block_size=block, max_model_len=context)
+
+
 def serve_tplab(model: Path, tp: int, dtype: str, requests: list[Request], **path) -> dict:
     """tplab's serving engine on ``tp`` gloo processes, every request at once, EOS ignored; its throughput and the
     scheduler's share of the run. ``path``: serve_rank_program's prepack and compiled_attention."""
-    context, block = 256, 16  # vLLM's max_model_len in scripts/vllm_worker.py; every sequence's blocks fit at once
-    config = SchedulerConfig(**SERVING_BUDGET, num_blocks=SERVING_BUDGET["max_num_seqs"] * context // block,
-                             block_size=block, max_model_len=context)
     run = launch(serve_rank_program, tp, "gloo", timeout=1800,
-                 kwargs=dict(model=model, requests=requests, config=config, dtype=dtype, eos_token_ids=(),
+                 kwargs=dict(model=model, requests=requests, config=serving_config(), dtype=dtype, eos_token_ids=(),
                              **path))[0]
     s = run["summary"]
     return {"seconds": s["duration_s"], "output_tokens": s["output_tokens"],

@@ -37,6 +37,7 @@ from bench_vs_vllm import (  # noqa: E402
     SERVING_BUDGET,
     build_llama_374m,
     ensure_vllm_venv,
+    serving_config,
     serving_requests,
     vllm_worker,
 )
@@ -90,9 +91,7 @@ def main() -> int:
     python = ensure_vllm_venv()
     model = build_llama_374m(Path("/tmp/tplab-bench-checkpoints") / "llama-374m-bf16")
     requests = serving_requests(32000)
-    context, block = 256, 16  # as bench_vs_vllm.serve_tplab
-    config = SchedulerConfig(**SERVING_BUDGET, num_blocks=SERVING_BUDGET["max_num_seqs"] * context // block,
-                             block_size=block, max_model_len=context)
+    config = serving_config()
     env = environment("cpu")
     out = default_measurements_dir() / "vs_vllm" / run_file_name(env, "serving-profile", uuid.uuid4().hex[:8],
                                                                  hardware_slug(env))
