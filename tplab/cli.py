@@ -35,13 +35,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except KeyboardInterrupt:
+    except BaseException as e:
+        if not interrupted(e):
+            raise
         print(f"interrupted: tplab {args.command} stopped every rank; nothing was recorded", file=sys.stderr)
         if any(t.name.startswith("tplab-rank") and t.is_alive() for t in threading.enumerate()):
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(130)  # a thread rank still in a kernel must not run into the interpreter's shutdown
         return 130
+
+
+def interrupted(error: BaseException) -> bool:
+    """Whether ``error`` is a Ctrl-C, or was caused by one (transformers' lazy imports re-raise a KeyboardInterrupt as
+    a ModuleNotFoundError ``from`` it)."""
+    while error is not None:
+        if isinstance(error, KeyboardInterrupt):
+            return True
+        error = error.__cause__
+    return False
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ field that cannot be read (no nvidia-smi, not a git checkout) is None.
 from __future__ import annotations
 
 import datetime
+import importlib.metadata
 import os
 import platform
 import re
@@ -14,7 +15,6 @@ import subprocess
 from pathlib import Path
 
 import torch
-import transformers
 
 from tplab.paths import CHECKOUT_DIR
 from tplab.specs import cpu
@@ -89,7 +89,7 @@ def environment(device: torch.device | str) -> dict:
         "cpu_flags": sorted(f for f in cpu.cpu_flags() if f.startswith(ISA_FLAG_PREFIXES)),  # what the kernels may use
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
+        "transformers": importlib.metadata.version("transformers"),
         "tplab": __version__,
         "python": platform.python_version(),
         "git": git_commit(),

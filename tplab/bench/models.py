@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-import transformers
 
 from tplab.checkpoint.safetensors_files import SafetensorsSource
 from tplab.comm.group import Dist
@@ -29,6 +29,9 @@ from tplab.model.decoder import TPCausalLM
 from tplab.perf.shapes import rank_params
 from tplab.specs.model import ModelConfig, resolve_model
 from tplab.specs.sharding import padded_size, stage_layers
+
+if TYPE_CHECKING:  # transformers is imported where a baseline is built: it adds ~1 s to every command's start
+    import transformers
 
 INIT_STD = 0.02
 POOL_SIZE = 1_048_573  # a prime
@@ -111,6 +114,7 @@ def hf_class_name(model_type: str) -> str:
 def hf_shard_config(config: ModelConfig, tp: int) -> transformers.PretrainedConfig:
     """A transformers config of the model's family with rank 0's shapes at ``tp`` (see the module docstring);
     attention is SDPA."""
+    import transformers
     config.check_tp(tp)
     shapes = dict(
         hidden_size=config.hidden_size, intermediate_size=config.intermediate_size // tp,
@@ -139,6 +143,7 @@ def build_hf_shard(config: ModelConfig, tp: int, dtype: torch.dtype, device: tor
                    seed: int = 0) -> transformers.PreTrainedModel:
     """HF's causal LM of the family with one rank's shapes and random weights, built without HF's slow
     initialisation."""
+    import transformers
     hf_config = hf_shard_config(config, tp)
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(hf_config).to(dtype)
