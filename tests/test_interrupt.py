@@ -44,3 +44,16 @@ def test_ctrl_c_stops_every_rank_prints_one_line_and_exits_130(backend, tmp_path
     else:
         pytest.fail(f"processes of the interrupted {backend} run are still alive")
     assert _tplab_segments() <= before
+
+
+def test_ctrl_c_while_the_command_starts_prints_one_line_and_exits_130():
+    """torch takes seconds to import, and libraries catch a KeyboardInterrupt mid-import or re-raise it as another
+    error: the entry point holds a Ctrl-C until its imports are done, then answers it like any other."""
+    proc = subprocess.Popen([sys.executable, "-m", "tplab", "generate", "--tp", "2"], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    time.sleep(0.5)  # importing torch
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    assert err.strip().splitlines() == ["interrupted: tplab stopped before any rank started; nothing was recorded"]
+    assert out == ""
