@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import types
+from pathlib import Path
 
 import psutil
 import pytest
@@ -95,6 +96,12 @@ def rank_1_busy_after_the_others_returned(dist, seconds):
     if dist.rank == 1:
         time.sleep(seconds)
     return dist.rank
+
+
+def sleep_a_long_time(dist, pid_dir):
+    """Every rank records its pid, then sleeps far longer than any test."""
+    _record_pid(pid_dir, dist.rank)
+    time.sleep(300)
 
 
 # --- helpers ---------------------------------------------------------------------
@@ -283,6 +290,23 @@ def test_a_gloo_script_without_a_main_guard_is_told_what_to_add(tmp_path):
     guarded.write_text(script.read_text().replace("print(", "if __name__ == '__main__':\n    print("))
     done = subprocess.run([sys.executable, str(guarded)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[0, 1]", done.stderr
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a rank ends with its parent where Linux's prctl can ask for it")
+def test_gloo_ranks_end_when_their_launcher_is_killed_outright(tmp_path):
+    pid_dir = tmp_path / "pids"
+    pid_dir.mkdir()
+    script = tmp_path / "launcher.py"
+    script.write_text("from test_launch import sleep_a_long_time\nfrom tplab import launch\n\n"
+                      f"if __name__ == '__main__':\n    launch(sleep_a_long_time, 2, 'gloo', args=({str(pid_dir)!r},))\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    launcher = subprocess.Popen([sys.executable, str(script)], env=env, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while len(list(pid_dir.iterdir())) < 2 and time.monotonic() < deadline and launcher.poll() is None:
+        time.sleep(0.1)
+    launcher.kill()  # SIGKILL: no atexit, no finally
+    launcher.wait()
+    _assert_ranks_stopped(pid_dir)
 
 
 def test_a_failed_gloo_rendezvous_is_retried_once_with_a_new_store(monkeypatch, tmp_path):

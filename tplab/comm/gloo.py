@@ -14,6 +14,7 @@ in every case the other processes are stopped. Never a hang.
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
 import pickle
 import queue
@@ -27,7 +28,7 @@ import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -99,8 +100,40 @@ def bind_to_cores(rank: int, ranks: int, threads_per_rank: int) -> None:
         os.sched_setaffinity(0, allowed[rank * threads_per_rank:(rank + 1) * threads_per_rank])
 
 
-def _gloo_rank_main(rank, shape, store_file, fn, args, kwargs, timeout, threads_per_rank, results, shm_names, progress):
+def end_with_launcher(launcher_alive) -> None:
+    """End this rank's process when its launcher is gone, killed outright (``kill -9``, the OOM killer) with no
+    chance to stop its ranks: ``launcher_alive`` is the read end of a pipe whose only write end the launcher holds,
+    so a read returns (end of file) only when the launcher's process has ended."""
+    def watch() -> None:
+        try:
+            launcher_alive.recv()
+        except (EOFError, OSError):
+            pass
+        os._exit(1)
+    threading.Thread(target=watch, name="tplab-launcher-watch", daemon=True).start()
+
+
+@contextlib.contextmanager
+def ctrl_c_deferred() -> Iterator[None]:
+    """A Ctrl-C during the block is raised when it ends (in the main thread, where Python takes signals)."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or previous is None:
+        yield
+        return
+    caught: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
+def _gloo_rank_main(rank, shape, store_file, fn, args, kwargs, timeout, threads_per_rank, results, shm_names, progress,
+                    launcher_alive):
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle: it stops every rank
+    end_with_launcher(launcher_alive)
     bind_to_cores(rank, shape.world_size, threads_per_rank)
     torch.set_num_threads(threads_per_rank)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo0" if sys.platform == "darwin" else "lo")
@@ -218,17 +251,19 @@ def _launch_once(ctx, fn, shape, timeout, args, kwargs, threads_per_rank, shared
     rendezvous = tempfile.mkdtemp(prefix="tplab-rendezvous-")  # mode 0700: this user's processes only
     store_file = rendezvous_file(rendezvous)
     progress = LaunchProgress(tp, ctx.RawArray("d", 3 * tp))  # every rank's state, in shared memory
+    launcher_alive, alive_writer = ctx.Pipe(duplex=False)  # the write end stays here (end_with_launcher)
     procs = [ctx.Process(target=_gloo_rank_main, name=f"tplab-rank{r}", daemon=True,
                          args=(r, shape, store_file, fn, args, kwargs, timeout, threads_per_rank, results_q, shm_names,
-                               progress))
+                               progress, launcher_alive))
              for r in range(tp)]
     results: dict[int, Any] = {}
     errors: dict[int, BaseException] = {}  # in arrival order
     first_error_at = None
     exited_at: dict[int, float] = {}  # ranks seen exited with code 0 before their result arrived
     try:
-        for p in procs:
-            p.start()
+        with ctrl_c_deferred():  # a rank whose program was half sent would die with a traceback of its own
+            for p in procs:
+                p.start()
         while len(results) + len(errors) < tp:
             try:
                 kind, rank, payload = results_q.get(timeout=0.05)
@@ -266,6 +301,8 @@ def _launch_once(ctx, fn, shape, timeout, args, kwargs, threads_per_rank, shared
         for name in shm_names.values():
             shm.remove(name)  # already gone unless a group's rank 0 died between creating and removing it
         shutil.rmtree(rendezvous, ignore_errors=True)
+        launcher_alive.close()
+        alive_writer.close()
     if errors and results and all(isinstance(e, PeerFailure) for e in errors.values()):
         raise CollectiveTimeout(f"ranks {sorted(errors)} were in a collective that ranks {sorted(results)} "
                                 "returned without joining: every rank must call the same collectives in the same order")

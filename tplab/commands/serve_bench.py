@@ -69,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
         context = config.max_position_embeddings
         tokenizer = load_tokenizer(config.directory)
         tokenize = (lambda text: tokenizer(text)["input_ids"]) if tokenizer is not None else None
-        requests = serving.build_load(args, config.vocab_size, context, frozenset(config.eos_token_ids) | {0}, tokenize)
+        requests = serving.build_load(args, config.vocab_size, context, frozenset(config.eos_token_ids) | {0}, tokenize,
+                                      args.compile)
         sched = serving.scheduler_config(args, context, requests)
         ranks = args.tp * args.pp
         kv = args.tp * sched.num_blocks * sched.block_size * config.kv_bytes_per_token(args.tp, dtype)

@@ -79,10 +79,11 @@ def add_serving_options(p: argparse.ArgumentParser, scheduler: dict = ENGINE_SCH
 
 
 def build_load(args: argparse.Namespace, vocab_size: int, context: int, special_ids: frozenset[int],
-               tokenize=None) -> list[Request]:
-    """The requests of ``args``; ValueError (exit 2) for a bad flag or a request longer than ``context``."""
+               tokenize=None, compiled_attention: bool = False) -> list[Request]:
+    """The requests of ``args``; ValueError (exit 2) for a bad flag (``compiled_attention``: ``--compile`` was
+    given) or a request longer than ``context``."""
     rate = None if math.isinf(args.rate) else args.rate
-    check_serving(args.policy, args.concurrency, args.pp or 1, getattr(args, "compile", False))
+    check_serving(args.policy, args.concurrency, args.pp or 1, compiled_attention)
     if args.requests:
         requests = bounded(read_requests(args.requests, rate, args.seed, tokenize, args.num_requests), args.duration)
     else:

@@ -89,7 +89,8 @@ def compiled_paged_attention() -> Callable[..., torch.Tensor]:
     The rows and keys of a step change at every step: they enter the graph as sizes it may not specialize on (not
     even on 1, ``mark_unbacked``), so one graph serves every step; it compiles at its first call (seconds), and
     once more for another model's blocks or dtype. One compiled function for every runner of the process."""
-    from torch._dynamo import mark_unbacked  # imported here: torch._dynamo adds ~1.6 s to every ``import tplab``
+    # imported here, not at the top: torch._dynamo adds ~1.6 s to every ``import tplab``
+    from torch._dynamo.decorators import mark_unbacked
 
     compiled = torch.compile(paged_decode_attention)
 
