@@ -38,17 +38,28 @@ $(STAMP): pyproject.toml constraints.txt
 lint: setup
 	$(BIN)/ruff check .
 
-# Every pass runs, whatever the one before it did; a summary names each pass's result, and the target fails at
-# the end if any pass failed.
+# The passes run as two streams at once: the unit tests; and the notebooks, then the other GEMM path, then notebook 06
+# rendered. Each stream keeps about one core busy on average (the rest is rank processes starting, and waiting), so
+# together they keep both cores of a 2-core machine busy. Every pass runs, whatever another did;
+# each pass's output is printed whole once both streams have ended, then a summary names each pass's result, and the
+# target fails if any pass failed. The Ctrl-C tests run last, alone: they interrupt a command once its ranks serve,
+# which takes seconds more on a machine busy with the other stream.
+TEST_LOGS := build/test-logs
+ALONE_TESTS := tests/test_interrupt.py
 test: setup
-	@status=0; summary=""; \
-	run() { name=$$1; shift; echo "== $$name: $$*"; if "$$@"; then summary="$$summary\n  passed: $$name"; \
-	        else summary="$$summary\n  FAILED: $$name"; status=1; fi; }; \
-	run "unit tests and notebooks" $(BIN)/python -m pytest tests notebooks --nbmake -q; \
-	run "another GEMM path ($(OTHER_GEMM_PATH))" env $(OTHER_GEMM_PATH) $(BIN)/python -m pytest $(GEMM_TESTS) \
-	    $(GEMM_NOTEBOOKS) --nbmake -q; \
-	run "notebook 06 rendered" $(MAKE) --no-print-directory render; \
-	printf "make test:$$summary\n"; exit $$status
+	@rm -rf $(TEST_LOGS); mkdir -p $(TEST_LOGS); \
+	run() { log=$$1; name=$$2; shift 2; echo "== $$name: $$*" > $(TEST_LOGS)/$$log; \
+	        if "$$@" >> $(TEST_LOGS)/$$log 2>&1; then echo "  passed: $$name"; else echo "  FAILED: $$name"; fi \
+	        > $(TEST_LOGS)/$$log.result; }; \
+	run 1-tests "unit tests" $(BIN)/python -m pytest tests -q --ignore=$(ALONE_TESTS) & \
+	{ run 2-notebooks "notebooks" $(BIN)/python -m pytest notebooks --nbmake -q; \
+	  run 3-gemm "another GEMM path ($(OTHER_GEMM_PATH))" env $(OTHER_GEMM_PATH) $(BIN)/python -m pytest \
+	      $(GEMM_TESTS) $(GEMM_NOTEBOOKS) --nbmake -q; \
+	  run 4-render "notebook 06 rendered" $(MAKE) --no-print-directory render; } & \
+	wait; \
+	run 5-alone "Ctrl-C tests, alone" $(BIN)/python -m pytest $(ALONE_TESTS) -q; \
+	for log in 1-tests 2-notebooks 3-gemm 4-render 5-alone; do cat $(TEST_LOGS)/$$log; done; \
+	echo "make test:"; cat $(TEST_LOGS)/*.result; ! grep -q FAILED $(TEST_LOGS)/*.result
 
 # Notebook 06 (the widget explorer) rendered the way a reader publishes it. It takes ~10 s; a widget cell that
 # stalls headless executors (they wait on a reply they already got) would take the per-cell timeout, so the

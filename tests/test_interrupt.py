@@ -57,3 +57,16 @@ def test_ctrl_c_while_the_command_starts_prints_one_line_and_exits_130():
     assert proc.returncode == 130, err
     assert err.strip().splitlines() == ["interrupted: tplab stopped before any rank started; nothing was recorded"]
     assert out == ""
+
+
+def test_an_error_raised_from_a_ctrl_c_counts_as_one():
+    """transformers' lazy imports re-raise a KeyboardInterrupt as ModuleNotFoundError ``from`` it."""
+    from tplab.cli import interrupted
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise ModuleNotFoundError("Could not import module 'LlamaConfig'") from e
+    except ModuleNotFoundError as e:
+        assert interrupted(e)
+    assert not interrupted(ValueError("a bad flag")) and interrupted(KeyboardInterrupt())
