@@ -12,19 +12,36 @@ REPO = Path(__file__).resolve().parent.parent
 STARTUP_S = 8.0  # torch imported and the ranks serving, even on a busy 2-core machine
 
 
+@pytest.fixture
+def started():
+    """Start a command in a session (process group) of its own; the group is killed at the end, whatever happened, so
+    that a failed test leaves no command serving on."""
+    procs = []
+
+    def start(*argv: str) -> subprocess.Popen:
+        procs.append(subprocess.Popen([sys.executable, "-m", "tplab", *argv], cwd=REPO, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, start_new_session=True))
+        return procs[-1]
+    yield start
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.communicate()
+
+
 def _tplab_segments() -> set[str]:
     shm = Path("/dev/shm")
     return {p.name for p in shm.glob("tplab-*")} if shm.is_dir() else set()
 
 
 @pytest.mark.parametrize("backend", ["threads", "gloo"])
-def test_ctrl_c_stops_every_rank_prints_one_line_and_exits_130(backend, tmp_path):
+def test_ctrl_c_stops_every_rank_prints_one_line_and_exits_130(backend, tmp_path, started):
     before = _tplab_segments()
     # a terminal's Ctrl-C signals the whole foreground process group: the command, its rank processes and the
     # forkserver; a session of its own gives the test that group
-    proc = subprocess.Popen([sys.executable, "-m", "tplab", "serve-bench", "--tp", "2", "--backend", backend,
-                             "--num-requests", "20000", "--out", str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = started("serve-bench", "--tp", "2", "--backend", backend, "--num-requests", "20000", "--out", str(tmp_path))
     time.sleep(STARTUP_S)
     assert proc.poll() is None, proc.communicate()
     started = time.monotonic()
@@ -46,11 +63,10 @@ def test_ctrl_c_stops_every_rank_prints_one_line_and_exits_130(backend, tmp_path
     assert _tplab_segments() <= before
 
 
-def test_ctrl_c_while_the_command_starts_prints_one_line_and_exits_130():
+def test_ctrl_c_while_the_command_starts_prints_one_line_and_exits_130(started):
     """torch takes seconds to import, and libraries catch a KeyboardInterrupt mid-import or re-raise it as another
     error: the entry point holds a Ctrl-C until its imports are done, then answers it like any other."""
-    proc = subprocess.Popen([sys.executable, "-m", "tplab", "generate", "--tp", "2"], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = started("generate", "--tp", "2")
     time.sleep(0.5)  # importing torch
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=30)
