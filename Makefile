@@ -39,30 +39,31 @@ lint: setup
 	$(BIN)/ruff check .
 
 # The passes run as two streams at once: the unit tests; and the notebooks, then the other GEMM path, then notebook 06
-# rendered. Each stream keeps about one core busy on average (the rest is rank processes starting, and waiting), so
-# together they keep both cores of a 2-core machine busy. Every pass runs, whatever another did;
-# each pass's output is printed whole once both streams have ended, then a summary names each pass's result, and the
-# target fails if any pass failed. Two things run last, alone: the Ctrl-C tests (they interrupt a command once its
-# ranks serve, which takes seconds more on a machine busy with the other stream), and notebook 05 (its claim that
-# shared memory beats loopback TCP by 2x holds on a busy machine, not on one whose two cores run two test streams).
+# rendered, then the compiled-step tests. Each stream keeps about one core busy on average (the rest is rank
+# processes starting, and waiting), so together they keep both cores of a 2-core machine busy. Three things run last,
+# alone, since their claims are about a machine with a core to spare: the Ctrl-C tests (they interrupt a command once
+# its ranks serve, which takes seconds more while the other stream runs), notebook 05 (shared memory beats loopback
+# TCP by 2x) and notebook 10 (micro-batches shorten the pipeline's waits). Every pass runs, whatever another did; each
+# pass's output is printed whole at the end, then a summary names each pass's result, and the target fails unless
+# every pass passed.
 TEST_LOGS := build/test-logs
-ALONE_TESTS := tests/test_interrupt.py
-ALONE_NOTEBOOK := notebooks/05_tp_generation_loop.ipynb
+ALONE := tests/test_interrupt.py notebooks/05_tp_generation_loop.ipynb notebooks/10_tp_against_pp.ipynb
+STREAM_B_TESTS := tests/test_compiled.py
 test: setup
 	@rm -rf $(TEST_LOGS); mkdir -p $(TEST_LOGS); \
 	run() { log=$$1; name=$$2; shift 2; echo "== $$name: $$*" > $(TEST_LOGS)/$$log; \
 	        if "$$@" >> $(TEST_LOGS)/$$log 2>&1; then echo "  passed: $$name"; else echo "  FAILED: $$name"; fi \
 	        > $(TEST_LOGS)/$$log.result; }; \
-	run 1-tests "unit tests" $(BIN)/python -m pytest tests -q --ignore=$(ALONE_TESTS) & \
-	{ run 2-notebooks "notebooks" $(BIN)/python -m pytest $(filter-out $(ALONE_NOTEBOOK),$(wildcard notebooks/*.ipynb)) \
-	      --nbmake -q; \
+	run 1-tests "unit tests" $(BIN)/python -m pytest tests -q $(foreach t,$(filter tests/%,$(ALONE)) $(STREAM_B_TESTS),--ignore=$(t)) & \
+	{ run 2-notebooks "notebooks" $(BIN)/python -m pytest $(filter-out $(ALONE),$(wildcard notebooks/*.ipynb)) --nbmake -q; \
 	  run 3-gemm "another GEMM path ($(OTHER_GEMM_PATH))" env $(OTHER_GEMM_PATH) $(BIN)/python -m pytest \
 	      $(GEMM_TESTS) $(GEMM_NOTEBOOKS) --nbmake -q; \
-	  run 4-render "notebook 06 rendered" $(MAKE) --no-print-directory render; } & \
+	  run 4-render "notebook 06 rendered" $(MAKE) --no-print-directory render; \
+	  run 5-compiled "compiled-step tests" $(BIN)/python -m pytest $(STREAM_B_TESTS) -q; } & \
 	wait; \
-	run 5-alone "Ctrl-C tests and notebook 05, alone" $(BIN)/python -m pytest $(ALONE_TESTS) $(ALONE_NOTEBOOK) --nbmake -q; \
-	for log in 1-tests 2-notebooks 3-gemm 4-render 5-alone; do cat $(TEST_LOGS)/$$log; done; \
-	echo "make test:"; cat $(TEST_LOGS)/*.result; test "$$(cat $(TEST_LOGS)/*.result | grep -c passed)" = 5
+	run 6-alone "Ctrl-C tests, notebooks 05 and 10, alone" $(BIN)/python -m pytest $(ALONE) --nbmake -q; \
+	for log in 1-tests 2-notebooks 3-gemm 4-render 5-compiled 6-alone; do cat $(TEST_LOGS)/$$log; done; \
+	echo "make test:"; cat $(TEST_LOGS)/*.result; test "$$(cat $(TEST_LOGS)/*.result | grep -c passed)" = 6
 
 # Notebook 06 (the widget explorer) rendered the way a reader publishes it. It takes ~10 s; a widget cell that
 # stalls headless executors (they wait on a reply they already got) would take the per-cell timeout, so the
