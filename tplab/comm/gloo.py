@@ -200,11 +200,10 @@ def _exit_reason(code: int) -> str:
 def _process_context(fn):
     """A forkserver that has imported torch once, so each rank starts in ~0.1 s, not seconds.
 
-    The forkserver is started with Ctrl-C blocked, which it inherits and keeps (as the standard library starts its
-    resource tracker): a Ctrl-C while it imports is the launcher's to handle, as it is once the forkserver runs, and
-    no traceback of an interrupted import reaches the terminal. The launcher's own mask is restored at once, and a
-    Ctrl-C that came meanwhile is raised then. Where there is no forkserver (Windows), plain spawn: each rank
-    imports torch itself.
+    The forkserver is started with Ctrl-C ignored, which it keeps while it imports (a process inherits an ignored
+    signal, and Python leaves it so): a Ctrl-C in those seconds is the launcher's to handle, as it is once the
+    forkserver runs, and no traceback of an interrupted import reaches the terminal. Where there is no forkserver
+    (Windows), plain spawn: each rank imports torch itself.
     """
     import multiprocessing as mp
     from multiprocessing import forkserver
@@ -212,11 +211,13 @@ def _process_context(fn):
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["tplab.engine", fn.__module__])  # what a rank program runs on
-    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    try:
-        forkserver.ensure_running()
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    handler = signal.getsignal(signal.SIGINT)  # None: set outside Python, which could not be restored
+    if threading.current_thread() is threading.main_thread() and handler is not None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            forkserver.ensure_running()
+        finally:
+            signal.signal(signal.SIGINT, handler)
     return ctx
 
 
