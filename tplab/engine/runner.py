@@ -58,12 +58,18 @@ COMPILED_MODES = ("compiled", "autotuned")
 
 
 def compile_options(dtype: torch.dtype, device: torch.device, autotune: bool = False) -> dict[str, object]:
-    """Inductor's options for the decode step: weights frozen as constants (``freezing``), packed in oneDNN's
-    layout except in bfloat16 where oneDNN cannot reorder bfloat16 (:func:`tplab.specs.cpu.bf16_prepack`, which
-    also follows the environment's caps on the libraries; inductor's own check reads the CPU only), bfloat16
-    roundings as eager's (``emulate_precision_casts``), and ``max_autotune`` when ``autotune``."""
+    """Inductor's options for the decode step: weights frozen as constants (``freezing``) and prepacked
+    (``cpp.weight_prepack``: oneDNN's or MKL's layout, and with ``max_autotune`` inductor's C++ GEMM templates, which
+    need frozen weights), bfloat16 roundings as eager's (``emulate_precision_casts``), and ``max_autotune`` when
+    ``autotune``.
+
+    Prepacking is off in bfloat16 on a CPU whose oneDNN is capped below what the CPU has
+    (:func:`tplab.specs.cpu.bf16_prepack`): inductor packs bf16 weights by the CPU's flags, and the capped oneDNN
+    cannot reorder them. On a CPU without AVX-512 inductor packs no bf16 weight, and its C++ templates read the bf16
+    weights and compute in float32 (AVX2 micro-kernels)."""
     options: dict[str, object] = {"freezing": True, "emulate_precision_casts": True, "max_autotune": autotune}
-    if device.type == "cpu" and dtype == torch.bfloat16 and not cpu.bf16_prepack():
+    if device.type == "cpu" and dtype == torch.bfloat16 and cpu.bf16_prepack(follow_caps=False) \
+            and not cpu.bf16_prepack():
         options["cpp.weight_prepack"] = False
     return options
 
@@ -73,10 +79,13 @@ def compile_note(dtype: torch.dtype, device: torch.device, autotune: bool = Fals
     options = compile_options(dtype, device, autotune)
     if device.type != "cpu":
         layout = "weights frozen as constants"
-    elif options.get("cpp.weight_prepack", True):
-        layout = "weights frozen in oneDNN's blocked layout"
-    else:
+    elif not options.get("cpp.weight_prepack", True):
         layout = f"weights frozen, not prepacked ({cpu.describe()})"
+    elif dtype == torch.bfloat16 and not cpu.bf16_prepack():
+        layout = ("bf16 weights frozen as they are; GEMMs in inductor's C++ kernels, computing in float32"
+                  if autotune else f"weights frozen, not prepacked ({cpu.describe()})")
+    else:
+        layout = "weights frozen in oneDNN's blocked layout"
     tuned = "; GEMM kernels autotuned per shape" if autotune else ""
     return f"compiled decode step ({str(dtype).removeprefix('torch.')} on {device.type}): {layout}{tuned}"
 

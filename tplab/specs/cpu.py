@@ -5,7 +5,8 @@ Two features decide which CPU path tplab takes:
 * **native bf16 matmul** (``avx512_bf16`` or ``amx_bf16``): without it a bfloat16 GEMM runs through a slow emulated
   path (on an AVX2-only CPU, several times the float32 time), so the CPU defaults to float32 compute;
 * **oneDNN's bf16 prepacking** (AVX-512 BW, VL and DQ, or AVX-NE-CONVERT): without it ``--prepack`` in bfloat16
-  cannot reorder the weights, so it is refused in one line (float32 prepacking works on any x86 CPU).
+  cannot reorder the weights, so it is refused in one line (float32 prepacking works on any x86 CPU), and a compiled
+  bfloat16 step leaves its GEMMs to inductor's own C++ kernels, which read bf16 weights and compute in float32.
 
 The environment can cap what the libraries use below what the CPU has, and tplab follows it:
 ``ATEN_CPU_CAPABILITY=avx2`` (or ``default``), ``ONEDNN_MAX_CPU_ISA=AVX2`` (or lower) and
@@ -45,10 +46,11 @@ def capped_to_avx2() -> str | None:
     return None
 
 
-def cpu_flags() -> frozenset[str]:
-    """This CPU's flags (empty where /proc/cpuinfo is absent), less what the environment caps or forces off."""
+def cpu_flags(follow_caps: bool = True) -> frozenset[str]:
+    """This CPU's flags (empty where /proc/cpuinfo is absent), less what the environment caps (unless not
+    ``follow_caps``) or forces off."""
     flags = _cpuinfo_flags()
-    if capped_to_avx2():
+    if follow_caps and capped_to_avx2():
         flags = frozenset(f for f in flags if not f.startswith(ABOVE_AVX2))
     off = {f.strip() for f in os.environ.get(FORCE_OFF, "").split(",") if f.strip()}
     return flags - off
@@ -59,9 +61,10 @@ def native_bf16() -> bool:
     return any(f in cpu_flags() for f in NATIVE_BF16)
 
 
-def bf16_prepack() -> bool:
-    """Whether oneDNN can hold bfloat16 weights prepacked on this CPU."""
-    flags = cpu_flags()
+def bf16_prepack(follow_caps: bool = True) -> bool:
+    """Whether oneDNN can hold bfloat16 weights prepacked on this CPU. ``follow_caps=False``: what the CPU itself
+    has, whatever the environment caps, as torch's own check reads it (inductor packs bf16 weights by that check)."""
+    flags = cpu_flags(follow_caps)
     return any(all(f in flags for f in need) for need in PREPACK_BF16)
 
 
