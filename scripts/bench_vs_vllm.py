@@ -132,7 +132,8 @@ FLOAT32_PATHS = {"tplab f32 prepacked": dict(prepack=True, dtype="float32"),  # 
 def tplab_paths(dtype: str, paths: dict[str, dict], float32_paths: dict[str, dict]) -> dict[str, dict]:
     """tplab's paths for a checkpoint in ``dtype`` on this CPU: without oneDNN's bf16 prepacking a bf16 prepacked path
     is refused (one line, as the command line does); without a native bf16 matmul the float32 paths too, which
-    tplab takes by default there (:func:`tplab.model.loading.resolve_dtype`)."""
+    tplab takes by default there (:func:`tplab.model.loading.resolve_dtype`). Each path's options name its dtype."""
+    paths = {e: {"dtype": dtype, **p} for e, p in paths.items()}
     if dtype != "bfloat16":
         return paths
     kept = {e: p for e, p in paths.items() if not p.get("prepack") or cpu.bf16_prepack()}
@@ -140,12 +141,12 @@ def tplab_paths(dtype: str, paths: dict[str, dict], float32_paths: dict[str, dic
 VLLM_MODES = {"vllm": False, "vllm compiled": True}  # engine name: compiled
 
 
-def run_tplab(model: Path, tp: int, dtype: str, batch: int, steps: int, **path) -> tuple[float, list]:
+def run_tplab(model: Path, tp: int, batch: int, steps: int, **options) -> tuple[float, list]:
     """tplab's decode on ``tp`` fresh gloo processes (shared-memory collectives): like vLLM's, a process of its own.
-    ``path``: generate_rank_program's prepack or decode_mode."""
+    ``options``: generate_rank_program's dtype, prepack or decode_mode."""
     result = launch(generate_rank_program, tp, "gloo", timeout=600,
-                    kwargs={**dict(model=model, prompts=PROMPTS[:batch], max_new_tokens=steps + 1, dtype=dtype,
-                                   eos_token_ids=(), warmup=True), **path})[0]
+                    kwargs=dict(model=model, prompts=PROMPTS[:batch], max_new_tokens=steps + 1, eos_token_ids=(),
+                                warmup=True, **options))[0]
     return result.ms_per_token, result.tokens
 
 
@@ -172,12 +173,12 @@ def serving_config() -> SchedulerConfig:
                            block_size=block, max_model_len=context)
 
 
-def serve_tplab(model: Path, tp: int, dtype: str, requests: list[Request], **path) -> dict:
+def serve_tplab(model: Path, tp: int, requests: list[Request], **options) -> dict:
     """tplab's serving engine on ``tp`` gloo processes, every request at once, EOS ignored; its throughput and the
-    scheduler's share of the run. ``path``: serve_rank_program's prepack and compiled_attention."""
+    scheduler's share of the run. ``options``: serve_rank_program's dtype, prepack and compiled_attention."""
     run = launch(serve_rank_program, tp, "gloo", timeout=1800,
-                 kwargs={**dict(model=model, requests=requests, config=serving_config(), dtype=dtype,
-                                eos_token_ids=()), **path})[0]
+                 kwargs=dict(model=model, requests=requests, config=serving_config(), eos_token_ids=(),
+                             **options))[0]
     s = run["summary"]
     return {"seconds": s["duration_s"], "output_tokens": s["output_tokens"],
             "scheduler_share": run["scheduler_s"] / s["duration_s"]}
@@ -203,7 +204,7 @@ def serving_comparison(python: Path, model: Path, rounds: int, log: RecordLog, b
                 assert out["output_tokens"] == expected, (engine, out["output_tokens"], expected)
                 rows.setdefault((tp, engine), []).append(expected / min(out["seconds"]))
             for engine, path in tplab_paths("bfloat16", SERVING_PATHS, SERVING_FLOAT32_PATHS).items():
-                out = serve_tplab(model, tp, "bfloat16", requests, **path)
+                out = serve_tplab(model, tp, requests, **path)
                 assert out["output_tokens"] == expected, (engine, out["output_tokens"], expected)
                 rows.setdefault((tp, engine), []).append(expected / out["seconds"])
                 shares.setdefault(tp, []).append(out["scheduler_share"])
@@ -287,9 +288,9 @@ def main() -> int:
     agreement = {}
     for name, model in ((n.replace("bf16", "in fp32"), m) for n, m, _ in checkpoints):
         tokens = {"hf": hf_greedy_tokens(model, 2, 16),
-                  "tplab tp1": run_tplab(model, 1, "float32", 2, 15, prepack=True)[1],
-                  "tplab tp2": run_tplab(model, 2, "float32", 2, 15, prepack=True)[1],
-                  "tplab tp2 compiled": run_tplab(model, 2, "float32", 2, 15, decode_mode="compiled")[1],
+                  "tplab tp1": run_tplab(model, 1, 2, 15, dtype="float32", prepack=True)[1],
+                  "tplab tp2": run_tplab(model, 2, 2, 15, dtype="float32", prepack=True)[1],
+                  "tplab tp2 compiled": run_tplab(model, 2, 2, 15, dtype="float32", decode_mode="compiled")[1],
                   "vllm tp1": run_vllm(python, model, 1, "float32", [2], 15)["runs"][0]["tokens"]}
         agreement[name] = {k: v == tokens["hf"] for k, v in tokens.items()}
         print(f"greedy tokens in fp32, {name}: " + ", ".join(f"{k} {'=' if ok else '!='} HF" for k, ok in
@@ -310,7 +311,7 @@ def main() -> int:
                         rows.setdefault((name, run["batch"], tp, engine), []).append(run["ms_per_token"])
                 for batch in (1, 8):
                     for engine, path in tplab_paths(dtype, TPLAB_PATHS, FLOAT32_PATHS).items():
-                        ms, _ = run_tplab(model, tp, dtype, batch, args.steps, **path)
+                        ms, _ = run_tplab(model, tp, batch, args.steps, **path)
                         rows.setdefault((name, batch, tp, engine), []).append(ms)
                     if tp == 1:
                         rows.setdefault((name, batch, 1, "hf eager"), []).append(run_hf(model, dtype, batch, args.steps))
