@@ -138,6 +138,8 @@ def tplab_paths(dtype: str, paths: dict[str, dict], float32_paths: dict[str, dic
         return paths
     kept = {e: p for e, p in paths.items() if not p.get("prepack") or cpu.bf16_prepack()}
     return kept if cpu.native_bf16() else {**kept, **float32_paths}
+
+
 VLLM_MODES = {"vllm": False, "vllm compiled": True}  # engine name: compiled
 
 
@@ -326,12 +328,12 @@ def main() -> int:
                (*TPLAB_PATHS, *FLOAT32_PATHS, *VLLM_MODES, "hf eager") if (name, batch, tp, engine) in rows}
         best_engine = min((e for e in med if e.startswith("tplab")), key=med.get)
         best_tplab, best_vllm = med[best_engine], min(med[e] for e in VLLM_MODES if e in med)
-        read = weights[name] * (2 if best_engine in FLOAT32_PATHS and "bf16" in name else 1)  # bytes it streams
+        read = weights[name] * (2 if best_engine in FLOAT32_PATHS else 1)  # bf16 checkpoint read in float32: twice
         achieved = read / (best_tplab / 1000) / 1e9
-        f32 = min((v for e, v in med.items() if e in FLOAT32_PATHS), default=None)
+        best_f32 = min((e for e in med if e in FLOAT32_PATHS), key=med.get, default=None)
         cell = lambda e, w: f"{med[e]:{w}.1f}" if e in med else f"{'-':>{w}s}"  # noqa: E731
         print(f"{name:18s} {batch:5d} {tp:3d} {cell('tplab', 7)} {cell('tplab eager', 7)} "
-              f"{cell('tplab compiled', 8)} {cell('tplab autotuned', 7)} {f'{f32:7.1f}' if f32 else f'{chr(45):>7s}'} "
+              f"{cell('tplab compiled', 8)} {cell('tplab autotuned', 7)} {cell(best_f32, 7)} "
               f"{cell('vllm', 7)} {cell('vllm compiled', 8)} "
               f"{best_tplab / best_vllm:8.2f}x {med['tplab eager'] / med['vllm']:10.2f}x {cell('hf eager', 9)} "
               f"{achieved:10.1f}")

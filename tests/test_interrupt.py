@@ -44,10 +44,10 @@ def test_ctrl_c_stops_every_rank_prints_one_line_and_exits_130(backend, tmp_path
     proc = started("serve-bench", "--tp", "2", "--backend", backend, "--num-requests", "20000", "--out", str(tmp_path))
     time.sleep(STARTUP_S)
     assert proc.poll() is None, proc.communicate()
-    started = time.monotonic()
+    interrupted_at = time.monotonic()
     os.killpg(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=30)
-    assert time.monotonic() - started < 15
+    assert time.monotonic() - interrupted_at < 15
     assert proc.returncode == 130, err
     assert err.strip().splitlines() == ["interrupted: tplab serve-bench stopped every rank; nothing was recorded"]
     assert out == "" and not any(tmp_path.rglob("*.jsonl"))

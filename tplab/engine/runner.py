@@ -77,13 +77,13 @@ def compile_options(dtype: torch.dtype, device: torch.device, autotune: bool = F
 def compile_note(dtype: torch.dtype, device: torch.device, autotune: bool = False) -> str:
     """One line: what the compiled step does on this device, from :func:`compile_options`."""
     options = compile_options(dtype, device, autotune)
+    unpacked_bf16 = dtype == torch.bfloat16 and not cpu.bf16_prepack()  # inductor's own GEMM kernels, if any
     if device.type != "cpu":
         layout = "weights frozen as constants"
-    elif not options.get("cpp.weight_prepack", True):
+    elif not options.get("cpp.weight_prepack", True) or (unpacked_bf16 and not autotune):
         layout = f"weights frozen, not prepacked ({cpu.describe()})"
-    elif dtype == torch.bfloat16 and not cpu.bf16_prepack():
-        layout = ("bf16 weights frozen as they are; GEMMs in inductor's C++ kernels, computing in float32"
-                  if autotune else f"weights frozen, not prepacked ({cpu.describe()})")
+    elif unpacked_bf16:
+        layout = "bf16 weights frozen as they are; GEMMs in inductor's C++ kernels, computing in float32"
     else:
         layout = "weights frozen in oneDNN's blocked layout"
     tuned = "; GEMM kernels autotuned per shape" if autotune else ""
