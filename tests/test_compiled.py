@@ -1,7 +1,8 @@
 """The compiled decode step (``ModelRunner(model, "compiled")``, ``generate --compile``): torch.compile of the static
 step, the weights frozen into it, the all-reduces one operator each inside the graph. The same greedy tokens as the
 eager loop, at tp 1 and 2, in fp32 and bf16 (inductor keeps bf16's roundings: ``emulate_precision_casts``), the same
-collectives recorded, and no graph break. The autotuned step (its own GEMM kernels) gives the eager tokens and logits
+collectives recorded, and no graph break; its attention of one query per row (generated sums, not torch's
+attention kernel) equals the kernel's. The autotuned step (its own GEMM kernels) gives the eager tokens and logits
 within fp32 tolerance, and in bf16 within bf16's. On a CPU without AVX-512 inductor's C++ GEMMs read the bf16 weights
 and compute in float32; where the libraries are capped at AVX2 below the CPU, bf16 weights are frozen unpacked, and
 nothing fails."""
@@ -12,10 +13,12 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tplab import launch
 from tplab.engine.generate import generate
 from tplab.engine.runner import ModelRunner, compile_note, compile_options
+from tplab.model.attention import attention_mask, grouped_query_attention
 from tplab.model.loading import from_pretrained
 from tplab.testing import distinct_prompts, make_checkpoint
 
@@ -78,6 +81,28 @@ def test_the_autotuned_step_gives_the_eager_tokens_and_logits(checkpoint, tp, dt
     assert rank["autotuned"].tokens == rank["eager"].tokens
     for tuned, eager in zip(rank["autotuned"].logits, rank["eager"].logits):
         torch.testing.assert_close(tuned.float(), eager.float(), rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.parametrize("groups,masked", [(1, True), (4, True), (4, False)])
+def test_a_compiled_steps_attention_of_one_query_equals_the_library_kernels(groups, masked, monkeypatch):
+    """One query per row in a compiled CPU step goes through decode_attention's fused sums (torch's attention kernel
+    is not called): the same output as that kernel over K, V copied per query head (eager), every row its own left
+    padding."""
+    batch, kv_heads, slots, head_dim = 3, 2, 9, 8
+    gen = torch.Generator().manual_seed(groups)
+    q = torch.randn(batch, kv_heads * groups, 1, head_dim, generator=gen)
+    keys, values = (torch.randn(batch, kv_heads, slots, head_dim, generator=gen) for _ in range(2))
+    key_valid = torch.arange(slots)[None, :] >= torch.tensor([0, 3, 6])[:, None]
+    mask = attention_mask(torch.tensor([slots - 1]), key_valid, window=None) if masked else None
+    expected = F.scaled_dot_product_attention(q, keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1),
+                                              attn_mask=mask, scale=head_dim ** -0.5)
+    def library_kernel(*args, **kwargs):
+        raise AssertionError("the compiled step called torch's attention kernel")
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", library_kernel)
+    torch._dynamo.reset()
+    compiled = torch.compile(grouped_query_attention, dynamic=False, fullgraph=True)
+    torch.testing.assert_close(compiled(q, keys, values, mask, head_dim ** -0.5), expected, rtol=0, atol=1e-5)
 
 
 def test_bf16_weights_are_left_to_inductor_where_onednn_cannot_reorder_them(monkeypatch):

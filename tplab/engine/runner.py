@@ -14,7 +14,8 @@ the model's one forward pass, :meth:`tplab.model.TPCausalLM.forward`, over one v
     buffers the runner owns, the slot is a one-element device tensor, and attention reads every slot of the
     cache, the causal mask hiding those not written yet;
   - ``"compiled"``: the static step through ``torch.compile`` (inductor fuses the norms, RoPE, SiLU·mul and the
-    residual adds into generated C++ or Triton kernels), compiled at the first decode of a shape; the all-reduces
+    residual adds into generated C++ or Triton kernels, and on the CPU each layer's attention of the one new token,
+    :func:`~tplab.model.attention.decode_attention`), compiled at the first decode of a shape; the all-reduces
     stay in the graph as one operator each (:mod:`tplab.comm.compiled`), so a TP step is one graph, and they are
     recorded as in eager. The weights are frozen into the graph as constants, which lets inductor hold them in
     oneDNN's blocked layout on a CPU that supports it (:func:`compile_options`); the eager prefill keeps the

@@ -39,6 +39,11 @@ def grouped_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.T
     (batch, KV*G, T, d).
     """
     batch, heads, tokens, head_dim = q.shape
+    if tokens == 1 and q.device.type == "cpu" and torch.compiler.is_compiling():
+        # a compiled CPU decode step: the sums below fuse into one generated kernel, where the library's attention
+        # kernel costs more to call than a few dozen keys cost to read
+        valid = None if mask is None else mask[:, 0, 0]
+        return decode_attention(q[:, :, 0], keys.transpose(1, 2), values.transpose(1, 2), valid, scale)[:, :, None]
     kv_heads = keys.shape[1]
     groups = heads // kv_heads
     stacked = q.reshape(batch, kv_heads, groups * tokens, head_dim)
@@ -48,23 +53,32 @@ def grouped_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.T
     return out.reshape(batch, heads, tokens, head_dim)
 
 
-def paged_decode_attention(q: torch.Tensor, store_k: torch.Tensor, store_v: torch.Tensor, read_slots: torch.Tensor,
-                           valid: torch.Tensor, scale: float) -> torch.Tensor:
-    """One query per row over its keys where they lie in the blocks: o_h = sum_j p_hj V_g[s_j], with
-    p_h = softmax_j(q_h . K_g[s_j] * scale) over the valid j, s_j = ``read_slots[row, j]`` and g = h // G.
+def decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor | None,
+                     scale: float) -> torch.Tensor:
+    """One query per row: o_h = sum_j p_hj V_g[j], with p_h = softmax_j(q_h . K_g[j] * scale) over the valid j and
+    g = h // G.
 
-    q is (rows, KV*G, d); ``store_k`` and ``store_v`` are one layer's blocks, (slots, KV, d); ``read_slots`` and
-    ``valid`` are (rows, S). Written as products and sums rather than matmuls so that ``torch.compile`` fuses each
-    gather ``store[read_slots]`` into the reduction that reads it: the compiled function is a paged-attention
-    kernel that reads every key and value once, in place, and never copies them (eagerly it materializes the
-    products and is slow: the eager engine gathers and calls :func:`grouped_query_attention` instead).
-    Computed in float32; returns (rows, KV*G, d) in q's dtype.
+    q is (rows, KV*G, d); ``keys`` and ``values`` are (rows, S, KV, d), views or gathers; ``valid`` (rows, S) or
+    None (every key). Written as products and sums rather than matmuls so that ``torch.compile`` fuses each product
+    (and a gather that made the keys) into the reduction that reads it: one generated kernel that reads every key
+    and value once, where they lie. Eagerly it materializes the products and is slow. Computed in float32; returns
+    (rows, KV*G, d) in q's dtype.
     """
     rows, heads, head_dim = q.shape
-    kv_heads = store_k.shape[1]
+    kv_heads = keys.shape[2]
     query = q.reshape(rows, 1, kv_heads, heads // kv_heads, head_dim).float()  # (rows, 1, KV, G, d)
-    keys = store_k[read_slots].float()[:, :, :, None]  # (rows, S, KV, 1, d)
-    scores = (query * keys).sum(-1) * scale  # (rows, S, KV, G)
-    weights = scores.masked_fill(~valid[:, :, None, None], float("-inf")).softmax(dim=1)
-    values = store_v[read_slots].float()[:, :, :, None]  # (rows, S, KV, 1, d)
-    return (weights[..., None] * values).sum(1).reshape(rows, heads, head_dim).to(q.dtype)
+    scores = (query * keys.float()[:, :, :, None]).sum(-1) * scale  # (rows, S, KV, G)
+    if valid is not None:
+        scores = scores.masked_fill(~valid[:, :, None, None], float("-inf"))
+    weights = scores.softmax(dim=1)
+    return (weights[..., None] * values.float()[:, :, :, None]).sum(1).reshape(rows, heads, head_dim).to(q.dtype)
+
+
+def paged_decode_attention(q: torch.Tensor, store_k: torch.Tensor, store_v: torch.Tensor, read_slots: torch.Tensor,
+                           valid: torch.Tensor, scale: float) -> torch.Tensor:
+    """:func:`decode_attention` over keys where they lie in the blocks: key j of a row is ``store[read_slots[row,
+    j]]``. ``store_k`` and ``store_v`` are one layer's blocks, (slots, KV, d); ``read_slots`` and ``valid`` are
+    (rows, S). Compiled, the gathers fuse into the reductions: a paged-attention kernel that never copies the keys
+    (eagerly the engine gathers and calls :func:`grouped_query_attention` instead).
+    """
+    return decode_attention(q, store_k[read_slots], store_v[read_slots], valid, scale)
