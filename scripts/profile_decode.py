@@ -9,8 +9,8 @@ then torch.profiler over 10 more steps, its self CPU time grouped into the GEMMs
 and the Python between the ops, and the ops that took longest. A compiled mode is profiled on a second compiled
 step whose generated kernels report to the profiler one by one (inductor's ``cpp.enable_kernel_profile``, which
 slows them, so the wall ms comes from the first): its GEMM templates are the ``gemm_m…n…k…`` kernels, its fused
-element-wise ones ``cpp_fused_…``. The profiler adds a little to every op, so the groups are shares, not exact ms.
-Appended to data/measurements/vs_vllm/.
+element-wise ones ``cpp_fused_…`` (attention's: ``cpp_fused__softmax…``). The profiler adds a little to every op, so
+the groups are shares, not exact ms. Appended to data/measurements/vs_vllm/.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_vs_vllm import build_llama_374m  # noqa: E402
 
 GROUPS = {"linears": ("_linear_pointwise", "aten::mm", "aten::addmm", "_gemm_m"),
-          "attention": ("scaled_dot_product",)}
+          "attention": ("scaled_dot_product", "cpp_fused__softmax")}
 
 
 def profile_rank(dist, model: str, mode: str = "eager", dtype: str = "bfloat16", prepack: bool = True,

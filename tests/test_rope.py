@@ -29,7 +29,7 @@ def test_cos_sin_and_rotation_match_hf(kind):
     positions = torch.tensor([[0, 1, 2, 3, 4, 5], [0, 0, 7, 8, 100, 255]])  # two rows, different positions
     x = torch.randn(2, 4, 6, config.head_dim)
     hf_cos, hf_sin = hf_rope(x, positions)
-    cos, sin = RotaryEmbedding(config.rope, config.head_dim)(positions, x.dtype)
+    cos, sin = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)(positions, x.dtype)
     torch.testing.assert_close(cos, hf_cos, rtol=0, atol=1e-6)
     torch.testing.assert_close(sin, hf_sin, rtol=0, atol=1e-6)
     q, k = torch.randn(2, 4, 6, config.head_dim), torch.randn(2, 2, 6, config.head_dim)
@@ -51,7 +51,7 @@ def test_llama3_scaling_changes_only_low_frequencies():
 
 def test_scores_depend_only_on_relative_position():
     _, config = configs("default")
-    rope = RotaryEmbedding(config.rope, config.head_dim)
+    rope = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings)
     q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
 
     def score(pq: int, pk: int) -> torch.Tensor:

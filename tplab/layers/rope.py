@@ -55,16 +55,25 @@ def _llama3_scaling(inv_freq: torch.Tensor, rope: RopeConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(torch.nn.Module):
-    """cos(p f) and sin(p f) for given positions, each of shape (*positions.shape, head_dim)."""
+    """cos(p f) and sin(p f) for given positions, each of shape (*positions.shape, head_dim).
 
-    def __init__(self, rope: RopeConfig, head_dim: int, device: torch.device | str = "cpu") -> None:
+    Both are tabulated once for p = 0 .. ``max_positions`` - 1 (float32, (max_positions, d/2) each: 64 MiB for
+    Llama 3.1's 131,072 positions and d = 128) and looked up by position. Computed at every step instead, the angles
+    would be recomputed by every kernel torch.compile fuses them into, among them each key's score in a compiled
+    step's attention. Positions must lie in [0, ``max_positions``) (prompts are checked against the model's context
+    before they get here).
+    """
+
+    def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int, device: torch.device | str = "cpu"
+                 ) -> None:
         super().__init__()
-        self.register_buffer("inv_freq", inverse_frequencies(rope, head_dim).to(device), persistent=False)
+        angles = torch.arange(max_positions, dtype=torch.float32)[:, None] * inverse_frequencies(rope, head_dim)
+        self.register_buffer("cos_table", angles.cos().to(device), persistent=False)
+        self.register_buffer("sin_table", angles.sin().to(device), persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        angles = positions[..., None].float() * self.inv_freq
-        angles = torch.cat((angles, angles), dim=-1)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        cos, sin = self.cos_table[positions], self.sin_table[positions]
+        return torch.cat((cos, cos), dim=-1).to(dtype), torch.cat((sin, sin), dim=-1).to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -181,7 +181,7 @@ class TPCausalLM(nn.Module):
             self.lm_head = ParallelLMHead(config.vocab_size, hidden, dist, dtype)
             if config.tie_word_embeddings and self.embed is not None:
                 self.lm_head.tie_to(self.embed)
-        self.rotary = RotaryEmbedding(config.rope, config.head_dim, dist.device)
+        self.rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings, dist.device)
         if config.quantization:  # stored quantized: load() fills qweight and scale as they are
             for linear in self.quantizable():
                 linear.prepare_quantized_(config.quantization)
