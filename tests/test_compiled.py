@@ -96,6 +96,7 @@ def test_a_compiled_steps_attention_of_one_query_equals_the_library_kernels(grou
     mask = attention_mask(torch.tensor([slots - 1]), key_valid, window=None) if masked else None
     expected = F.scaled_dot_product_attention(q, keys.repeat_interleave(groups, 1), values.repeat_interleave(groups, 1),
                                               attn_mask=mask, scale=head_dim ** -0.5)
+
     def library_kernel(*args, **kwargs):
         raise AssertionError("the compiled step called torch's attention kernel")
 
