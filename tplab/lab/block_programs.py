@@ -74,7 +74,7 @@ def decoder_block_rank(dist: Dist, config: ModelConfig, state: dict[str, torch.T
     batch, tokens, _ = hidden.shape
     cache = KVCache(1, batch, tokens, config.kv_heads_per_rank(dist.world_size), config.head_dim,
                     hidden.dtype, dist.device)
-    rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings, dist.device)
+    rotary = RotaryEmbedding(config.rope, config.head_dim, tokens, dist.device)  # left-padded: positions < T
     cos, sin = rotary(positions, hidden.dtype)
     mask = attention_mask(torch.arange(tokens, device=dist.device), key_valid, block.attn.window)
     captured, handles = _capture_outputs({"attn": block.attn, "mlp": block.mlp})
