@@ -170,6 +170,13 @@ def test_a_stop_sequence_ends_its_own_request_only():
     assert [r["output_ids"] for i, r in enumerate(rows) if i != 1] == [f for i, f in enumerate(free) if i != 1]
 
 
+def test_a_max_model_len_beyond_the_models_context_is_refused_in_one_line():
+    config = SchedulerConfig(max_model_len=2 * TINY.max_position_embeddings)
+    with pytest.raises(ValueError, match=f"max_model_len={config.max_model_len} exceeds the model's context of "
+                                         f"{TINY.max_position_embeddings} positions"):
+        serve_measured(TINY_DIR, [Request(0, (5, 6, 7), 2)], config, 1)
+
+
 @pytest.mark.parametrize("backend", ["threads", "gloo"])
 def test_a_stage_that_fails_while_steps_are_in_flight_stops_every_rank_with_its_error(backend):
     import time

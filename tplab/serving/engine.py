@@ -28,7 +28,7 @@ import torch
 from tplab.comm.group import Dist
 from tplab.engine.runner import ModelRunner
 from tplab.model.decoder import TPCausalLM
-from tplab.model.loading import from_pretrained
+from tplab.model.loading import checkpoint_config, from_pretrained
 from tplab.model.sampling import SamplingParams, sample
 from tplab.serving.loop import WallClock, run_load
 from tplab.serving.metrics import SLO
@@ -117,6 +117,7 @@ def serve(model: TPCausalLM, requests: list[Request], config: SchedulerConfig, e
     the plan from rank 0's scheduler, hands it on with its activations, and the last stage's rank 0 returns the
     chosen tokens to rank 0, which keeps up to P plans in flight (:class:`RankZeroSteps`).
     """
+    config.check_context(model.config.max_position_embeddings)
     dist, pipe = model.dist, model.pipe
     runner = ModelRunner(model)
     cache = runner.start_paged(config.num_blocks, config.block_size, compiled_attention)
@@ -178,6 +179,7 @@ def serve_rank_program(dist: Dist, model: str | Path | ModelConfig, requests: li
     the decodes' attention through the compiled paged-attention kernel (the paged engine only)."""
     pp = 1 if dist.grid is None else dist.grid.num_stages
     check_serving(config.policy, concurrency, pp, compiled_attention)
+    config.check_context(checkpoint_config(model).max_position_embeddings)
     shard = from_pretrained(model, dist, dtype=dtype, pp_layers=pp_layers, expert_dispatch=expert_dispatch,
                             prepack=prepack)
     eos = frozenset(shard.config.eos_token_ids if eos_token_ids is None else eos_token_ids)

@@ -73,6 +73,13 @@ class SchedulerConfig:
             raise ValueError(f"without chunked prefill, max_num_batched_tokens={self.max_num_batched_tokens} must be "
                              f">= max_model_len={self.max_model_len}, or a long prompt could never be scheduled")
 
+    def check_context(self, context: int) -> None:
+        """ValueError when ``max_model_len`` exceeds the model's ``context`` (its max_position_embeddings): a
+        request longer than the model's positions would pass admission and fail on a rank."""
+        if self.max_model_len > context:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's context of {context} positions: "
+                             f"give max_model_len <= {context}")
+
 
 def check_serving(policy: str, concurrency: int | None, pp: int = 1, compiled_attention: bool = False) -> None:
     """ValueError when the policy cannot run as asked: padded generation serves fixed batches in arrival order
