@@ -174,7 +174,7 @@ def plan(spec: BenchSpec) -> Plan:
             link = hw.link(spec.interconnect, tp)
             check_link(link, hw, tp)
             comm_models[tp] = CommModel(link, efficiency)
-    _check_memory(spec, config, device, torch_dtype(spec.dtype))
+    _check_memory(spec, config, device, torch_dtype(spec.dtype), mode)
     points = [(b, p) for b in spec.batches for p in spec.prompt_lens]
     backend = "emulated" if spec.emulate else ("torchrun" if torchrun else spec.backend)
     return Plan(spec, model, device, torch_dtype(spec.dtype), mode, points, comm_models, backend)
@@ -186,18 +186,23 @@ def ranks_per_device(spec: BenchSpec, device: torch.device, tp: int) -> int:
     return tp if device.type == "cpu" and not spec.emulate else 1
 
 
-def _check_memory(spec: BenchSpec, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
-    """Refuse a sweep whose largest point needs more than MEMORY_USE_LIMIT of the free memory of ``device``."""
+def _check_memory(spec: BenchSpec, config: ModelConfig, device: torch.device, dtype: torch.dtype, mode: str) -> None:
+    """Refuse a sweep whose largest point needs more than MEMORY_USE_LIMIT of the free memory of ``device``. A
+    compiled step on the CPU keeps a frozen copy of the weights per point's shape for the rest of the process
+    (:mod:`tplab.engine.runner`), so a compiled CPU sweep of P points holds 1 + P copies at its end."""
     free = _free_bytes(device)
+    copies = 1 + len(spec.batches) * len(spec.prompt_lens) if mode in COMPILED_MODES and device.type == "cpu" else 1
     for tp in spec.tps:
         need = rank_bytes(config, tp, dtype, max(spec.batches), max(spec.prompt_lens) + spec.decode_steps)
         ranks_here = ranks_per_device(spec, device, tp)
-        total = ranks_here * sum(need.values())
-        if total > MEMORY_USE_LIMIT * free:
+        weights = ranks_here * copies * need["weights"]
+        if weights + ranks_here * need["kv_cache"] > MEMORY_USE_LIMIT * free:
             who = f"{ranks_here} ranks" if ranks_here > 1 else "rank 0"
+            frozen = f" ({copies} copies: one frozen per compiled shape)" if copies > 1 else ""
             raise ValueError(
                 f"at tp={tp}, {who} of {spec.model} with {config.num_layers} layers needs "
-                f"{ranks_here * need['weights'] / 1e9:.1f} GB of weights + {ranks_here * need['kv_cache'] / 1e9:.1f} GB "
+                f"{weights / 1e9:.1f} GB of weights{frozen} + {ranks_here * need['kv_cache'] / 1e9:.1f} GB "
                 f"of KV cache (batch {max(spec.batches)} x {max(spec.prompt_lens) + spec.decode_steps} positions), "
                 f"more than {MEMORY_USE_LIMIT:.0%} of the {free / 1e9:.1f} GB free on {device}: build fewer layers "
-                f"(--layers N, extrapolated), use a larger tp, or a smaller batch")
+                f"(--layers N, extrapolated), use a larger tp, or a smaller batch"
+                + (", or fewer points per run" if copies > 1 else ""))

@@ -135,8 +135,8 @@ def prepare(args: argparse.Namespace) -> tuple[ModelConfig, torch.dtype, object,
     if args.micro_batches is not None:
         micro_batch_rows(len(prompts), args.micro_batches)
     if not under_torchrun() and (args.device or "cpu").startswith("cpu"):
-        for tp in args.tps:
-            check_host_memory(config, parameters, dtype, prompts, tp, args)
+        for runs, tp in enumerate(args.tps, 1):
+            check_host_memory(config, parameters, dtype, prompts, tp, args, runs)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     if (note := dtype_note(args.dtype, config, dtype)) and prints():  # every check passed: one line, then the run
         print(note, file=sys.stderr)
@@ -153,11 +153,13 @@ def _usage_error(e: BaseException) -> int:
 
 
 def check_host_memory(config: ModelConfig, parameters: int, dtype, prompts: list[list[int]], tp: int,
-                      args: argparse.Namespace) -> None:
-    """Every rank is on this machine: the weights once, each rank's KV cache, the rank processes must fit."""
+                      args: argparse.Namespace, runs: int = 1) -> None:
+    """Every rank is on this machine: the weights once, each rank's KV cache, the rank processes must fit. A
+    compiled step holds its own frozen copy of the weights for the life of its process: thread ranks are this
+    process, so the ``runs``-th tp of a --tp list holds one copy per tp compiled so far."""
     element, longest = dtype.itemsize, max(map(len, prompts))
     kv = tp * config.kv_bytes_per_token(tp, dtype) * len(prompts) * (longest + args.max_new_tokens)
-    copies = 2 if args.compile else 1  # a compiled step holds its own frozen copy of the weights
+    copies = 1 + (0 if not args.compile else runs if args.backend == "threads" else 1)
     check_fits(copies * parameters * element + kv + rank_processes_bytes(args.backend, tp * args.pp),
                f"generating {len(prompts)} prompt(s) of up to {longest} tokens + {args.max_new_tokens} "
                f"new at tp={tp}, pp={args.pp} (weights {parameters * element / 1e9:.2f} GB, KV cache {kv / 1e9:.2f} GB)",

@@ -19,7 +19,10 @@ the model's one forward pass, :meth:`tplab.model.TPCausalLM.forward`, over one v
     stay in the graph as one operator each (:mod:`tplab.comm.compiled`), so a TP step is one graph, and they are
     recorded as in eager. The weights are frozen into the graph as constants, which lets inductor hold them in
     oneDNN's blocked layout on a CPU that supports it (:func:`compile_options`); the eager prefill keeps the
-    module's own copy, so a packed weight is held twice;
+    module's own copy, so a packed weight is held twice. Each shape's graph is compiled from its own copy of the
+    step's code (:func:`own_code`), so no shape or rank runs eagerly under the label; and each keeps its frozen
+    weights until the process ends (torch's generated modules hold them), so a process that compiles S shapes
+    holds S more copies of its weights;
   - ``"autotuned"``: the same, and inductor's ``max_autotune`` benchmarks its own GEMM kernels (on the CPU, C++
     templates with micro-kernels for the CPU's vector ISA) against the library's for every shape while compiling
     (tens of seconds more), and keeps the fastest;
@@ -43,6 +46,7 @@ pipeline group). A stage is eager: the static and graph variants run one group's
 from __future__ import annotations
 
 import functools
+import types
 from collections.abc import Callable
 
 import torch
@@ -89,6 +93,16 @@ def compile_note(dtype: torch.dtype, device: torch.device, autotune: bool = Fals
         layout = "weights frozen in oneDNN's blocked layout"
     tuned = "; GEMM kernels autotuned per shape" if autotune else ""
     return f"compiled decode step ({str(dtype).removeprefix('torch.')} on {device.type}): {layout}{tuned}"
+
+
+def own_code(method: Callable[..., object]) -> Callable[..., object]:
+    """``method`` (a bound method) over a copy of its function's code object. Dynamo keeps its compiled graphs per
+    code object and, past ``torch._dynamo.config.recompile_limit`` of them (8), runs that code eagerly with a
+    warning only: one shared ``_fixed_step`` for every runner made the ninth shape or thread rank of a process
+    decode eagerly while its records said compiled."""
+    f = method.__func__
+    copy = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    return types.MethodType(copy, method.__self__)
 
 
 @functools.cache
@@ -194,7 +208,7 @@ class ModelRunner:
         elif self.mode in COMPILED_MODES:
             if self._compiled is None:
                 options = compile_options(self.model.dtype, self.model.device, self.mode == "autotuned")
-                self._compiled = torch.compile(self._fixed_step, dynamic=False, options=options)
+                self._compiled = torch.compile(own_code(self._fixed_step), dynamic=False, options=options)
                 # the tracer reads freezing from the global config (to keep the weights out of the graph's
                 # inputs), the options reach inductor only: set both while the first call compiles
                 with torch._inductor.config.patch(freezing=True):
