@@ -77,15 +77,18 @@ def eager_and_autotuned_logits(dist, path, prompts, dtype):
             for mode in ("eager", "autotuned")}
 
 
-@pytest.mark.parametrize("tp,dtype,tolerance", [(2, "float32", 1e-4), (1, "bfloat16", 5e-2)])
+@pytest.mark.parametrize("tp,dtype,tolerance", [(2, "float32", 1e-4), (1, "bfloat16", 4 * 2 ** -7)])
 def test_the_autotuned_step_gives_the_eager_tokens_and_logits(checkpoint, tp, dtype, tolerance):
     """In bf16 on a CPU without AVX-512 the autotuned GEMMs convert the weights to float32 and round once, as
-    eager's do, but sum in another order: logits within bf16's tolerance."""
+    eager's do, but sum in another order, and which kernel autotuning keeps depends on its timings: every logit
+    within ``tolerance`` times the step's largest one (bf16: 4 epsilons, about 4 units in that logit's last place;
+    seen on this CPU: up to 2.25 units, 0.070 for a largest logit of 4.16)."""
     path, prompts = checkpoint
     rank = launch(eager_and_autotuned_logits, tp, args=(path, prompts, dtype))[0]
     assert rank["autotuned"].tokens == rank["eager"].tokens
     for tuned, eager in zip(rank["autotuned"].logits, rank["eager"].logits):
-        torch.testing.assert_close(tuned.float(), eager.float(), rtol=tolerance, atol=tolerance)
+        largest = eager.float().abs().max().item()
+        torch.testing.assert_close(tuned.float(), eager.float(), rtol=0, atol=tolerance * largest)
 
 
 @pytest.mark.parametrize("groups,masked", [(1, True), (4, True), (4, False)])
