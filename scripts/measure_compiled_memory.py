@@ -4,9 +4,9 @@
 
 A random Llama (hidden 1024, 4 layers, float32, about 245 MB of weights) is saved as a checkpoint in a temporary
 folder and loaded on one rank; one ModelRunner then decodes a step at batch 1, 2, ..., each a new shape compiled
-from its own code. The record holds the weight bytes and the RSS after each shape, so the growth per shape reads
-against the weights: torch keeps each graph's frozen weights until the process ends. Recorded under
-data/measurements/compiled/ with this machine's environment.
+from its own code, the last shape's step freed first. The record holds the weight bytes and the RSS after each
+shape, so the growth per shape reads against the weights (torch alone keeps a frozen copy per graph until the
+process ends). Recorded under data/measurements/compiled/ with this machine's environment.
 """
 from __future__ import annotations
 

@@ -197,12 +197,12 @@ def test_bad_sweeps_fail_before_allocating(config_path):
     assert plan(BenchSpec(model="llama-3-70b", tps=[8], emulate=True, layers=1, device="cpu")).points == [(1, 128)]
 
 
-def test_a_compiled_cpu_sweep_counts_a_frozen_copy_of_the_weights_per_shape(config_path, monkeypatch):
+def test_a_compiled_cpu_sweep_counts_the_frozen_copies_of_the_weights(config_path, monkeypatch):
     spec = dict(model=config_path, tps=[1], batches=[1, 2], prompt_lens=[8, 16], device="cpu", dtype="float32")
     need = bench_plan.rank_bytes(resolve_model(config_path), 1, torch.float32, 2, 16 + BenchSpec().decode_steps)
     monkeypatch.setattr(bench_plan, "_free_bytes", lambda device: 2 * sum(need.values()) / bench_plan.MEMORY_USE_LIMIT)
     assert plan(BenchSpec(**spec, decode_mode="eager")).points == [(1, 8), (1, 16), (2, 8), (2, 16)]
-    with pytest.raises(ValueError, match=r"GB of weights \(5 copies: one frozen per compiled shape\).*fewer points"):
+    with pytest.raises(ValueError, match=r"GB of weights \(3 copies: the module's and compiled steps' frozen ones"):
         plan(BenchSpec(**spec, decode_mode="compiled"))
 
 

@@ -6,10 +6,12 @@ attention kernel) equals the kernel's. The autotuned step (its own GEMM kernels)
 within fp32 tolerance, and in bf16 within bf16's. On a CPU without AVX-512 inductor's C++ GEMMs read the bf16 weights
 and compute in float32; where the libraries are capped at AVX2 below the CPU, bf16 weights are frozen unpacked, and
 nothing fails."""
+import gc
 import json
 import os
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -17,7 +19,7 @@ import torch.nn.functional as F
 
 from tplab import launch
 from tplab.engine.generate import generate
-from tplab.engine.runner import ModelRunner, compile_note, compile_options
+from tplab.engine.runner import ModelRunner, compile_note, compile_options, generated_modules
 from tplab.model.attention import attention_mask, grouped_query_attention
 from tplab.model.loading import from_pretrained
 from tplab.testing import distinct_prompts, make_checkpoint
@@ -31,17 +33,35 @@ def checkpoint(tmp_path_factory):
     return path, distinct_prompts(hf.config.vocab_size, [5, 9, 3], seed=4)
 
 
-def eager_and_compiled(dist, path, prompts, dtype):
+def frozen_copies(model, modules) -> list[weakref.ref]:
+    """Weak references to the tensors of this rank's generated ``modules`` (those holding some of ``model``'s own
+    tensors as constants) that are not ``model``'s own: the copies its compiled graph froze (e.g. prepacked)."""
+    own = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    copies = []
+    for module in modules:
+        tensors = [v for v in vars(module).values() if isinstance(v, torch.Tensor)]
+        aliased = [not t.is_mkldnn and t.untyped_storage().data_ptr() in own for t in tensors]
+        if any(aliased):
+            copies += [weakref.ref(t) for t, alias in zip(tensors, aliased) if not alias]
+    return copies
+
+
+def eager_and_compiled(dist, path, prompts, dtype, first_module=0):
     """Each mode's tokens and decode collectives; then the compiled runner on fewer rows (a new shape, compiled
-    anew) against eager on those rows."""
+    anew) against eager on those rows; and how many frozen copies of the weights the first shape's graph made
+    (tensors of this rank's modules generated from ``first_module`` on that are not its model's own, e.g.
+    prepacked ones), and how many are alive while the runner decodes the second shape."""
     model = from_pretrained(str(path), dist, dtype=dtype)
     out, runners = {}, {}
     for mode in ("eager", "compiled"):
         runners[mode] = ModelRunner(model, mode)
         result = generate(runners[mode], prompts, NEW_TOKENS, eos_token_ids=())
         out[mode] = result.tokens, {op: (s["count"], s["bytes"]) for op, s in result.comm["decode"].items()}
+    frozen = frozen_copies(model, generated_modules()[first_module:])
     for mode, runner in runners.items():
         out[f"{mode}, two rows"] = generate(runner, prompts[:2], NEW_TOKENS, eos_token_ids=()).tokens
+    gc.collect()
+    out["first shape's frozen tensors"] = len(frozen), sum(ref() is not None for ref in frozen)
     return out
 
 
@@ -54,12 +74,15 @@ def test_the_compiled_step_gives_the_eager_tokens_and_collectives_without_a_grap
     path, prompts = checkpoint
     counters.clear()
     with torch._dynamo.config.patch(recompile_limit=1):
-        ranks = launch(eager_and_compiled, tp, args=(path, prompts, dtype))
+        ranks = launch(eager_and_compiled, tp, args=(path, prompts, dtype, len(generated_modules())))
     for rank in ranks:
         assert rank["compiled"] == rank["eager"]
         assert rank["compiled, two rows"] == rank["eager, two rows"]
     assert not counters["graph_break"]
     assert counters["stats"]["unique_graphs"] == 2 * tp, "one graph per rank and shape, none run eagerly"
+    for rank in ranks:  # float32 weights are prepacked (copies); bf16 ones where the CPU's oneDNN can reorder them
+        made, alive = rank["first shape's frozen tensors"]
+        assert alive == 0 and (made > 0 or dtype != "float32"), "the first shape's frozen copies freed at the second"
 
 
 def test_compile_is_refused_where_shapes_change(checkpoint, capsys):

@@ -188,21 +188,22 @@ def ranks_per_device(spec: BenchSpec, device: torch.device, tp: int) -> int:
 
 def _check_memory(spec: BenchSpec, config: ModelConfig, device: torch.device, dtype: torch.dtype, mode: str) -> None:
     """Refuse a sweep whose largest point needs more than MEMORY_USE_LIMIT of the free memory of ``device``. A
-    compiled step on the CPU keeps a frozen copy of the weights per point's shape for the rest of the process
-    (:mod:`tplab.engine.runner`), so a compiled CPU sweep of P points holds 1 + P copies at its end."""
+    compiled step on the CPU holds a frozen copy of the weights (:mod:`tplab.engine.runner`), freed when its
+    runner is collected, so a compiled CPU sweep of several points may hold three copies: the module's, this
+    point's and the last point's."""
     free = _free_bytes(device)
-    copies = 1 + len(spec.batches) * len(spec.prompt_lens) if mode in COMPILED_MODES and device.type == "cpu" else 1
+    points = len(spec.batches) * len(spec.prompt_lens)
+    copies = 1 + min(points, 2) if mode in COMPILED_MODES and device.type == "cpu" else 1
     for tp in spec.tps:
         need = rank_bytes(config, tp, dtype, max(spec.batches), max(spec.prompt_lens) + spec.decode_steps)
         ranks_here = ranks_per_device(spec, device, tp)
         weights = ranks_here * copies * need["weights"]
         if weights + ranks_here * need["kv_cache"] > MEMORY_USE_LIMIT * free:
             who = f"{ranks_here} ranks" if ranks_here > 1 else "rank 0"
-            frozen = f" ({copies} copies: one frozen per compiled shape)" if copies > 1 else ""
+            frozen = f" ({copies} copies: the module's and compiled steps' frozen ones)" if copies > 1 else ""
             raise ValueError(
                 f"at tp={tp}, {who} of {spec.model} with {config.num_layers} layers needs "
                 f"{weights / 1e9:.1f} GB of weights{frozen} + {ranks_here * need['kv_cache'] / 1e9:.1f} GB "
                 f"of KV cache (batch {max(spec.batches)} x {max(spec.prompt_lens) + spec.decode_steps} positions), "
                 f"more than {MEMORY_USE_LIMIT:.0%} of the {free / 1e9:.1f} GB free on {device}: build fewer layers "
-                f"(--layers N, extrapolated), use a larger tp, or a smaller batch"
-                + (", or fewer points per run" if copies > 1 else ""))
+                f"(--layers N, extrapolated), use a larger tp, or a smaller batch")
