@@ -109,9 +109,9 @@ def own_code(method: Callable[..., object]) -> Callable[..., object]:
 
 def generated_modules() -> list[types.ModuleType]:
     """The Python modules inductor has generated and keeps (each compiled graph's code, its frozen constants as
-    attributes) in the order it made them."""
+    attributes) in the order it made them; an empty list where torch keeps no such list."""
     from torch._inductor.codecache import PyCodeCache
-    return PyCodeCache.modules
+    return getattr(PyCodeCache, "modules", [])
 
 
 def release_compiled(code: types.CodeType, modules: list[types.ModuleType]) -> None:
@@ -119,8 +119,9 @@ def release_compiled(code: types.CodeType, modules: list[types.ModuleType]) -> N
     compiled. Torch keeps both until the process ends, and with them a frozen copy of the weights per graph
     (measured: about 270 MB per shape for 245 MB of float32 weights). A module another thread rank made meanwhile
     is only forgotten by the cache: its graph holds what it runs."""
-    from torch._dynamo.eval_frame import reset_code
-    reset_code(code)
+    from torch._dynamo import eval_frame
+    if hasattr(eval_frame, "reset_code"):  # torch's own releases differ; without it the graphs stay
+        eval_frame.reset_code(code)
     kept = generated_modules()
     for module in modules:
         if module in kept:
