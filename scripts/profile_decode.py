@@ -56,7 +56,6 @@ def profile_rank(dist, model: str, mode: str = "eager", dtype: str = "bfloat16",
     decode(runner, token, start, steps)
     wall_ms = 1000 * (time.perf_counter() - t0) / steps
     if mode in COMPILED_MODES:  # another compiled step whose kernels report to the profiler (which slows them)
-        torch._dynamo.reset()  # else the first step's compiled code serves the second runner as well
         runner = ModelRunner(shard, mode)
         runner.start(1, max_len)
         with torch._inductor.config.patch({"cpp.enable_kernel_profile": True, "force_disable_caches": True}):
