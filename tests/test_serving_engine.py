@@ -126,7 +126,11 @@ def test_sliding_window_attention_through_the_paged_cache_matches_hugging_face(t
 def test_the_paged_attention_kernel_matches_attention_over_gathered_keys(dtype, tolerance):
     """compiled_paged_attention reads the keys in shuffled blocks; grouped_query_attention reads the same keys
     gathered, left-padded: GQA (8 query heads on 2 KV heads), a 5-token window, rows of 1 to 37 keys, and a step
-    of one row (a size the compiled graph must not have specialized on)."""
+    of one row (a size the compiled graph must not have specialized on). Each dtype is a layout of its own, compiled
+    though dynamo would run the second graph of one code object eagerly (its limit set to 1 here)."""
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
     torch.manual_seed(0)
     block, heads, kv_heads, head_dim = 4, 8, 2, 16
     blocks = torch.randperm(40)
@@ -141,12 +145,13 @@ def test_the_paged_attention_kernel_matches_attention_over_gathered_keys(dtype, 
         read = torch.stack([t[p.clamp_min(0) // block] * block + p.clamp_min(0) % block for t, p in zip(tables, pos)])
         mask = attention_mask(torch.tensor([longest - 1]), pos >= 0, 5)  # (rows, 1, 1, S)
         q = torch.randn(len(lengths), heads, head_dim, dtype=dtype)
-        with torch.no_grad():
+        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=1):
             out = kernel(q, store_k, store_v, read, mask[:, 0, 0], head_dim ** -0.5)
         keys, values = (s[read].permute(0, 2, 1, 3) for s in (store_k, store_v))
         expected = grouped_query_attention(q[:, :, None], keys, values, mask, head_dim ** -0.5)[:, :, 0]
         assert out.dtype == dtype and out.shape == expected.shape
         torch.testing.assert_close(out.float(), expected.float(), atol=tolerance, rtol=tolerance)
+    assert counters["stats"]["unique_graphs"] == graphs + 1, "one graph for this layout, for both steps"
 
 
 def test_static_batching_through_the_generation_loop_gives_the_same_tokens():

@@ -97,14 +97,15 @@ def compile_note(dtype: torch.dtype, device: torch.device, autotune: bool = Fals
     return f"compiled decode step ({str(dtype).removeprefix('torch.')} on {device.type}): {layout}{tuned}"
 
 
-def own_code(method: Callable[..., object]) -> Callable[..., object]:
-    """``method`` (a bound method) over a copy of its function's code object. Dynamo keeps its compiled graphs per
+def own_code(fn: Callable[..., object]) -> Callable[..., object]:
+    """``fn`` (a function or a bound method) over a copy of its code object. Dynamo keeps its compiled graphs per
     code object and, past ``torch._dynamo.config.recompile_limit`` of them (8), runs that code eagerly with a
     warning only: one shared ``_fixed_step`` for every runner made the ninth shape or thread rank of a process
     decode eagerly while its records said compiled."""
-    f = method.__func__
+    f = getattr(fn, "__func__", fn)
     copy = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
-    return types.MethodType(copy, method.__self__)
+    copy.__kwdefaults__ = f.__kwdefaults__
+    return types.MethodType(copy, fn.__self__) if isinstance(fn, types.MethodType) else copy
 
 
 def generated_modules() -> list[types.ModuleType]:
@@ -136,19 +137,24 @@ def compiled_paged_attention() -> Callable[..., torch.Tensor]:
     into the reduction that reads it, so the generated kernel reads the keys and values in their blocks.
 
     The rows and keys of a step change at every step: they enter the graph as sizes it may not specialize on (not
-    even on 1, ``mark_unbacked``), so one graph serves every step; it compiles at its first call (seconds), and
-    once more for another model's blocks or dtype. One compiled function for every runner of the process."""
+    even on 1, ``mark_unbacked``), so one graph serves every step of a cache; it compiles at its first call
+    (seconds). Each cache layout (the blocks' shape, dtype and device, the query heads, the scale) is a graph of
+    its own, compiled from its own copy of the code (:func:`own_code`), so that no layout of a long process runs
+    eagerly; every runner of the process shares them."""
     # imported here, not at the top: torch._dynamo adds ~1.6 s to every ``import tplab``
     from torch._dynamo.decorators import mark_unbacked
 
-    compiled = torch.compile(paged_decode_attention)
+    compiled: dict[tuple, Callable[..., torch.Tensor]] = {}
 
     def kernel(q: torch.Tensor, store_k: torch.Tensor, store_v: torch.Tensor, read_slots: torch.Tensor,
                valid: torch.Tensor, scale: float) -> torch.Tensor:
+        layout = (tuple(store_k.shape), store_k.dtype, store_k.device, q.shape[1], scale)
+        if layout not in compiled:
+            compiled[layout] = torch.compile(own_code(paged_decode_attention))
         for tensor, dims in ((q, (0,)), (read_slots, (0, 1)), (valid, (0, 1))):
             for dim in dims:
                 mark_unbacked(tensor, dim)
-        return compiled(q, store_k, store_v, read_slots, valid, scale)
+        return compiled[layout](q, store_k, store_v, read_slots, valid, scale)
 
     return kernel
 
