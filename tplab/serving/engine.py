@@ -179,7 +179,8 @@ def serve_rank_program(dist: Dist, model: str | Path | ModelConfig, requests: li
     the decodes' attention through the compiled paged-attention kernel (the paged engine only)."""
     pp = 1 if dist.grid is None else dist.grid.num_stages
     check_serving(config.policy, concurrency, pp, compiled_attention)
-    config.check_context(checkpoint_config(model).max_position_embeddings)
+    model = checkpoint_config(model)  # read once: the context checked here, the weights loaded from it below
+    config.check_context(model.max_position_embeddings)
     shard = from_pretrained(model, dist, dtype=dtype, pp_layers=pp_layers, expert_dispatch=expert_dispatch,
                             prepack=prepack)
     eos = frozenset(shard.config.eos_token_ids if eos_token_ids is None else eos_token_ids)
