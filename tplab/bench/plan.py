@@ -19,7 +19,7 @@ from tplab.bench.models import BenchModel, bench_model, rank_bytes
 from tplab.bench.timing import check_counts
 from tplab.checks import is_positive_int
 from tplab.comm.launch import BACKENDS, under_torchrun
-from tplab.engine.runner import COMPILED_MODES, DECODE_MODES
+from tplab.engine.runner import COMPILED_MODES, DECODE_MODES, weight_copies
 from tplab.layers.weights import check_scheme
 from tplab.model.loading import torch_dtype
 from tplab.perf.estimate import check_link
@@ -187,13 +187,10 @@ def ranks_per_device(spec: BenchSpec, device: torch.device, tp: int) -> int:
 
 
 def _check_memory(spec: BenchSpec, config: ModelConfig, device: torch.device, dtype: torch.dtype, mode: str) -> None:
-    """Refuse a sweep whose largest point needs more than MEMORY_USE_LIMIT of the free memory of ``device``. A
-    compiled step on the CPU holds a frozen copy of the weights (:mod:`tplab.engine.runner`), freed when its
-    runner is collected, so a compiled CPU sweep of several points may hold three copies: the module's, this
-    point's and the last point's."""
+    """Refuse a sweep whose largest point needs more than MEMORY_USE_LIMIT of the free memory of ``device``. On
+    the CPU a compiled step holds a frozen copy of the weights, one runner per point (:func:`weight_copies`)."""
     free = _free_bytes(device)
-    points = len(spec.batches) * len(spec.prompt_lens)
-    copies = 1 + min(points, 2) if mode in COMPILED_MODES and device.type == "cpu" else 1
+    copies = weight_copies(mode in COMPILED_MODES and device.type == "cpu", len(spec.batches) * len(spec.prompt_lens))
     for tp in spec.tps:
         need = rank_bytes(config, tp, dtype, max(spec.batches), max(spec.prompt_lens) + spec.decode_steps)
         ranks_here = ranks_per_device(spec, device, tp)

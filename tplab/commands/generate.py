@@ -32,7 +32,7 @@ from tplab.commands import (
     threads_per_rank,
 )
 from tplab.engine.generate import check_prompts, generate_rank_program, micro_batch_rows
-from tplab.engine.runner import compile_note
+from tplab.engine.runner import compile_note, weight_copies
 from tplab.errors import InputError
 from tplab.layers.weights import SCHEMES, prepack_problem
 from tplab.memory import check_fits, rank_processes_bytes
@@ -155,11 +155,11 @@ def _usage_error(e: BaseException) -> int:
 def check_host_memory(config: ModelConfig, parameters: int, dtype, prompts: list[list[int]], tp: int,
                       args: argparse.Namespace, runs: int = 1) -> None:
     """Every rank is on this machine: the weights once, each rank's KV cache, the rank processes must fit. A
-    compiled step holds a frozen copy of the weights until its runner is collected: on thread ranks, in this
-    process, the ``runs``-th tp of a --tp list (``runs`` > 1) may overlap the last tp's copy."""
+    compiled step holds a frozen copy of the weights until its runner is collected: thread ranks run in this
+    process, where the ``runs``-th tp of a --tp list follows the others (:func:`weight_copies`)."""
     element, longest = dtype.itemsize, max(map(len, prompts))
     kv = tp * config.kv_bytes_per_token(tp, dtype) * len(prompts) * (longest + args.max_new_tokens)
-    copies = 1 + (0 if not args.compile else 2 if runs > 1 and args.backend == "threads" else 1)
+    copies = weight_copies(bool(args.compile), runs if args.backend == "threads" else 1)
     check_fits(copies * parameters * element + kv + rank_processes_bytes(args.backend, tp * args.pp),
                f"generating {len(prompts)} prompt(s) of up to {longest} tokens + {args.max_new_tokens} "
                f"new at tp={tp}, pp={args.pp} (weights {parameters * element / 1e9:.2f} GB, KV cache {kv / 1e9:.2f} GB)",

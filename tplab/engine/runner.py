@@ -131,6 +131,13 @@ def release_compiled(code: types.CodeType, modules: list[types.ModuleType]) -> N
             del sys.modules[module.__name__]
 
 
+def weight_copies(compiled: bool, runs: int) -> int:
+    """Copies of the weights a process holds at its peak over ``runs`` runners one after another: the module's,
+    and with ``compiled`` steps the frozen copy of the running one, and from the second run on the last one's until
+    its runner is collected (:func:`release_compiled`)."""
+    return 1 if not compiled else 2 if runs == 1 else 3
+
+
 @functools.cache
 def compiled_paged_attention() -> Callable[..., torch.Tensor]:
     """:func:`~tplab.model.attention.paged_decode_attention` through ``torch.compile``: inductor fuses each gather
